@@ -1,0 +1,134 @@
+"""The run config: one typed tree (`RunConfig`) that a YAML file and `--set` overrides validate into.
+
+Every section forbids unknown keys, so a typo is an error that names the field, never a silently
+ignored setting. Checks that span sections (MoE vs ZeRO-3, experts vs workers) live in
+`cross_check`, which returns every problem at once instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from models.config import ModelConfig, MoEConfig, _Strict
+
+Precision = Literal["fp32", "bf16"]
+
+
+class DataConfig(_Strict):
+    """Where the shards are and how samples become tensors."""
+
+    train: str | list[str] = Field("data/shapes/train", description="train shards: folder, prefix, brace pattern or list")
+    eval: str | list[str] | None = Field("data/shapes/eval", description="held-out shards (same forms); null = no eval")
+    tokenizer: str | None = Field(None, description="tokenizer.json; default: beside the train shards")
+    image_size: int = Field(48, ge=8, description="images are resized to this square size")
+    max_text_len: int = Field(32, ge=4, description="captions are truncated/padded to this many tokens")
+    max_objects: int = Field(3, ge=0, description="scene objects kept per sample (boxes/labels, padded with -1)")
+    shuffle_seed: int | None = Field(0, description="shard and sample shuffling seed; null = no shuffle")
+    read_tasks: int = Field(0, ge=0, description="concurrent shard-reading tasks; 0 = one per data CPU")
+    prefetch_batches: int = Field(2, ge=0, description="batches each worker prefetches")
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="micro-batch per worker (samples per forward)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 = no clipping")
+    precision: Precision = "fp32"
+    log_every: int = Field(10, ge=1, description="steps between metric reports")
+    checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on storage")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts before the run fails; -1 = unlimited")
+    seed: int = 0
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0-3")
+    offload_optimizer: bool = Field(False, description="keep optimizer states on CPU (ZeRO-Offload)")
+    extra: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config merged on top")
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a GPU cluster)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    data_cpus: float = Field(2.0, ge=0, description="extra CPUs a local Ray gets for Ray Data tasks")
+
+
+class StorageConfig(_Strict):
+    path: str = Field(".", description="root of runs/<name>/: a local folder or s3://bucket/prefix")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; default: AWS_ENDPOINT_URL")
+    region: str | None = None
+
+
+class EvalConfig(_Strict):
+    every: int = Field(0, ge=0, description="steps between held-out evaluations; 0 = only at the end")
+    max_samples: int = Field(512, ge=1)
+    batch_size: int = Field(16, ge=2, description="also the retrieval candidate set size")
+
+
+class RunConfig(_Strict):
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+    objectives: dict[str, float] = Field(default_factory=lambda: {"mlm": 1.0, "itm": 1.0})
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("objectives")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if w < 0}
+        if bad:
+            raise ValueError(f"objective weights must be >= 0, got {bad}")
+        if not any(w > 0 for w in v.values()):
+            raise ValueError("at least one objective needs a weight > 0")
+        return v
+
+    @property
+    def active_objectives(self) -> dict[str, float]:
+        return {k: w for k, w in self.objectives.items() if w > 0}
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def cross_check(cfg: RunConfig) -> list[tuple[str, Any, str]]:
+    """Problems that span sections, as (field, value, what is allowed)."""
+    from models import OBJECTIVES, PRESETS  # torch import; only once the tree parsed
+
+    problems: list[tuple[str, Any, str]] = []
+    if cfg.model.preset not in PRESETS:
+        problems.append(("model.preset", cfg.model.preset, f"allowed: {', '.join(sorted(PRESETS))}"))
+    for name in cfg.objectives:
+        if name not in OBJECTIVES:
+            problems.append((f"objectives.{name}", cfg.objectives[name],
+                             f"unknown objective; allowed: {', '.join(sorted(OBJECTIVES))}"))
+    if cfg.moe.enabled and cfg.deepspeed.zero_stage == 3:
+        problems.append(("deepspeed.zero_stage", 3,
+                         f"DeepSpeed's MoE layers cannot be sharded by ZeRO stage 3 (moe.num_experts="
+                         f"{cfg.moe.num_experts}); use zero_stage 0-2, or moe.num_experts=0 for a dense model"))
+    if cfg.moe.enabled and cfg.scaling.num_workers % cfg.moe.ep_size != 0:
+        problems.append(("moe.ep_size", cfg.moe.ep_size,
+                         f"must divide scaling.num_workers={cfg.scaling.num_workers} "
+                         "(experts are split over groups of ep_size workers)"))
+    if cfg.data.image_size % cfg.model.patch_size != 0:
+        problems.append(("model.patch_size", cfg.model.patch_size,
+                         f"must divide data.image_size={cfg.data.image_size}"))
+    return problems

@@ -1,0 +1,34 @@
+"""The batch contract: what the pipeline delivers and what the model consumes.
+
+Legend: B batch, C channels (3), H/W image size, T text tokens, R scene objects.
+
+Pipeline rows (numpy, per sample; `iter_torch_batches` stacks them):
+    image           uint8   [B, C, H, W]   RGB, resized to data.image_size
+    input_ids       int64   [B, T]         [CLS] caption [SEP] [PAD]...
+    attention_mask  int64   [B, T]         1 = real token
+    obj_labels      int64   [B, R]         scene object class (jobs.data.synth.SHAPES index), -1 = none
+    obj_boxes       float32 [B, R, 4]      normalised x0, y0, x1, y1
+    sample_id       int64   [B]            stable id of the sample key (pipeline.sample_id)
+
+`to_model_batch` turns a stacked batch into the model's input: the same function serves training,
+evaluation and the benchmarks, so normalisation can never drift between them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# CLIP/ViLT-style normalisation to roughly [-1, 1]; the shapes world has no dataset statistics
+# worth estimating, and the mean/std only need to be the same everywhere.
+IMAGE_MEAN = 0.5
+IMAGE_STD = 0.5
+
+
+def to_model_batch(batch: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    image = out["image"]
+    if image.dtype == torch.uint8:
+        image = (image.to(dtype) / 255.0 - IMAGE_MEAN) / IMAGE_STD
+    out["image"] = image.to(dtype)
+    return out

@@ -1,0 +1,101 @@
+"""WordPiece tokenizer (HF `tokenizers`) for captions, BERT-style, with fixed special-token ids.
+
+The model side (models.config.TextSpec) hard-codes pad=0, unk=1, cls=2, sep=3, mask=4 so that
+masking and padding need no tokenizer at train time; `text_spec` is where that is checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from jobs.storage import StorageOptions, read_text, write_text
+from models.config import TextSpec
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4, in this order
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
+
+
+def _bert_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def train_tokenizer(captions: Iterable[str], vocab_size: int = 2000) -> Tokenizer:
+    """Train a lower-casing BERT-style WordPiece tokenizer whose encodings are "[CLS] ... [SEP]".
+
+    The result is deterministic for given captions. HF's trainer on its own is not
+    (huggingface/tokenizers#1794): it numbers "##x" continuation tokens in hash-map order and
+    breaks merge ties by id, so one corpus gives different vocabularies run to run. Passing every
+    "##x" in as a (temporary) special token fixes their ids up front; the tokenizer is then
+    rebuilt from the vocabulary with only the real special tokens.
+    """
+    texts = list(captions)
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    chars = sorted({c for t in texts for c in normalizer.normalize_str(t) if not c.isspace()})
+    continuations = [f"##{c}" for c in chars]
+    # The trainer adds special tokens first, in list order, which is what pins SPECIAL_TOKENS to 0..4.
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + continuations, show_progress=False
+    )
+    scratch = _bert_tokenizer()
+    scratch.train_from_iterator(texts, trainer=trainer)
+    tok = _bert_tokenizer(scratch.get_vocab(with_added_tokens=True))
+    tok.add_special_tokens(SPECIAL_TOKENS)  # already in the vocab: ids unchanged
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)],
+    )
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, uri: str, options: StorageOptions | None = None) -> None:
+    """Write tokenizer.json to any URI (local or s3://)."""
+    write_text(uri, tok.to_str(), options)
+
+
+def load_tokenizer(uri: str, options: StorageOptions | None = None) -> Tokenizer:
+    return Tokenizer.from_str(read_text(uri, options))
+
+
+def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize a batch to fixed-length arrays: (input_ids int64 [B, max_len], attention_mask int64 [B, max_len]).
+
+    Sequences are "[CLS] tokens [SEP]"; longer ones are cut to keep [SEP] last, shorter ones are
+    padded with 0 ([PAD]). Truncation and padding are done here rather than with
+    tok.enable_truncation/enable_padding, because those mutate a tokenizer other callers share.
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len={max_len} leaves no room for [CLS] and [SEP]; need >= 2")
+    if tok.truncation is not None or tok.padding is not None:
+        # Someone configured this instance; work on a clean copy so our lengths are the only ones.
+        tok = Tokenizer.from_str(tok.to_str())
+        tok.no_truncation()
+        tok.no_padding()
+    encodings = tok.encode_batch(list(texts), add_special_tokens=True)
+    input_ids = np.zeros((len(encodings), max_len), dtype=np.int64)
+    attention_mask = np.zeros((len(encodings), max_len), dtype=np.int64)
+    for row, enc in enumerate(encodings):
+        ids = enc.ids
+        if len(ids) > max_len:
+            ids = ids[: max_len - 1] + ids[-1:]  # the post-processor's [SEP] stays last
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def text_spec(tok: Tokenizer, max_len: int) -> TextSpec:
+    """The TextSpec for this tokenizer, after checking its special tokens have ids 0..4."""
+    actual = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    expected = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    if actual != expected:
+        raise ValueError(
+            f"tokenizer special-token ids are {actual}, expected {expected}: "
+            "retrain it with jobs.data.tokenizer.train_tokenizer"
+        )
+    return TextSpec(vocab_size=tok.get_vocab_size(with_added_tokens=True), max_len=max_len)

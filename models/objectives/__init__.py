@@ -1,0 +1,28 @@
+"""Pretraining objectives and the input views they consume, as registries keyed by name."""
+
+from models.objectives.base import IGNORE_INDEX, Objective, ObjectiveContext, View
+from models.objectives.masked import MaskedLanguageModeling, mask_tokens, masked_text_view
+from models.objectives.matching import ImageTextMatching, itm_pairs_view
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (MaskedLanguageModeling, ImageTextMatching)
+}
+
+VIEWS: dict[str, View] = {
+    "masked_text": masked_text_view,
+    "itm_pairs": itm_pairs_view,
+}
+
+__all__ = [
+    "IGNORE_INDEX",
+    "OBJECTIVES",
+    "VIEWS",
+    "ImageTextMatching",
+    "MaskedLanguageModeling",
+    "Objective",
+    "ObjectiveContext",
+    "View",
+    "itm_pairs_view",
+    "mask_tokens",
+    "masked_text_view",
+]

@@ -1,0 +1,84 @@
+"""What every pretraining objective is: a head that turns encoder outputs into named losses.
+
+Shapes: B batch, N selected items (e.g. masked tokens), C classes.
+
+An objective declares the input `view` it consumes (how the batch is turned into encoder inputs and
+labels, e.g. masked text, mismatched pairs) and which encoder outputs it `requires`; the pretrainer
+runs the encoder once per distinct view and checks `requires` when it is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import TextSpec
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch's cross_entropy default)
+
+# The encoder inputs every view produces; views add their labels next to these.
+ENCODER_INPUTS = ("image", "input_ids", "attention_mask")
+
+
+@dataclass(frozen=True, eq=False)
+class ObjectiveContext:
+    """What an objective head may need from the model it is attached to."""
+
+    hidden_size: int
+    text: TextSpec
+    word_embeddings: nn.Embedding  # for heads tied to the input embeddings (BERT's MLM decoder)
+
+
+class View(Protocol):
+    """batch (documented keys) -> encoder inputs (`ENCODER_INPUTS`) + this view's labels."""
+
+    def __call__(
+        self, batch: Mapping[str, Tensor], text: TextSpec, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]: ...
+
+
+class Objective(nn.Module):
+    """forward(outputs, view_batch) -> (named losses, named metrics); losses unweighted, scalar."""
+
+    name: ClassVar[str]
+    view: ClassVar[str]
+    requires: ClassVar[frozenset[str]]
+
+    def __init__(self, ctx: ObjectiveContext) -> None:
+        super().__init__()
+
+    def forward(
+        self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        raise NotImplementedError
+
+
+def encoder_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The encoder's inputs out of a batch, dropping keys a view does not use."""
+    return {key: batch[key] for key in ENCODER_INPUTS}
+
+
+def require(outputs: Mapping[str, Tensor | None], key: str) -> Tensor:
+    value = outputs.get(key)
+    if value is None:
+        raise KeyError(f"encoder output {key!r} is missing")
+    return value
+
+
+def cross_entropy_and_accuracy(logits_NC: Tensor, labels_N: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and accuracy over the labels that are not `IGNORE_INDEX`.
+
+    Computed in fp32 (bf16 log-softmax over a large vocabulary loses precision). With no labelled
+    item the loss is an exact 0 that is still connected to the graph, so a batch without a masked
+    token neither yields NaN nor leaves the head's parameters without a gradient.
+    """
+    valid_N = labels_N != IGNORE_INDEX
+    count = valid_N.sum().clamp(min=1)
+    loss = F.cross_entropy(logits_NC.float(), labels_N, ignore_index=IGNORE_INDEX, reduction="sum") / count
+    correct = ((logits_NC.argmax(-1) == labels_N) & valid_N).sum()
+    return loss, (correct.float() / count).detach()

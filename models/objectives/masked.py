@@ -1,0 +1,119 @@
+"""Masked language modelling conditioned on the image (BERT; ViLT/UNITER's MLM).
+
+Shapes: B batch, T text tokens, D model dim, V vocabulary, N masked tokens in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from models.config import TextSpec
+from models.objectives.base import (
+    IGNORE_INDEX,
+    Objective,
+    ObjectiveContext,
+    cross_entropy_and_accuracy,
+    encoder_inputs,
+    require,
+)
+from models.objectives.sampling import randint, uniform
+
+
+def special_ids(text: TextSpec) -> tuple[int, ...]:
+    """Token ids that are never masked nor drawn as random replacements.
+
+    [UNK] is among them: asking the model to predict "unknown word" teaches it nothing.
+    """
+    return tuple(sorted({text.pad_id, text.unk_id, text.cls_id, text.sep_id, text.mask_id}))
+
+
+def mask_tokens(
+    input_ids_BT: Tensor,
+    attention_mask_BT: Tensor,
+    text: TextSpec,
+    prob: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """BERT masking (Devlin et al. 2019, §3.1): returns (masked_ids_BT, labels_BT).
+
+    Each non-special, non-padding token is selected with probability `prob`; a selected token
+    becomes [MASK] 80 % of the time, a random non-special token 10 %, and stays itself 10 % (so the
+    model cannot assume an unmasked token is correct). Labels are the original ids at selected
+    positions and IGNORE_INDEX elsewhere.
+    """
+    device = input_ids_BT.device
+    shape = tuple(input_ids_BT.shape)
+    specials = torch.tensor(special_ids(text), device=device)
+    eligible_BT = attention_mask_BT.bool() & ~torch.isin(input_ids_BT, specials)
+    selected_BT = eligible_BT & (uniform(shape, device, generator) < prob)
+    labels_BT = torch.where(selected_BT, input_ids_BT, torch.full_like(input_ids_BT, IGNORE_INDEX))
+
+    # One draw splits the selected tokens 80/10/10.
+    how_BT = uniform(shape, device, generator)
+    to_mask_BT = selected_BT & (how_BT < 0.8)
+    to_random_BT = selected_BT & (how_BT >= 0.8) & (how_BT < 0.9)
+    vocab_V = torch.arange(text.vocab_size, device=device)
+    candidates = vocab_V[~torch.isin(vocab_V, specials)]
+    random_BT = candidates[randint(0, candidates.numel(), shape, device, generator)]
+
+    masked_BT = torch.where(to_mask_BT, torch.full_like(input_ids_BT, text.mask_id), input_ids_BT)
+    masked_BT = torch.where(to_random_BT, random_BT, masked_BT)
+    return masked_BT, labels_BT
+
+
+def masked_text_view(
+    batch: Mapping[str, Tensor], text: TextSpec, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """Masked caption + its own image; adds `mlm_labels` [B,T].
+
+    Masked losses are computed on matched pairs only (UNITER, Chen et al. 2020, §3.1): predicting a
+    word from an unrelated image would teach the model to ignore the image.
+    """
+    view = encoder_inputs(batch)
+    view["input_ids"], view["mlm_labels"] = mask_tokens(
+        batch["input_ids"], batch["attention_mask"], text, generator=generator
+    )
+    return view
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head: Linear + GELU + LayerNorm, then a decoder tied to the word embeddings.
+
+    Tying (Press & Wolf 2017) shares the [V, D] matrix with the input embeddings: fewer parameters
+    and a better-conditioned output layer. The decoder keeps its own per-token bias.
+    """
+
+    def __init__(self, hidden_size: int, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.transform = nn.Linear(hidden_size, hidden_size)
+        self.act = nn.GELU()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.decoder = nn.Linear(hidden_size, word_embeddings.num_embeddings)
+        self.decoder.weight = word_embeddings.weight
+
+    def forward(self, h_ND: Tensor) -> Tensor:
+        return self.decoder(self.norm(self.act(self.transform(h_ND))))
+
+
+class MaskedLanguageModeling(Objective):
+    name: ClassVar[str] = "mlm"
+    view: ClassVar[str] = "masked_text"
+    requires: ClassVar[frozenset[str]] = frozenset({"text_hidden"})
+
+    def __init__(self, ctx: ObjectiveContext) -> None:
+        super().__init__(ctx)
+        self.head = MLMHead(ctx.hidden_size, ctx.word_embeddings)
+
+    def forward(
+        self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        labels_BT = view_batch["mlm_labels"]
+        selected_BT = labels_BT != IGNORE_INDEX
+        # Decode the masked positions only: the [N, V] logits are ~7x smaller than [B, T, V].
+        logits_NV = self.head(require(outputs, "text_hidden")[selected_BT])
+        loss, acc = cross_entropy_and_accuracy(logits_NV, labels_BT[selected_BT])
+        return {"mlm": loss}, {"mlm_acc": acc}

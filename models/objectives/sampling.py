@@ -1,0 +1,33 @@
+"""Random draws for views: torch's global RNG by default, or a given generator.
+
+Shapes: none (helpers take explicit sizes).
+
+The train loop seeds one generator per rank and checkpoints its state, so a resumed run draws the
+same masks. A generator lives on one device; draws are made there and moved to the data's device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _where(device: torch.device, generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else device
+
+
+def uniform(size: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """U[0, 1) of the given size, on `device`."""
+    return torch.rand(size, generator=generator, device=_where(device, generator)).to(device)
+
+
+def randint(
+    low: int, high: int, size: tuple[int, ...], device: torch.device, generator: torch.Generator | None
+) -> Tensor:
+    """Integers uniform in [low, high), on `device`."""
+    return torch.randint(low, high, size, generator=generator, device=_where(device, generator)).to(device)
+
+
+def randperm(n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """A random permutation of 0..n-1, on `device`."""
+    return torch.randperm(n, generator=generator, device=_where(device, generator)).to(device)

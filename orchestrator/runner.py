@@ -1,0 +1,268 @@
+"""`mmpt run`: one pretraining run on a Ray cluster (a local one by default).
+
+The driver checks everything a user can get wrong before any Ray process starts (config, shards,
+tokenizer), writes the resolved config into `runs/<name>/`, then hands the job to Ray Train and
+turns the workers' reports into progress lines, `metrics.jsonl` and `summary.json`.
+
+Reports travel worker -> Ray Train controller -> `_ReportForwarder` (a Ray Train callback, in the
+controller) -> a Ray queue -> this process, which is the only writer of the run's metric files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from jobs import storage
+from jobs.config import RunConfig
+from jobs.data.tokenizer import load_tokenizer, text_spec
+from orchestrator.config import ConfigError, dump_yaml
+from orchestrator.progress import ProgressView, capture_output, summary_tables
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataPlan:
+    train: list[str]
+    eval: list[str]
+    tokenizer: str
+    text: dict[str, int]
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _options(cfg: RunConfig) -> storage.StorageOptions:
+    return storage.StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+
+
+def _shards(field_name: str, spec: str | list[str], opts: storage.StorageOptions) -> list[str]:
+    try:
+        return storage.expand_shards(spec, opts)
+    except (ValueError, OSError) as exc:
+        hint = " (make some with: mmpt data synth --out data/shapes)" if "shapes" in str(spec) else ""
+        raise ConfigError([f"{field_name} = {spec!r}: {exc}{hint}"]) from None
+
+
+def _find_tokenizer(cfg: RunConfig, train: list[str], opts: storage.StorageOptions) -> str:
+    if cfg.data.tokenizer:
+        if not storage.exists(cfg.data.tokenizer, opts):
+            raise ConfigError([f"data.tokenizer = {cfg.data.tokenizer!r}: file not found"])
+        return cfg.data.tokenizer
+    folder = posixpath.dirname(train[0])
+    for candidate in (posixpath.join(folder, "tokenizer.json"),
+                      posixpath.join(posixpath.dirname(folder), "tokenizer.json")):
+        if storage.exists(candidate, opts):
+            return candidate
+    raise ConfigError([f"data.tokenizer = None: no tokenizer.json beside the shards in {folder!r} or its "
+                       "parent; set data.tokenizer to an HF tokenizer.json"])
+
+
+def plan_data(cfg: RunConfig) -> DataPlan:
+    """Resolve shard lists and the tokenizer, or raise ConfigError naming the field."""
+    opts = _options(cfg)
+    train = _shards("data.train", cfg.data.train, opts)
+    evals = _shards("data.eval", cfg.data.eval, opts) if cfg.data.eval else []
+    tok_uri = _find_tokenizer(cfg, train, opts)
+    try:
+        spec = text_spec(load_tokenizer(tok_uri, opts), cfg.data.max_text_len)
+    except (ValueError, OSError) as exc:
+        raise ConfigError([f"data.tokenizer = {tok_uri!r}: {exc}"]) from None
+    text = {k: getattr(spec, k) for k in ("vocab_size", "max_len", "pad_id", "unk_id", "cls_id", "sep_id", "mask_id")}
+    return DataPlan(train=train, eval=evals, tokenizer=tok_uri, text=text)
+
+
+class RunFiles:
+    """The run directory `<storage.path>/runs/<name>/` on local disk or object storage."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.opts = _options(cfg)
+        self.root = storage.join(cfg.storage.path, "runs")
+        self.uri = storage.join(self.root, cfg.name)
+        self._metric_lines: list[str] | None = None
+
+    def path(self, name: str) -> str:
+        return storage.join(self.uri, name)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        storage.write_text(self.path(name), json.dumps(obj, indent=1, default=float) + "\n", self.opts)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, default=float)
+        target = self.path("metrics.jsonl")
+        if not storage.is_remote(target):
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "a") as f:
+                f.write(line + "\n")
+            return
+        if self._metric_lines is None:  # object stores cannot append: keep the file's lines here
+            old = storage.read_text(target, self.opts) if storage.exists(target, self.opts) else ""
+            self._metric_lines = old.splitlines()
+        self._metric_lines.append(line)
+        storage.write_text(target, "\n".join(self._metric_lines) + "\n", self.opts)
+
+    def local_log_dir(self) -> Path:
+        if storage.is_remote(self.uri):
+            return Path(".mmpt", "runs", Path(self.uri).name, "logs").absolute()
+        return Path(self.uri, "logs")
+
+
+def _make_forwarder(queue: Any) -> Any:
+    from ray.train import UserCallback
+
+    class _ReportForwarder(UserCallback):
+        """Runs in the Ray Train controller: forwards rank 0's report to the driver's queue."""
+
+        def __init__(self, q: Any) -> None:
+            self.q = q
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            record = dict(metrics[0])
+            if checkpoint is not None:
+                record["checkpoint"] = checkpoint.path
+            self.q.put(record)
+
+    return _ReportForwarder(queue)
+
+
+def _ray_init(cfg: RunConfig, address: str | None) -> bool:
+    """Start or join Ray; returns True when this call started it (and must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
+                              "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.scaling.data_cpus
+        ray.init(num_cpus=max(1, int(round(cpus))), **kwargs)
+    return True
+
+
+def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any) -> Any:
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.data.pipeline import PipelineSpec, build_dataset
+    from jobs.train_loop import train_func
+
+    # Ray Data's progress bars would only fill the log file with carriage returns: the CLI shows progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    spec = PipelineSpec(tokenizer_uri=plan.tokenizer, image_size=cfg.data.image_size,
+                        max_text_len=cfg.data.max_text_len, max_objects=cfg.data.max_objects,
+                        storage=files.opts)
+    datasets = {"train": build_dataset(plan.train, spec, shuffle_seed=cfg.data.shuffle_seed,
+                                       read_tasks=cfg.data.read_tasks)}
+    if plan.eval:
+        datasets["eval"] = build_dataset(plan.eval, spec, limit=cfg.eval.max_samples)
+    fs, root = storage.filesystem_for(files.root, files.opts)
+    return TorchTrainer(
+        train_func,
+        train_loop_config={"run": cfg.to_dict(), "text": plan.text, "has_eval": bool(plan.eval)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=root, storage_filesystem=fs, callbacks=[callback],
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+
+
+def run(cfg: RunConfig, *, address: str | None = None, console: Console | None = None) -> RunResult:
+    """Run `cfg` to completion; raises ConfigError before starting anything for a user mistake."""
+    plan = plan_data(cfg)
+    files = RunFiles(cfg)
+    storage.write_text(files.path("config.yaml"), dump_yaml(cfg), files.opts)
+    log_dir = files.local_log_dir()
+    out = console or Console()
+    started = time.time()
+    records: list[dict[str, Any]] = []
+    with capture_output(log_dir / "ray.log") as stream:
+        view_console = Console(file=stream, force_terminal=out.is_terminal, width=out.width)
+        own_ray = _ray_init(cfg, address)
+        try:
+            from ray.util.queue import Empty, Queue
+
+            queue = Queue(actor_options={"num_cpus": 0})
+            trainer = _trainer(cfg, plan, files, _make_forwarder(queue))
+            box: dict[str, Any] = {}
+
+            def fit() -> None:
+                try:
+                    box["result"] = trainer.fit()
+                except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+                    box["error"] = exc
+
+            thread = threading.Thread(target=fit, name="mmpt-fit", daemon=True)
+            title = f"{cfg.name} · {cfg.model.preset} · {cfg.scaling.num_workers} workers · ZeRO-{cfg.deepspeed.zero_stage}"
+            with ProgressView(view_console, cfg.train.steps, title) as view:
+                thread.start()
+                first: tuple[float, int] | None = None
+                while thread.is_alive() or not queue.empty():
+                    try:
+                        record = queue.get(timeout=0.5)
+                    except Empty:
+                        continue
+                    record["time"] = time.time()
+                    records.append(record)
+                    files.append_metrics(record)
+                    step = int(record.get("step", 0))
+                    first = first or (record["time"], step)
+                    rate = (step - first[1]) / max(record["time"] - first[0], 1e-9)
+                    eta = (cfg.train.steps - step) / rate if rate > 0 else None
+                    view.update(record, eta)
+                thread.join()
+            if "error" in box:
+                raise box["error"]
+        finally:
+            if own_ray:
+                import ray
+
+                ray.shutdown()
+    summary = _summary(cfg, records, box.get("result"), time.time() - started, log_dir)
+    files.write_json("summary.json", summary)
+    for table in summary_tables(summary):
+        out.print(table)
+    out.print(f"run directory: {files.uri}")
+    return RunResult(run_dir=files.uri, summary=summary, metrics=records)
+
+
+def _summary(cfg: RunConfig, records: list[dict[str, Any]], result: Any, wall_s: float, log_dir: Path) -> dict[str, Any]:
+    last = records[-1] if records else {}
+    final_eval = next(({k[5:]: v for k, v in r.items() if k.startswith("eval/")}
+                       for r in reversed(records) if any(k.startswith("eval/") for k in r)), {})
+    ckpt = getattr(getattr(result, "checkpoint", None), "path", None)
+    return {
+        "name": cfg.name,
+        "config_hash": cfg.config_hash(),
+        "steps": int(last.get("step", 0)),
+        "wall_time_s": wall_s,
+        "final_losses": {k[5:]: v for k, v in last.items() if k.startswith("loss/")},
+        "train_metrics": {k[6:]: v for k, v in last.items() if k.startswith("train/")},
+        "eval": final_eval,
+        "throughput": {k: last.get(k) for k in ("samples_per_s", "tokens_per_s", "step_time_s", "data_wait_share")},
+        "samples_seen": last.get("samples_seen"),
+        "checkpoint": ckpt,
+        "logs": str(log_dir),
+    }

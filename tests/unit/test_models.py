@@ -1,0 +1,197 @@
+"""The pretraining model as runs build it: output contract, losses, gradients, errors."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from models import OBJECTIVES, PRESETS, Pretrainer, build_pretrainer, count_parameters
+from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
+from models.objectives import Objective
+
+TEXT = TextSpec(vocab_size=50, max_len=12)
+IMAGE = ImageSpec(size=16)
+B, T, D, P = 4, 12, 32, (16 // 8) ** 2
+
+
+def tiny_model(**overrides: object) -> ModelConfig:
+    cfg = dict(hidden_size=D, num_layers=2, num_heads=4, patch_size=8, dropout=0.1)
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+def moe_cfg(**overrides: object) -> MoEConfig:
+    cfg = dict(num_experts=4, layers="every_other", capacity_factor=2.0, min_capacity=0)
+    cfg.update(overrides)
+    return MoEConfig(**cfg)
+
+
+def make_batch(batch_size: int = B, seed: int = 0) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, TEXT.vocab_size, (batch_size, T), generator=g)
+    ids[:, 0] = TEXT.cls_id
+    mask = torch.ones(batch_size, T, dtype=torch.long)
+    lengths = torch.randint(6, T + 1, (batch_size,), generator=g)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, n - 1] = TEXT.sep_id
+        ids[i, n:] = TEXT.pad_id
+        mask[i, n:] = 0
+    return {
+        "image": torch.randn(batch_size, 3, IMAGE.size, IMAGE.size, generator=g),
+        "input_ids": ids,
+        "attention_mask": mask,
+        # keys the model must ignore
+        "obj_labels": torch.zeros(batch_size, 3, dtype=torch.long),
+        "obj_boxes": torch.zeros(batch_size, 3, 4),
+        "sample_id": torch.arange(batch_size),
+    }
+
+
+def build(
+    moe: MoEConfig | None = None, objectives: dict[str, float] | None = None, **model: object
+) -> Pretrainer:
+    return build_pretrainer(tiny_model(**model), moe or MoEConfig(), objectives, TEXT, IMAGE)
+
+
+@pytest.mark.parametrize("moe", [MoEConfig(), moe_cfg()], ids=["dense", "moe"])
+def test_output_contract(moe: MoEConfig) -> None:
+    model = build(moe)
+    out = model(make_batch())
+    assert set(out) == {"loss", "losses", "metrics", "moe_counts"}
+    assert out["loss"].shape == () and torch.isfinite(out["loss"])
+    assert set(out["metrics"]) == {"mlm_acc", "itm_acc"}
+    if moe.enabled:
+        assert set(out["losses"]) == {"mlm", "itm", "moe_aux"}
+        # 2 layers, every_other -> one MoE layer (index 1)
+        assert out["moe_counts"].shape == (1, 4)
+        assert out["moe_counts"].dtype == torch.long
+    else:
+        assert set(out["losses"]) == {"mlm", "itm"}
+        assert out["moe_counts"] is None
+
+
+@pytest.mark.parametrize(
+    "moe", [MoEConfig(), moe_cfg(layers="all", capacity_factor=4.0)], ids=["dense", "moe"]
+)
+def test_encoder_outputs_shapes(moe: MoEConfig) -> None:
+    model = build(moe)
+    batch = make_batch()
+    out = model.encoder(batch["image"], batch["input_ids"], batch["attention_mask"])
+    assert out["text_hidden"].shape == (B, T, D)
+    assert out["image_hidden"].shape == (B, P, D)
+    assert out["pooled"].shape == (B, D)
+    assert out["moe_aux"].shape == ()
+    if moe.enabled:
+        assert out["moe_counts"].shape == (2, 4)
+        # capacity factor = E: an expert could take every token, so none is dropped
+        real = int(batch["attention_mask"].sum()) + B * P
+        assert out["moe_counts"].sum(dim=1).tolist() == [real, real]
+        assert out["moe_aux"] > 0
+    else:
+        assert out["moe_counts"] is None
+        assert out["moe_aux"].item() == 0.0
+
+
+def test_total_is_weighted_sum_of_losses() -> None:
+    moe = moe_cfg(aux_loss_weight=0.3)
+    model = build(moe, {"mlm": 0.5, "itm": 2.0}).eval()
+    out = model(make_batch())
+    losses = out["losses"]
+    expected = 0.5 * losses["mlm"] + 2.0 * losses["itm"] + 0.3 * losses["moe_aux"]
+    assert torch.allclose(out["loss"].detach(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "moe, objectives",
+    [(MoEConfig(), None), (moe_cfg(), None), (MoEConfig(), {"mlm": 1.0}), (moe_cfg(), {"itm": 1.0})],
+    ids=["dense", "moe", "mlm-only", "moe-itm-only"],
+)
+def test_every_parameter_gets_a_finite_gradient(moe: MoEConfig, objectives: dict[str, float] | None) -> None:
+    model = build(moe, objectives)
+    model(make_batch())["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
+    assert bad == []
+
+
+def test_mlm_only_model_has_no_pooler_and_no_itm() -> None:
+    model = build(objectives={"mlm": 1.0, "itm": 0.0})
+    assert model.encoder.pooler is None
+    assert set(model.objectives) == {"mlm"}
+    batch = make_batch()
+    with pytest.raises(ValueError, match="no 'itm' objective"):
+        model.itm_logits(batch["image"], batch["input_ids"], batch["attention_mask"])
+
+
+def test_itm_logits_is_match_minus_mismatch_logit() -> None:
+    model = build().eval()
+    batch = make_batch()
+    scores = model.itm_logits(batch["image"], batch["input_ids"], batch["attention_mask"])
+    assert scores.shape == (B,)
+    out = model.encoder(batch["image"], batch["input_ids"], batch["attention_mask"])
+    logits = model.objectives["itm"].logits(out)
+    assert torch.allclose(scores, logits[:, 1] - logits[:, 0])
+
+
+def test_mlm_decoder_is_tied_to_word_embeddings() -> None:
+    model = build()
+    assert model.objectives["mlm"].head.decoder.weight is model.encoder.word_embeddings.weight
+    # pad row stays zero after init; the tied weight is counted once
+    assert model.encoder.word_embeddings.weight[TEXT.pad_id].abs().sum() == 0
+    assert count_parameters(model) == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def test_experts_start_different() -> None:
+    model = build(moe_cfg())
+    experts = model.encoder.layers[1].ffn.moe.deepspeed_moe.experts.deepspeed_experts
+    assert not torch.equal(experts[0].fc1.weight, experts[1].fc1.weight)
+
+
+def test_given_generator_makes_the_step_reproducible() -> None:
+    model = build().eval()
+    batch = make_batch()
+    a = model(batch, generator=torch.Generator().manual_seed(3))["loss"]
+    b = model(batch, generator=torch.Generator().manual_seed(3))["loss"]
+    assert torch.equal(a, b)
+
+
+def test_unknown_preset_lists_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*vilt"):
+        build(preset="nope")
+
+
+def test_unknown_objective_lists_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown objective 'xyz'.*\['itm', 'mlm'\]"):
+        build(objectives={"xyz": 1.0})
+
+
+def test_no_enabled_objective_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no objective enabled"):
+        build(objectives={"mlm": 0.0})
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        build(objectives={"mlm": -1.0})
+
+
+def test_objective_needing_missing_output_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    class NeedsRegions(Objective):
+        name: ClassVar[str] = "needs_regions"
+        view: ClassVar[str] = "masked_text"
+        requires: ClassVar[frozenset[str]] = frozenset({"region_hidden"})
+
+    monkeypatch.setitem(OBJECTIVES, "needs_regions", NeedsRegions)
+    with pytest.raises(
+        ValueError, match="objective 'needs_regions' needs 'region_hidden', which preset 'vilt'"
+    ):
+        build(objectives={"needs_regions": 1.0})
+
+
+def test_presets_registry_and_defaults() -> None:
+    assert dict(PRESETS["vilt"].default_objectives) == {"mlm": 1.0, "itm": 1.0}
+    model = build()
+    assert model.weights == {"mlm": 1.0, "itm": 1.0}
+    assert isinstance(model, nn.Module) and math.isfinite(count_parameters(model))

@@ -1,0 +1,108 @@
+"""jobs.data.tokenizer: WordPiece with pinned special ids, fixed-length batches, save/load anywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models
+
+from jobs.data.tokenizer import (
+    SPECIAL_TOKENS,
+    encode,
+    load_tokenizer,
+    save_tokenizer,
+    text_spec,
+    train_tokenizer,
+)
+from jobs.storage import StorageOptions
+
+CAPTIONS = [
+    "A small red circle left of a large blue square",
+    "a large green triangle above a small purple diamond",
+    "a small yellow square below a large orange circle and a small blue diamond right of the small yellow square",
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(CAPTIONS * 10, vocab_size=500)
+
+
+def test_special_ids_pinned(tok: Tokenizer) -> None:
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    spec = text_spec(tok, max_len=32)
+    assert (spec.pad_id, spec.unk_id, spec.cls_id, spec.sep_id, spec.mask_id) == (0, 1, 2, 3, 4)
+    assert spec.vocab_size == tok.get_vocab_size() and spec.max_len == 32
+
+
+def test_training_deterministic() -> None:
+    """HF's trainer alone gives a different vocab each time here (huggingface/tokenizers#1794)."""
+    corpus = [
+        f"{a} {b}{c} {c}{a}" for a in ("red", "blue", "ring") for b in ("ox", "box") for c in ("ab", "ba")
+    ]
+    assert len({train_tokenizer(corpus, vocab_size=300).to_str() for _ in range(6)}) == 1
+
+
+def test_only_real_special_tokens(tok: Tokenizer) -> None:
+    added = {t.content for t in tok.get_added_tokens_decoder().values()}
+    assert added == set(SPECIAL_TOKENS)  # the "##x" tokens pinned during training are ordinary
+    assert tok.encode("red", add_special_tokens=False).tokens == ["red"]
+    assert tok.encode("circles", add_special_tokens=False).tokens == ["circle", "##s"]
+
+
+def test_round_trip_lowercased(tok: Tokenizer) -> None:
+    ids, mask = encode(tok, CAPTIONS, max_len=32)
+    for row, text in enumerate(CAPTIONS):
+        n = int(mask[row].sum())
+        assert ids[row, 0] == 2 and ids[row, n - 1] == 3  # [CLS] ... [SEP]
+        assert tok.decode(ids[row, :n].tolist()) == text.lower()
+
+
+def test_padding_and_truncation_shapes(tok: Tokenizer) -> None:
+    ids, mask = encode(tok, ["a red circle", CAPTIONS[2]], max_len=8)
+    assert ids.shape == mask.shape == (2, 8)
+    assert ids.dtype == mask.dtype == np.int64
+    assert mask[0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert ids[0, 5:].tolist() == [0, 0, 0]
+    assert mask[1].tolist() == [1] * 8
+    assert ids[1, -1] == 3  # truncated, [SEP] kept last
+    assert tok.decode(ids[1].tolist()) == "a small yellow square below a"
+
+
+def test_encode_ignores_and_keeps_shared_settings(tok: Tokenizer) -> None:
+    shared = Tokenizer.from_str(tok.to_str())
+    shared.enable_padding(length=20)
+    ids, _ = encode(shared, ["a red circle"], max_len=6)
+    assert ids.shape == (1, 6)
+    assert shared.padding is not None and shared.padding["length"] == 20  # caller's state untouched
+    assert tok.truncation is None and tok.padding is None
+
+
+def test_unknown_word_maps_to_unk(tok: Tokenizer) -> None:
+    ids, _ = encode(tok, ["zebra"], max_len=6)
+    assert 1 in ids[0].tolist()
+
+
+def test_max_len_too_small(tok: Tokenizer) -> None:
+    with pytest.raises(ValueError, match="max_len=1 leaves no room"):
+        encode(tok, ["a"], max_len=1)
+
+
+def test_text_spec_rejects_wrong_ids() -> None:
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "a": 5}
+    bad = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    with pytest.raises(ValueError, match=r"special-token ids are \{'\[PAD\]': 1, '\[UNK\]': 0"):
+        text_spec(bad, max_len=8)
+
+
+def test_save_load_local_and_s3(tok: Tokenizer, tmp_path: Path, s3_server) -> None:
+    local = str(tmp_path / "tok" / "tokenizer.json")
+    save_tokenizer(tok, local)
+    assert load_tokenizer(local).to_str() == tok.to_str()
+    bucket = s3_server.create_bucket()
+    opts = StorageOptions(endpoint_url=s3_server.endpoint_url)
+    save_tokenizer(tok, f"s3://{bucket}/tokenizer.json", opts)
+    loaded = load_tokenizer(f"s3://{bucket}/tokenizer.json", opts)
+    assert encode(loaded, CAPTIONS, 16)[0].tolist() == encode(tok, CAPTIONS, 16)[0].tolist()
