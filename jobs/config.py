@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from models.config import ModelConfig, MoEConfig, _Strict
+from models._schema import _Strict
+from models.config import ModelConfig, MoEConfig
 
 Precision = Literal["fp32", "bf16"]
 

@@ -165,6 +165,7 @@ def train_func(config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - window.t0
         local = {f"loss/{k}": v / window.steps for k, v in window.losses.items()}
         local |= {f"train/{k}": v / window.steps for k, v in window.metrics.items()}
+        local["data_wait_s"] = window.wait / window.steps
         metrics = _all_mean(local, world)
         wait_share = _all_max(window.wait / elapsed, world)
         metrics |= {
@@ -174,7 +175,6 @@ def train_func(config: dict[str, Any]) -> None:
             "samples_per_s": window.samples * world / elapsed,
             "tokens_per_s": window.tokens * world / elapsed,
             "step_time_s": elapsed / window.steps,
-            "data_wait_s": window.wait / window.steps,
             "data_wait_share": wait_share,
             "samples_seen": state.samples_seen,
         }

@@ -19,6 +19,7 @@ app = typer.Typer(help="mmpt: multimodal pretraining on Ray.", no_args_is_help=T
                   pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Make and inspect image-text shards.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+# -- sub-command groups: each lives in its own module and is registered here with one line --
 
 console = Console()
 err_console = Console(stderr=True)
@@ -37,15 +38,23 @@ def run(
     config: Annotated[Path, typer.Argument(help="run config YAML (e.g. jobs/configs/quickstart.yaml)")],
     set_: SetOpt = None,
     address: Annotated[str | None, typer.Option(help="join this Ray cluster instead of starting one")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="delete runs/<name>/ first instead of resuming it")] = False,
 ) -> None:
-    """Run one pretraining job: Ray Data -> Ray Train + DeepSpeed, progress, summary."""
+    """Run one pretraining job: Ray Data -> Ray Train + DeepSpeed, progress, summary.
+
+    Re-running a config resumes runs/<name>/ from its latest checkpoint.
+    """
+    from orchestrator.runner import RunFailed
     from orchestrator.runner import run as run_job
 
     try:
         cfg = load_config(config, set_ or [])
-        run_job(cfg, address=address, console=console)
+        run_job(cfg, address=address, console=console, fresh=fresh)
     except ConfigError as exc:
         _fail(exc.problems)
+    except RunFailed as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 @data_app.command("synth")
@@ -65,7 +74,7 @@ def data_synth(
     from jobs.storage import StorageOptions
 
     total = samples + (eval_samples if eval_samples is not None else max(64, samples // 10))
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("writing shards", total=total)
         try:
             res = write_synthetic(out, samples=samples, shards=shards, seed=seed, image_size=image_size,
@@ -74,7 +83,7 @@ def data_synth(
         except (OSError, ValueError) as exc:
             _fail([f"--out {out}: {exc}"])
     console.print(f"wrote {res.train_samples} train samples in {len(res.train_shards)} shards, "
-                  f"{res.eval_samples} eval samples, tokenizer {res.tokenizer}")
+                  f"{res.eval_samples} eval samples, tokenizer {res.tokenizer}", soft_wrap=True, highlight=False)
 
 
 def main() -> None:

@@ -31,14 +31,17 @@ def capture_output(log_file: Path) -> Iterator[TextIO]:
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
     console_stream = os.fdopen(os.dup(saved_out), "w", buffering=1)
-    with open(log_file, "ab", buffering=0) as sink:
+    saved_sys = sys.stdout, sys.stderr
+    with open(log_file, "a", buffering=1) as sink:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
+        # Python-level writers too: under a test runner sys.stdout need not be fd 1.
+        sys.stdout = sys.stderr = sink
         try:
             yield console_stream
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            sink.flush()
+            sys.stdout, sys.stderr = saved_sys
             os.dup2(saved_out, 1)
             os.dup2(saved_err, 2)
             os.close(saved_out)
@@ -94,12 +97,12 @@ class ProgressView:
             self._progress.update(self._task, completed=step, stats=stats)
         else:
             eta = f" · ETA {eta_s:.0f}s" if eta_s is not None else ""
-            self.console.print(f"step {step}/{self.total} · {stats}{eta}", highlight=False)
+            self.console.print(f"step {step}/{self.total} · {stats}{eta}", highlight=False, soft_wrap=True)
 
 
 def summary_tables(summary: Mapping[str, Any]) -> list[Table]:
     """The final losses and the held-out evaluation, as rich tables."""
-    losses = Table(title="final training losses", title_justify="left")
+    losses = Table(title="final training losses", title_justify="left", min_width=48)
     losses.add_column("term")
     losses.add_column("value", justify="right")
     for name, value in summary.get("final_losses", {}).items():
@@ -107,7 +110,7 @@ def summary_tables(summary: Mapping[str, Any]) -> list[Table]:
     tables = [losses]
     ev = summary.get("eval") or {}
     if ev:
-        t = Table(title=f"held-out evaluation ({int(ev.get('samples', 0))} samples)", title_justify="left")
+        t = Table(title=f"held-out evaluation ({int(ev.get('samples', 0))} samples)", title_justify="left", min_width=48)
         t.add_column("metric")
         t.add_column("value", justify="right")
         t.add_column("chance", justify="right")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,24 @@ from orchestrator.config import ConfigError, dump_yaml
 from orchestrator.progress import ProgressView, capture_output, summary_tables
 
 log = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    """Training stopped with an error; the full traceback is in the run's log."""
+
+    def __init__(self, cause: str, log_file: Path) -> None:
+        self.cause, self.log_file = cause, log_file
+        super().__init__(f"training failed: {cause} (full traceback: {log_file})")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The last line of the innermost traceback: what a user acts on, without Ray's wrapping."""
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    print(text, file=sys.stderr)  # into the run's log (fd 2 is captured while training)
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not set(ln.strip()) <= set("^~ ")]
+    return lines[-1] if lines else type(exc).__name__
 
 
 @dataclass
@@ -99,6 +118,17 @@ class RunFiles:
 
     def write_json(self, name: str, obj: Any) -> None:
         storage.write_text(self.path(name), json.dumps(obj, indent=1, default=float) + "\n", self.opts)
+
+    def read_json(self, name: str) -> Any:
+        target = self.path(name)
+        return json.loads(storage.read_text(target, self.opts)) if storage.exists(target, self.opts) else None
+
+    def delete(self) -> None:
+        from pyarrow.fs import FileType
+
+        fs, path = storage.filesystem_for(self.uri, self.opts)
+        if fs.get_file_info(path).type != FileType.NotFound:
+            fs.delete_dir(path)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, default=float)
@@ -189,17 +219,37 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any) -> 
     )
 
 
-def run(cfg: RunConfig, *, address: str | None = None, console: Console | None = None) -> RunResult:
-    """Run `cfg` to completion; raises ConfigError before starting anything for a user mistake."""
+def _show(out: Console, summary: dict[str, Any], run_dir: str) -> None:
+    for table in summary_tables(summary):
+        out.print(table)
+    out.print(f"run directory: {run_dir}", soft_wrap=True, highlight=False)
+
+
+def run(cfg: RunConfig, *, address: str | None = None, console: Console | None = None,
+        fresh: bool = False) -> RunResult:
+    """Run `cfg` to completion; raises ConfigError before starting anything for a user mistake.
+
+    A run directory that already holds checkpoints of `cfg.name` is resumed from the latest one
+    (Ray Train restores it); one whose summary shows all `train.steps` done is only shown again.
+    `fresh=True` deletes the run directory first.
+    """
     plan = plan_data(cfg)
     files = RunFiles(cfg)
+    out = console or Console()
+    if fresh:
+        files.delete()
+    done = files.read_json("summary.json")
+    if done is not None and done.get("steps", 0) >= cfg.train.steps:
+        out.print(f"{cfg.name} already finished {done['steps']} steps; showing its summary "
+                  "(--fresh to train again, or raise train.steps to continue)", highlight=False)
+        _show(out, done, files.uri)
+        return RunResult(run_dir=files.uri, summary=done)
     storage.write_text(files.path("config.yaml"), dump_yaml(cfg), files.opts)
     log_dir = files.local_log_dir()
-    out = console or Console()
     started = time.time()
     records: list[dict[str, Any]] = []
     with capture_output(log_dir / "ray.log") as stream:
-        view_console = Console(file=stream, force_terminal=out.is_terminal, width=out.width)
+        view_console = Console(file=stream, force_terminal=out.is_terminal, width=out.width, quiet=out.quiet)
         own_ray = _ray_init(cfg, address)
         try:
             from ray.util.queue import Empty, Queue
@@ -234,7 +284,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                     view.update(record, eta)
                 thread.join()
             if "error" in box:
-                raise box["error"]
+                raise RunFailed(_root_cause(box["error"]), log_dir / "ray.log") from box["error"]
         finally:
             if own_ray:
                 import ray
@@ -242,9 +292,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                 ray.shutdown()
     summary = _summary(cfg, records, box.get("result"), time.time() - started, log_dir)
     files.write_json("summary.json", summary)
-    for table in summary_tables(summary):
-        out.print(table)
-    out.print(f"run directory: {files.uri}")
+    _show(out, summary, files.uri)
     return RunResult(run_dir=files.uri, summary=summary, metrics=records)
 
 

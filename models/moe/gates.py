@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from models.config import MoEConfig
+from models.moe.config import MoEConfig
 
 if TYPE_CHECKING:  # deepspeed is imported lazily: at import time it is slow and breaks in Ray workers
     from deepspeed.moe.layer import MoE

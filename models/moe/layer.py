@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.config import MoEConfig
 from models.ffn import FeedForward, ffn_size
+from models.moe.config import MoEConfig
 from models.moe.gates import MOE_GATES
 
 

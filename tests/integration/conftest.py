@@ -20,7 +20,7 @@ def ray_session(s3_server) -> Iterator[None]:  # noqa: ANN001 - fixture
 
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     yield
     ray.shutdown()
 

@@ -35,7 +35,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_summary(ray_session, shapes_dat
         assert r["samples_per_s"] > 0
     assert records[-1]["samples_seen"] == 6 * 8 * 2
 
-    ckpts = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    ckpts = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert ckpts == ["checkpoint_0000003", "checkpoint_0000006"]
     last = run_dir / "checkpoint_0000006"
     assert json.loads((last / "trainer_state.json").read_text())["step"] == 6
@@ -70,6 +70,10 @@ def test_rerun_resumes_from_the_latest_checkpoint(ray_session, shapes_data, tmp_
     assert steps == [1, 2, 3, 4, 5]  # continued at step 4, nothing re-done
     assert result.metrics[0]["samples_seen"] == 4 * 8 * 2  # the count carried over from the checkpoint
     assert json.loads((run_dir / "checkpoint_0000005" / "trainer_state.json").read_text())["step"] == 5
+
+    again = run(second)  # finished: shown again, nothing trained
+    assert again.metrics == [] and again.summary["steps"] == 5
+    assert len(_metrics(run_dir)) == 5
 
 
 def test_run_reads_shards_and_writes_checkpoints_on_s3(ray_session, s3_server, tmp_path) -> None:

@@ -1,0 +1,7 @@
+"""Base of every config section: unknown keys are errors, assignments are validated."""
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
