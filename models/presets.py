@@ -84,7 +84,6 @@ def build_pretrainer(
         {name: cls(ctx) for name, cls in classes.items()},
         weights,
         text,
-        moe_aux_weight=moe.aux_loss_weight,
         preset=preset.name,
     )
     init_weights(pretrainer)

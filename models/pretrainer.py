@@ -34,7 +34,8 @@ class Pretrainer(nn.Module):
     are ignored. The encoder runs once per distinct view the objectives consume (e.g. masked text
     for MLM, shuffled pairs for ITM), and each objective reads its own view's outputs.
 
-    - loss: sum_o weight_o * sum(losses of o) + moe_aux_weight * moe_aux   (scalar, for backward)
+    - loss: sum_o weight_o * sum(losses of o) + moe_aux   (scalar, for backward); moe_aux is
+      already weighted by the MoE layers (moe.aux_loss_weight and any router z-loss weight)
     - losses: unweighted, detached, by name; `moe_aux` (summed over MoE layers, averaged over views) only for a MoE model
     - metrics: detached scalars by name
     - moe_counts: long [L_moe, E], tokens each expert processed, summed over views; None if dense
@@ -46,7 +47,6 @@ class Pretrainer(nn.Module):
         objectives: Mapping[str, Objective],
         weights: Mapping[str, float],
         text: TextSpec,
-        moe_aux_weight: float = 0.0,
         preset: str = "?",
     ) -> None:
         super().__init__()
@@ -59,7 +59,6 @@ class Pretrainer(nn.Module):
         self.objectives = nn.ModuleDict(objectives)
         self.weights = dict(weights)
         self.text = text
-        self.moe_aux_weight = moe_aux_weight
         self.preset = preset
         # view -> objectives that consume it, in the objectives' order (fixes the RNG draw order).
         self.views: dict[str, list[str]] = {}
@@ -96,7 +95,7 @@ class Pretrainer(nn.Module):
             # Mean over views: each view is one forward of the same batch, and the balancing
             # term should not grow with the number of objectives switched on.
             aux = aux / len(self.views)
-            terms.append(self.moe_aux_weight * aux)
+            terms.append(aux)
             losses[MOE_AUX] = aux.detach()
         return {
             "loss": sum(terms[1:], start=terms[0]),

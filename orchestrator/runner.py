@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import sys
 import threading
@@ -174,6 +175,8 @@ def _ray_init(cfg: RunConfig, address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    # Inside a Ray job (mmpt submit) the job supervisor names the cluster to join.
+    address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                               "log_to_driver": True}
     if address:

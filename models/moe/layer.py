@@ -38,7 +38,8 @@ class MoEFFN(nn.Module):
     - Tokens over an expert's capacity are dropped (Switch §2.2): output 0, residual only.
     - `counts_E` is the number of tokens each expert actually processed, after capacity. DeepSpeed's
       own `exp_counts` is taken before the capacity cut; we read the post-capacity routes instead.
-    - `aux_loss` is Switch's load-balancing loss E * sum_e f_e * P_e (Switch eq. 4), unweighted.
+    - `aux_loss` is Switch's load-balancing loss E * sum_e f_e * P_e (Switch eq. 4), already
+      multiplied by `moe.aux_loss_weight`: the layer owns its auxiliary terms and their weights.
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class MoEFFN(nn.Module):
             raise ValueError("MoEFFN needs moe.num_experts > 0")
         width = expert_hidden_size or moe.expert_hidden_size or ffn_size(hidden_size, mlp_ratio)
         self.num_experts = moe.num_experts
+        self.aux_loss_weight = moe.aux_loss_weight
         # DeepSpeed deep-copies this module into every expert; the model's weight init re-draws
         # each copy so the experts do not start identical.
         self.moe = MOE_GATES[moe.gate](hidden_size, FeedForward(hidden_size, width), moe)
@@ -80,4 +82,4 @@ class MoEFFN(nn.Module):
         routes = self._routes.reshape(-1).long()
         self._routes = None
         counts_E = torch.bincount(routes[routes >= 0], minlength=self.num_experts)
-        return y_BSD, aux, counts_E
+        return y_BSD, self.aux_loss_weight * aux, counts_E
