@@ -6,8 +6,9 @@ S3). DeepSpeed names its files by rank (ZeRO optimizer shards `zero_pp_rank_R_*`
 `expert_E_*`), so the parts never collide, and a resumed rank loads exactly its own files.
 
 Besides DeepSpeed's model/optimizer/LR-schedule state, a checkpoint holds `trainer_state.json`
-(step, epoch, data position; rank 0) and `rng_rank{R}.pt` (each rank's RNG state), because
-masking and negative sampling draw from the RNG and a resumed run must draw what it would have.
+(step, samples seen, bad-data ledger; rank 0) and `rank{R}.pt` per rank: its RNG states (masking
+and negative sampling draw from them, and a resumed run must draw what it would have) and its data
+position (epoch, shard, offset: each rank reads its own deterministic stream).
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ class TrainerState:
     """What a resumed run needs beyond DeepSpeed's own state."""
 
     step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
     samples_seen: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -51,28 +50,41 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 @contextmanager
-def staged(engine: Any, state: TrainerState, rank: int) -> Iterator[str]:
+def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str, int]) -> Iterator[str]:
     """Write this rank's part of a checkpoint into a temporary folder and yield its path.
 
     Collective: every rank must enter it at the same step (DeepSpeed's save synchronises).
     """
     with tempfile.TemporaryDirectory(prefix="mmpt-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"trainer_state": asdict(state)})
-        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+        torch.save({"rng": _rng_state(), "data_position": data_position}, os.path.join(tmp, rank_file(rank)))
         if rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         yield tmp
 
 
-def restore(engine: Any, folder: str, rank: int) -> TrainerState:
-    """Load DeepSpeed's state and this rank's RNG from a checkpoint folder."""
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.pt"
+
+
+@dataclass
+class Restored:
+    state: TrainerState
+    data_position: dict[str, int] | None  # None: this rank had no position (world size changed)
+
+
+def restore(engine: Any, folder: str, rank: int) -> Restored:
+    """Load DeepSpeed's state, this rank's RNG and its data position from a checkpoint folder."""
     path, client = engine.load_checkpoint(folder, tag=DS_TAG)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {folder!r} (tag {DS_TAG!r})")
-    rng_file = Path(folder, f"rng_rank{rank}.pt")
-    if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    return TrainerState(**client["trainer_state"])
+    per_rank = Path(folder, rank_file(rank))
+    position = None
+    if per_rank.exists():
+        saved = torch.load(per_rank, weights_only=False)
+        _set_rng_state(saved["rng"])
+        position = saved["data_position"]
+    return Restored(TrainerState(**client["trainer_state"]), position)
 
 
 def read_state(folder: str) -> TrainerState:

@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
 from models._schema import _Strict
 from models.config import ModelConfig, MoEConfig
@@ -24,13 +24,20 @@ class DataConfig(_Strict):
 
     train: str | list[str] = Field("data/shapes/train", description="train shards: folder, prefix, brace pattern or list")
     eval: str | list[str] | None = Field("data/shapes/eval", description="held-out shards (same forms); null = no eval")
-    tokenizer: str | None = Field(None, description="tokenizer.json; default: beside the train shards")
+    tokenizer: str | None = Field(None, description="HF tokenizer.json; default: beside the shards, else one trained for the run")
     image_size: int = Field(48, ge=8, description="images are resized to this square size")
     max_text_len: int = Field(32, ge=4, description="captions are truncated/padded to this many tokens")
     max_objects: int = Field(3, ge=0, description="scene objects kept per sample (boxes/labels, padded with -1)")
-    shuffle_seed: int | None = Field(0, description="shard and sample shuffling seed; null = no shuffle")
-    read_tasks: int = Field(0, ge=0, description="concurrent shard-reading tasks; 0 = one per data CPU")
+    shuffle_seed: int | None = Field(0, description="shard-order and within-shard shuffling seed; null = file order")
+    read_tasks: int = Field(0, ge=0, description="concurrent shard-reading tasks per worker; 0 = Ray Data decides")
     prefetch_batches: int = Field(2, ge=0, description="batches each worker prefetches")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="error budget: bad samples / samples read")
+    image_column: str = Field("jpg", description="Parquet shards: column with the encoded image bytes")
+    caption_column: str = Field("caption", description="Parquet shards: column with the caption")
+    tokenizer_sample: int = Field(20000, ge=100, description="captions sampled to train a tokenizer when none exists")
+    vocab_size: int = Field(8000, ge=64, description="vocabulary of a tokenizer trained for the run")
+    record_samples: bool = Field(False, description="write the sample ids each rank trained on, per step, "
+                                 "to runs/<name>/samples/ (audits exactly-once delivery)")
 
 
 class TrainConfig(_Strict):
@@ -58,10 +65,39 @@ class DeepSpeedConfig(_Strict):
 
 
 class ScalingConfig(_Strict):
+    """Ray resources of a run; `orchestrator.scaling` turns them into Ray Train / Ray Data arguments.
+
+    Custom resources pick node types: a worker asking for `train_gpu` only runs on (and makes the
+    autoscaler add) a node type that advertises `train_gpu` (see ray_cluster.yaml).
+    """
+
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a GPU cluster)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     data_cpus: float = Field(2.0, ge=0, description="extra CPUs a local Ray gets for Ray Data tasks")
+    resources_per_worker: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="custom Ray resources each training worker asks for, e.g. {train_gpu: 1}")
+    accelerator_type: str | None = Field(None, description="GPU kind the workers need (Ray's accelerator_type, e.g. A100)")
+    data_num_cpus: PositiveFloat | None = Field(None, description="CPUs per Ray Data read/preprocess task; null = 1")
+    data_resources: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="custom Ray resources each preprocessing task asks for, e.g. {data_cpu: 1}")
+
+    @field_validator("resources_per_worker", "data_resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        builtin = sorted(set(v) & {"CPU", "GPU"})
+        if builtin:
+            source = ("scaling.cpus_per_worker / scaling.use_gpu" if info.field_name == "resources_per_worker"
+                      else "scaling.data_num_cpus")
+            raise ValueError(f"{'/'.join(builtin)} is set by {source}; list only custom resources here")
+        return v
+
+    @model_validator(mode="after")
+    def _accelerator_needs_gpu(self) -> ScalingConfig:
+        if self.accelerator_type is not None and not self.use_gpu:
+            raise ValueError(f"accelerator_type = {self.accelerator_type!r} needs use_gpu: true "
+                             "(it names the kind of GPU each worker gets)")
+        return self
 
 
 class StorageConfig(_Strict):

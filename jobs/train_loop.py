@@ -1,8 +1,10 @@
 """The per-worker training function that Ray Train runs on every rank.
 
 One step = `grad_accum` micro-batches through the DeepSpeed engine. Every rank takes the same
-number of steps (the pipeline's equal split + drop_last), reports at the same steps (Ray Train's
-report is a barrier) and checkpoints at the same steps (DeepSpeed's save is collective).
+number of steps (before each step the ranks agree that all have data: jobs.data.stream), reports
+at the same steps (Ray Train's report is a barrier) and checkpoints at the same steps (DeepSpeed's
+save is collective). Each rank streams its own deterministic part of the shards, and its position
+in it is part of every checkpoint.
 
 Reports carry every loss term, throughput (samples/s, tokens/s), the mean step time and the share
 of it spent waiting for data, all averaged over ranks (wait: max over ranks, the straggler is
@@ -11,17 +13,20 @@ what stalls a synchronous step).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from jobs import checkpoint as ckpt
+from jobs import storage
 from jobs.config import RunConfig
 from jobs.data.batch import to_model_batch
+from jobs.data.pipeline import PipelineSpec
+from jobs.data.stream import DataPosition, RankStream, synchronized_batches, synchronized_steps
 from models.config import ImageSpec, TextSpec
 
 
@@ -39,6 +44,7 @@ class _Window:
         self.wait = 0.0
         self.losses: dict[str, float] = {}
         self.metrics: dict[str, float] = {}
+        self.sample_ids: dict[int, list[int]] = {}  # step -> ids (data.record_samples)
 
     def add(self, out: dict[str, Any], micro_batches: int) -> None:
         for name, v in out["losses"].items():
@@ -51,25 +57,6 @@ class _Window:
 def _quiet_third_party_logs() -> None:
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _epochs(shard: Any, cfg: RunConfig, start_epoch: int) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
-    """(epoch, index in epoch, batch) forever; each epoch reshuffles with its own seed."""
-    epoch = start_epoch
-    while True:
-        seed = None if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed + epoch
-        it = shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
-            local_shuffle_buffer_size=None if seed is None else 4 * cfg.train.batch_size,
-            local_shuffle_seed=seed,
-        )
-        n = -1
-        for n, batch in enumerate(it):
-            yield epoch, n, batch
-        if n < 0:
-            raise RuntimeError("the training split delivered no full batch: fewer samples per worker than "
-                               f"train.batch_size={cfg.train.batch_size}")
-        epoch += 1
 
 
 def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
@@ -89,13 +76,39 @@ def _all_max(value: float, world: int) -> float:
     return float(t.item())
 
 
+def _data_context() -> None:
+    """Ray Data settings of this worker's pipelines: order preserved (positions are exact), no bars."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+
+
+def _bad_data(ledger: Any, cfg: RunConfig) -> dict[str, float]:
+    """Rank 0: the ledger's counts as metrics; raises DataBudgetExceeded past the budget."""
+    import ray
+
+    from jobs.data.ledger import check_budget
+
+    totals = ray.get(ledger.totals.remote())
+    check_budget(totals, cfg.data.max_bad_fraction)
+    out = {"data/bad_samples": float(totals["bad"]), "data/bad_fraction": totals["fraction"]}
+    out |= {f"data/bad/{reason}": float(n) for reason, n in totals["by_reason"].items()}
+    return out
+
+
 def train_func(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
 
     _quiet_third_party_logs()
+    _data_context()
     cfg = RunConfig.model_validate(config["run"])
     text = TextSpec(**config["text"])
     image = ImageSpec(size=cfg.data.image_size)
+    spec: PipelineSpec = config["pipeline"]
+    ledger = config.get("ledger")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -115,34 +128,43 @@ def train_func(config: dict[str, Any]) -> None:
     # Masking and negative sampling draw from the global RNG: a different stream per rank.
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
 
-    state = ckpt.TrainerState()
+    state, position = ckpt.TrainerState(), DataPosition()
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as folder:
-            state = ckpt.restore(engine, folder, rank)
+            restored = ckpt.restore(engine, folder, rank)
+        state = restored.state
+        if restored.data_position is not None:
+            position = DataPosition(**restored.data_position)
+        if rank == 0 and ledger is not None and "ledger" in state.extra:
+            ray.get(ledger.load.remote(state.extra["ledger"]))
 
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval") if config.get("has_eval") else None
-    batches = _epochs(train_shard, cfg, state.epoch)
+    remote_args = config.get("data_remote_args")
+    stream = RankStream(config["train_shards"], spec, batch_size=cfg.train.batch_size, rank=rank, world=world,
+                        seed=cfg.data.shuffle_seed, position=position, ledger=ledger,
+                        prefetch_batches=cfg.data.prefetch_batches, read_tasks=cfg.data.read_tasks,
+                        ray_remote_args=remote_args)
+    steps = synchronized_steps(stream, cfg.train.grad_accum, world)
     gas = cfg.train.grad_accum
+    visual_tokens = getattr(engine.module, "num_visual_tokens", image.size**2 // cfg.model.patch_size**2)
     window = _Window()
     last_ckpt_step = state.step if resumed is not None else -1
 
     def run_eval() -> dict[str, float]:
-        if eval_shard is None:
+        if not config.get("eval_shards"):
             return {}
-        it = eval_shard.iter_torch_batches(batch_size=cfg.eval.batch_size, drop_last=True)
-        return {f"eval/{k}": v for k, v in evaluate(engine.module, it, device=device, dtype=dtype).items()}
+        per_rank = -(-cfg.eval.max_samples // world)
+        eval_stream = RankStream(config["eval_shards"], spec, batch_size=cfg.eval.batch_size, rank=rank,
+                                 world=world, seed=None, limit=per_rank, ray_remote_args=remote_args)
+        batches = synchronized_batches(eval_stream, world)
+        return {f"eval/{k}": v for k, v in evaluate(engine.module, batches, device=device, dtype=dtype).items()}
 
     while state.step < cfg.train.steps:
         step_samples = 0
-        for _ in range(gas):
-            t_wait = time.perf_counter()
-            epoch, index, raw = next(batches)
-            window.wait += time.perf_counter() - t_wait
-            if epoch != state.epoch:
-                state.epoch, state.batches_in_epoch = epoch, 0
-            state.batches_in_epoch = index + 1
+        t_wait = time.perf_counter()
+        micro = next(steps)
+        window.wait += time.perf_counter() - t_wait
+        for raw in micro:
             batch = to_model_batch(raw, device, dtype)
             out = engine(batch)
             engine.backward(out["loss"])
@@ -151,9 +173,11 @@ def train_func(config: dict[str, Any]) -> None:
             n = batch["input_ids"].shape[0]
             step_samples += n
             window.samples += n
-            window.tokens += int(batch["attention_mask"].sum()) + n * image.size**2 // cfg.model.patch_size**2
+            window.tokens += int(batch["attention_mask"].sum()) + n * visual_tokens
         state.step += 1
         state.samples_seen += step_samples * world
+        if cfg.data.record_samples:
+            window.sample_ids[state.step] = [int(i) for raw in micro for i in raw["sample_id"]]
         window.steps += 1
 
         final = state.step == cfg.train.steps
@@ -170,7 +194,7 @@ def train_func(config: dict[str, Any]) -> None:
         wait_share = _all_max(window.wait / elapsed, world)
         metrics |= {
             "step": state.step,
-            "epoch": state.epoch,
+            "epoch": stream.position.epoch,
             "lr": engine.get_lr()[0],
             "samples_per_s": window.samples * world / elapsed,
             "tokens_per_s": window.tokens * world / elapsed,
@@ -178,10 +202,18 @@ def train_func(config: dict[str, Any]) -> None:
             "data_wait_share": wait_share,
             "samples_seen": state.samples_seen,
         }
+        if rank == 0 and ledger is not None:
+            metrics |= _bad_data(ledger, cfg)
+        if window.sample_ids:
+            first = min(window.sample_ids)
+            storage.write_text(storage.join(config["run_dir"], "samples", f"rank{rank}_{first:07d}.json"),
+                               json.dumps(window.sample_ids), spec.storage)
         if do_eval:
             metrics |= run_eval()
         if do_ckpt and state.step != last_ckpt_step:
-            with ckpt.staged(engine, state, rank) as folder:
+            if rank == 0 and ledger is not None:
+                state.extra["ledger"] = ray.get(ledger.state.remote())
+            with ckpt.staged(engine, state, rank, stream.position.to_dict()) as folder:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=ckpt.dir_name(state.step))
             last_ckpt_step = state.step

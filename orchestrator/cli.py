@@ -13,13 +13,21 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from orchestrator import jobs_cli
+from orchestrator.cluster import cluster_app
 from orchestrator.config import ConfigError, load_config
+from orchestrator.plan import plan_cmd
 
 app = typer.Typer(help="mmpt: multimodal pretraining on Ray.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Make and inspect image-text shards.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 # -- sub-command groups: each lives in its own module and is registered here with one line --
+app.add_typer(jobs_cli.jobs_app, name="jobs")
+app.add_typer(cluster_app, name="cluster")
+app.command("submit")(jobs_cli.submit)
+app.command("controller")(jobs_cli.controller)
+app.command("plan")(plan_cmd)
 
 console = Console()
 err_console = Console(stderr=True)

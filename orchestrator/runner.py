@@ -70,33 +70,58 @@ def _options(cfg: RunConfig) -> storage.StorageOptions:
 
 
 def _shards(field_name: str, spec: str | list[str], opts: storage.StorageOptions) -> list[str]:
+    from jobs.data.reader import SHARD_SUFFIXES
+
     try:
-        return storage.expand_shards(spec, opts)
+        return storage.expand_shards(spec, opts, suffixes=SHARD_SUFFIXES)
     except (ValueError, OSError) as exc:
         hint = " (make some with: mmpt data synth --out data/shapes)" if "shapes" in str(spec) else ""
         raise ConfigError([f"{field_name} = {spec!r}: {exc}{hint}"]) from None
 
 
-def _find_tokenizer(cfg: RunConfig, train: list[str], opts: storage.StorageOptions) -> str:
+def _find_tokenizer(cfg: RunConfig, train: list[str], files: RunFiles) -> str | None:
+    opts = files.opts
     if cfg.data.tokenizer:
         if not storage.exists(cfg.data.tokenizer, opts):
             raise ConfigError([f"data.tokenizer = {cfg.data.tokenizer!r}: file not found"])
         return cfg.data.tokenizer
     folder = posixpath.dirname(train[0])
     for candidate in (posixpath.join(folder, "tokenizer.json"),
-                      posixpath.join(posixpath.dirname(folder), "tokenizer.json")):
+                      posixpath.join(posixpath.dirname(folder), "tokenizer.json"), files.path("tokenizer.json")):
         if storage.exists(candidate, opts):
             return candidate
-    raise ConfigError([f"data.tokenizer = None: no tokenizer.json beside the shards in {folder!r} or its "
-                       "parent; set data.tokenizer to an HF tokenizer.json"])
+    return None
 
 
-def plan_data(cfg: RunConfig) -> DataPlan:
+def _train_tokenizer(cfg: RunConfig, train: list[str], files: RunFiles, console: Console) -> str:
+    """Shards without a tokenizer: train one on a sample of their captions, kept in the run dir."""
+    from jobs.data.reader import ReadSpec, read_shard
+    from jobs.data.tokenizer import save_tokenizer, train_tokenizer
+
+    captions: list[str] = []
+    spec = ReadSpec(image_size=cfg.data.image_size, storage=files.opts, image_column=cfg.data.image_column,
+                    caption_column=cfg.data.caption_column)
+    for shard in train:
+        raws, _ = read_shard(shard, spec)
+        captions += [r.caption for r in raws if r.caption]
+        if len(captions) >= cfg.data.tokenizer_sample:
+            break
+    if not captions:
+        raise ConfigError([f"data.train = {cfg.data.train!r}: no captions to train a tokenizer on"])
+    uri = files.path("tokenizer.json")
+    save_tokenizer(train_tokenizer(captions[: cfg.data.tokenizer_sample], vocab_size=cfg.data.vocab_size),
+                   uri, files.opts)
+    console.print(f"no tokenizer beside the shards: trained one on {min(len(captions), cfg.data.tokenizer_sample)} "
+                  f"captions -> {uri}", highlight=False, soft_wrap=True)
+    return uri
+
+
+def plan_data(cfg: RunConfig, files: RunFiles, console: Console | None = None) -> DataPlan:
     """Resolve shard lists and the tokenizer, or raise ConfigError naming the field."""
-    opts = _options(cfg)
+    opts = files.opts
     train = _shards("data.train", cfg.data.train, opts)
     evals = _shards("data.eval", cfg.data.eval, opts) if cfg.data.eval else []
-    tok_uri = _find_tokenizer(cfg, train, opts)
+    tok_uri = _find_tokenizer(cfg, train, files) or _train_tokenizer(cfg, train, files, console or Console())
     try:
         spec = text_spec(load_tokenizer(tok_uri, opts), cfg.data.max_text_len)
     except (ValueError, OSError) as exc:
@@ -187,38 +212,33 @@ def _ray_init(cfg: RunConfig, address: str | None) -> bool:
     return True
 
 
-def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any) -> Any:
-    import ray.data
+def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, ledger: Any) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.data.pipeline import PipelineSpec, build_dataset
+    from jobs.data.pipeline import PipelineSpec
     from jobs.train_loop import train_func
+    from orchestrator.scaling import data_remote_args, train_scaling
 
-    # Ray Data's progress bars would only fill the log file with carriage returns: the CLI shows progress.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     spec = PipelineSpec(tokenizer_uri=plan.tokenizer, image_size=cfg.data.image_size,
                         max_text_len=cfg.data.max_text_len, max_objects=cfg.data.max_objects,
-                        storage=files.opts)
-    datasets = {"train": build_dataset(plan.train, spec, shuffle_seed=cfg.data.shuffle_seed,
-                                       read_tasks=cfg.data.read_tasks)}
-    if plan.eval:
-        datasets["eval"] = build_dataset(plan.eval, spec, limit=cfg.eval.max_samples)
+                        storage=files.opts, image_column=cfg.data.image_column,
+                        caption_column=cfg.data.caption_column)
     fs, root = storage.filesystem_for(files.root, files.opts)
+    # No `datasets=`: each worker builds its own deterministic Ray Data pipeline (jobs.data.stream),
+    # so that its position in the data is exact and checkpointable.
     return TorchTrainer(
         train_func,
-        train_loop_config={"run": cfg.to_dict(), "text": plan.text, "has_eval": bool(plan.eval)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {}),
-        ),
+        train_loop_config={"run": cfg.to_dict(), "text": plan.text, "pipeline": spec, "ledger": ledger,
+                           "train_shards": plan.train, "eval_shards": plan.eval, "run_dir": files.uri,
+                           # where the workers' Ray Data tasks run (scaling.data_*: e.g. CPU nodes)
+                           "data_remote_args": data_remote_args(cfg.scaling)},
+        scaling_config=ray.train.ScalingConfig(**train_scaling(cfg.scaling)),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=root, storage_filesystem=fs, callbacks=[callback],
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
     )
 
 
@@ -236,7 +256,6 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     (Ray Train restores it); one whose summary shows all `train.steps` done is only shown again.
     `fresh=True` deletes the run directory first.
     """
-    plan = plan_data(cfg)
     files = RunFiles(cfg)
     out = console or Console()
     if fresh:
@@ -247,6 +266,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                   "(--fresh to train again, or raise train.steps to continue)", highlight=False)
         _show(out, done, files.uri)
         return RunResult(run_dir=files.uri, summary=done)
+    plan = plan_data(cfg, files, out)
     storage.write_text(files.path("config.yaml"), dump_yaml(cfg), files.opts)
     log_dir = files.local_log_dir()
     started = time.time()
@@ -255,10 +275,14 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
         view_console = Console(file=stream, force_terminal=out.is_terminal, width=out.width, quiet=out.quiet)
         own_ray = _ray_init(cfg, address)
         try:
+            import ray
             from ray.util.queue import Empty, Queue
 
+            from jobs.data.ledger import BadSampleLedger
+
             queue = Queue(actor_options={"num_cpus": 0})
-            trainer = _trainer(cfg, plan, files, _make_forwarder(queue))
+            ledger = ray.remote(BadSampleLedger).options(num_cpus=0).remote()
+            trainer = _trainer(cfg, plan, files, _make_forwarder(queue), ledger)
             box: dict[str, Any] = {}
 
             def fit() -> None:
@@ -288,12 +312,15 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                 thread.join()
             if "error" in box:
                 raise RunFailed(_root_cause(box["error"]), log_dir / "ray.log") from box["error"]
+            bad = ray.get(ledger.totals.remote())
         finally:
             if own_ray:
                 import ray
 
                 ray.shutdown()
     summary = _summary(cfg, records, box.get("result"), time.time() - started, log_dir)
+    summary["data"] = {"bad_samples": bad["by_reason"], "bad_total": bad["bad"], "bad_fraction": bad["fraction"],
+                       "samples_checked": bad["samples"], "worst_shards": bad["worst_shards"]}
     files.write_json("summary.json", summary)
     _show(out, summary, files.uri)
     return RunResult(run_dir=files.uri, summary=summary, metrics=records)

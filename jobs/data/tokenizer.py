@@ -63,11 +63,11 @@ def load_tokenizer(uri: str, options: StorageOptions | None = None) -> Tokenizer
     return Tokenizer.from_str(read_text(uri, options))
 
 
-def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def encode(tok: Tokenizer, texts: Sequence[str], max_len: int, pad_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize a batch to fixed-length arrays: (input_ids int64 [B, max_len], attention_mask int64 [B, max_len]).
 
     Sequences are "[CLS] tokens [SEP]"; longer ones are cut to keep [SEP] last, shorter ones are
-    padded with 0 ([PAD]). Truncation and padding are done here rather than with
+    padded with the tokenizer's pad id. Truncation and padding are done here rather than with
     tok.enable_truncation/enable_padding, because those mutate a tokenizer other callers share.
     """
     if max_len < 2:
@@ -78,7 +78,9 @@ def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarr
         tok.no_truncation()
         tok.no_padding()
     encodings = tok.encode_batch(list(texts), add_special_tokens=True)
-    input_ids = np.zeros((len(encodings), max_len), dtype=np.int64)
+    if pad_id is None:
+        pad_id = text_spec(tok, max_len).pad_id
+    input_ids = np.full((len(encodings), max_len), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(encodings), max_len), dtype=np.int64)
     for row, enc in enumerate(encodings):
         ids = enc.ids
@@ -89,13 +91,23 @@ def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarr
     return input_ids, attention_mask
 
 
+# Names of each special token across tokenizer families (BERT WordPiece, RoBERTa/CLIP BPE, T5).
+_SPECIAL_ALIASES: dict[str, tuple[str, ...]] = {
+    "pad_id": ("[PAD]", "<pad>", "<|pad|>"),
+    "unk_id": ("[UNK]", "<unk>", "<|unk|>"),
+    "cls_id": ("[CLS]", "<s>", "<|startoftext|>", "[BOS]", "<bos>"),
+    "sep_id": ("[SEP]", "</s>", "<|endoftext|>", "[EOS]", "<eos>"),
+    "mask_id": ("[MASK]", "<mask>", "<|mask|>"),
+}
+
+
 def text_spec(tok: Tokenizer, max_len: int) -> TextSpec:
-    """The TextSpec for this tokenizer, after checking its special tokens have ids 0..4."""
-    actual = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    expected = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    if actual != expected:
-        raise ValueError(
-            f"tokenizer special-token ids are {actual}, expected {expected}: "
-            "retrain it with jobs.data.tokenizer.train_tokenizer"
-        )
-    return TextSpec(vocab_size=tok.get_vocab_size(with_added_tokens=True), max_len=max_len)
+    """The TextSpec for any HF tokenizer: its special-token ids, looked up by their usual names."""
+    ids: dict[str, int] = {}
+    for field, names in _SPECIAL_ALIASES.items():
+        found = next((i for i in (tok.token_to_id(n) for n in names) if i is not None), None)
+        if found is None:
+            raise ValueError(f"the tokenizer has no {field[:-3]} token (looked for {', '.join(names)}); "
+                             "MLM needs [PAD] [UNK] [CLS] [SEP] [MASK] or their <pad>/<s>/<mask> equivalents")
+        ids[field] = found
+    return TextSpec(vocab_size=tok.get_vocab_size(with_added_tokens=True), max_len=max_len, **ids)

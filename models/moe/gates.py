@@ -1,52 +1,192 @@
-"""Routing choices: gate name -> builder of a DeepSpeed MoE layer with that gate.
+"""Routing gates: gate name -> a module with DeepSpeed TopKGate's interface.
 
-Shapes: D model dim, E experts.
+Shapes: N tokens (flattened batch), D model dim, E experts, K experts per token.
 
-DeepSpeed's `MoE` owns gate, dispatch and experts together, so a "gate" here is a builder of the
-whole DeepSpeed layer configured for that routing. Later gates (GShard top-2, noisy top-k) plug in as
-new entries; `MoEFFN` never branches on the name.
+Every gate computes its router in fp32 (Switch "selective precision") and returns a `Routing`
+from `route(x_ND, used_N)`. Its `forward(input, used_token, sparse_routes=True, use_tutel=False)`
+is the call DeepSpeed's `MOELayer` makes on its `gate` (deepspeed 0.19 `sharded_moe.TopKGate`):
+it returns the sparse routes `(l_aux, capacity, E, indices_KN, locations_KN, gates_KN,
+exp_counts)`, so these gates also run inside DeepSpeed's own dispatch (`moe.dispatch: deepspeed`).
+They do not subclass TopKGate: importing deepspeed here would slow every `import models`.
+
+Differences from DeepSpeed's gates, on purpose:
+- capacity counts real tokens (DeepSpeed counts padding too), and padding is never routed (its
+  top-2 gate routes padding);
+- GShard's second expert is the runner-up, dispatched with probability 2 * its normalised gate
+  (GShard Algorithm 1); DeepSpeed instead samples *which* second expert with Gumbel noise and always
+  dispatches it. With `second_expert_policy: all` and no drops both agree;
+- GShard's combine weights are normalised before the capacity cut (GShard Algorithm 1): a token
+  whose second route is dropped keeps g1 / (g1 + g2), DeepSpeed renormalises it to 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
-from torch import nn
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from models.moe.config import MoEConfig
-
-if TYPE_CHECKING:  # deepspeed is imported lazily: at import time it is slow and breaks in Ray workers
-    from deepspeed.moe.layer import MoE
-
-# config spelling -> DeepSpeed spelling of TopKGate's `noisy_gate_policy`.
-NOISY_GATE_POLICIES: dict[str, str | None] = {"none": None, "jitter": "Jitter", "rsample": "RSample"}
-
-GateBuilder = Callable[[int, nn.Module, MoEConfig], "MoE"]
-
-
-def _switch(hidden_size: int, expert: nn.Module, moe: MoEConfig) -> MoE:
-    """Switch Transformer routing (Fedus et al. 2021): top-1, fixed capacity, overflow dropped.
-
-    DeepSpeed computes the router in fp32 whatever the model dtype (Switch §2.4 "selective
-    precision"), picks capacity = max(ceil(tokens / E * factor), min_capacity), and with
-    `use_rts` (its default) chooses which over-capacity tokens to drop at random rather than by
-    position, so late tokens in a sequence are not systematically dropped.
-    """
-    from deepspeed.moe.layer import MoE
-
-    return MoE(
-        hidden_size=hidden_size,
-        expert=expert,
-        num_experts=moe.num_experts,
-        ep_size=moe.ep_size,
-        k=1,
-        capacity_factor=moe.capacity_factor,
-        eval_capacity_factor=moe.eval_capacity_factor,
-        min_capacity=moe.min_capacity,
-        noisy_gate_policy=NOISY_GATE_POLICIES[moe.noisy_gate_policy],
-        drop_tokens=True,
-    )
+from models.moe.routing import (
+    NO_EXPERT,
+    Routing,
+    cv_squared,
+    finish,
+    normal_cdf,
+    router_logits,
+    switch_balance_loss,
+)
 
 
-MOE_GATES: dict[str, GateBuilder] = {"switch": _switch}
+class Gate(nn.Module):
+    """Common part: router weight `wg` (DeepSpeed's name, kept for its checkpoint code), capacity,
+    drops, losses. Subclasses implement `_choose`."""
+
+    k: int
+
+    def __init__(self, hidden_size: int, moe: MoEConfig) -> None:
+        super().__init__()
+        self.wg = nn.Linear(hidden_size, moe.num_experts, bias=False)
+        self.num_experts = moe.num_experts
+        self.k = moe.k
+        self.capacity_factor = moe.capacity_factor
+        self.eval_capacity_factor = moe.eval_capacity_factor
+        self.min_capacity = moe.min_capacity
+        self.dropless = moe.dropless
+        self.drop_policy = moe.drop_policy
+        self.aux_loss_weight = moe.aux_loss_weight
+        self.z_loss_weight = moe.z_loss_weight
+        self.noisy_gate_policy = moe.noisy_gate_policy
+        self.router_jitter = moe.router_jitter
+        self.ep_group: Any = None
+        # The routing of the latest forward, for MoEFFN's stats (it takes and clears it).
+        self.last_routing: Routing | None = None
+
+    def _set_ep_group(self, ep_group: Any) -> None:
+        if self.ep_group is not None:
+            raise RuntimeError("the expert-parallel group of this gate is already set")
+        self.ep_group = ep_group
+
+    def _router_input(self, x_ND: Tensor) -> Tensor:
+        x_ND = x_ND.float()
+        if self.training and self.noisy_gate_policy == "jitter" and self.router_jitter > 0:
+            # Switch (Fedus et al. 2021, Table 2 "input jitter"): multiplicative noise on the router input.
+            eps = self.router_jitter
+            x_ND = x_ND * torch.empty_like(x_ND).uniform_(1.0 - eps, 1.0 + eps)
+        return x_ND
+
+    def _choose(self, x_ND: Tensor, logits_NE: Tensor, probs_NE: Tensor, used_N: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (expert_KN with NO_EXPERT for routes not dispatched, gate_KN fp32, unweighted balancing loss)."""
+        raise NotImplementedError
+
+    def route(self, x_ND: Tensor, used_N: Tensor | None = None) -> Routing:
+        if used_N is None:
+            used_N = torch.ones(x_ND.shape[0], dtype=torch.bool, device=x_ND.device)
+        used_N = used_N.reshape(-1).bool()
+        logits_NE = router_logits(self._router_input(x_ND), self.wg.weight)
+        probs_NE = logits_NE.softmax(dim=-1)
+        expert_KN, gate_KN, balance = self._choose(x_ND, logits_NE, probs_NE, used_N)
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        routing = finish(
+            expert_KN=expert_KN, gate_KN=gate_KN, probs_NE=probs_NE, logits_NE=logits_NE, used_N=used_N,
+            balance=balance, capacity_factor=None if self.dropless else factor,
+            min_capacity=self.min_capacity, policy=self.drop_policy,
+            aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
+        )
+        self.last_routing = routing
+        return routing
+
+    def forward(self, input: Tensor, used_token: Tensor | None = None, sparse_routes: bool = True,
+                use_tutel: bool = False) -> tuple[Any, ...]:
+        """DeepSpeed's gate call (MOELayer.forward) -> its sparse routes."""
+        if not sparse_routes or use_tutel:
+            raise ValueError("mmpt gates only produce DeepSpeed's sparse routes (sparse_routes=True, no Tutel)")
+        r = self.route(input, used_token)
+        capacity = r.capacity.clone()
+        if self.ep_group is not None and dist.get_world_size(group=self.ep_group) > 1:
+            # DeepSpeed's all-to-all exchanges [E, C, D] buffers: every rank needs the same C.
+            dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
+        return (r.aux, capacity, self.num_experts, r.expert_KN.to(torch.int32), r.slot_KN.to(torch.int32),
+                r.gate_KN, r.wanted_E)
+
+
+class SwitchGate(Gate):
+    """Top-1 (Fedus et al. 2021): expert = argmax of the router, combine weight = its probability
+    (not renormalised, so the router gets a gradient through the output), Switch balancing loss.
+    `noisy_gate_policy: rsample` picks the argmax of Gumbel-perturbed logits in training (DeepSpeed)."""
+
+    def _choose(self, x_ND: Tensor, logits_NE: Tensor, probs_NE: Tensor, used_N: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        select_NE = logits_NE
+        if self.training and self.noisy_gate_policy == "rsample":
+            u = torch.rand_like(logits_NE).clamp(min=1e-20, max=1 - 1e-7)
+            select_NE = logits_NE - torch.log(-torch.log(u))
+        expert_N = select_NE.argmax(dim=-1)
+        gate_N = probs_NE.gather(1, expert_N[:, None]).squeeze(1)
+        return expert_N[None], gate_N[None], switch_balance_loss(probs_NE, expert_N, used_N)
+
+
+class GShardGate(Gate):
+    """Top-2 (Lepikhin et al. 2020, Algorithm 1): the two best experts, gates normalised to sum to 1,
+    the second dispatched only with probability 2 * g2 in training ("random routing": a token whose
+    runner-up has a small gate rarely spends capacity on it); the GShard aux loss over first choices."""
+
+    def __init__(self, hidden_size: int, moe: MoEConfig) -> None:
+        super().__init__(hidden_size, moe)
+        self.second_expert_policy = moe.second_expert_policy
+
+    def _choose(self, x_ND: Tensor, logits_NE: Tensor, probs_NE: Tensor, used_N: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        top_N2, expert_N2 = probs_NE.topk(2, dim=-1)
+        gate_N2 = top_N2 / top_N2.sum(-1, keepdim=True).clamp(min=torch.finfo(top_N2.dtype).eps)
+        expert_2N, gate_2N = expert_N2.t(), gate_N2.t()
+        if self.training and self.second_expert_policy == "random":
+            dispatch_N = torch.rand_like(gate_2N[1]) < 2.0 * gate_2N[1].detach()
+            expert_2N = torch.stack([expert_2N[0], torch.where(dispatch_N, expert_2N[1], NO_EXPERT)])
+            gate_2N = torch.stack([gate_2N[0], torch.where(dispatch_N, gate_2N[1], 0.0)])
+        return expert_2N, gate_2N, switch_balance_loss(probs_NE, expert_N2[:, 0], used_N)
+
+
+class NoisyTopKGate(Gate):
+    """Noisy top-k (Shazeer et al. 2017): H = x W_g + N(0,1) * softplus(x W_noise) in training,
+    G = softmax(KeepTopK(H, k)), and the loss CV^2(Importance) + CV^2(Load), where Importance sums
+    the gates per expert and Load sums P(expert chosen | a fresh noise draw) = Phi((clean - threshold)
+    / noise std) (§4, Appendix A). Without noise (eval) Load counts the routes instead."""
+
+    def __init__(self, hidden_size: int, moe: MoEConfig) -> None:
+        super().__init__(hidden_size, moe)
+        self.w_noise = nn.Linear(hidden_size, moe.num_experts, bias=False)
+        # Shazeer et al. initialise W_noise to zero: noise std softplus(0) = 0.69 at the start.
+        nn.init.zeros_(self.w_noise.weight)
+        self.noise_epsilon = moe.noise_epsilon
+
+    def _choose(self, x_ND: Tensor, logits_NE: Tensor, probs_NE: Tensor, used_N: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        k, E = self.k, self.num_experts
+        noisy = self.training
+        if noisy:
+            std_NE = F.softplus(router_logits(x_ND, self.w_noise.weight)) + self.noise_epsilon
+            h_NE = logits_NE + torch.randn_like(logits_NE) * std_NE
+        else:
+            h_NE = logits_NE
+        top_NK1, expert_NK1 = h_NE.topk(min(k + 1, E), dim=-1)
+        gate_NK = top_NK1[:, :k].softmax(dim=-1)  # KeepTopK, then softmax over the kept k
+        expert_NK = expert_NK1[:, :k]
+        w_N1 = used_N.to(gate_NK.dtype)[:, None]
+        importance_E = torch.zeros_like(logits_NE).scatter(1, expert_NK, gate_NK * w_N1).sum(0)
+        if noisy:
+            in_threshold_N1 = top_NK1[:, k:k + 1]  # (k+1)-th best: what an expert in the top k must beat
+            out_threshold_N1 = top_NK1[:, k - 1:k]  # k-th best: what an expert outside must beat
+            is_in_NE = h_NE > in_threshold_N1
+            p_in = normal_cdf((logits_NE - in_threshold_N1) / std_NE)
+            p_out = normal_cdf((logits_NE - out_threshold_N1) / std_NE)
+            load_E = (torch.where(is_in_NE, p_in, p_out) * w_N1).sum(0)
+        else:
+            load_E = torch.zeros_like(logits_NE).scatter(1, expert_NK, w_N1.expand_as(gate_NK)).sum(0)
+        return expert_NK.t(), gate_NK.t(), cv_squared(importance_E) + cv_squared(load_E)
+
+
+MOE_GATES: dict[str, type[Gate]] = {"switch": SwitchGate, "gshard": GShardGate, "noisy_topk": NoisyTopKGate}

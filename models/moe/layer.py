@@ -1,45 +1,46 @@
-"""A Mixture-of-Experts FFN: DeepSpeed's expert-parallel `MoE` behind the interface of a dense FFN.
+"""A Mixture-of-Experts FFN: DeepSpeed's expert-parallel `MoE` with our gates and dispatch.
 
 Shapes: B batch, S tokens, D model dim, F expert hidden dim, E experts, N = B*S flattened tokens.
 
-Why DeepSpeed's layer: it does the all-to-all dispatch for expert parallelism (GShard, Lepikhin et
-al. 2020) and DeepSpeed's engine, optimizer and checkpointing know its parameters. Things the rest
-of the system relies on:
+Why DeepSpeed's layer: it creates the expert-parallel process groups (GShard, Lepikhin et al. 2020),
+and DeepSpeed's engine, ZeRO optimizer and checkpointing know its parameters. We replace what it
+lacks or does slowly: the gate (models/moe/gates.py: switch, gshard, noisy_topk) and, by default,
+the dispatch (models/moe/dispatch.py). Things the rest of the system relies on:
 
 - Expert parameters carry `allreduce = False` and `group_name = "ep_size_<n>"`: DeepSpeed reduces
   them over the expert-data-parallel group only. Optimizer param groups must be split with
-  `deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer` (the engine does it
-  when it builds the optimizer from a config).
+  `deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer`.
 - Process groups for `ep_size > 1` are created by `deepspeed.initialize` (it calls
-  `set_deepspeed_parallelism` on every module that has it), not here. With `ep_size == 1` the layer
-  runs on one device without `torch.distributed`; with `ep_size > 1` it must not be called before
+  `set_deepspeed_parallelism` on every `MoE`), not here. With `ep_size == 1` the layer runs on one
+  device without `torch.distributed`; with `ep_size > 1` it must not be called before
   `deepspeed.initialize`.
 - Parameter names contain `.deepspeed_moe.experts.deepspeed_experts.<i>.`: DeepSpeed's checkpoint
-  code finds expert weights by that string, so the DeepSpeed module is kept as is (not renamed).
+  code saves one file per global expert (`layer_<l>_expert_<ep_rank * L + i>_...`) and loads the
+  right ones on each expert-parallel rank by that string. Gate parameters (`.deepspeed_moe.gate.wg`,
+  `.gate.w_noise`) hold no "expert" in their names, so they are ordinary data-parallel weights.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import Tensor, nn
 
 from models.ffn import FeedForward, ffn_size
 from models.moe.config import MoEConfig
-from models.moe.gates import MOE_GATES
+from models.moe.dispatch import DISPATCHES
+from models.moe.gates import MOE_GATES, Gate
+from models.moe.stats import MoEStats
 
 
 class MoEFFN(nn.Module):
-    """`forward(x_BSD, mask_BS) -> (y_BSD, aux_loss, counts_E)`.
+    """`forward(x_BSD, mask_BS) -> (y_BSD, aux, counts_E)`.
 
     - Tokens where `mask_BS` is 0 (padding) are never routed: they take no expert capacity, appear
       in no count, and their output is 0 (the residual connection carries them through).
-    - Tokens over an expert's capacity are dropped (Switch §2.2): output 0, residual only.
-    - `counts_E` is the number of tokens each expert actually processed, after capacity. DeepSpeed's
-      own `exp_counts` is taken before the capacity cut; we read the post-capacity routes instead.
-    - `aux_loss` is Switch's load-balancing loss E * sum_e f_e * P_e (Switch eq. 4), already
-      multiplied by `moe.aux_loss_weight`: the layer owns its auxiliary terms and their weights.
+    - Routes over an expert's capacity are dropped (Switch §2.2): no output from that expert.
+    - `counts_E` (long [E]) is the number of routes each expert processed, after capacity.
+    - `aux` is the layer's total auxiliary loss, already weighted: `moe.aux_loss_weight` * the gate's
+      balancing loss + `moe.z_loss_weight` * router z-loss. Add it to the training loss as is.
+    - `last_stats` holds the detached stats of the latest forward (models/moe/stats.py).
     """
 
     def __init__(
@@ -52,34 +53,43 @@ class MoEFFN(nn.Module):
         super().__init__()
         if not moe.enabled:
             raise ValueError("MoEFFN needs moe.num_experts > 0")
+        from deepspeed.moe.layer import MoE  # lazily: slow import, and it must see DS_ACCELERATOR
+
         width = expert_hidden_size or moe.expert_hidden_size or ffn_size(hidden_size, mlp_ratio)
         self.num_experts = moe.num_experts
-        self.aux_loss_weight = moe.aux_loss_weight
-        # DeepSpeed deep-copies this module into every expert; the model's weight init re-draws
-        # each copy so the experts do not start identical.
-        self.moe = MOE_GATES[moe.gate](hidden_size, FeedForward(hidden_size, width), moe)
-        self._routes: Tensor | None = None
-        self.moe.deepspeed_moe.gate.register_forward_hook(self._record_routes)
+        # DeepSpeed deep-copies the expert module into each local expert; the model's weight init
+        # re-draws every copy so the experts do not start identical. Its own TopKGate is replaced.
+        self.moe = MoE(hidden_size=hidden_size, expert=FeedForward(hidden_size, width),
+                       num_experts=moe.num_experts, ep_size=moe.ep_size, k=1, min_capacity=0)
+        DISPATCHES[moe.dispatch](self.moe, MOE_GATES[moe.gate](hidden_size, moe))
+        self.last_stats: MoEStats | None = None
+        self._window: MoEStats | None = None
+        self._window_n = 0
 
-    def _record_routes(self, module: nn.Module, args: Any, output: Any) -> None:
-        # MOELayer asks its gate for sparse routes: (l_aux, capacity, E, indices_KN, locations_KN,
-        # gates_KN, exp_counts), where a route that was not used (padding) or was cut by the
-        # capacity limit has expert index -1.
-        if not (isinstance(output, tuple) and len(output) == 7):
-            raise RuntimeError(
-                "unexpected DeepSpeed TopKGate output; MoEFFN reads its sparse routes "
-                "(written against deepspeed 0.19 sharded_moe.MOELayer)"
-            )
-        self._routes = output[3].detach()
+    @property
+    def gate(self) -> Gate:
+        # Not a second registered submodule: that would put the router twice in the state dict.
+        return self.moe.deepspeed_moe.gate
 
     def forward(self, x_BSD: Tensor, mask_BS: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # DeepSpeed flattens x to [N, D] and multiplies the one-hot routing [N, E] by used_token [N]
-        # ("s,se->se"), so the mask must be flat, in the same row order, and integer like the one-hot.
-        used_N = mask_BS.reshape(-1).to(torch.long)
-        self._routes = None
-        y_BSD, aux, _ = self.moe(x_BSD, used_N)
-        assert self._routes is not None
-        routes = self._routes.reshape(-1).long()
-        self._routes = None
-        counts_E = torch.bincount(routes[routes >= 0], minlength=self.num_experts)
-        return y_BSD, self.aux_loss_weight * aux, counts_E
+        used_N = mask_BS.reshape(-1).bool()  # DeepSpeed flattens x to [N, D] in the same row order
+        self.gate.last_routing = None
+        y_BSD, _, _ = self.moe(x_BSD, used_N)
+        r = self.gate.last_routing
+        if r is None:
+            raise RuntimeError("the MoE gate did not run: DeepSpeed's MoE no longer calls deepspeed_moe.gate")
+        self.gate.last_routing = None
+        self.last_stats = MoEStats.of(r)
+        if self.training:
+            self._window = self.last_stats if self._window is None else self._window + self.last_stats
+            self._window_n += 1
+        return y_BSD, r.aux, r.counts_E
+
+    def window_stats(self, reset: bool = True) -> MoEStats | None:
+        """Mean stats of the training forwards since the last reset, else `last_stats`."""
+        if self._window is None:
+            return self.last_stats
+        out = self._window.scaled(1.0 / self._window_n)
+        if reset:
+            self._window, self._window_n = None, 0
+        return out

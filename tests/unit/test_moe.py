@@ -1,4 +1,5 @@
-"""MoEFFN over DeepSpeed's MoE on one CPU: routing counts, padding, capacity, aux loss, param flags."""
+"""MoEFFN on one CPU: routing counts, padding, drops carried by the residual, dispatch equivalence,
+bf16, parameter flags, stats."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from torch import Tensor
 
 from models.config import MoEConfig
-from models.moe import MOE_GATES, MoEFFN
+from models.moe import DISPATCHES, MOE_GATES, MoEFFN, collect_stats
+from models.moe.routing import NO_EXPERT
 
 D, E = 16, 4
 Bsz, S = 4, 16
@@ -39,9 +41,11 @@ def test_output_shape_and_count_shape() -> None:
     assert counts.shape == (E,) and counts.dtype == torch.long
 
 
-def test_counts_cover_every_token_when_capacity_is_large() -> None:
-    _, _, counts = make_moe()(*inputs())
-    assert int(counts.sum()) == Bsz * S
+@pytest.mark.parametrize("gate, k", [("switch", 1), ("gshard", 2), ("noisy_topk", 3)])
+def test_counts_cover_every_route_when_dropless(gate: str, k: int) -> None:
+    extra = {"top_k": k} if gate == "noisy_topk" else {"second_expert_policy": "all"} if gate == "gshard" else {}
+    _, _, counts = make_moe(gate=gate, dropless=True, **extra)(*inputs())
+    assert int(counts.sum()) == k * Bsz * S
 
 
 def test_padding_tokens_are_not_routed() -> None:
@@ -53,12 +57,26 @@ def test_padding_tokens_are_not_routed() -> None:
     assert (y[:, :10].abs().sum(-1) > 0).all()
 
 
-def test_small_capacity_drops_tokens() -> None:
-    moe = make_moe(capacity_factor=0.5)
-    _, _, counts = moe(*inputs())
+def test_dropped_tokens_pass_through_on_the_residual_only() -> None:
+    moe = make_moe(capacity_factor=0.5, drop_policy="position")
+    x, mask = inputs()
+    y, _, counts = moe(x, mask)
     capacity = (Bsz * S // E) // 2
-    assert int(counts.sum()) < Bsz * S
-    assert int(counts.max()) <= capacity
+    assert int(counts.max()) <= capacity and int(counts.sum()) < Bsz * S
+    # recompute the routing the layer used; dropped rows get exactly nothing, kept rows gate * expert(x)
+    r = moe.gate.route(x.reshape(-1, D))
+    expert_N, gate_N = r.expert_KN[0], r.gate_KN[0]
+    y_ND, x_ND = y.reshape(-1, D), x.reshape(-1, D)
+    dropped = expert_N == NO_EXPERT
+    assert int(dropped.sum()) == Bsz * S - int(counts.sum())
+    assert (y_ND[dropped] == 0).all()
+    experts = moe.moe.deepspeed_moe.experts.deepspeed_experts
+    for n in torch.nonzero(~dropped).flatten()[:8].tolist():
+        expected = gate_N[n] * experts[int(expert_N[n])](x_ND[n])
+        assert torch.allclose(y_ND[n], expected, atol=1e-6)
+    # and the block's output x + y is x for them: the gradient reaches dropped tokens only via the residual
+    (x + y).sum().backward()
+    assert torch.equal(x.grad.reshape(-1, D)[dropped], torch.ones(int(dropped.sum()), D))
 
 
 def test_eval_uses_the_eval_capacity_factor() -> None:
@@ -70,13 +88,48 @@ def test_eval_uses_the_eval_capacity_factor() -> None:
     assert int(eval_counts.sum()) == Bsz * S
 
 
-def test_aux_loss_is_positive_and_trains_the_router() -> None:
-    moe = make_moe()
+def test_aux_is_weighted_and_trains_the_router() -> None:
+    moe = make_moe(aux_loss_weight=0.3, z_loss_weight=0.02)
     _, aux, _ = moe(*inputs())
-    assert aux.item() > 0 and aux.requires_grad
+    stats = moe.last_stats
+    assert aux.item() == pytest.approx(0.3 * stats.aux.item() + 0.02 * stats.z_loss.item(), rel=1e-5)
     aux.backward()
-    gate_grad = moe.moe.deepspeed_moe.gate.wg.weight.grad
-    assert gate_grad is not None and gate_grad.abs().sum() > 0
+    assert moe.gate.wg.weight.grad is not None and moe.gate.wg.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gate", sorted(MOE_GATES))
+def test_indexed_dispatch_equals_deepspeed_dispatch(gate: str) -> None:
+    """Same gate, same weights: our sort-based dispatch and DeepSpeed's capacity buffers agree,
+    drops included, in outputs and in every gradient."""
+    cfg = dict(gate=gate, capacity_factor=0.75, drop_policy="position", second_expert_policy="all")
+    ours, theirs = make_moe(**cfg), make_moe(dispatch="deepspeed", **cfg)
+    theirs.load_state_dict(ours.state_dict())
+    assert type(theirs.moe.deepspeed_moe).__name__ == "MOELayer"
+    results = []
+    for moe in (ours, theirs):
+        x, mask = inputs(pad_from=12)
+        torch.manual_seed(3)  # noisy_topk draws noise
+        y, aux, counts = moe(x, mask)
+        (y.square().sum() + aux).backward()
+        results.append((y, counts, x.grad, {n: p.grad for n, p in moe.named_parameters()}))
+    (y1, c1, gx1, g1), (y2, c2, gx2, g2) = results
+    assert int(c1.sum()) < 2 * Bsz * 12  # some routes dropped
+    assert torch.equal(c1, c2)
+    assert torch.allclose(y1, y2, atol=1e-6) and torch.allclose(gx1, gx2, atol=1e-5)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-5), name
+
+
+def test_bf16_layer_routes_in_fp32_and_returns_bf16() -> None:
+    moe = make_moe().bfloat16()
+    x, mask = inputs()
+    y, aux, _ = moe(x.detach().bfloat16().requires_grad_(), mask)
+    assert y.dtype == torch.bfloat16 and aux.dtype == torch.float32
+    routed = moe.gate.route(x.detach().bfloat16().reshape(-1, D))
+    assert routed.gate_KN.dtype == torch.float32
+    y.float().sum().backward()
+    assert moe.gate.wg.weight.grad.dtype == torch.bfloat16
 
 
 def test_expert_params_are_flagged_for_expert_parallel_reduction() -> None:
@@ -85,34 +138,74 @@ def test_expert_params_are_flagged_for_expert_parallel_reduction() -> None:
     experts = {n: p for n, p in params.items() if ".deepspeed_experts." in n}
     assert len(experts) == E * 4  # fc1/fc2 weight and bias per expert
     assert all(p.allreduce is False and p.group_name == "ep_size_1" for p in experts.values())
-    # the router is an ordinary data-parallel parameter
+    # the router is an ordinary data-parallel parameter, registered once
     assert getattr(params["moe.deepspeed_moe.gate.wg.weight"], "allreduce", True) is True
+    assert [k for k in moe.state_dict() if "gate" in k] == ["moe.deepspeed_moe.gate.wg.weight"]
+
+
+def test_noisy_topk_noise_weight_is_not_an_expert_param() -> None:
+    keys = [k for k in make_moe(gate="noisy_topk").state_dict() if "gate" in k]
+    # DeepSpeed's checkpoint treats every key containing "expert" as a per-rank expert weight
+    assert keys == ["moe.deepspeed_moe.gate.wg.weight", "moe.deepspeed_moe.gate.w_noise.weight"]
+    assert not any("expert" in k for k in keys)
 
 
 def test_expert_width_defaults_to_dense_ffn_and_follows_config() -> None:
     assert make_moe().moe.deepspeed_moe.experts.deepspeed_experts[0].fc1.out_features == 2 * D
-    assert (
-        make_moe(expert_hidden_size=24).moe.deepspeed_moe.experts.deepspeed_experts[0].fc1.out_features == 24
-    )
+    assert make_moe(expert_hidden_size=24).moe.deepspeed_moe.experts.deepspeed_experts[0].fc1.out_features == 24
+    assert MoEFFN(D, MoEConfig(num_experts=E), expert_hidden_size=8).moe.deepspeed_moe.experts.deepspeed_experts[
+        0].fc1.out_features == 8
 
 
-@pytest.mark.parametrize(
-    "policy, deepspeed_name", [("none", None), ("jitter", "Jitter"), ("rsample", "RSample")]
-)
-def test_noisy_gate_policy_is_mapped(policy: str, deepspeed_name: str | None) -> None:
-    moe = make_moe(noisy_gate_policy=policy)
-    gate = moe.moe.deepspeed_moe.gate
-    assert gate.noisy_gate_policy == deepspeed_name
-    assert gate.k == 1 and gate.drop_tokens is True
-
-
-def test_gate_registry() -> None:
-    assert "switch" in MOE_GATES
+def test_registries() -> None:
+    assert sorted(MOE_GATES) == ["gshard", "noisy_topk", "switch"]
+    assert sorted(DISPATCHES) == ["deepspeed", "indexed"]
 
 
 def test_dense_config_is_rejected() -> None:
     with pytest.raises(ValueError, match="num_experts > 0"):
         MoEFFN(D, MoEConfig())
+
+
+# -- stats --------------------------------------------------------------------------------------
+
+
+def test_last_stats_describe_the_last_forward() -> None:
+    moe = make_moe(capacity_factor=0.5, drop_policy="position")
+    x, mask = inputs(pad_from=12)
+    _, _, counts = moe(x, mask)
+    s = moe.last_stats
+    assert s.load_E.shape == (E,) and s.load_E.sum().item() == pytest.approx(1.0)
+    assert s.dropped.item() == pytest.approx(1 - int(counts.sum()) / (Bsz * 12))
+    assert s.tokens.item() == Bsz * 12
+    assert 0 < s.entropy.item() <= torch.log(torch.tensor(float(E))).item() + 1e-6
+    assert not s.aux.requires_grad
+
+
+def test_collect_stats_names_shapes_and_window() -> None:
+    model = torch.nn.ModuleList([make_moe(), torch.nn.Linear(2, 2), make_moe(capacity_factor=0.5)])
+    x, mask = inputs()
+    for m in (model[0], model[2]):
+        m(x, mask)
+        m(x[:2], mask[:2])  # second forward of the same step (another view)
+    first_loads = [model[0].last_stats.load_E]
+    out = collect_stats(model)
+    assert sorted(out) == sorted(
+        [f"moe/layer{i}/{n}" for i in (0, 1) for n in ("load", "dropped", "aux", "z_loss", "entropy")]
+        + ["moe/dropped"]
+    )
+    assert isinstance(out["moe/layer0/load"], list) and len(out["moe/layer0/load"]) == E
+    assert sum(out["moe/layer1/load"]) == pytest.approx(1.0)
+    assert out["moe/layer0/dropped"] == 0.0 and out["moe/layer1/dropped"] > 0
+    assert out["moe/dropped"] == pytest.approx((out["moe/layer0/dropped"] + out["moe/layer1/dropped"]) / 2)
+    # the window averaged both forwards, so it differs from the last forward alone
+    assert out["moe/layer0/load"] != pytest.approx(first_loads[0].tolist())
+    # eval forwards do not enter the window; with no training forward, last_stats is reported
+    model.eval()
+    model[0](x, mask)
+    again = collect_stats(model)
+    assert again["moe/layer0/load"] == pytest.approx(model[0].last_stats.load_E.tolist())
+    assert collect_stats(torch.nn.Linear(2, 2)) == {}
 
 
 def test_importing_models_does_not_import_deepspeed() -> None:

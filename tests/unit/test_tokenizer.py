@@ -90,10 +90,24 @@ def test_max_len_too_small(tok: Tokenizer) -> None:
         encode(tok, ["a"], max_len=1)
 
 
-def test_text_spec_rejects_wrong_ids() -> None:
-    vocab = {"[UNK]": 0, "[PAD]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "a": 5}
+def test_text_spec_reads_any_tokenizers_special_ids() -> None:
+    # BERT-style ids that are not 0..4, and a RoBERTa-style naming: both map by name
+    bert = Tokenizer(models.WordPiece(vocab={"[UNK]": 100, "[PAD]": 0, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103,
+                                             "a": 5}, unk_token="[UNK]"))
+    spec = text_spec(bert, max_len=8)
+    assert (spec.pad_id, spec.unk_id, spec.cls_id, spec.sep_id, spec.mask_id) == (0, 100, 101, 102, 103)
+    roberta = Tokenizer(models.WordPiece(vocab={"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4, "a": 5},
+                                         unk_token="<unk>"))
+    spec = text_spec(roberta, max_len=8)
+    assert (spec.pad_id, spec.unk_id, spec.cls_id, spec.sep_id, spec.mask_id) == (1, 3, 0, 2, 4)
+    ids, mask = encode(roberta, ["a"], max_len=4)
+    assert ids[0, -1] == 1 and mask[0].tolist() == [1, 0, 0, 0]  # padded with <pad>=1, not 0
+
+
+def test_text_spec_names_a_missing_special_token() -> None:
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[CLS]": 2, "[SEP]": 3, "a": 5}
     bad = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
-    with pytest.raises(ValueError, match=r"special-token ids are \{'\[PAD\]': 1, '\[UNK\]': 0"):
+    with pytest.raises(ValueError, match=r"the tokenizer has no mask token \(looked for \[MASK\], <mask>"):
         text_spec(bad, max_len=8)
 
 

@@ -1,0 +1,203 @@
+"""What mmpt's orchestration costs per training step: mmpt (Ray Data + Ray Train + DeepSpeed) against a
+plain torch.distributed loop with the same DeepSpeed engine, side by side in one run.
+
+Both train the same model (jobs/configs/quickstart.yaml, shrunk by the overrides below) on the same
+synthetic shards for the same steps on 2 ranks (gloo, 1 CPU thread each):
+- mmpt: `orchestrator.runner.run`, a fresh local Ray per run; its per-report `step_time_s`.
+- plain: 2 processes (torch.multiprocessing + gloo), `jobs.engine.build_engine` on the same config,
+  each rank reading its shards (rank::world) in-process with the pipeline's own reader and
+  preprocessing (`jobs.data.reader.iter_rows`, `jobs.data.pipeline._preprocess`,
+  `jobs.data.batch.to_model_batch`), no prefetching; step time measured exactly as the train loop
+  does (report windows of `log_every` steps, the report's own work outside the window).
+The machine is noisy, so the two run in turn (alternating which goes first) for several pairs; the
+figure is the median over pairs of (mmpt mean steady step time / plain mean steady step time),
+first report excluded (it holds the start of the data pipeline). Start-up is separate: time from
+launch to the end of the first step, estimated the same way for both as
+(time of the first report) - (log_every - 1) x (steady step time).
+
+    flock /tmp/mmpt-ray.lock .venv/bin/python benchmarks/overhead.py [--pairs 3] [--steps 60] [--set k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+BENCH = {"data.image_size": 32, "data.max_text_len": 24, "data.eval": "null", "train.batch_size": 16,
+         "train.log_every": 10, "train.checkpoint_every": 0, "train.warmup_steps": 5,
+         "scaling.num_workers": WORLD, "scaling.cpus_per_worker": 1}
+
+
+@dataclass
+class Timing:
+    steady_step_s: float  # mean step time over the reports after the first
+    startup_s: float  # launch -> end of the first step (estimated, see the module doc)
+    reports: int
+
+
+def _timing(step_times: list[float], first_report_at: float, log_every: int) -> Timing:
+    steady = statistics.mean(step_times[1:])
+    return Timing(steady, first_report_at - (log_every - 1) * steady, len(step_times))
+
+
+# -- mmpt ---------------------------------------------------------------------------------------------
+
+def _mmpt(cfg: Any) -> Timing:
+    from rich.console import Console
+
+    from orchestrator.runner import run
+
+    t0 = time.time()
+    result = run(cfg, console=Console(quiet=True), fresh=True)
+    reports = [r for r in result.metrics if "step_time_s" in r]
+    return _timing([r["step_time_s"] for r in reports], reports[0]["time"] - t0, cfg.train.log_every)
+
+
+# -- plain torch.distributed ----------------------------------------------------------------------
+
+def _batches(shards: list[str], spec: Any, batch_size: int):  # noqa: ANN202 - Iterator[dict[str, Tensor]]
+    """This rank's shards, read and preprocessed in-process, forever; full batches only."""
+    import numpy as np
+    import torch
+
+    from jobs.data.pipeline import _preprocess
+    from jobs.data.reader import iter_rows
+
+    rows: list[dict[str, Any]] = []
+    while True:
+        for pos, shard in enumerate(shards):
+            for row in iter_rows(shard, spec.read):
+                rows.append(row | {"shard_pos": pos})
+                if len(rows) == batch_size:
+                    batch = {k: np.stack([r[k] for r in rows]) if k == "image" else np.array([r[k] for r in rows])
+                             for k in rows[0]}
+                    rows = []
+                    yield {k: torch.from_numpy(v) for k, v in _preprocess(batch, spec).items()}
+
+
+def _plain_worker(rank: int, port: int, run: dict[str, Any], text: dict[str, int], spec: Any,
+                  shards: list[str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    import logging
+
+    import torch
+    import torch.distributed as dist
+
+    from jobs.config import RunConfig
+    from jobs.data.batch import to_model_batch
+    from jobs.engine import build_engine, diversify_experts
+    from models import build_pretrainer
+    from models.config import ImageSpec, TextSpec
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    cfg = RunConfig.model_validate(run)
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.manual_seed(cfg.train.seed)  # the same initialisation as jobs/train_loop.py
+    model = build_pretrainer(cfg.model, cfg.moe, cfg.active_objectives, TextSpec(**text),
+                             ImageSpec(size=cfg.data.image_size))
+    if cfg.moe.enabled:
+        diversify_experts(model, cfg.train.seed, ep_rank=rank % cfg.moe.ep_size)
+    engine = build_engine(cfg, model)
+    torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
+    batches = _batches(shards[rank::WORLD], spec, cfg.train.batch_size)
+
+    step_times: list[float] = []
+    first_report = 0.0
+    t0, loss = time.perf_counter(), 0.0
+    for step in range(1, cfg.train.steps + 1):
+        batch = to_model_batch(next(batches), engine.device, torch.float32)
+        out = engine(batch)
+        engine.backward(out["loss"])
+        engine.step()
+        loss += out["loss"].item()
+        if step % cfg.train.log_every == 0:
+            elapsed = time.perf_counter() - t0
+            mean = torch.tensor([loss / cfg.train.log_every])
+            dist.all_reduce(mean)  # what a plain loop logs; outside the window, as in the train loop
+            step_times.append(elapsed / cfg.train.log_every)
+            first_report = first_report or time.time()
+            t0, loss = time.perf_counter(), 0.0
+    if rank == 0:
+        Path(out).write_text(json.dumps({"step_times": step_times, "first_report": first_report}))
+    dist.destroy_process_group()
+
+
+def _plain(cfg: Any, data: Path, tmp: Path) -> Timing:
+    import torch.multiprocessing as mp
+
+    from jobs import storage
+    from jobs.data.pipeline import PipelineSpec
+    from jobs.data.tokenizer import load_tokenizer, text_spec
+
+    opts = storage.StorageOptions()
+    shards = storage.expand_shards(str(data / "train"), opts)
+    tokenizer = str(data / "tokenizer.json")
+    ts = text_spec(load_tokenizer(tokenizer, opts), cfg.data.max_text_len)
+    text = {k: getattr(ts, k) for k in ("vocab_size", "max_len", "pad_id", "unk_id", "cls_id", "sep_id", "mask_id")}
+    spec = PipelineSpec(tokenizer_uri=tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
+                        max_objects=cfg.data.max_objects, storage=opts)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp / "plain.json"
+    t0 = time.time()
+    mp.spawn(_plain_worker, args=(port, cfg.to_dict(), text, spec, shards, str(out)), nprocs=WORLD, join=True)
+    res = json.loads(out.read_text())
+    return _timing(res["step_times"], res["first_report"] - t0, cfg.train.log_every)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "jobs/configs/quickstart.yaml"))
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+
+    from jobs.data.synth import write_synthetic
+    from orchestrator.config import load_config
+
+    with tempfile.TemporaryDirectory(prefix="mmpt-overhead-") as tmp_name:
+        tmp = Path(tmp_name)
+        data = tmp / "data"
+        write_synthetic(str(data), samples=1024, shards=4, seed=1, image_size=32, eval_samples=64)
+        sets = {**BENCH, "data.train": str(data / "train"), "storage.path": str(tmp), "train.steps": args.steps}
+        cfg = load_config(args.config, [f"{k}={v}" for k, v in sets.items()] + args.overrides)
+        print(f"overhead: {args.config} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+              f"{cfg.moe.num_experts} experts), {WORLD} ranks x {cfg.scaling.cpus_per_worker:g} CPU, "
+              f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, batch {cfg.train.batch_size}/rank, "
+              f"{args.steps} steps, reports every {cfg.train.log_every} (first excluded), {args.pairs} pairs",
+              flush=True)
+        ratios, startups = [], []
+        for pair in range(args.pairs):
+            order = ("mmpt", "plain") if pair % 2 == 0 else ("plain", "mmpt")
+            got: dict[str, Timing] = {}
+            for who in order:
+                pair_cfg = cfg.model_copy(update={"name": f"overhead-{pair}"})
+                got[who] = _mmpt(pair_cfg) if who == "mmpt" else _plain(pair_cfg, data, tmp)
+            m, p = got["mmpt"], got["plain"]
+            ratios.append(m.steady_step_s / p.steady_step_s)
+            startups.append((m.startup_s, p.startup_s))
+            print(f"pair {pair + 1} ({order[0]} first): step mmpt {1000 * m.steady_step_s:.1f} ms, "
+                  f"plain {1000 * p.steady_step_s:.1f} ms, ratio {ratios[-1]:.3f}; time to first step "
+                  f"mmpt {m.startup_s:.1f} s, plain {p.startup_s:.1f} s", flush=True)
+    print(f"ratio: {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}; "
+          f"mmpt/plain steady step time, median of {len(ratios)} pairs)")
+    print(f"start-up, median time to first step: mmpt {statistics.median(s[0] for s in startups):.1f} s, "
+          f"plain {statistics.median(s[1] for s in startups):.1f} s")
+
+
+if __name__ == "__main__":
+    main()

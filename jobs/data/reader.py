@@ -1,0 +1,215 @@
+"""Reading one shard robustly: WebDataset tar or img2dataset Parquet -> decoded samples + a report.
+
+A shard is read whole (raw bytes, not decoded: tens to hundreds of MB for img2dataset's 10k-sample
+shards), which buys three things: members of a key need not be adjacent (a tar written out of
+order is regrouped, and the shard named in a warning), the sample order can be a seeded
+permutation of the whole shard (shuffling without a cross-shard buffer, so a position in the
+stream is just "shard, offset"), and the shard's good/bad counts are known before the first sample
+is yielded.
+
+Every bad sample is classified by a `Reason`, named in the log with its shard and key, and counted
+in the `ShardReport`; nothing sleeps per bad sample. I/O errors (throttling, dropped connections)
+are retried with backoff before a shard is declared unreadable; pyarrow's S3 client also retries
+each request (503 SlowDown included) itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from jobs.data.formats import IMAGE_EXTENSIONS, _split_name
+from jobs.storage import StorageOptions, filesystem_for
+
+log = logging.getLogger(__name__)
+
+Reason = Literal["corrupt_image", "missing_image", "missing_caption", "empty_caption", "truncated_tar",
+                 "unreadable_shard"]
+REASONS: tuple[Reason, ...] = ("corrupt_image", "missing_image", "missing_caption", "empty_caption",
+                               "truncated_tar", "unreadable_shard")
+SHARD_SUFFIXES = (".tar", ".parquet")
+_IO_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """How to turn raw samples into rows; small and picklable (it travels to Ray tasks)."""
+
+    image_size: int
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    image_column: str = "jpg"  # img2dataset's Parquet column names
+    caption_column: str = "caption"
+
+
+@dataclass
+class ShardReport:
+    shard: str
+    good: int = 0
+    bad: dict[str, str] = field(default_factory=dict)  # key -> reason
+    ungrouped: bool = False
+
+    def count(self, reason: str) -> int:
+        return sum(1 for r in self.bad.values() if r == reason)
+
+
+@dataclass
+class _Raw:
+    key: str
+    image: bytes | None
+    caption: str | None
+    meta: str
+
+
+def _read_tar(data: bytes, report: ShardReport) -> list[_Raw]:
+    groups: dict[str, dict[str, bytes]] = {}
+    last_key: str | None = None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                if not key or not ext:
+                    continue
+                if key != last_key and key in groups:
+                    report.ungrouped = True
+                f = tar.extractfile(member)
+                parts = groups.setdefault(key, {})
+                last_key = key
+                parts[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+        # Truncated: everything before the cut is fine; the group being read may be incomplete.
+        victim = last_key or "<shard>"
+        report.bad[victim] = "truncated_tar"
+        groups.pop(victim, None)
+        log.warning("truncated tar %s after key %s: %s", report.shard, victim, exc)
+    if report.ungrouped:
+        log.warning("tar members of %s are not grouped by key; regrouped them", report.shard)
+    out = []
+    for key, parts in groups.items():
+        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        text = parts.get("txt")
+        out.append(_Raw(key, image, None if text is None else text.decode("utf-8", "replace"),
+                        parts.get("json", b"").decode("utf-8", "replace")))
+    return out
+
+
+def zlib_error() -> type[Exception]:
+    import zlib
+
+    return zlib.error
+
+
+def _read_parquet(data: bytes, spec: ReadSpec, report: ShardReport) -> list[_Raw]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data))
+    missing = [c for c in (spec.image_column, spec.caption_column) if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{report.shard}: no column {missing[0]!r} (columns: {', '.join(table.column_names)}; "
+                         "set data.image_column / data.caption_column)")
+    images = table.column(spec.image_column).to_pylist()
+    captions = table.column(spec.caption_column).to_pylist()
+    keys = (table.column("key").to_pylist() if "key" in table.column_names
+            else [f"{i:09d}" for i in range(table.num_rows)])
+    extra = [c for c in table.column_names if c not in (spec.image_column, spec.caption_column)]
+    rows = table.select(extra).to_pylist() if extra else [{}] * table.num_rows
+    return [_Raw(str(k), img, cap, json.dumps(meta, default=str)) for k, img, cap, meta
+            in zip(keys, images, captions, rows, strict=True)]
+
+
+def _fetch(shard: str, storage: StorageOptions) -> bytes:
+    """The shard's bytes, retrying transient I/O errors with exponential backoff."""
+    fs, path = filesystem_for(shard, storage)
+    for attempt in range(_IO_ATTEMPTS):
+        try:
+            with fs.open_input_stream(path, compression=None) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if attempt == _IO_ATTEMPTS - 1:
+                raise
+            delay = 0.25 * 2**attempt
+            log.warning("reading %s failed (%s); retry %d in %.2fs", shard, exc, attempt + 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """uint8 [3, size, size] RGB; raises on corrupt or truncated data (PIL decodes fully)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _validate(raw: _Raw) -> Reason | None:
+    if raw.image is None:
+        return "missing_image"
+    if raw.caption is None:
+        return "missing_caption"
+    if not raw.caption.strip():
+        return "empty_caption"
+    return None
+
+
+def read_shard(shard: str, spec: ReadSpec, *, seed: int | None = None) -> tuple[list[_Raw], ShardReport]:
+    """The structurally valid samples of `shard` (not yet decoded), in file order or a `seed`ed
+    permutation, and the report of what was bad so far (images are checked when decoded)."""
+    report = ShardReport(shard=shard)
+    try:
+        data = _fetch(shard, spec.storage)
+    except OSError as exc:
+        report.bad["<shard>"] = "unreadable_shard"
+        log.warning("unreadable shard %s: %s", shard, exc)
+        return [], report
+    raws = _read_parquet(data, spec, report) if shard.endswith(".parquet") else _read_tar(data, report)
+    valid: list[_Raw] = []
+    for raw in raws:
+        reason = _validate(raw)
+        if reason is None:
+            valid.append(raw)
+        else:
+            report.bad[raw.key] = reason
+            log.warning("skipping %s in %s: %s", raw.key, shard, reason.replace("_", " "))
+    report.good = len(valid)
+    if seed is not None:
+        random.Random(seed).shuffle(valid)
+    return valid, report
+
+
+def iter_rows(shard: str, spec: ReadSpec, *, seed: int | None = None, start: int = 0,
+              on_report: Callable[[ShardReport], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Decoded rows of `shard` from position `start` of its order, each tagged with its `offset`.
+
+    Offsets index the shard's (permuted) list of structurally valid samples, so they are the same
+    in every pass; a sample whose image fails to decode is skipped and its offset left unused.
+    `on_report` gets the shard's report once the shard is exhausted.
+    """
+    raws, report = read_shard(shard, spec, seed=seed)
+    for offset in range(start, len(raws)):
+        raw = raws[offset]
+        try:
+            image = decode_image(raw.image, spec.image_size)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+            report.bad[raw.key] = "corrupt_image"
+            report.good -= 1
+            log.warning("skipping %s in %s: corrupt image (%s)", raw.key, shard, exc)
+            continue
+        yield {"key": raw.key, "image": image, "caption": raw.caption.strip(),  # type: ignore[union-attr]
+               "meta": raw.meta, "offset": offset}
+    if on_report is not None:
+        on_report(report)

@@ -1,0 +1,126 @@
+"""Each rank's deterministic sample stream, and its exact position.
+
+Why not Ray Train's `streaming_split`: it hands blocks to whichever rank asks first, so which rank
+sees which sample differs from run to run, and a killed run cannot resume "exactly where it
+stopped". Here every rank builds its own Ray Data pipeline (still CPU tasks, still streaming) over
+a fixed part of the data:
+
+- epoch e orders the shards by a permutation seeded with (data.shuffle_seed, e); rank r takes
+  shards r, r+W, r+2W, ... of that order (or, with fewer shards than ranks, every shard and every
+  W-th sample of it);
+- within a shard, samples come in a permutation seeded with (seed, e, shard) (reader.iter_rows);
+- the position after a batch is (epoch, shard_pos, offset) of its last sample + 1, because Ray Data
+  preserves order here; a resumed rank rebuilds its pipeline from that shard and offset.
+
+Ranks take equal steps: before every step the ranks agree (all-reduce MIN) that each has a full
+step of batches; when one runs out, the epoch ends for all and the others' remainders are dropped.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from jobs.data.pipeline import PipelineSpec, build_dataset
+
+
+@dataclass
+class DataPosition:
+    """Where a rank is in its stream: the next sample is `offset` in shard `shard_pos` of `epoch`."""
+
+    epoch: int = 0
+    shard_pos: int = 0
+    offset: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def rank_shards(shards: list[str], epoch: int, rank: int, world: int, seed: int | None) -> tuple[list[str], bool]:
+    """(this rank's shards in order, stride?) for an epoch. Stride = every rank reads every shard."""
+    order = list(shards)
+    if seed is not None:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    if len(order) < world:
+        return order, True
+    return order[rank::world], False
+
+
+class RankStream:
+    """A rank's batches across epochs, with its exact position after each one."""
+
+    def __init__(self, shards: list[str], spec: PipelineSpec, *, batch_size: int, rank: int, world: int,
+                 seed: int | None, position: DataPosition | None = None, ledger: Any = None,
+                 prefetch_batches: int = 2, read_tasks: int = 0, limit: int | None = None,
+                 ray_remote_args: dict[str, Any] | None = None) -> None:
+        self.shards, self.spec = shards, spec
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.position = position or DataPosition()
+        self.ledger, self.prefetch, self.read_tasks, self.limit = ledger, prefetch_batches, read_tasks, limit
+        self.ray_remote_args = ray_remote_args
+
+    def _epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        pos = self.position
+        mine, stride = rank_shards(self.shards, pos.epoch, self.rank, self.world, self.seed)
+        items = [{"shard": s, "shard_pos": i, "start": pos.offset if i == pos.shard_pos else 0}
+                 for i, s in enumerate(mine) if i >= pos.shard_pos]
+        ds = build_dataset(items, self.spec, seed=self.seed, epoch=pos.epoch,
+                           stride=(self.rank, self.world) if stride else None, ledger=self.ledger,
+                           read_tasks=self.read_tasks, ray_remote_args=self.ray_remote_args)
+        if self.limit is not None:
+            ds = ds.limit(self.limit)
+        yield from ds.iter_torch_batches(batch_size=self.batch_size, drop_last=True,
+                                         prefetch_batches=self.prefetch)
+
+    def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches until this rank's part of the current epoch is exhausted (position kept up to date)."""
+        for batch in self._epoch_batches():
+            self.position = DataPosition(self.position.epoch, int(batch["shard_pos"][-1]),
+                                         int(batch["offset"][-1]) + 1)
+            yield batch
+
+    def next_epoch(self) -> None:
+        self.position = DataPosition(self.position.epoch + 1, 0, 0)
+
+
+def all_have(flag: bool, world: int) -> bool:
+    """True when every rank has `flag` (MIN all-reduce; a no-op for one rank)."""
+    if world == 1 or not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def synchronized_steps(stream: RankStream, micro_batches: int, world: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Steps of `micro_batches` batches forever; every rank yields the same number per epoch."""
+    while True:
+        it = stream.epoch()
+        while True:
+            step = []
+            for _ in range(micro_batches):
+                batch = next(it, None)
+                if batch is None:
+                    break
+                step.append(batch)
+            if not all_have(len(step) == micro_batches, world):
+                break
+            yield step
+        stream.next_epoch()
+
+
+def synchronized_batches(stream: RankStream, world: int, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass (evaluation): batches while every rank still has one."""
+    it = stream.epoch()
+    n = 0
+    while max_batches is None or n < max_batches:
+        batch = next(it, None)
+        if not all_have(batch is not None, world):
+            return
+        n += 1
+        yield batch  # type: ignore[misc]

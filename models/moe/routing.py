@@ -1,0 +1,203 @@
+"""Routing arithmetic shared by every gate: capacity, slots, drops, balancing losses, router stats.
+
+Shapes: N tokens (the flattened batch), E experts, K routes per token (experts chosen per token),
+R = K * N routes. A route (k, n) sends token n to expert `expert_KN[k, n]` with combine weight
+`gate_KN[k, n]`; routes are ordered k-major, so all first choices come before all second choices
+when experts fill up (GShard Algorithm 1, Mesh TF).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+DropPolicy = Literal["random", "position", "priority"]
+
+# Routes not dispatched anywhere (padding, GShard's skipped second expert, over capacity).
+NO_EXPERT = -1
+
+
+@dataclass
+class Routing:
+    """A gate's decision for one batch.
+
+    expert_KN  long [K,N]   expert of each route after the capacity cut, NO_EXPERT if not dispatched
+    gate_KN    fp32 [K,N]   combine weight of each route (0 where not dispatched)
+    slot_KN    long [K,N]   position of the route in its expert's buffer (valid where expert_KN >= 0)
+    capacity   long []      slots per expert (dropless: the largest expert's count)
+    counts_E   long [E]     routes each expert processes (after capacity)
+    wanted_E   long [E]     routes each expert was chosen for (before capacity)
+    aux        fp32 []      the gate's total auxiliary loss, already weighted (what training adds)
+    losses     {name: fp32 []} unweighted terms: "aux" (balancing loss), "z_loss"
+    entropy    fp32 []      mean router entropy over real tokens (nats), detached
+    tokens     long []      real (unpadded) tokens routed
+    """
+
+    expert_KN: Tensor
+    gate_KN: Tensor
+    slot_KN: Tensor
+    capacity: Tensor
+    counts_E: Tensor
+    wanted_E: Tensor
+    aux: Tensor
+    losses: dict[str, Tensor]
+    entropy: Tensor
+    tokens: Tensor
+
+
+def router_logits(x_ND: Tensor, weight_ED: Tensor) -> Tensor:
+    """Router logits in fp32 whatever the model dtype: Switch §2.4 "selective precision" (a bf16
+    softmax over experts is unstable, and the router is a negligible share of the FLOPs)."""
+    return torch.nn.functional.linear(x_ND.float(), weight_ED.float())
+
+
+def expert_capacity(tokens: Tensor, k: int, num_experts: int, factor: float, min_capacity: int) -> Tensor:
+    """max(ceil(k * tokens / E * factor), min_capacity) (Switch eq. 3; GShard's 2N/E for k = 2).
+
+    `tokens` counts real tokens only, so padding neither takes slots nor inflates the capacity.
+    """
+    cap = torch.ceil(tokens.to(torch.float64) * (k * factor / num_experts)).to(torch.long)
+    return cap.clamp(min=min_capacity)
+
+
+def masked_mean(v_N: Tensor, used_N: Tensor) -> Tensor:
+    w = used_N.to(v_N.dtype)
+    return (v_N * w).sum() / w.sum().clamp(min=1)
+
+
+def switch_balance_loss(probs_NE: Tensor, first_N: Tensor, used_N: Tensor) -> Tensor:
+    """E * sum_e f_e * P_e (Switch eq. 4; GShard's l_aux): f_e the fraction of real tokens whose first
+    choice is e, P_e their mean router probability. 1.0 when balanced, E when all pick one expert."""
+    E = probs_NE.shape[1]
+    w_N = used_N.to(probs_NE.dtype)
+    n = w_N.sum().clamp(min=1)
+    f_E = torch.zeros(E, dtype=probs_NE.dtype, device=probs_NE.device).index_add_(0, first_N, w_N) / n
+    P_E = (probs_NE * w_N[:, None]).sum(0) / n
+    return E * (f_E * P_E).sum()
+
+
+def z_loss(logits_NE: Tensor, used_N: Tensor) -> Tensor:
+    """Router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2; keeps logits small."""
+    return masked_mean(torch.logsumexp(logits_NE, dim=-1).square(), used_N)
+
+
+def cv_squared(v_E: Tensor, eps: float = 1e-10) -> Tensor:
+    """Squared coefficient of variation var/mean^2 (population variance, as tensor2tensor's cv_squared
+    that Shazeer et al. 2017 used for the importance and load losses)."""
+    v_E = v_E.float()
+    if v_E.numel() < 2:
+        return v_E.new_zeros(())
+    return v_E.var(unbiased=False) / (v_E.mean().square() + eps)
+
+
+def router_entropy(probs_NE: Tensor, used_N: Tensor) -> Tensor:
+    ent_N = -(probs_NE * probs_NE.clamp(min=1e-30).log()).sum(-1)
+    return masked_mean(ent_N, used_N)
+
+
+def _position(gate_KN: Tensor) -> Tensor:
+    N = gate_KN.shape[1]
+    return torch.arange(N, device=gate_KN.device).expand_as(gate_KN)
+
+
+def _random(gate_KN: Tensor) -> Tensor:
+    # Random token selection (DeepSpeed-MoE): which tokens overflow must not depend on their
+    # position, or the image patches that follow the text in a sequence are always the ones dropped.
+    N = gate_KN.shape[1]
+    return torch.randperm(N, device=gate_KN.device).expand_as(gate_KN)
+
+
+def _priority(gate_KN: Tensor) -> Tensor:
+    # Batch prioritized routing (Riquelme et al. 2021, V-MoE): tokens with the most confident
+    # first choice are served first; within each k, ties broken by position.
+    order_N = torch.argsort(gate_KN[0].detach(), descending=True, stable=True)
+    rank_N = torch.empty_like(order_N)
+    rank_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+    return rank_N.expand_as(gate_KN)
+
+
+_DROP_ORDER: dict[str, Callable[[Tensor], Tensor]] = {
+    "position": _position,
+    "random": _random,
+    "priority": _priority,
+}
+
+
+def assign_slots(expert_KN: Tensor, gate_KN: Tensor, num_experts: int, policy: DropPolicy) -> Tensor:
+    """Position of every route in its expert's queue: all k-th choices before any (k+1)-th, and
+    within one k the order of `policy`. One sort over R routes, no [N, E] one-hot or cumsum."""
+    K, N = expert_KN.shape
+    R = K * N
+    rank_KN = _DROP_ORDER[policy](gate_KN) + N * torch.arange(K, device=expert_KN.device)[:, None]
+    e_R = torch.where(expert_KN >= 0, expert_KN, num_experts).reshape(-1)
+    order_R = torch.argsort(e_R * R + rank_KN.reshape(-1))
+    counts = torch.bincount(e_R, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    slot_R = torch.empty_like(e_R)
+    slot_R[order_R] = torch.arange(R, device=e_R.device) - starts[e_R[order_R]]
+    return slot_R.view(K, N)
+
+
+def finish(
+    *,
+    expert_KN: Tensor,
+    gate_KN: Tensor,
+    probs_NE: Tensor,
+    logits_NE: Tensor,
+    used_N: Tensor,
+    balance: Tensor,
+    capacity_factor: float | None,
+    min_capacity: int,
+    policy: DropPolicy,
+    aux_loss_weight: float,
+    z_loss_weight: float,
+) -> Routing:
+    """Apply capacity (None = dropless) to the chosen routes and gather losses and stats.
+
+    `expert_KN` holds the gate's choices with NO_EXPERT for routes it does not dispatch; padding
+    tokens are removed here. Over-capacity routes are dropped: their token gets nothing from that
+    expert and the residual connection carries it (Switch §2.2).
+    """
+    K, N = expert_KN.shape
+    E = probs_NE.shape[1]
+    expert_KN = torch.where(used_N[None, :], expert_KN, NO_EXPERT)
+    slot_KN = assign_slots(expert_KN, gate_KN, E, policy)
+    chosen_KN = expert_KN >= 0
+    wanted_E = _count(expert_KN, E)
+    tokens = used_N.sum()
+    if capacity_factor is None:
+        capacity = wanted_E.max() if wanted_E.numel() else tokens.new_zeros(())
+        kept_KN = chosen_KN
+    else:
+        capacity = expert_capacity(tokens, K, E, capacity_factor, min_capacity)
+        kept_KN = chosen_KN & (slot_KN < capacity)
+    expert_KN = torch.where(kept_KN, expert_KN, NO_EXPERT)
+    gate_KN = torch.where(kept_KN, gate_KN, torch.zeros_like(gate_KN))
+    z = z_loss(logits_NE, used_N)
+    return Routing(
+        expert_KN=expert_KN,
+        gate_KN=gate_KN,
+        slot_KN=torch.where(kept_KN, slot_KN, 0),
+        capacity=capacity,
+        counts_E=_count(expert_KN, E),
+        wanted_E=wanted_E,
+        aux=aux_loss_weight * balance + z_loss_weight * z,
+        losses={"aux": balance, "z_loss": z},
+        entropy=router_entropy(probs_NE.detach(), used_N),
+        tokens=tokens,
+    )
+
+
+def _count(expert_KN: Tensor, num_experts: int) -> Tensor:
+    """Routes per expert; NO_EXPERT routes land in an extra bin that is cut off (no nonzero() sync)."""
+    bins = torch.where(expert_KN >= 0, expert_KN, num_experts).reshape(-1)
+    return torch.bincount(bins, minlength=num_experts + 1)[:num_experts]
+
+
+def normal_cdf(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))

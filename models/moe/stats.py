@@ -1,0 +1,103 @@
+"""What MoE layers report: per-layer expert load, drops, auxiliary losses, router entropy.
+
+Each `MoEFFN` keeps `last_stats` (a `MoEStats` of detached tensors from its latest forward) and
+accumulates the stats of its training-mode forwards until `collect_stats` reads them.
+`collect_stats(model)` walks the model's MoEFFN modules in module order (i = 0, 1, ... counts MoE
+layers only, the same order as the rows of `moe_counts`) and returns, averaged over the training
+forwards since the previous call (several views or micro-batches of one step):
+
+    moe/layer{i}/load      list[float], E values summing to 1: share of the layer's routes (token ->
+                           expert assignments of real tokens, after GShard's random routing, before
+                           the capacity cut) that chose each expert; uniform = 1/E
+    moe/layer{i}/dropped   float: share of those routes dropped by expert capacity (0 when dropless);
+                           for top-1 gates, the share of tokens that skipped the layer's experts
+    moe/layer{i}/aux       float: the gate's balancing loss, unweighted (switch/gshard: E * sum f_e P_e,
+                           1.0 when balanced; noisy_topk: CV^2(importance) + CV^2(load), 0 when balanced)
+    moe/layer{i}/z_loss    float: router z-loss mean(logsumexp(logits)^2), unweighted (always computed)
+    moe/layer{i}/entropy   float: mean router entropy over real tokens, nats (ln E = uniform router)
+    moe/dropped            float: mean of moe/layer{i}/dropped over the layers
+
+The loss that training adds is the weighted one (`moe.aux_loss_weight * aux + moe.z_loss_weight *
+z_loss`), which each MoEFFN returns from its forward. A train loop averages these values over its
+micro-batches and ranks (`load` element-wise) and puts them in each report;
+orchestrator/moe_report.py turns the reports into a table and a heatmap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from models.moe.routing import Routing
+
+PREFIX = "moe/"
+
+
+def layer_key(index: int, name: str) -> str:
+    return f"{PREFIX}layer{index}/{name}"
+
+
+@dataclass
+class MoEStats:
+    """Detached stats of one forward (or a sum of several, inside MoEFFN's accumulator).
+
+    load_E [E] fp32 (fractions), dropped/aux/z_loss/entropy/tokens fp32 scalars.
+    """
+
+    load_E: Tensor
+    dropped: Tensor
+    aux: Tensor
+    z_loss: Tensor
+    entropy: Tensor
+    tokens: Tensor
+
+    @classmethod
+    def of(cls, r: Routing) -> MoEStats:
+        wanted = r.wanted_E.float()
+        total = wanted.sum()
+        kept = r.counts_E.sum().float()
+        return cls(
+            load_E=wanted / total.clamp(min=1),
+            dropped=torch.where(total > 0, 1.0 - kept / total.clamp(min=1), torch.zeros_like(total)),
+            aux=r.losses["aux"].detach().float(),
+            z_loss=r.losses["z_loss"].detach().float(),
+            entropy=r.entropy.detach().float(),
+            tokens=r.tokens.detach().float(),
+        )
+
+    def __add__(self, other: MoEStats) -> MoEStats:
+        return MoEStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def scaled(self, factor: float) -> MoEStats:
+        return MoEStats(*(getattr(self, f.name) * factor for f in fields(self)))
+
+
+def collect_stats(module: nn.Module, reset: bool = True) -> dict[str, float | list[float]]:
+    """Flat `moe/...` metrics of every MoEFFN in `module` (see the module docstring); {} if none.
+
+    Averages each layer's training forwards since the last call (falls back to `last_stats` when
+    there were none, e.g. after an eval-only forward) and, with `reset`, starts a new window.
+    One host transfer for all layers.
+    """
+    from models.moe.layer import MoEFFN  # layer imports this module
+
+    layers = [m for m in module.modules() if isinstance(m, MoEFFN)]
+    per_layer = [m.window_stats(reset=reset) for m in layers]
+    present = [(i, s) for i, s in enumerate(per_layer) if s is not None]
+    if not present:
+        return {}
+    flat = torch.cat([torch.cat([s.load_E, torch.stack([s.dropped, s.aux, s.z_loss, s.entropy])])
+                      for _, s in present]).tolist()
+    out: dict[str, float | list[float]] = {}
+    pos = 0
+    for i, s in present:
+        E = s.load_E.numel()
+        out[layer_key(i, "load")] = flat[pos:pos + E]
+        for j, name in enumerate(("dropped", "aux", "z_loss", "entropy")):
+            out[layer_key(i, name)] = flat[pos + E + j]
+        pos += E + 4
+    dropped = [out[layer_key(i, "dropped")] for i, _ in present]
+    out[f"{PREFIX}dropped"] = sum(dropped) / len(dropped)  # type: ignore[arg-type]
+    return out

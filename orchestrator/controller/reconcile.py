@@ -1,0 +1,202 @@
+"""Reconciling the registry with the clusters, once (`mmpt jobs`) or on an interval (`mmpt controller`).
+
+One pass: list the jobs of every cluster that has an active job (one Jobs API call per cluster),
+turn what each job's cluster says into an event, let the state machine decide, apply the decision
+as a compare-and-set in the registry, then hand each applied transition to the callbacks (log
+line, Prometheus counter, final metrics). The pass itself has no side effect besides the registry:
+what happens on a transition hangs off `Controller.callbacks`.
+
+A cluster that does not answer yields no event for its jobs (they keep their state); a cluster
+that answers without a job we believed active makes it LOST. Jobs sent by `mmpt submit` carry
+their record in Ray job metadata, so a controller watching a cluster (`--address`) also registers
+jobs it never saw submitted (another submitter, another registry, a crash between submit and
+register).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from orchestrator.controller import cluster
+from orchestrator.controller.cluster import ClusterError, ClusterJob
+from orchestrator.controller.ingest import MetricsTail, read_summary, storage_options
+from orchestrator.controller.metrics import ControllerMetrics, LiveJob, Snapshot
+from orchestrator.controller.registry import JobRecord, Registry
+from orchestrator.controller.state import ACTIVE, TERMINAL, Event, Observed, Transition, Vanished, decide
+
+log = logging.getLogger("mmpt.controller")
+
+Listing = dict[str, ClusterJob]
+Callback = Callable[[Transition, JobRecord], None]
+
+
+class Clusters:
+    """Jobs API clients by address, made on first use and dropped after an error."""
+
+    def __init__(self, connect: Callable[[str], Any] | None = None) -> None:
+        self._connect = connect or (lambda address: cluster.connect(address))
+        self._clients: dict[str, Any] = {}
+
+    def client(self, address: str) -> Any:
+        if address not in self._clients:
+            self._clients[address] = self._connect(address)
+        return self._clients[address]
+
+    def listing(self, address: str) -> Listing:
+        try:
+            return cluster.list_jobs(self.client(address), address)
+        except ClusterError:
+            self._clients.pop(address, None)
+            raise
+
+
+def observe(job_id: str, listing: Listing) -> Event:
+    cj = listing.get(job_id)
+    return Vanished() if cj is None else Observed(cj.status, cj.message)
+
+
+def sync(registry: Registry, jobs: Iterable[JobRecord], listing: Listing, now: float | None = None) -> list[tuple[Transition, JobRecord]]:
+    """Apply what `listing` (one cluster's jobs) says about `jobs`; returns the transitions applied."""
+    now = time.time() if now is None else now
+    applied: list[tuple[Transition, JobRecord]] = []
+    for job in jobs:
+        t = decide(job.id, job.state, observe(job.id, listing))
+        if t is None:
+            continue
+        cj = listing.get(job.id)
+        ended = (cj.end_time or now) if t.new in TERMINAL and cj else (now if t.new == "LOST" else None)
+        if registry.apply(t, at=now, started_at=cj.start_time if cj else None, ended_at=ended,
+                          message=cj.message if cj else t.reason):
+            applied.append((t, registry.get(job.id) or job))
+    return applied
+
+
+def adopt(registry: Registry, address: str, listing: Listing) -> list[str]:
+    """Register the mmpt jobs on a cluster that the registry does not know; returns their ids."""
+    added = []
+    for cj in listing.values():
+        rec = JobRecord.from_metadata(cj.id, address, dict(cj.metadata), cj.entrypoint)
+        if rec is not None and registry.get(cj.id) is None and registry.add(rec):
+            added.append(cj.id)
+    return added
+
+
+def refresh(registry: Registry, jobs: Iterable[JobRecord], clusters: Clusters,
+            adopt_from: Iterable[str] = ()) -> tuple[list[tuple[Transition, JobRecord]], dict[str, str]]:
+    """One pass over the clusters of `jobs` (+ `adopt_from`); returns (transitions, {address: error})."""
+    by_address: dict[str, list[JobRecord]] = {a: [] for a in adopt_from}
+    for job in jobs:
+        if job.state in ACTIVE or job.state == "LOST":
+            by_address.setdefault(job.address, []).append(job)
+    applied: list[tuple[Transition, JobRecord]] = []
+    failed: dict[str, str] = {}
+    for address, group in by_address.items():
+        try:
+            listing = clusters.listing(address)
+        except ClusterError as exc:
+            failed[address] = str(exc)
+            continue
+        if address in adopt_from:
+            for job_id in adopt(registry, address, listing):
+                log.info("registered %s, found on %s", job_id, address)
+                rec = registry.get(job_id)
+                if rec is not None:
+                    group.append(rec)
+        applied += sync(registry, group, listing)
+    return applied, failed
+
+
+class Controller:
+    """The long-running reconcile loop behind `mmpt controller`."""
+
+    def __init__(self, registry: Registry, *, metrics: ControllerMetrics | None = None,
+                 adopt_from: Iterable[str] = (), retention_s: float = 600.0,
+                 clusters: Clusters | None = None) -> None:
+        self.registry = registry
+        self.metrics = metrics or ControllerMetrics()
+        self.adopt_from = [cluster.check_address(a) for a in adopt_from]
+        self.retention_s = retention_s
+        self.clusters = clusters or Clusters()
+        self._tails: dict[str, MetricsTail] = {}
+        self.callbacks: list[Callback] = [self._log, self._count, self._finalize]
+
+    def reconcile_once(self) -> list[Transition]:
+        jobs = self.registry.jobs()
+        applied, failed = refresh(self.registry, jobs, self.clusters, self.adopt_from)
+        for address, problem in failed.items():
+            log.warning("cluster %s: %s", address, problem)
+            self.metrics.cluster_errors.labels(cluster=address).inc()
+        for t, rec in applied:
+            for callback in self.callbacks:
+                try:
+                    callback(t, rec)
+                except Exception:  # a failing side effect must not stop reconciliation
+                    log.exception("callback %s failed for %s", getattr(callback, "__name__", callback), t)
+        self.metrics.reconciles.inc()
+        self._publish()
+        return [t for t, _ in applied]
+
+    def run(self, stop: threading.Event, interval_s: float) -> None:
+        while not stop.is_set():
+            try:
+                self.reconcile_once()
+            except Exception:  # keep serving; the next pass retries
+                log.exception("reconcile pass failed")
+            stop.wait(interval_s)
+
+    # -- callbacks -----------------------------------------------------------------------------
+
+    def _log(self, t: Transition, rec: JobRecord) -> None:
+        log.info("%s (%s): %s -> %s (%s)", t.job_id, rec.name, t.old, t.new, t.reason)
+
+    def _count(self, t: Transition, rec: JobRecord) -> None:
+        self.metrics.transitions.labels(from_state=t.old, to_state=t.new).inc()
+
+    def _finalize(self, t: Transition, rec: JobRecord) -> None:
+        """A run that ended: read the rest of its metrics and its summary into the registry."""
+        if t.new not in TERMINAL or rec.kind != "run" or not rec.run_dir:
+            return
+        tail = self._tail(rec)
+        tail.poll()
+        summary = read_summary(rec.run_dir, storage_options(rec.config)) or {}
+        final = {k: summary[k] for k in ("steps", "final_losses", "eval", "throughput", "wall_time_s",
+                                         "checkpoint") if k in summary}
+        if not final and tail.metrics.records:
+            m = tail.metrics
+            final = {"steps": m.step, "final_losses": m.losses,
+                     "throughput": {"samples_per_s": m.samples_per_s, "tokens_per_s": m.tokens_per_s}}
+        if final:
+            self.registry.set_final_metrics(rec.id, final)
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def _tail(self, rec: JobRecord) -> MetricsTail:
+        if rec.id not in self._tails:
+            self._tails[rec.id] = MetricsTail(rec.run_dir, storage_options(rec.config))
+        return self._tails[rec.id]
+
+    def _live(self, rec: JobRecord, now: float) -> bool:
+        if rec.kind != "run" or not rec.run_dir:
+            return False
+        if rec.state == "RUNNING":
+            return True
+        return rec.state != "PENDING" and rec.ended_at is not None and now - rec.ended_at <= self.retention_s
+
+    def _publish(self) -> None:
+        now = time.time()
+        live: list[LiveJob] = []
+        for rec in self.registry.jobs():
+            if not self._live(rec, now):
+                self._tails.pop(rec.id, None)
+                continue
+            tail = self._tail(rec)
+            try:
+                tail.poll()
+            except OSError as exc:  # storage unreachable: keep the last values, say why once per pass
+                log.warning("%s: cannot read %s (%s)", rec.id, tail.uri, exc)
+            live.append(LiveJob(rec.id, rec.name, rec.kind, rec.state, rec.started_at, rec.ended_at, tail.metrics))
+        self.metrics.publish(Snapshot(counts=self.registry.counts(), jobs=tuple(live)))

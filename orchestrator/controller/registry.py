@@ -1,0 +1,285 @@
+"""The durable job registry: every job and sweep submitted, its state and its results.
+
+SQLite is the embedded default (`sqlite:///.mmpt/jobs.db`); a `postgresql://` URL works when
+psycopg (3) is installed, for a controller shared by a team. Both speak the same small SQL.
+
+Durability: each change is one transaction. A state change is a compare-and-set on the old state
+(`UPDATE ... WHERE id=? AND state=?`) together with its row in `transitions`, so two writers (the
+controller and a `mmpt jobs status`) never apply the same transition twice, and a process killed
+at any point (SIGKILL included) leaves either the old or the new state, never half of one. SQLite
+runs in WAL mode with synchronous=FULL: a committed change survives a crash of the process and of
+the machine.
+
+Every text column is passed through `credentials.redact` before it is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from orchestrator.controller.credentials import redact, safe_url
+from orchestrator.controller.state import STATES, JobState, Transition
+
+JobKind = Literal["run", "sweep"]
+DEFAULT_DB = "sqlite:///.mmpt/jobs.db"
+_SCHEMA_VERSION = "1"
+# Ray accepts any string as a submission id; ours and Ray's own (raysubmit_...) fit this, and it
+# keeps ids safe in URLs (/jobs/ID), file names and shell commands.
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class RegistryError(ValueError):
+    """A registry URL or database the user must fix (one line)."""
+
+
+def check_job_id(job_id: str) -> str:
+    """`job_id` if well-formed, else RegistryError naming what is allowed."""
+    if not _JOB_ID.match(job_id):
+        raise RegistryError(f"job id {job_id!r}: expected 1-128 letters, digits, '_', '.', '-' starting with a "
+                            "letter or digit (e.g. quickstart-20250101-120000-ab12 or raysubmit_...)")
+    return job_id
+
+
+@dataclass
+class JobRecord:
+    id: str
+    kind: JobKind
+    name: str
+    address: str
+    state: JobState = "PENDING"
+    submitted_at: float = field(default_factory=time.time)
+    config_hash: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    entrypoint: str = ""
+    submitter: str = ""
+    run_dir: str = ""
+    started_at: float | None = None
+    ended_at: float | None = None
+    updated_at: float = field(default_factory=time.time)
+    message: str = ""
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, with_config: bool = True) -> dict[str, Any]:
+        out = asdict(self)
+        if not with_config:
+            out.pop("config")
+        return out
+
+    def metadata(self) -> dict[str, str]:
+        """What travels with the job to the cluster (Ray job metadata, strings only): enough for
+        any controller watching that cluster to register the job. No credentials: see credentials.py."""
+        return {"mmpt.kind": self.kind, "mmpt.name": self.name, "mmpt.config_hash": self.config_hash,
+                "mmpt.submitter": self.submitter, "mmpt.run_dir": self.run_dir,
+                "mmpt.submitted_at": repr(self.submitted_at), "mmpt.config": json.dumps(self.config)}
+
+    @classmethod
+    def from_metadata(cls, job_id: str, address: str, metadata: dict[str, str], entrypoint: str = "") -> JobRecord | None:
+        """The record of a job `mmpt submit` sent (None for jobs submitted by other means)."""
+        kind = metadata.get("mmpt.kind")
+        if kind not in ("run", "sweep"):
+            return None
+        try:
+            config = json.loads(metadata.get("mmpt.config") or "{}")
+            submitted = float(metadata.get("mmpt.submitted_at") or time.time())
+        except ValueError:
+            config, submitted = {}, time.time()
+        return cls(id=job_id, kind=kind, name=metadata.get("mmpt.name", job_id), address=address,
+                   submitted_at=submitted, config_hash=metadata.get("mmpt.config_hash", ""),
+                   config=config if isinstance(config, dict) else {}, entrypoint=entrypoint,
+                   submitter=metadata.get("mmpt.submitter", ""), run_dir=metadata.get("mmpt.run_dir", ""))
+
+
+_COLUMNS = [f.name for f in fields(JobRecord)]
+_JSON_COLUMNS = {"config", "final_metrics"}
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, address TEXT NOT NULL,
+        state TEXT NOT NULL, submitted_at DOUBLE PRECISION NOT NULL, config_hash TEXT, config TEXT,
+        entrypoint TEXT, submitter TEXT, run_dir TEXT, started_at DOUBLE PRECISION,
+        ended_at DOUBLE PRECISION, updated_at DOUBLE PRECISION NOT NULL, message TEXT, final_metrics TEXT)""",
+    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state)",
+    """CREATE TABLE IF NOT EXISTS transitions (
+        job_id TEXT NOT NULL, from_state TEXT NOT NULL, to_state TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL, reason TEXT)""",
+    "CREATE INDEX IF NOT EXISTS transitions_job ON transitions (job_id)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+]
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    name: Literal["sqlite", "postgresql"]
+    placeholder: str
+
+    def sql(self, text: str) -> str:
+        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+
+
+def _sqlite_path(url: str) -> str:
+    """sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db (SQLAlchemy's convention); a bare path as is."""
+    return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+
+
+def _connect(url: str) -> tuple[Any, _Dialect]:
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg  # type: ignore[import-not-found]
+        except ImportError:
+            raise RegistryError(f"--db {safe_url(url)}: a PostgreSQL registry needs psycopg: "
+                                "pip install 'psycopg[binary]'") from None
+        try:
+            return psycopg.connect(url), _Dialect("postgresql", "%s")
+        except psycopg.Error as exc:
+            raise RegistryError(f"--db {safe_url(url)}: {redact(str(exc).splitlines()[0])}") from None
+    if "://" in url and not url.startswith("sqlite:"):
+        raise RegistryError(f"--db {safe_url(url)!r}: expected sqlite:///PATH (default {DEFAULT_DB}) "
+                            "or postgresql://USER@HOST/DB")
+    path = _sqlite_path(url)
+    if path != ":memory:":
+        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = sqlite3.connect(path, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+    except sqlite3.Error as exc:
+        raise RegistryError(f"--db {url}: cannot open the SQLite database ({exc})") from None
+    return conn, _Dialect("sqlite", "?")
+
+
+class Registry:
+    """The job table. Safe to share between threads; open one per process."""
+
+    def __init__(self, url: str = DEFAULT_DB) -> None:
+        self.url = url
+        self._conn, self._dialect = _connect(url)
+        self._lock = threading.RLock()
+        with self._tx() as cur:
+            for stmt in _SCHEMA:
+                cur.execute(stmt)
+            cur.execute(self._q("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"),
+                        ("schema_version", _SCHEMA_VERSION))
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @property
+    def display_url(self) -> str:
+        return safe_url(self.url)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def add(self, rec: JobRecord) -> bool:
+        """Insert `rec`; False (and nothing changed) when a job with its id is already registered."""
+        row = self._to_row(rec)
+        cols = ", ".join(_COLUMNS)
+        marks = ", ".join("?" for _ in _COLUMNS)
+        with self._tx() as cur:
+            cur.execute(self._q(f"INSERT INTO jobs ({cols}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING"), row)
+            return cur.rowcount == 1
+
+    def apply(self, t: Transition, *, at: float | None = None, started_at: float | None = None,
+              ended_at: float | None = None, message: str | None = None) -> bool:
+        """Move a job from `t.old` to `t.new` if it still is in `t.old`; record the transition."""
+        at = time.time() if at is None else at
+        with self._tx() as cur:
+            cur.execute(self._q(
+                "UPDATE jobs SET state = ?, updated_at = ?, started_at = COALESCE(?, started_at), "
+                "ended_at = ?, message = COALESCE(?, message) WHERE id = ? AND state = ?"),
+                (t.new, at, started_at, ended_at, None if message is None else redact(message), t.job_id, t.old))
+            if cur.rowcount != 1:
+                return False
+            cur.execute(self._q("INSERT INTO transitions (job_id, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?)"),
+                        (t.job_id, t.old, t.new, at, redact(t.reason)))
+            return True
+
+    def set_final_metrics(self, job_id: str, metrics: dict[str, Any]) -> None:
+        with self._tx() as cur:
+            cur.execute(self._q("UPDATE jobs SET final_metrics = ?, updated_at = ? WHERE id = ?"),
+                        (redact(json.dumps(metrics, default=float)), time.time(), job_id))
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        rows = self._select("WHERE id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def jobs(self, states: Iterable[JobState] | None = None) -> list[JobRecord]:
+        """All jobs (or those in `states`), oldest submission first."""
+        if states is None:
+            return self._select("ORDER BY submitted_at, id", ())
+        wanted = list(states)
+        if not wanted:
+            return []
+        marks = ", ".join("?" for _ in wanted)
+        return self._select(f"WHERE state IN ({marks}) ORDER BY submitted_at, id", tuple(wanted))
+
+    def counts(self) -> dict[JobState, int]:
+        """Jobs per state; every state present (0 when none)."""
+        with self._tx() as cur:
+            cur.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            found = dict(cur.fetchall())
+        return {s: int(found.get(s, 0)) for s in STATES}
+
+    def transitions(self, job_id: str) -> list[dict[str, Any]]:
+        with self._tx() as cur:
+            cur.execute(self._q("SELECT from_state, to_state, at, reason FROM transitions WHERE job_id = ? "
+                                "ORDER BY at"), (job_id,))
+            return [dict(zip(("from", "to", "at", "reason"), r, strict=True)) for r in cur.fetchall()]
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _q(self, text: str) -> str:
+        return self._dialect.sql(text)
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Any]:
+        """One transaction (committed on success, rolled back on error) under the registry's lock."""
+        with self._lock:
+            if self._dialect.name == "sqlite":
+                with self._conn:
+                    yield self._conn.cursor()
+            else:
+                with self._conn.transaction(), self._conn.cursor() as cur:
+                    yield cur
+
+    def _select(self, where: str, params: tuple[Any, ...]) -> list[JobRecord]:
+        with self._tx() as cur:
+            cur.execute(self._q(f"SELECT {', '.join(_COLUMNS)} FROM jobs {where}"), params)
+            rows = cur.fetchall()
+        return [self._from_row(r) for r in rows]
+
+    @staticmethod
+    def _to_row(rec: JobRecord) -> tuple[Any, ...]:
+        out: list[Any] = []
+        for name in _COLUMNS:
+            value = getattr(rec, name)
+            if name in _JSON_COLUMNS:
+                value = json.dumps(value, default=float)
+            out.append(redact(value) if isinstance(value, str) else value)
+        return tuple(out)
+
+    @staticmethod
+    def _from_row(row: tuple[Any, ...]) -> JobRecord:
+        values = dict(zip(_COLUMNS, row, strict=True))
+        for name in _JSON_COLUMNS:
+            values[name] = json.loads(values[name]) if values[name] else {}
+        for name in ("config_hash", "entrypoint", "submitter", "run_dir", "message"):
+            values[name] = values[name] or ""
+        return JobRecord(**values)

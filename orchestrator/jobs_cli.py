@@ -1,0 +1,301 @@
+"""`mmpt submit`, `mmpt jobs list|status|logs|stop`, `mmpt controller`: jobs on Ray clusters.
+
+Every command works against the registry (`--db`, default sqlite:///.mmpt/jobs.db, or $MMPT_DB)
+and the cluster each job was sent to. A user's mistake (bad config, unreachable address, rejected
+token, malformed or unknown job id) is one `error:` line per problem and exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.config import ConfigError
+
+jobs_app = typer.Typer(help="Jobs sent with `mmpt submit`: list, status, logs, stop.", no_args_is_help=True)
+
+_out = Console(highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DbOpt = Annotated[str, typer.Option("--db", envvar="MMPT_DB",
+                                    help="registry: sqlite:///PATH or postgresql://USER@HOST/DB")]
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
+    help="Ray dashboard URL, e.g. http://127.0.0.1:8265")]
+JobIdArg = Annotated[str, typer.Argument(help="submission id (from `mmpt submit` or `mmpt jobs list`)")]
+_DEFAULT_DB = "sqlite:///.mmpt/jobs.db"
+_END = ("SUCCEEDED", "FAILED", "STOPPED", "LOST")
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """User-fixable problems -> `error:` lines on stderr, exit code 2."""
+    from orchestrator.controller.cluster import ClusterError
+    from orchestrator.controller.registry import RegistryError
+    from orchestrator.submit import SubmitError
+
+    try:
+        yield
+    except ConfigError as exc:
+        _fail(exc.problems)
+    except (ClusterError, RegistryError, SubmitError) as exc:
+        _fail([str(exc)])
+
+
+def _fail(problems: list[str]) -> None:
+    for p in problems:
+        _err.print(f"[red]error:[/red] {p}")
+    raise typer.Exit(2)
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def submit(
+    config: Annotated[Path, typer.Argument(help="run config YAML (or, with --sweep, a sweep file)")],
+    address: AddressOpt = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")] = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="CONFIG is a sweep file: the job runs `mmpt sweep`")] = False,
+    working_dir: Annotated[Path | None, typer.Option("--working-dir", help="folder uploaded as the job's code "
+                                                     "(default: the current one)")] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", help="NAME=VALUE for the job (no credentials)")] = None,
+    job_id: Annotated[str | None, typer.Option("--id", help="submission id (default: NAME-TIME-XXXX)")] = None,
+    db: DbOpt = _DEFAULT_DB,
+) -> None:
+    """Send a run (or a sweep) to a Ray cluster as a Ray job and register it; prints its id."""
+    from orchestrator.controller import cluster
+    from orchestrator.controller.registry import Registry, check_job_id
+    from orchestrator.submit import check_no_credentials, prepare_run, prepare_sweep
+    from orchestrator.submit import submit as send
+
+    with _user_errors():
+        if job_id is not None:
+            check_job_id(job_id)
+        prepare = prepare_sweep if sweep else prepare_run
+        prepared = prepare(config, set_ or [], address=cluster.check_address(address), working_dir=working_dir,
+                           env=env or [], job_id=job_id)
+        check_no_credentials(prepared)
+        auth = cluster.resolve_auth()
+        warning = cluster.insecure_warning(prepared.record.address, auth)
+        if warning:
+            _err.print(f"[yellow]warning:[/yellow] {warning}")
+        with Registry(db) as registry:
+            submitted = send(prepared, cluster.connect(prepared.record.address, auth), registry)
+    rec = prepared.record
+    _err.print(f"submitted {rec.kind} {rec.name!r} to {rec.address} as {submitted}; "
+               f"follow it: mmpt jobs logs {submitted} --follow")
+    _out.print(submitted)
+
+
+def _refresh(registry: Any, jobs: list[Any], adopt_from: Sequence[str] = ()) -> None:
+    from orchestrator.controller.reconcile import Clusters, refresh
+
+    _, failed = refresh(registry, jobs, Clusters(), adopt_from)
+    for address, problem in failed.items():
+        _err.print(f"[yellow]warning:[/yellow] {problem} (states from {address} may be stale)")
+
+
+def _find(registry: Any, job_id: str, address: str | None) -> Any:
+    """The job's registry record; one found only on the cluster at `address` is registered first."""
+    from orchestrator.controller import cluster
+    from orchestrator.controller.reconcile import Clusters, adopt
+    from orchestrator.controller.registry import check_job_id
+
+    check_job_id(job_id)
+    rec = registry.get(job_id)
+    if rec is not None:
+        return rec
+    if not address:
+        raise ConfigError([f"job {job_id!r}: not in the registry {registry.display_url}; pass --address to look "
+                           "it up on a cluster"])
+    address = cluster.check_address(address)
+    listing = Clusters().listing(address)
+    if job_id in listing:
+        adopt(registry, address, {job_id: listing[job_id]})
+        rec = registry.get(job_id)
+        if rec is not None:
+            return rec
+        raise ConfigError([f"job {job_id!r}: on {address} but not sent by `mmpt submit`; use `ray job status`"])
+    raise ConfigError([f"job {job_id!r}: not in the registry {registry.display_url} and not on the cluster at {address}"])
+
+
+def _show(rec: Any) -> None:
+    _out.print(f"{rec.id} {rec.state}")
+    _out.print(f"  {rec.kind} {rec.name!r} (config {rec.config_hash or '-'}) on {rec.address}, submitted "
+               f"{_when(rec.submitted_at)} by {rec.submitter or '-'}")
+    if rec.started_at or rec.ended_at:
+        _out.print(f"  started {_when(rec.started_at)}, ended {_when(rec.ended_at)}")
+    if rec.run_dir:
+        _out.print(f"  run dir: {rec.run_dir}")
+    if rec.message:
+        _out.print(f"  message: {rec.message.splitlines()[0]}")
+    for term, value in sorted((rec.final_metrics.get("final_losses") or {}).items()):
+        _out.print(f"  final loss/{term}: {value:.4g}")
+
+
+@jobs_app.command("list")
+def list_(
+    db: DbOpt = _DEFAULT_DB,
+    address: AddressOpt = None,
+    state: Annotated[list[str] | None, typer.Option("--state", help="only these states (repeatable)")] = None,
+    refresh: Annotated[bool, typer.Option("--refresh/--no-refresh", help="ask the clusters first")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON array on stdout")] = False,
+) -> None:
+    """Jobs in the registry, states refreshed from their clusters (+ mmpt jobs found at --address)."""
+    from orchestrator.controller import cluster
+    from orchestrator.controller.registry import Registry
+    from orchestrator.controller.state import STATES
+
+    with _user_errors(), Registry(db) as registry:
+        bad = [s for s in state or [] if s not in STATES]
+        if bad:
+            raise ConfigError([f"--state {bad[0]!r}: allowed {', '.join(STATES)}"])
+        if refresh:
+            _refresh(registry, registry.jobs(), [cluster.check_address(address)] if address else [])
+        jobs = registry.jobs(state or None)  # type: ignore[arg-type]
+    if as_json:
+        _out.print(json.dumps([j.to_json(with_config=False) for j in jobs], default=float))
+        return
+    table = Table("id", "name", "kind", "state", "submitted (UTC)", "cluster", box=None)
+    for j in jobs:
+        table.add_row(j.id, j.name, j.kind, j.state, _when(j.submitted_at), j.address)
+    _out.print(table if jobs else "no jobs")
+
+
+@jobs_app.command("status")
+def status(
+    job_id: JobIdArg,
+    db: DbOpt = _DEFAULT_DB,
+    address: AddressOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="block until the job ends; exit 0 only if it SUCCEEDED")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="seconds --wait waits at most")] = 3600.0,
+    as_json: Annotated[bool, typer.Option("--json", help="the record as JSON on stdout")] = False,
+) -> None:
+    """A job's state (asked from its cluster), times, run dir and final losses."""
+    from orchestrator.controller.registry import Registry
+
+    with _user_errors(), Registry(db) as registry:
+        rec = _find(registry, job_id, address)
+        _refresh(registry, [rec])
+        rec = registry.get(job_id)
+        deadline = time.monotonic() + timeout
+        while wait and rec.state not in _END and time.monotonic() < deadline:
+            time.sleep(2.0)
+            _refresh(registry, [rec])
+            new = registry.get(job_id)
+            if new.state != rec.state:
+                _err.print(f"{job_id}: {rec.state} -> {new.state}")
+            rec = new
+        transitions = registry.transitions(job_id)
+    if as_json:
+        _out.print(json.dumps(rec.to_json() | {"transitions": transitions}, default=float))
+    else:
+        _show(rec)
+    if wait and rec.state != "SUCCEEDED":
+        if rec.state not in _END:
+            _err.print(f"{job_id}: still {rec.state} after {timeout:.0f} s")
+        raise typer.Exit(1)
+
+
+@jobs_app.command("logs")
+def logs(
+    job_id: JobIdArg,
+    db: DbOpt = _DEFAULT_DB,
+    address: AddressOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends")] = False,
+) -> None:
+    """The job's driver output (credential values redacted)."""
+    import asyncio
+
+    from orchestrator.controller import cluster
+    from orchestrator.controller.credentials import redact
+    from orchestrator.controller.registry import Registry
+
+    with _user_errors():
+        with Registry(db) as registry:
+            rec = _find(registry, job_id, address)
+        client = cluster.connect(rec.address)
+        with cluster.errors(rec.address):
+            if not follow:
+                sys.stdout.write(redact(client.get_job_logs(job_id)))
+                return
+
+            async def _stream() -> None:
+                async for chunk in client.tail_job_logs(job_id):
+                    sys.stdout.write(redact(chunk))
+                    sys.stdout.flush()
+
+            asyncio.run(_stream())
+
+
+@jobs_app.command("stop")
+def stop(job_id: JobIdArg, db: DbOpt = _DEFAULT_DB, address: AddressOpt = None) -> None:
+    """Ask the cluster to stop a job (it becomes STOPPED)."""
+    from orchestrator.controller import cluster
+    from orchestrator.controller.registry import Registry
+
+    with _user_errors(), Registry(db) as registry:
+        rec = _find(registry, job_id, address)
+        client = cluster.connect(rec.address)
+        with cluster.errors(rec.address):
+            stopping = client.stop_job(job_id)
+        deadline = time.monotonic() + 30.0
+        while True:  # a stop takes effect within seconds; show the state it reached
+            _refresh(registry, [rec])
+            rec = registry.get(job_id)
+            if not stopping or rec.state in _END or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+    _out.print(f"{job_id} {rec.state}" + ("" if stopping else " (had already ended)"))
+
+
+def controller(
+    db: DbOpt = _DEFAULT_DB,
+    port: Annotated[int, typer.Option("--port", help="HTTP port for /metrics and /jobs (0: any free one)")] = 9400,
+    host: Annotated[str, typer.Option("--host", help="bind address; keep 127.0.0.1 unless a proxy guards it")] = "127.0.0.1",
+    interval: Annotated[float, typer.Option("--interval", min=0.1, help="seconds between reconcile passes")] = 10.0,
+    address: Annotated[list[str] | None, typer.Option("--address", help="also register mmpt jobs found on this "
+                                                      "cluster (repeatable)")] = None,
+    retention: Annotated[float, typer.Option("--retention", help="seconds a finished job's series stay on "
+                                             "/metrics")] = 600.0,
+) -> None:
+    """Keep the job registry in sync with the clusters and export Prometheus metrics (until Ctrl-C / SIGTERM)."""
+    import logging
+    import signal
+    import threading
+
+    from orchestrator.controller.reconcile import Controller
+    from orchestrator.controller.registry import Registry
+    from orchestrator.controller.server import start_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with _user_errors():
+        registry = Registry(db)
+        ctl = Controller(registry, adopt_from=address or [], retention_s=retention)
+    try:
+        server = start_server(registry, ctl.metrics, host, port)
+    except OSError as exc:
+        _fail([f"--host {host} --port {port}: cannot listen ({exc.strerror or exc})"])
+    stop_event = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
+    bound_host, bound_port = server.server_address[:2]
+    print(f"controller: http://{bound_host}:{bound_port}/metrics and /jobs; registry {registry.display_url}; "
+          f"{len(registry.jobs())} jobs; reconciling every {interval:g} s", flush=True)
+    try:
+        ctl.run(stop_event, interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        registry.close()

@@ -1,0 +1,299 @@
+"""`mmpt plan`: what fits on a GPU, per ZeRO stage and expert-parallel size, before anything launches.
+
+Legend: b micro-batch per GPU, s tokens per sample (text tokens + image patches), h hidden size,
+a attention heads, r FFN width / h, L layers, V encoder passes per step (one per objective view),
+E experts, C expert capacity, S = b*s tokens per GPU.
+
+Per GPU = model states (ZeRO paper's accounting, `jobs.memory.expected_model_states`)
+        + DeepSpeed's reduce bucket (stages 1-3 allocate `reduce_bucket_size` elements up front; measured)
+        + activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+          Transformer Models", §4.1: s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, generalised
+          below to any FFN ratio, fp32 and a fused attention kernel).
+Parameters are counted exactly by building the run's model on the `meta` device (no memory).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from jobs.config import RunConfig
+from orchestrator.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from models import Pretrainer
+
+GiB = 1024**3
+DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+_ACT_BYTES = {"bf16": 2, "fp32": 4}
+ZERO3_MOE = ("DeepSpeed's MoE layers cannot run under ZeRO-3: stage 3 partitions every parameter over "
+             "all data-parallel ranks and gathers it on use, while expert parallelism needs each rank to "
+             "own its experts whole for the all-to-all (deepspeed.initialize refuses it)")
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What the memory model needs to know about one run's model."""
+
+    dense: int  # parameters every rank holds (Ψ)
+    expert: int  # all experts of all MoE layers (each rank holds expert / ep)
+    num_layers: int
+    num_moe_layers: int
+    views: int  # encoder passes per step whose activations are all alive at backward
+    text_len: int
+    patches: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.patches
+
+
+def count_model(cfg: RunConfig, vocab_size: int) -> ModelSize:
+    """Count parameters exactly by building the run's model on the meta device (no allocation)."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's MoE import otherwise warns about detection
+    from jobs.memory import count_params
+    from models import build_pretrainer
+    from models.config import ImageSpec, TextSpec
+
+    moe = cfg.moe.model_copy(update={"ep_size": 1})  # ep_size 1: the model holds every expert
+    with torch.device("meta"):
+        model: Pretrainer = build_pretrainer(cfg.model, moe, cfg.active_objectives,
+                                             TextSpec(vocab_size=vocab_size, max_len=cfg.data.max_text_len),
+                                             ImageSpec(size=cfg.data.image_size))
+    dense, expert = count_params(model)
+    return ModelSize(dense=dense, expert=expert, num_layers=cfg.model.num_layers,
+                     num_moe_layers=model.encoder.num_moe_layers, views=len(model.views),
+                     text_len=cfg.data.max_text_len, patches=(cfg.data.image_size // cfg.model.patch_size) ** 2)
+
+
+def layer_activation_bytes(s: int, b: int, h: int, a: int, ffn_ratio: float, act_bytes: int,
+                           dropout: bool, fused_attention: bool = True) -> float:
+    """Activations one transformer layer keeps for backward (Korthikanti et al. 2022, §4.1).
+
+    With 16-bit activations, ffn_ratio 4, dropout and unfused attention this is exactly the paper's
+    s*b*h*(34 + 5*a*s/h): attention 11sbh + 5as²b, MLP 19sbh, two LayerNorm inputs 4sbh.
+    A fused kernel (PyTorch SDPA: flash / memory-efficient) keeps Q, K, V and its output but never
+    the s x s scores, softmax or dropout mask (it regenerates them in backward), so 5as²b drops.
+    """
+    sbh = s * b * h
+    mask = 1 if dropout else 0  # dropout masks are 1 byte per element
+    attention = act_bytes * 5 * sbh + mask * sbh  # QKV input, Q, K, V, output proj input; out dropout
+    if not fused_attention:
+        attention += (2 * act_bytes + mask) * a * s * s * b  # scores, softmax output, softmax dropout
+    mlp = act_bytes * (1 + 2 * ffn_ratio) * sbh + mask * sbh  # input, fc1 out, GeLU out; dropout
+    norms = 2 * act_bytes * sbh
+    return attention + mlp + norms
+
+
+def _moe_extra_bytes(cfg: RunConfig, b: int, s: int, act_bytes: int) -> float:
+    """A MoE FFN over a dense one: the experts see capacity_factor x the tokens, plus GShard's
+    dense dispatch tensors [S, E, C] (fp32 combine weights + bool mask, Lepikhin et al. 2020)."""
+    tokens = b * s
+    E, cf, h = cfg.moe.num_experts, cfg.moe.capacity_factor, cfg.model.hidden_size
+    C = max(math.ceil(tokens / E * cf), cfg.moe.min_capacity)
+    r = (cfg.moe.expert_hidden_size or int(h * cfg.model.mlp_ratio)) / h
+    experts = act_bytes * (1 + 2 * r) * E * C * h  # expert MLP activations over E*C dispatched slots
+    dense = act_bytes * (1 + 2 * cfg.model.mlp_ratio) * tokens * h  # what a dense FFN would have kept
+    dispatch = 5 * tokens * E * C + 2 * act_bytes * E * C * h  # combine/mask + dispatched in/out
+    return experts - dense + dispatch
+
+
+def activation_bytes(cfg: RunConfig, size: ModelSize, checkpointing: bool) -> float:
+    """Activations alive at the start of backward on one GPU, all layers and views.
+
+    Full activation checkpointing keeps each layer's input (Korthikanti: 2sbhL in 16-bit) plus one
+    layer's activations while that layer is recomputed in backward.
+    """
+    act = _ACT_BYTES[cfg.train.precision]
+    b, s, h = cfg.train.batch_size, size.seq_len, cfg.model.hidden_size
+    dense_layer = layer_activation_bytes(s, b, h, cfg.model.num_heads, cfg.model.mlp_ratio, act,
+                                         dropout=cfg.model.dropout > 0)
+    moe_layer = dense_layer + (_moe_extra_bytes(cfg, b, s, act) if size.num_moe_layers else 0.0)
+    full = (size.num_layers - size.num_moe_layers) * dense_layer + size.num_moe_layers * moe_layer
+    if checkpointing:
+        return size.views * size.num_layers * act * s * b * h + max(dense_layer, moe_layer)
+    return size.views * full
+
+
+@dataclass(frozen=True)
+class Row:
+    stage: int
+    ep: int
+    params: float
+    grads: float
+    optim: float
+    buffers: float
+    activations: float
+    activations_ckpt: float
+    gpu_mem: float
+    infeasible: str | None = None
+
+    @property
+    def states(self) -> float:
+        return self.params + self.grads + self.optim
+
+    @property
+    def total(self) -> float:
+        return self.states + self.buffers + self.activations
+
+    @property
+    def total_ckpt(self) -> float:
+        return self.states + self.buffers + self.activations_ckpt
+
+    @property
+    def fits(self) -> bool:
+        return self.infeasible is None and self.total <= self.gpu_mem
+
+    @property
+    def fits_ckpt(self) -> bool:
+        return self.infeasible is None and self.total_ckpt <= self.gpu_mem
+
+
+def _reduce_bucket(cfg: RunConfig) -> int:
+    zero = cfg.deepspeed.extra.get("zero_optimization", {})
+    return int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)) if isinstance(zero, dict) else DS_REDUCE_BUCKET
+
+
+def estimate(cfg: RunConfig, size: ModelSize, gpus: int, stage: int, ep: int, gpu_mem: float = 80 * GiB) -> Row:
+    """Per-GPU bytes for one (stage, ep) setting on `gpus` data-parallel GPUs."""
+    from jobs.memory import expected_model_states
+
+    states = expected_model_states(size.dense, size.expert, stage, gpus, ep, cfg.train.precision)
+    buffers = float(_reduce_bucket(cfg) * _ACT_BYTES[cfg.train.precision]) if stage > 0 else 0.0
+    return Row(stage=stage, ep=ep, params=states["params"], grads=states["grads"], optim=states["optim"],
+               buffers=buffers, activations=activation_bytes(cfg, size, False),
+               activations_ckpt=activation_bytes(cfg, size, True), gpu_mem=gpu_mem,
+               infeasible=ZERO3_MOE if stage == 3 and size.expert else None)
+
+
+def ep_choices(num_experts: int, gpus: int) -> list[int]:
+    """Expert-parallel sizes: divisors of the GPU count that also divide the number of experts."""
+    if num_experts == 0:
+        return [1]
+    return [d for d in range(1, gpus + 1) if gpus % d == 0 and num_experts % d == 0]
+
+
+def plan(cfg: RunConfig, size: ModelSize, gpus: int, gpu_mem: float) -> list[Row]:
+    return [estimate(cfg, size, gpus, stage, ep, gpu_mem)
+            for stage in (0, 1, 2, 3) for ep in ep_choices(cfg.moe.num_experts, gpus)]
+
+
+def suggest(rows: list[Row]) -> tuple[Row, bool] | None:
+    """(row, needs checkpointing) or None when nothing fits.
+
+    The lowest stage that fits: stages 1 and 2 cost no more communication than plain data
+    parallelism, stage 3 costs 1.5x (ZeRO §7), and each stage adds bookkeeping. Among ep sizes the
+    largest: fewer experts per GPU leaves the most room for activations (the all-to-all is paid
+    as soon as ep > 1). Checkpointing only when nothing fits without it (it costs a forward pass).
+    """
+    for ckpt in (False, True):
+        fitting = [r for r in rows if (r.fits_ckpt if ckpt else r.fits)]
+        if fitting:
+            return min(fitting, key=lambda r: (r.stage, -r.ep)), ckpt
+    return None
+
+
+def _vocab(cfg: RunConfig, override: int | None) -> tuple[int, str]:
+    """The vocabulary size: --vocab-size, else the run's tokenizer.json where `mmpt run` looks for
+    it (data.tokenizer, beside the train shards, their parent, the run dir), else data.vocab_size
+    (the size `mmpt run` trains a tokenizer with when there is none)."""
+    if override is not None:
+        return override, "--vocab-size"
+    import posixpath
+
+    from jobs import storage
+    from jobs.data.tokenizer import load_tokenizer
+
+    opts = storage.StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    candidates = [cfg.data.tokenizer] if cfg.data.tokenizer else []
+    try:
+        folder = posixpath.dirname(storage.expand_shards(cfg.data.train, opts, suffixes=(".tar", ".parquet"))[0])
+        candidates += [posixpath.join(folder, "tokenizer.json"),
+                       posixpath.join(posixpath.dirname(folder), "tokenizer.json")]
+    except (ValueError, OSError):
+        pass
+    candidates.append(storage.join(cfg.storage.path, "runs", cfg.name, "tokenizer.json"))
+    for uri in candidates:
+        try:
+            if storage.exists(uri, opts):
+                return load_tokenizer(uri, opts).get_vocab_size(with_added_tokens=True), uri
+        except (ValueError, OSError):
+            continue
+    return cfg.data.vocab_size, "data.vocab_size (no tokenizer.json found)"
+
+
+def render(cfg: RunConfig, size: ModelSize, rows: list[Row], gpus: int, vocab_note: str, console: Console) -> None:
+    gpu_mem = rows[0].gpu_mem
+    unit, scale = ("GiB", GiB) if max(r.total for r in rows) >= GiB else ("MiB", 1024**2)
+
+    def gib(x: float) -> str:
+        return f"{x / scale:.2f}"
+
+    console.print(f"[bold]{cfg.name}[/bold]: {cfg.model.preset}, {size.dense:,} dense + {size.expert:,} expert "
+                  f"parameters (vocab {vocab_note}), {size.num_layers} layers ({size.num_moe_layers} MoE), "
+                  f"{cfg.train.precision}, micro-batch {cfg.train.batch_size} x {size.seq_len} tokens "
+                  f"({size.text_len} text + {size.patches} patches), {size.views} encoder passes/step; "
+                  f"{gpus} GPUs of {gpu_mem / GiB:g} GiB", highlight=False)
+    table = Table(title=f"per-GPU memory, {unit}", title_justify="left")
+    for col in ("ZeRO", "ep", "params", "grads", "optim", "buffers", "states", "act", "act ckpt",
+                "total", "total ckpt", "fits"):
+        table.add_column(col, justify="left" if col == "fits" else "right")
+    for r in rows:
+        fits = "n/a: MoE" if r.infeasible else ("yes" if r.fits else "with ckpt" if r.fits_ckpt else "no")
+        table.add_row(str(r.stage), str(r.ep), gib(r.params), gib(r.grads), gib(r.optim), gib(r.buffers),
+                      gib(r.states), gib(r.activations), gib(r.activations_ckpt), gib(r.total),
+                      gib(r.total_ckpt), fits)
+    console.print(table)
+    best = suggest(rows)
+    if best is None:
+        console.print("suggested: nothing fits; lower train.batch_size, add GPUs or offload the optimizer",
+                      highlight=False)
+    else:
+        row, ckpt = best
+        sets = [f"deepspeed.zero_stage={row.stage}"] + ([f"moe.ep_size={row.ep}"] if size.expert else [])
+        console.print(f"suggested: --set {' --set '.join(sets)}" + (" with activation checkpointing" if ckpt else "")
+                      + f" ({gib(row.total_ckpt if ckpt else row.total)} {unit} of {gpu_mem / GiB:g} GiB)", highlight=False)
+    if any(r.infeasible for r in rows):
+        console.print(f"ZeRO-3 n/a: {ZERO3_MOE}.", highlight=False)
+    console.print("model states: ZeRO paper (Rajbhandari et al. 2020) for mixed-precision Adam; fp32 as DeepSpeed "
+                  "0.19 keeps it (jobs/memory.py). buffers: DeepSpeed's reduce bucket. act: Korthikanti et al. "
+                  "2022 per layer, fused attention; embeddings and heads not counted.", highlight=False)
+
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")]
+
+
+def plan_cmd(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="data-parallel GPUs")],
+    gpu_mem: Annotated[float, typer.Option("--gpu-mem", min=0.1, help="memory per GPU, GiB")] = 80.0,
+    set_: SetOpt = None,
+    vocab_size: Annotated[int | None, typer.Option("--vocab-size", min=8, help="default: the run's tokenizer")] = None,
+) -> None:
+    """Per-GPU memory for ZeRO stages 0-3 and each expert-parallel size: what fits, and a suggestion."""
+    console = Console(width=max(Console().width, 120))
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as exc:
+        err = Console(stderr=True)
+        for p in exc.problems:
+            err.print(f"[red]error:[/red] {p}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    vocab, source = _vocab(cfg, vocab_size)
+    size = count_model(cfg, vocab)
+    rows = plan(cfg, size, gpus, gpu_mem * GiB)
+    render(cfg, size, rows, gpus, f"{vocab:,}: {source}", console)
+
+
+__all__ = ["ModelSize", "Row", "activation_bytes", "count_model", "estimate", "layer_activation_bytes", "plan",
+           "plan_cmd", "suggest"]

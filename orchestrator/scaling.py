@@ -1,0 +1,44 @@
+"""The run config's `scaling` section as Ray resource requests: where training and preprocessing land.
+
+    scaling.num_workers, use_gpu, cpus_per_worker,   ──▶ ray.train.ScalingConfig(**train_scaling(s))
+            resources_per_worker, accelerator_type        one Ray Train worker per GPU, on the node type
+                                                          that offers those resources (ray_cluster.yaml:
+                                                          `gpu_train` advertises `train_gpu`)
+    scaling.data_num_cpus, data_resources            ──▶ Ray Data ray_remote_args of the read/preprocess
+                                                          tasks (flat_map, map_batches): on the node type
+                                                          that offers them (`cpu_data` advertises `data_cpu`)
+
+A Ray task or actor only runs on a node that has every resource it asks for, and the autoscaler
+adds a node of a type that has them when none has room; so naming a custom resource that only
+one node type advertises is what sends training to GPU nodes and preprocessing to CPU nodes.
+With no custom resources (the local default) everything shares the one local node, as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobs.config import ScalingConfig
+
+
+def train_scaling(s: ScalingConfig) -> dict[str, Any]:
+    """Keyword arguments of `ray.train.ScalingConfig` for the run's training workers."""
+    per_worker: dict[str, float] = {"CPU": s.cpus_per_worker} | ({"GPU": 1} if s.use_gpu else {})
+    kwargs: dict[str, Any] = {"num_workers": s.num_workers, "use_gpu": s.use_gpu,
+                              "resources_per_worker": per_worker | dict(s.resources_per_worker)}
+    if s.accelerator_type is not None:
+        # Ray Train adds a sliver of the `accelerator_type:<name>` resource to each worker, which
+        # only nodes with that GPU kind advertise (the AWS autoscaler fills it in per instance type).
+        kwargs["accelerator_type"] = s.accelerator_type
+    return kwargs
+
+
+def data_remote_args(s: ScalingConfig) -> dict[str, Any]:
+    """`ray_remote_args` for the Ray Data tasks that read and preprocess shards; {} = Ray Data's defaults."""
+    args: dict[str, Any] = {}
+    if s.data_num_cpus is not None:
+        args["num_cpus"] = s.data_num_cpus
+    if s.data_resources:
+        args["resources"] = dict(s.data_resources)
+    return args
+

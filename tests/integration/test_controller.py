@@ -1,0 +1,279 @@
+"""The controller against a real Ray head (`ray start --head` on 127.0.0.1, token auth on).
+
+One head for the module (started and stopped here, its own temp dir and ports, so it does not
+clash with another Ray on the machine). The `mmpt` commands and the controller run as separate
+processes with explicit environments, as a user runs them: the submitter and the head both hold a
+fake AWS secret and the Ray token, and neither may show up in the registry, the job's metadata,
+its logs, the controller's log or the run's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import QUICKSTART, ROOT, tiny
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SECRET = "fake-aws-secret-" + secrets.token_hex(12)
+_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _base_env() -> dict[str, str]:
+    """This process's env without Ray's or AWS's variables (an earlier ray.init may have set some)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env["PATH"] = f"{_BIN}{os.pathsep}{env.get('PATH', '')}"  # `mmpt` for the job's entrypoint
+    return env | {"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": "AKIAFAKE" + secrets.token_hex(6).upper()}
+
+
+@dataclass
+class Head:
+    url: str
+    token: str
+    env: dict[str, str]  # a client's env: token auth on, the fake secret set
+    root: Path
+
+    def client(self):  # noqa: ANN201 - a JobSubmissionClient
+        from orchestrator.controller.cluster import Auth, connect
+
+        return connect(self.url, Auth(self.token, "test"))
+
+
+def _wait(what: str, check: Callable[[], object], timeout: float, every: float = 0.5) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[Head]:
+    root = Path(tempfile.mkdtemp(prefix="mmpt-head-", dir="/tmp"))  # short: Ray's socket paths have a limit
+    token = secrets.token_hex(16)
+    (root / "token").write_text(token)
+    dash = _free_port()
+    ports = {flag: _free_port() for flag in ("--port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+                                             "--dashboard-agent-grpc-port", "--metrics-export-port",
+                                             "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")}
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(root / "token")}
+    head_env = _base_env() | auth | {"RAY_TMPDIR": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [str(_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "4",
+           "--include-dashboard", "true", "--temp-dir", str(root / "ray"), "--disable-usage-stats",
+           *[str(x) for kv in ports.items() for x in kv]]
+    log = open(root / "head.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(cmd, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"ray start exited {proc.returncode}: {(root / 'head.log').read_text()[-2000:]}")
+        try:
+            req = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        _wait("the Ray dashboard", up, timeout=90)
+        yield Head(url=url, token=token, env=_base_env() | auth, root=root)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of our own process group only
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def mmpt(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@dataclass
+class ControllerProc:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def job(self, job_id: str) -> dict:
+        return json.loads(self.get(f"/jobs/{job_id}"))
+
+
+def start_controller(db: str, env: dict[str, str], log: Path, interval: float = 1.0) -> ControllerProc:
+    port = _free_port()
+    out = open(log, "ab")  # noqa: SIM115 - the child holds it
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "controller", "--db", db, "--port", str(port),
+                             "--interval", str(interval)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    ctl = ControllerProc(proc, f"http://127.0.0.1:{port}", log)
+
+    def healthy() -> bool:
+        assert proc.poll() is None, log.read_text()[-2000:]
+        try:
+            return ctl.get("/healthz") == "ok\n"
+        except OSError:
+            return False
+
+    _wait("the controller", healthy, timeout=60)
+    return ctl
+
+
+def _series(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_submit_a_tiny_run_watch_it_succeed_and_scrape_its_metrics(head: Head, shapes_data: Path, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/jobs.db"
+    ctl = start_controller(db, head.env, tmp_path / "controller.log")
+    try:
+        overrides = tiny(shapes_data, tmp_path / "store", name="ctl-e2e")
+        sub = mmpt("submit", str(QUICKSTART), "--address", head.url, "--db", db,
+                   *[a for o in overrides for a in ("--set", o)], env=head.env)
+        assert sub.returncode == 0, sub.stderr
+        job_id = sub.stdout.strip()
+        assert job_id.startswith("ctl-e2e-") and "warning" not in sub.stderr  # loopback: no CVE warning
+
+        status = mmpt("jobs", "status", job_id, "--db", db, "--wait", "--timeout", "240", env=head.env, timeout=260)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.splitlines()[0] == f"{job_id} SUCCEEDED"
+
+        final = _wait("the controller's final metrics",
+                      lambda: (j := ctl.job(job_id))["state"] == "SUCCEEDED" and j["final_metrics"] and j, timeout=30)
+        assert final["final_metrics"]["steps"] == 6  # type: ignore[index]
+        assert [t["to"] for t in final["transitions"]][-1] == "SUCCEEDED"  # type: ignore[index]
+
+        series = _series(ctl.get("/metrics"))
+        job = (("job", job_id),)
+        sps = series[("mmpt_job_samples_per_second", job)]
+        loss = series[("mmpt_job_loss", (("job", job_id), ("term", "total")))]
+        assert math.isfinite(sps) and 0 < sps < 1e5
+        assert math.isfinite(loss) and 0 < loss < 50
+        assert {t for (n, lab), _ in series.items() if n == "mmpt_job_loss" for k, t in lab if k == "term"} >= {"total", "mlm", "itm"}
+        assert series[("mmpt_job_step", job)] == 6
+        assert 0 <= series[("mmpt_job_data_wait_share", job)] <= 1
+        assert series[("mmpt_jobs", (("state", "SUCCEEDED"),))] == 1
+
+        logs = mmpt("jobs", "logs", job_id, "--db", db, env=head.env)
+        assert logs.returncode == 0 and "run directory:" in logs.stdout
+
+        # neither the fake AWS secret nor the Ray token is in anything that was written or shown
+        info = head.client().get_job_info(job_id)
+        assert info.metadata["mmpt.config_hash"] == final["config_hash"]  # type: ignore[index]
+        ray_side = json.dumps({"entrypoint": info.entrypoint, "metadata": info.metadata, "runtime_env": info.runtime_env})
+        run_files = [p for p in (tmp_path / "store" / "runs" / "ctl-e2e").rglob("*") if p.is_file() and p.suffix in
+                     (".json", ".jsonl", ".yaml", ".log")]
+        assert len(run_files) >= 4
+        haystacks = {"job metadata": ray_side.encode(), "job logs": logs.stdout.encode(),
+                     "controller log": ctl.log.read_bytes(), **{str(p): p.read_bytes() for p in run_files},
+                     **{p.name: p.read_bytes() for p in tmp_path.glob("jobs.db*")}}
+        for secret in (SECRET, head.token):
+            assert [name for name, blob in haystacks.items() if secret.encode() in blob] == []
+    finally:
+        ctl.proc.terminate()
+        assert ctl.proc.wait(timeout=30) == 0
+
+
+def test_a_missing_or_wrong_token_is_a_one_line_error_and_nothing_is_submitted(head: Head, shapes_data: Path,
+                                                                               tmp_path: Path) -> None:
+    before = len(head.client().list_jobs())
+    db = f"sqlite:///{tmp_path}/jobs.db"
+    args = ["submit", str(QUICKSTART), "--address", head.url, "--db", db,
+            *[a for o in tiny(shapes_data, tmp_path) for a in ("--set", o)]]
+    no_auth = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")}
+    res = mmpt(*args, env=no_auth)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"error: {head.url} requires Ray token authentication (HTTP 401): set "
+                                               "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (the head "
+                                               "prints its token with `ray get-auth-token`)"]
+    wrong = no_auth | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}
+    res = mmpt("jobs", "status", "raysubmit_x", "--address", head.url, "--db", db, env=wrong)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"error: {head.url} rejected the token from RAY_AUTH_TOKEN (HTTP 403): "
+                                               "it is not this cluster's token"]
+    assert len(head.client().list_jobs()) == before
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone() == (0,)
+
+
+def test_registry_survives_sigkill_and_a_vanished_job_becomes_lost(head: Head, tmp_path: Path) -> None:
+    from orchestrator.controller.registry import JobRecord, Registry
+
+    db_path = tmp_path / "jobs.db"
+    db = f"sqlite:///{db_path}"
+    client = head.client()
+    commands = {"done": "python -c 'print(42)'", "long": "sleep 300", "vanishes": "sleep 6"}
+    ids = {k: f"dur-{k}-{secrets.token_hex(3)}" for k in commands}
+    with Registry(db) as reg:
+        for key, cmd in commands.items():
+            client.submit_job(entrypoint=cmd, submission_id=ids[key])
+            assert reg.add(JobRecord(id=ids[key], kind="run", name=key, address=head.url, entrypoint=cmd))
+    first = start_controller(db, head.env, tmp_path / "controller.log", interval=0.5)
+    want = {ids["done"]: "SUCCEEDED", ids["long"]: "RUNNING", ids["vanishes"]: "RUNNING"}
+    _wait("done SUCCEEDED, long and vanishes RUNNING",
+          lambda: {j["id"]: j["state"] for j in json.loads(first.get("/jobs"))} == want, timeout=60)
+
+    first.proc.send_signal(signal.SIGKILL)
+    assert first.proc.wait(timeout=10) == -signal.SIGKILL
+    # while no controller watches: `vanishes` ends and its record is deleted from the cluster
+    _wait("vanishes to end", lambda: str(client.get_job_status(ids["vanishes"])).endswith("SUCCEEDED"), timeout=60)
+    assert client.delete_job(ids["vanishes"])
+
+    second = start_controller(db, head.env, tmp_path / "controller.log", interval=0.5)
+    try:
+        want[ids["vanishes"]] = "LOST"
+        _wait("vanishes LOST", lambda: {j["id"]: j["state"] for j in json.loads(second.get("/jobs"))} == want, timeout=30)
+        with sqlite3.connect(db_path) as conn:
+            rows = conn.execute("SELECT id, COUNT(*) FROM jobs GROUP BY id").fetchall()
+            assert sorted(rows) == sorted((i, 1) for i in ids.values())  # no row lost or duplicated
+            edges = conn.execute("SELECT job_id, from_state, to_state FROM transitions").fetchall()
+        assert len(edges) == len(set(edges))  # no transition applied twice across the restart
+        assert [(f, t) for j, f, t in edges if j == ids["vanishes"]] == [("PENDING", "RUNNING"), ("RUNNING", "LOST")]
+        series = _series(second.get("/metrics"))
+        assert [series[("mmpt_jobs", (("state", s),))] for s in ("SUCCEEDED", "RUNNING", "LOST")] == [1, 1, 1]
+
+        stop = mmpt("jobs", "stop", ids["long"], "--db", db, env=head.env)
+        assert stop.returncode == 0 and stop.stdout.strip() == f"{ids['long']} STOPPED"
+        _wait("long STOPPED in the controller", lambda: second.job(ids["long"])["state"] == "STOPPED", timeout=15)
+    finally:
+        second.proc.terminate()
+        assert second.proc.wait(timeout=30) == 0

@@ -1,0 +1,96 @@
+"""A worker killed mid-epoch: the group restarts from the latest checkpoint, every rank resumes at
+its exact data position, and the run ends where an uninterrupted one does (same samples per step,
+same parameters)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+
+from orchestrator.config import load_config
+from orchestrator.runner import run
+from tests.integration.conftest import QUICKSTART, tiny
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS, KILL_AFTER = 9, 5
+
+
+def _samples_per_step(run_dir: Path) -> dict[int, dict[int, list[int]]]:
+    """rank -> step -> sample ids; a step redone after a restart keeps its last record."""
+    out: dict[int, dict[int, list[int]]] = {}
+    for f in sorted((run_dir / "samples").glob("rank*_*.json"), key=lambda p: p.stat().st_mtime_ns):
+        rank = int(f.name[4:].split("_")[0])
+        out.setdefault(rank, {}).update({int(k): v for k, v in json.loads(f.read_text()).items()})
+    return out
+
+
+def _tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _tensors(val, f"{prefix}/{key}").items()}
+    return {}
+
+
+def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    ds = run_dir / f"checkpoint_{STEPS:07d}" / "ds"
+    params: dict[str, torch.Tensor] = {}
+    for f in sorted(ds.glob("*model_states.pt")):
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        params |= _tensors(state.get("module", state), f.name)
+    return params
+
+
+def _kill_a_worker_after(run_dir: Path, step: int, done: threading.Event, killed: list[int]) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    while not done.is_set():
+        if metrics.exists() and any(json.loads(x)["step"] >= step for x in metrics.read_text().splitlines()):
+            for proc in psutil.process_iter(["cmdline"]):
+                if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
+        time.sleep(0.2)
+
+
+def test_killed_worker_resumes_at_its_exact_data_position(ray_session, shapes_data, tmp_path) -> None:
+    common = {"train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 2,
+              "data.record_samples": True, "eval.max_samples": 16, "train.max_failures": 1}
+    baseline = run(load_config(QUICKSTART, tiny(shapes_data, tmp_path, name="straight", **common)))
+    assert baseline.summary["steps"] == STEPS
+
+    run_dir = tmp_path / "runs" / "killed"
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_worker_after, args=(run_dir, KILL_AFTER, done, killed), daemon=True)
+    killer.start()
+    try:
+        result = run(load_config(QUICKSTART, tiny(shapes_data, tmp_path, name="killed", **common)))
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no Ray Train worker process was found to kill"
+    assert result.summary["steps"] == STEPS
+    steps_reported = [r["step"] for r in result.metrics]
+    assert steps_reported.count(KILL_AFTER) >= 1 and steps_reported[-1] == STEPS
+    assert len(steps_reported) > STEPS, "the restart should have redone the steps after the last checkpoint"
+
+    straight, resumed = _samples_per_step(tmp_path / "runs" / "straight"), _samples_per_step(run_dir)
+    assert sorted(resumed) == [0, 1]
+    for rank in (0, 1):
+        assert sorted(resumed[rank]) == list(range(1, STEPS + 1))
+        assert resumed[rank] == straight[rank]  # the same samples at every step, on every rank
+        ids = [i for s in sorted(resumed[rank]) for i in resumed[rank][s]]
+        assert len(ids) == len(set(ids)) == STEPS * 8  # within the epoch: no sample twice
+
+    a, b = _final_params(tmp_path / "runs" / "straight"), _final_params(run_dir)
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)

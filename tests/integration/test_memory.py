@@ -1,0 +1,158 @@
+"""Model-state bytes measured on 2 CPU ranks (real DeepSpeed engines, gloo) against the planner.
+
+One pair of processes runs every case in turn (stages 0-3 of a dense model in fp32 and in bf16,
+stage 2 of a MoE model with ep_size 2): build the model through `build_pretrainer`, `build_engine`, watch the
+gradients, take two steps, measure after the first. No Ray.
+
+What the planner leaves out, and the test allows for (all explained in jobs/memory.py):
+- params: DeepSpeed pads each flat group to an alignment boundary (a few bytes per group);
+- optim: AdamW's `step` counter is a 4-byte tensor per state entry;
+- grads at stage 2: ZeRO-2 copies every parameter overlapping this rank's partition whole into its
+  gradient buffer, so a rank holds up to one extra parameter per partition boundary (2 per group);
+- buffers: the reduce bucket, `reduce_bucket_size` elements, set small here (the default 5e8
+  would be 2 GB of fp32 address space per rank);
+- ZeRO-3 keeps parameters under `stage3_param_persistence_threshold` whole on every rank; set to
+  0 here so the tiny model is partitioned like a large one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs.config import Precision, RunConfig
+
+WORLD = 2
+VOCAB = 100
+BUCKET = 4096  # reduce_bucket_size, elements
+# (name, zero stage, experts, precision)
+CASES: list[tuple[str, int, int, Precision]] = [
+    *(("dense", stage, 0, "fp32") for stage in (0, 1, 2, 3)),
+    *(("dense", stage, 0, "bf16") for stage in (0, 1, 2, 3)),
+    ("moe", 2, 4, "fp32"),
+]
+
+
+def _cfg(stage: int, experts: int, precision: Precision) -> RunConfig:
+    return RunConfig.model_validate({
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_ratio": 2.0, "dropout": 0.0},
+        "moe": {"num_experts": experts, "ep_size": WORLD if experts else 1},
+        "data": {"image_size": 16, "max_text_len": 12},
+        "train": {"batch_size": 4, "precision": precision},
+        "deepspeed": {"zero_stage": stage, "extra": {"zero_optimization": {
+            "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0}}},
+    })
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    import logging
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    from jobs.engine import build_engine
+    from jobs.memory import measure_model_states, watch_gradients
+    from models import build_pretrainer
+    from models.config import ImageSpec, TextSpec
+
+    results: dict[str, Any] = {}
+    for name, stage, experts, precision in CASES:
+        cfg = _cfg(stage, experts, precision)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        torch.manual_seed(0)
+        model = build_pretrainer(cfg.model, cfg.moe, cfg.active_objectives,
+                                 TextSpec(vocab_size=VOCAB, max_len=cfg.data.max_text_len),
+                                 ImageSpec(size=cfg.data.image_size))
+        engine = build_engine(cfg, model)
+        watch_gradients(engine)
+        gen = torch.Generator().manual_seed(rank)
+        measured: dict[str, int] = {}
+        for step in range(2):
+            batch = {"image": torch.randn(4, 3, 16, 16, generator=gen).to(dtype),
+                     "input_ids": torch.randint(5, VOCAB, (4, 12), generator=gen),
+                     "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+            outputs = engine(batch)
+            engine.backward(outputs["loss"])
+            engine.step()
+            if step == 0:
+                measured = measure_model_states(engine)
+        groups = getattr(engine.optimizer, "bit16_groups", None) or []
+        measured["largest_param_bytes"] = sum(max(p.numel() * p.element_size() for p in g) for g in groups)
+        results[f"{name}-{precision}-{stage}"] = measured
+        del engine, model
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("memory")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _planned(stage: int, experts: int, precision: Precision) -> Any:
+    from orchestrator.plan import count_model, estimate
+
+    cfg = _cfg(stage, experts, precision)
+    return estimate(cfg, count_model(cfg, VOCAB), gpus=WORLD, stage=stage, ep=cfg.moe.ep_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "stage", "experts", "precision"), CASES)
+def test_measured_bytes_match_the_plan(measured: list[dict[str, Any]], name: str, stage: int, experts: int,
+                                       precision: Precision) -> None:
+    plan = _planned(stage, experts, precision)
+    for rank, results in enumerate(measured):
+        m = results[f"{name}-{precision}-{stage}"]
+        assert m["memory/zero_stage"] == stage and m["memory/dp"] == WORLD and m["memory/grads_watched"] == 1
+        assert m["memory/ep"] == (WORLD if experts else 1)
+        # the engine's own expected figure is the planner's (same formula, same parameter count)
+        assert m["memory/expected_bytes"] == pytest.approx(plan.states, abs=2)
+        where = f"rank {rank}, {name} {precision} ZeRO-{stage}"
+        assert 0 <= m["memory/params_bytes"] - plan.params <= 64, where  # flat-group alignment padding
+        assert 0 <= m["memory/optim_bytes"] - plan.optim <= 0.005 * plan.optim, where  # Adam step counters
+        extra = m["largest_param_bytes"] if stage == 2 else 0  # ZeRO-2 boundary parameters, held whole
+        assert 0 <= m["memory/grads_bytes"] - plan.grads <= extra + 64, where
+        bucket = BUCKET * (2 if precision == "bf16" else 4) if stage else 0
+        assert m["memory/buffers_bytes"] == plan.buffers == bucket, where
+        assert m["memory/total_bytes"] == m["memory/params_bytes"] + m["memory/grads_bytes"] + m["memory/optim_bytes"]
+
+
+@pytest.mark.slow
+def test_fp32_master_copy_and_expert_split(measured: list[dict[str, Any]]) -> None:
+    """DeepSpeed's fp32 master copy: none at stage 0 (torch AdamW updates the weights), a cloned
+    partition at stages 1-3; expert states are split from dense ones by their parameter groups."""
+    m = measured[0]
+    psi = m["dense-fp32-0"]["memory/num_params"]
+    assert m["dense-fp32-0"]["memory/master_bytes"] == 0
+    for stage in (1, 2, 3):
+        assert m[f"dense-fp32-{stage}"]["memory/master_bytes"] == pytest.approx(4 * psi / WORLD, abs=16)
+    # bf16 at stage 0: DeepSpeed's FP16_UnfusedOptimizer keeps a full fp32 master (the paper's 16Ψ)
+    assert m["dense-bf16-0"]["memory/master_bytes"] == 4 * psi
+    assert m["dense-bf16-0"]["memory/total_bytes"] == pytest.approx(16 * psi, rel=0.005)
+    moe = m["moe-fp32-2"]
+    local_experts = moe["memory/num_expert_params"] // WORLD  # ep 2: each rank holds half the experts
+    # expert-data-parallel group of WORLD / ep = 1 rank: expert states are not partitioned at all
+    assert moe["memory/params_expert_bytes"] == 4 * local_experts
+    assert moe["memory/grads_expert_bytes"] == 4 * local_experts
+    assert moe["memory/optim_expert_bytes"] == pytest.approx(12 * local_experts, rel=0.005)
+    assert moe["memory/params_dense_bytes"] == pytest.approx(4 * moe["memory/num_params"], abs=64)
