@@ -79,12 +79,13 @@ def _bench(moe: bool, steps: int, warmup: int, batch_size: int, vocab: int) -> s
     from orchestrator.plan import GiB, count_model, estimate
 
     cfg = _config(moe, batch_size)
-    text, image = TextSpec(vocab_size=vocab, max_len=cfg.data.max_text_len), ImageSpec(size=cfg.data.image_size)
+    text = TextSpec(vocab_size=vocab, max_len=cfg.data.max_text_len)
+    image = ImageSpec(size=cfg.data.image_size, max_objects=cfg.data.max_objects)
     size = count_model(cfg, vocab)
     torch.manual_seed(0)
     model = build_pretrainer(cfg.model, cfg.moe, cfg.active_objectives, text, image)
-    embed = model.encoder.text_embeddings.word.weight.numel() + model.encoder.text_embeddings.position_D.numel() \
-        + model.encoder.patch_embeddings.position_PD.numel()
+    # lookup tables, not matmuls: word and position embeddings
+    embed = sum(p.numel() for name, p in model.named_parameters() if name.endswith("word.weight") or ".position_" in name)
     engine = build_engine(cfg, model)
     device = engine.device
     torch.cuda.reset_peak_memory_stats()

@@ -86,10 +86,15 @@ def _batches(shards: list[str], spec: Any, batch_size: int):  # noqa: ANN202 - I
 
 
 def _plain_worker(rank: int, port: int, run: dict[str, Any], text: dict[str, int], spec: Any,
-                  shards: list[str], out: str) -> None:
+                  shards: list[str], result_file: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import logging
+    import sys
+    import warnings
+
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - DeepSpeed's op-builder and group prints; errors still raise
+    warnings.filterwarnings("ignore")
 
     import torch
     import torch.distributed as dist
@@ -130,7 +135,7 @@ def _plain_worker(rank: int, port: int, run: dict[str, Any], text: dict[str, int
             first_report = first_report or time.time()
             t0, loss = time.perf_counter(), 0.0
     if rank == 0:
-        Path(out).write_text(json.dumps({"step_times": step_times, "first_report": first_report}))
+        Path(result_file).write_text(json.dumps({"step_times": step_times, "first_report": first_report}))
     dist.destroy_process_group()
 
 

@@ -50,7 +50,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 @contextmanager
-def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str, int]) -> Iterator[str]:
+def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any]) -> Iterator[str]:
     """Write this rank's part of a checkpoint into a temporary folder and yield its path.
 
     Collective: every rank must enter it at the same step (DeepSpeed's save synchronises).
@@ -70,7 +70,7 @@ def rank_file(rank: int) -> str:
 @dataclass
 class Restored:
     state: TrainerState
-    data_position: dict[str, int] | None  # None: this rank had no position (world size changed)
+    data_position: dict[str, Any] | None  # None: this rank had no position (world size changed)
 
 
 def restore(engine: Any, folder: str, rank: int) -> Restored:

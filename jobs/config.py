@@ -19,10 +19,19 @@ from models.config import ModelConfig, MoEConfig
 Precision = Literal["fp32", "bf16"]
 
 
+class DataSource(_Strict):
+    """One dataset of a mixture: its shards and its sampling weight."""
+
+    shards: str | list[str] = Field(description="folder, prefix, brace pattern or list (local or s3://)")
+    weight: float = Field(1.0, gt=0, description="relative probability that a batch comes from this source")
+
+
 class DataConfig(_Strict):
     """Where the shards are and how samples become tensors."""
 
-    train: str | list[str] = Field("data/shapes/train", description="train shards: folder, prefix, brace pattern or list")
+    train: str | list[str] | list[DataSource] = Field(
+        "data/shapes/train",
+        description="train shards: folder, prefix, brace pattern or list; or a mixture [{shards, weight}, ...]")
     eval: str | list[str] | None = Field("data/shapes/eval", description="held-out shards (same forms); null = no eval")
     tokenizer: str | None = Field(None, description="HF tokenizer.json; default: beside the shards, else one trained for the run")
     image_size: int = Field(48, ge=8, description="images are resized to this square size")
@@ -38,6 +47,13 @@ class DataConfig(_Strict):
     vocab_size: int = Field(8000, ge=64, description="vocabulary of a tokenizer trained for the run")
     record_samples: bool = Field(False, description="write the sample ids each rank trained on, per step, "
                                  "to runs/<name>/samples/ (audits exactly-once delivery)")
+
+
+    def sources(self) -> list[DataSource]:
+        """The training data as a list of weighted sources (one source unless it is a mixture)."""
+        if isinstance(self.train, list) and self.train and isinstance(self.train[0], DataSource):
+            return list(self.train)  # type: ignore[arg-type]
+        return [DataSource(shards=self.train)]  # type: ignore[arg-type]
 
 
 class TrainConfig(_Strict):
@@ -157,6 +173,10 @@ def cross_check(cfg: RunConfig) -> list[tuple[str, Any, str]]:
         if name not in OBJECTIVES:
             problems.append((f"objectives.{name}", cfg.objectives[name],
                              f"unknown objective; allowed: {', '.join(sorted(OBJECTIVES))}"))
+    if cfg.model.preset in PRESETS:  # objectives the preset's encoder cannot serve (e.g. itm on clip)
+        from models.factory import objective_problems
+
+        problems += objective_problems(cfg.model, cfg.objectives)
     if cfg.moe.enabled and cfg.deepspeed.zero_stage == 3:
         problems.append(("deepspeed.zero_stage", 3,
                          f"DeepSpeed's MoE layers cannot be sharded by ZeRO stage 3 (moe.num_experts="

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.data.batch import to_model_batch
+from models.objectives.base import IMAGE_COLUMNS
 
 
 def _same_text(ids_KT: torch.Tensor) -> torch.Tensor:
@@ -61,8 +62,9 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
 def _retrieval(model: Any, batch: dict[str, torch.Tensor], add: Any) -> None:
     image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
     k = ids.shape[0]
-    # row i = image i against every caption j
-    scores_KK = model.itm_logits(image.repeat_interleave(k, 0), ids.repeat(k, 1), mask.repeat(k, 1))
+    # row i = image i against every caption j; the image's boxes/region features travel with it
+    visual = {c: batch[c].repeat_interleave(k, 0) for c in IMAGE_COLUMNS if c in batch and c != "image"}
+    scores_KK = model.itm_logits(image.repeat_interleave(k, 0), ids.repeat(k, 1), mask.repeat(k, 1), visual)
     scores_KK = scores_KK.float().view(k, k)
     same_KK = _same_text(ids)
     ranked_i2t = scores_KK.argsort(dim=1, descending=True)

@@ -26,7 +26,7 @@ from jobs import storage
 from jobs.config import RunConfig
 from jobs.data.batch import to_model_batch
 from jobs.data.pipeline import PipelineSpec
-from jobs.data.stream import DataPosition, RankStream, synchronized_batches, synchronized_steps
+from jobs.data.stream import MixtureStream, RankStream, synchronized_batches, synchronized_steps
 from models.config import ImageSpec, TextSpec
 
 
@@ -76,15 +76,6 @@ def _all_max(value: float, world: int) -> float:
     return float(t.item())
 
 
-def _data_context() -> None:
-    """Ray Data settings of this worker's pipelines: order preserved (positions are exact), no bars."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-
-
 def _bad_data(ledger: Any, cfg: RunConfig) -> dict[str, float]:
     """Rank 0: the ledger's counts as metrics; raises DataBudgetExceeded past the budget."""
     import ray
@@ -103,7 +94,6 @@ def train_func(config: dict[str, Any]) -> None:
     import ray.train
 
     _quiet_third_party_logs()
-    _data_context()
     cfg = RunConfig.model_validate(config["run"])
     text = TextSpec(**config["text"])
     image = ImageSpec(size=cfg.data.image_size)
@@ -128,22 +118,24 @@ def train_func(config: dict[str, Any]) -> None:
     # Masking and negative sampling draw from the global RNG: a different stream per rank.
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
 
-    state, position = ckpt.TrainerState(), DataPosition()
+    remote_args = config.get("data_remote_args")
+    sources = [RankStream(shards, spec, batch_size=cfg.train.batch_size, rank=rank, world=world,
+                          seed=cfg.data.shuffle_seed, ledger=ledger, prefetch_batches=cfg.data.prefetch_batches,
+                          read_tasks=cfg.data.read_tasks, ray_remote_args=remote_args)
+               for shards in config["train_sources"]]
+    stream: RankStream | MixtureStream = (sources[0] if len(sources) == 1 else MixtureStream(
+        sources, config["train_weights"], seed=cfg.data.shuffle_seed, rank=rank))
+
+    state = ckpt.TrainerState()
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as folder:
             restored = ckpt.restore(engine, folder, rank)
         state = restored.state
         if restored.data_position is not None:
-            position = DataPosition(**restored.data_position)
+            stream.load(restored.data_position)
         if rank == 0 and ledger is not None and "ledger" in state.extra:
             ray.get(ledger.load.remote(state.extra["ledger"]))
-
-    remote_args = config.get("data_remote_args")
-    stream = RankStream(config["train_shards"], spec, batch_size=cfg.train.batch_size, rank=rank, world=world,
-                        seed=cfg.data.shuffle_seed, position=position, ledger=ledger,
-                        prefetch_batches=cfg.data.prefetch_batches, read_tasks=cfg.data.read_tasks,
-                        ray_remote_args=remote_args)
     steps = synchronized_steps(stream, cfg.train.grad_accum, world)
     gas = cfg.train.grad_accum
     visual_tokens = getattr(engine.module, "num_visual_tokens", image.size**2 // cfg.model.patch_size**2)
@@ -194,7 +186,7 @@ def train_func(config: dict[str, Any]) -> None:
         wait_share = _all_max(window.wait / elapsed, world)
         metrics |= {
             "step": state.step,
-            "epoch": stream.position.epoch,
+            "epoch": sources[0].position.epoch,
             "lr": engine.get_lr()[0],
             "samples_per_s": window.samples * world / elapsed,
             "tokens_per_s": window.tokens * world / elapsed,
@@ -213,7 +205,7 @@ def train_func(config: dict[str, Any]) -> None:
         if do_ckpt and state.step != last_ckpt_step:
             if rank == 0 and ledger is not None:
                 state.extra["ledger"] = ray.get(ledger.state.remote())
-            with ckpt.staged(engine, state, rank, stream.position.to_dict()) as folder:
+            with ckpt.staged(engine, state, rank, stream.state()) as folder:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=ckpt.dir_name(state.step))
             last_ckpt_step = state.step

@@ -2,38 +2,124 @@
 
 These are plain pydantic models (no torch, no Ray) so the run config in `jobs/` composes them and
 the model factories in `models/` read them: one schema serves both.
+
+A preset (`model.preset`, see models/presets.py) is a named choice of blocks. Every block field
+below that is `None` takes the preset's value; a field set explicitly overrides it, and a field
+that the preset's architecture has no use for is an error (a setting must always do something).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from models._schema import _Strict
 from models.moe.config import MoEConfig
 
-__all__ = ["ImageSpec", "ModelConfig", "MoEConfig", "TextSpec"]
+__all__ = ["Family", "ImageSpec", "ModelConfig", "MoEConfig", "RegionSource", "TextSpec", "VisualKind"]
+
+# How the encoder combines the modalities (models/encoders/):
+#   single       one transformer over [text; visual] tokens (VisualBERT, UNITER, ViLT, ...)
+#   interaction  single-stream layers, then one stream per modality (InterBERT)
+#   coattention  text-only layers, then co-attention blocks between two streams (ViLBERT)
+#   cross        language + object encoders, then cross-modality layers (LXMERT)
+#   dual         two separate towers meeting only in a contrastive loss (CLIP)
+Family = Literal["single", "interaction", "coattention", "cross", "dual"]
+# What a visual token is (models/visual.py): an image patch, an object region, a CNN grid cell.
+VisualKind = Literal["patch", "region", "pixel"]
+# Where region features come from: pooled pixels of the box crop, a small conv stem trained with
+# the model, or precomputed detector features read from the shards (BUTD-style).
+RegionSource = Literal["crop_pool", "conv_stem", "precomputed"]
+
+# Which optional fields each family uses; setting another one is a "block does not fit" error.
+FAMILY_FIELDS: dict[str, frozenset[str]] = {
+    "single": frozenset({"object_tags"}),
+    "interaction": frozenset({"text_layers", "visual_layers"}),
+    "coattention": frozenset({"text_layers", "cross_layers"}),
+    "cross": frozenset({"text_layers", "visual_layers", "cross_layers"}),
+    "dual": frozenset({"text_layers", "visual_layers", "embed_dim"}),
+}
+# Which optional fields each visual input uses.
+VISUAL_FIELDS: dict[str, frozenset[str]] = {
+    "patch": frozenset(),
+    "region": frozenset({"region_source", "region_pool", "region_feature_size"}),
+    "pixel": frozenset({"pixel_channels", "pixel_sample"}),
+}
+_OPTIONAL = frozenset().union(*FAMILY_FIELDS.values(), *VISUAL_FIELDS.values())
 
 
 class ModelConfig(_Strict):
-    """The encoder: which preset and its size."""
+    """The encoder: which preset, its size, and any block overridden."""
 
     preset: str = Field("vilt", description="architecture preset name (see `mmpt models list`)")
     hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(4, ge=1)
+    num_layers: int = Field(4, ge=1, description="depth of the text path; multi-stack families split it "
+                            "(see text_layers, visual_layers, cross_layers)")
     num_heads: int = Field(4, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
-    patch_size: int = Field(8, ge=1)
+    patch_size: int = Field(8, ge=1, description="image patch side in pixels; also the pixel CNN's stride")
+    visual_input: VisualKind | None = Field(None, description="patch, region or pixel; null = the preset's")
+    # region input
+    region_source: RegionSource | None = Field(
+        None, description="region features: crop_pool, conv_stem or precomputed; null = the preset's")
+    region_pool: int | None = Field(None, ge=1, le=32, description="RoIAlign output side (default 4)")
+    region_feature_size: int | None = Field(
+        None, ge=1, description="conv_stem width (default 64), or the size of precomputed features (required)")
+    object_tags: bool | None = Field(None, description="Oscar object-tag tokens from the object labels; null = the preset's")
+    object_classes: int = Field(4, ge=1, description="object label classes (shapes world: 4; BUTD/Visual Genome: 1600)")
+    # pixel input
+    pixel_channels: int | None = Field(None, ge=1, description="pixel CNN width = visual feature size (default 64)")
+    pixel_sample: float | None = Field(None, gt=0, le=1, description="share of CNN grid cells kept in training "
+                                       "(Pixel-BERT's random pixel sampling; default 0.5)")
+    # multi-stack families
+    text_layers: int | None = Field(None, ge=0, description="text-only layers (co-attention prefix, LXMERT "
+                                    "language encoder, InterBERT text stream, CLIP text tower)")
+    visual_layers: int | None = Field(None, ge=0, description="vision-only layers (LXMERT object encoder, "
+                                      "InterBERT image stream, CLIP image tower)")
+    cross_layers: int | None = Field(None, ge=1, description="co-attention (ViLBERT) or cross-modality (LXMERT) layers")
+    embed_dim: int | None = Field(None, ge=1, description="CLIP joint embedding size; null = hidden_size")
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> ModelConfig:
-        if self.hidden_size % self.num_heads != 0:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
-            )
+    def _consistent(self) -> ModelConfig:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def problems(self) -> list[str]:
+        """What does not fit, one sentence per problem naming the field, the value and what is allowed."""
+        out: list[str] = []
+        if self.hidden_size % self.num_heads != 0:
+            out.append(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        from models.presets import PRESETS  # lazily: presets.py reads this module's types
+
+        preset = PRESETS.get(self.preset)
+        if preset is None:  # reported by the run config's cross-check / the model factory, listing names
+            return out
+        visual = self.visual_input or preset.visual_inputs[0]
+        if visual not in preset.visual_inputs:
+            out.append(f"visual_input={visual!r} does not fit preset {self.preset!r} ({preset.paper}); "
+                       f"allowed: {', '.join(preset.visual_inputs)}")
+            visual = preset.visual_inputs[0]
+        used = FAMILY_FIELDS[preset.family] | VISUAL_FIELDS[visual]
+        for name in sorted(_OPTIONAL - used):
+            value = getattr(self, name)
+            if value is not None:
+                out.append(f"{name}={value!r} does not fit preset {self.preset!r} ({preset.family} encoder, "
+                           f"{visual} input); block fields it takes: {', '.join(sorted(used)) or 'none'}")
+        if visual == "region" and (self.region_source or preset.region_source) == "precomputed" \
+                and self.region_feature_size is None:
+            out.append("region_source='precomputed' needs region_feature_size (the size F of the shards' "
+                       "region features, e.g. 2048 for BUTD Faster R-CNN features)")
+        if visual == "pixel" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            out.append(f"patch_size={self.patch_size} with pixel input: the pixel CNN downsamples by stride-2 "
+                       "convolutions, so patch_size must be a power of 2 >= 2")
+        if preset.family == "dual" and 0 in (self.text_layers, self.visual_layers):
+            out.append("text_layers/visual_layers=0: a dual encoder needs both towers; allowed: >= 1")
+        return out
 
 
 @dataclass(frozen=True)
@@ -51,7 +137,12 @@ class TextSpec:
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What the model needs to know about the images the pipeline delivers."""
+    """What the model needs to know about the images the pipeline delivers.
+
+    `max_objects` (data.max_objects) only sizes estimates such as `Pretrainer.num_visual_tokens`:
+    region encoders take however many boxes a batch holds.
+    """
 
     size: int
     channels: int = 3
+    max_objects: int = 3

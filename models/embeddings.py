@@ -1,18 +1,20 @@
-"""Input embeddings of the two modalities: BERT-style text tokens and ViLT-style image patches.
+"""Input embeddings shared by the encoders: BERT-style text tokens, ViLBERT's box encoding, Oscar's tags.
 
-Shapes: B batch, T text tokens, C image channels, H/W image height/width, P patches, D model dim.
+Shapes: B batch, T text tokens, R regions/objects, D model dim, C image channels, p patch side,
+P patches, F = C*p*p patch features.
 
-Both add a learned modality-type vector so a single-stream encoder can tell the modalities apart
-(ViLT, Kim et al. 2021, eq. 1-3). There is no image [CLS] token: the text [CLS] at position 0 is the
-pooled token, as in ViLT's pooler.
+Every modality adds its own learned type vector, so a single-stream encoder can tell the
+modalities apart (BERT's segment embeddings; ViLT eq. 1-3). There is no image [CLS] token in the
+single-stream encoders: the text [CLS] at position 0 is the pooled token, as in ViLT's pooler.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import ImageSpec, TextSpec
+from models.config import TextSpec
 
 
 class TextEmbeddings(nn.Module):
@@ -36,30 +38,40 @@ class TextEmbeddings(nn.Module):
         return self.dropout(self.norm(x_BTD))
 
 
-class PatchEmbeddings(nn.Module):
-    """Conv2d patch projection (kernel = stride = patch) + learned position + modality type (ViT/ViLT).
+def patchify(image_BCHW: Tensor, patch: int) -> Tensor:
+    """Non-overlapping patches as rows [B, P, C*p*p], row-major over the grid, channel-major inside
+    (the layout of a Conv2d(kernel = stride = p) weight, so a Linear on it is ViT's patch projection)."""
+    return F.unfold(image_BCHW, kernel_size=patch, stride=patch).transpose(1, 2)
 
-    ViLT uses the linear patch projection precisely because it is cheap next to region features
-    (ViLT §3.1); position embeddings are learned for the fixed `image.size` the pipeline delivers.
+
+def box5(boxes_BR4: Tensor) -> Tensor:
+    """ViLBERT's 5-d region location (Lu et al. 2019, §3.2): normalised x0, y0, x1, y1 and the
+    fraction of the image the box covers. Boxes are already normalised to [0, 1]."""
+    wh_BR2 = (boxes_BR4[..., 2:] - boxes_BR4[..., :2]).clamp(min=0)
+    return torch.cat([boxes_BR4, (wh_BR2[..., 0] * wh_BR2[..., 1])[..., None]], dim=-1)
+
+
+class TagEmbeddings(nn.Module):
+    """Oscar's object tags (Li et al. 2020): one token per detected object class, its own type vector.
+
+    Oscar embeds tag *words* with BERT's word embeddings; the models here do not know which token
+    ids spell the class names (the tokenizer lives in jobs/), so tags get a table of their own.
+    Labels < 0 are padding: zero vectors, masked out by the encoder.
     """
 
-    def __init__(self, image: ImageSpec, patch_size: int, hidden_size: int, dropout: float) -> None:
+    def __init__(self, num_classes: int, hidden_size: int, dropout: float) -> None:
         super().__init__()
-        if image.size % patch_size != 0:
-            raise ValueError(f"image size {image.size} is not divisible by patch_size={patch_size}")
-        self.image_size = image.size
-        self.num_patches = (image.size // patch_size) ** 2
-        self.proj = nn.Conv2d(image.channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        self.position_PD = nn.Parameter(torch.zeros(self.num_patches, hidden_size))
+        self.num_classes = num_classes
+        self.tag = nn.Embedding(num_classes, hidden_size)
         self.type_D = nn.Parameter(torch.zeros(hidden_size))
+        self.norm = nn.LayerNorm(hidden_size)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, image_BCHW: Tensor) -> Tensor:
-        H, W = image_BCHW.shape[-2:]
-        if (H, W) != (self.image_size, self.image_size):
-            raise ValueError(
-                f"image is {H}x{W}, the model's position embeddings are for {self.image_size}x{self.image_size}"
-            )
-        x_BDhw = self.proj(image_BCHW)
-        x_BPD = x_BDhw.flatten(2).transpose(1, 2)
-        return self.dropout(x_BPD + self.position_PD + self.type_D)
+    def forward(self, labels_BR: Tensor) -> tuple[Tensor, Tensor]:
+        """(tags x_BRD, keep_BR)."""
+        keep_BR = labels_BR >= 0
+        if bool((labels_BR >= self.num_classes).any()):
+            raise ValueError(f"object label {int(labels_BR.max())} >= model.object_classes={self.num_classes}; "
+                             "raise model.object_classes to the number of label classes")
+        x_BRD = self.tag(labels_BR.clamp(min=0)) + self.type_D
+        return self.dropout(self.norm(x_BRD)) * keep_BR[..., None], keep_BR

@@ -1,93 +1,284 @@
-"""Architecture presets named after their papers, and the factory every run and test builds with.
+"""Architecture presets named after their papers: each a choice of blocks + its paper's objectives.
 
-Shapes: none.
+Shapes: none (configuration only; no torch here, so the config schema can consult it).
+
+A preset fixes the encoder family and the visual inputs it takes, and supplies defaults for the
+block fields of `ModelConfig` left at `None`; `resolve(cfg)` turns a config into the concrete
+`Blocks` (layer counts per stack, feature sizes) that the encoders are built from and that
+`mmpt models list` and the parameter-count tests read.
+
+No detector can be trained or downloaded here, so where a paper feeds Faster R-CNN region features
+(BUTD, Anderson et al. 2018) we take the regions from the scene boxes the shards carry and compute
+their features from the image crops (models/visual.py); real BUTD features can be read from the
+shards instead (`region_source: precomputed`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 
-from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
-from models.encoders import Encoder, SingleStreamEncoder
-from models.objectives import OBJECTIVES, ObjectiveContext
-from models.pretrainer import Pretrainer, check_requires
-from models.weights import count_parameters, init_weights
+from models.config import Family, ModelConfig, RegionSource, VisualKind
 
-# (model, moe, text, image, outputs the enabled objectives need) -> encoder. The needs let a preset
-# leave out parts no objective reads (e.g. the pooler), which would otherwise get no gradient.
-EncoderBuilder = Callable[[ModelConfig, MoEConfig, TextSpec, ImageSpec, frozenset[str]], Encoder]
+# Defaults of the optional block fields (ModelConfig docs them).
+REGION_POOL = 4
+CONV_STEM_WIDTH = 64
+PIXEL_CHANNELS = 64
+PIXEL_SAMPLE = 0.5
+
+FAMILY_NAMES: dict[str, str] = {
+    "single": "single-stream",
+    "interaction": "single→two-stream",
+    "coattention": "co-attention",
+    "cross": "cross-modality",
+    "dual": "dual encoder",
+}
 
 
 @dataclass(frozen=True)
 class Preset:
+    """A named configuration of blocks. `objectives` are the paper's pretraining tasks under our
+    objective names; `default_objectives` keeps those that exist in this build (others arrive with
+    the objectives that implement them)."""
+
     name: str
-    description: str
-    build_encoder: EncoderBuilder
-    provides: frozenset[str]  # every output the encoder can give, for the `requires` check
-    default_objectives: Mapping[str, float] = field(default_factory=dict)
+    paper: str
+    family: Family
+    visual_inputs: tuple[VisualKind, ...]  # allowed; the first is the default
+    objectives: Mapping[str, float]
+    doc: str
+    region_source: RegionSource = "crop_pool"
+    object_tags: bool = False
+
+    def default_objectives(self, known: Collection[str]) -> dict[str, float]:
+        """The paper's objectives that exist in `known` (the OBJECTIVES registry)."""
+        return {name: w for name, w in self.objectives.items() if name in known}
+
+    def pending_objectives(self, known: Collection[str]) -> list[str]:
+        """The paper's objectives not implemented yet: left out of the defaults."""
+        return [name for name in self.objectives if name not in known]
 
 
-def _vilt(
-    model: ModelConfig, moe: MoEConfig, text: TextSpec, image: ImageSpec, needs: frozenset[str]
-) -> Encoder:
-    return SingleStreamEncoder(model, moe, text, image, pooler="pooled" in needs)
+@dataclass(frozen=True)
+class Blocks:
+    """A config resolved against its preset: everything the encoder builders need.
 
-
-PRESETS: dict[str, Preset] = {
-    "vilt": Preset(
-        name="vilt",
-        description="ViLT (Kim et al. 2021): single-stream transformer over text tokens + linear image patches",
-        build_encoder=_vilt,
-        provides=SingleStreamEncoder.CAN_PROVIDE,
-        default_objectives=MappingProxyType({"mlm": 1.0, "itm": 1.0}),
-    ),
-}
-
-
-def build_pretrainer(
-    model: ModelConfig,
-    moe: MoEConfig,
-    objectives: Mapping[str, float] | None,
-    text: TextSpec,
-    image: ImageSpec,
-) -> Pretrainer:
-    """The model of a run: `model.preset`'s encoder + the weighted objectives, BERT-initialised.
-
-    `objectives` maps objective name -> loss weight; None takes the preset's defaults. A weight of
-    0 disables that objective (its head is not built), so a sweep can switch objectives off with an
-    override; negative weights are errors.
+    Layer counts: `joint` single-stream layers; `text`/`visual` modality-only layers; `cross`
+    co-attention or cross-modality blocks. FFNs are numbered by depth for MoE placement
+    (`moe.layers`); `depth` is one past the deepest index.
     """
-    preset = PRESETS.get(model.preset)
-    if preset is None:
-        raise ValueError(f"unknown preset {model.preset!r}; known presets: {sorted(PRESETS)}")
-    requested = dict(preset.default_objectives if objectives is None else objectives)
-    for name, weight in requested.items():
-        if name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {name!r}; known objectives: {sorted(OBJECTIVES)}")
-        if weight < 0:
-            raise ValueError(f"objective {name!r} has weight {weight}; weights must be >= 0")
-    weights = {name: float(w) for name, w in requested.items() if w > 0}
-    if not weights:
-        raise ValueError(
-            f"no objective enabled (weights: {requested}); enable at least one with a weight > 0"
-        )
-    classes = {name: OBJECTIVES[name] for name in weights}
-    check_requires(classes, preset.provides, preset.name)
 
-    needs = frozenset().union(*(cls.requires for cls in classes.values()))
-    encoder = preset.build_encoder(model, moe, text, image, needs)
-    ctx = ObjectiveContext(hidden_size=model.hidden_size, text=text, word_embeddings=encoder.word_embeddings)
-    pretrainer = Pretrainer(
-        encoder,
-        {name: cls(ctx) for name, cls in classes.items()},
-        weights,
-        text,
-        preset=preset.name,
+    family: Family
+    visual: VisualKind
+    region_source: RegionSource
+    region_pool: int
+    region_feature_size: int  # conv_stem width or precomputed F (crop_pool derives F from the pool)
+    object_tags: bool
+    pixel_channels: int
+    pixel_sample: float
+    joint: int
+    text: int
+    visual_layers: int
+    cross: int
+    embed_dim: int
+
+    @property
+    def depth(self) -> int:
+        """FFN depth indices the encoder uses (models/encoders/*: `ffn_index`)."""
+        return {
+            "single": self.joint,
+            "interaction": self.joint + max(self.text, self.visual_layers),
+            "coattention": self.text + 2 * self.cross,
+            "cross": max(self.text, self.visual_layers) + self.cross,
+            "dual": max(self.text, self.visual_layers),
+        }[self.family]
+
+
+def _layers(cfg: ModelConfig, family: Family) -> tuple[int, int, int, int]:
+    """(joint, text, visual, cross) from num_layers, honouring explicit overrides.
+
+    `num_layers` is the depth of the text path; the split follows each paper's proportions.
+    """
+    L = cfg.num_layers
+    if family == "single":
+        return L, 0, 0, 0
+    if family == "interaction":
+        # InterBERT: a single-stream interaction module, then one extraction stream per modality.
+        text = cfg.text_layers if cfg.text_layers is not None else max(1, L // 3)
+        visual = cfg.visual_layers if cfg.visual_layers is not None else text
+        return max(1, L - text), text, visual, 0
+    if family == "coattention":
+        # ViLBERT: BERT's text layers, the later half of them paired with co-attention blocks.
+        text = cfg.text_layers if cfg.text_layers is not None else L // 2
+        cross = cfg.cross_layers if cfg.cross_layers is not None else max(1, L - text)
+        return 0, text, 0, cross
+    if family == "cross":
+        # LXMERT: 9 language, 5 object-relationship, 5 cross-modality layers (5/14 of the text path).
+        cross = cfg.cross_layers if cfg.cross_layers is not None else max(1, 5 * L // 14)
+        text = cfg.text_layers if cfg.text_layers is not None else max(1, L - cross)
+        visual = cfg.visual_layers if cfg.visual_layers is not None else cross
+        return 0, text, visual, cross
+    # dual: CLIP's two towers, each num_layers deep unless set.
+    return 0, cfg.text_layers or L, cfg.visual_layers or L, 0
+
+
+def resolve(cfg: ModelConfig) -> Blocks:
+    """The concrete blocks of `cfg` (raises ValueError for an unknown preset)."""
+    preset = get_preset(cfg.preset)
+    visual = cfg.visual_input or preset.visual_inputs[0]
+    source = cfg.region_source or preset.region_source
+    joint, text, visual_layers, cross = _layers(cfg, preset.family)
+    return Blocks(
+        family=preset.family,
+        visual=visual,
+        region_source=source,
+        region_pool=cfg.region_pool or REGION_POOL,
+        region_feature_size=cfg.region_feature_size or CONV_STEM_WIDTH,
+        object_tags=preset.object_tags if cfg.object_tags is None else cfg.object_tags,
+        pixel_channels=cfg.pixel_channels or PIXEL_CHANNELS,
+        pixel_sample=cfg.pixel_sample or PIXEL_SAMPLE,
+        joint=joint,
+        text=text,
+        visual_layers=visual_layers,
+        cross=cross,
+        embed_dim=cfg.embed_dim or cfg.hidden_size,
     )
-    init_weights(pretrainer)
-    return pretrainer
 
 
-__all__ = ["PRESETS", "Preset", "build_pretrainer", "count_parameters"]
+def get_preset(name: str) -> Preset:
+    preset = PRESETS.get(name)
+    if preset is None:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return preset
+
+
+def _objectives(**weights: float) -> Mapping[str, float]:
+    return MappingProxyType(dict(weights))
+
+
+_BUTD = ("Faster R-CNN (BUTD) region features are replaced by the scene boxes of the shards and "
+         "RoIAlign-pooled pixels of each box (region_source: crop_pool), plus a whole-image region")
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset(
+        name="visualbert", paper="Li et al. 2019", family="single", visual_inputs=("region",),
+        objectives=_objectives(mlm=1.0, itm=1.0),
+        doc="VisualBERT (Li et al. 2019, 'VisualBERT: A Simple and Performant Baseline for Vision and "
+            "Language'): one BERT over text tokens and region features with segment and position "
+            "embeddings; masked language modelling with the image + sentence-image prediction (our itm). "
+            f"{_BUTD}.",
+    ),
+    Preset(
+        name="vilbert", paper="Lu et al. 2019", family="coattention", visual_inputs=("region",),
+        objectives=_objectives(mlm=1.0, mrc_kl=1.0, itm=1.0),
+        doc="ViLBERT (Lu et al. 2019, 'ViLBERT: Pretraining Task-Agnostic Visiolinguistic Representations "
+            "for Vision-and-Language Tasks'): a text stream of BERT layers and a region stream, joined by "
+            "co-attentional transformer blocks (each stream's queries attend to the other's keys and "
+            "values); regions carry the 5-d box encoding; pooled = product of the text [CLS] and image "
+            "summaries; masked multimodal modelling (MLM + KL to the detector's class distribution, our "
+            f"mrc_kl) and multimodal alignment (itm). {_BUTD}; both streams share one hidden size "
+            "(the paper's visual stream is 1024 wide).",
+    ),
+    Preset(
+        name="lxmert", paper="Tan & Bansal 2019", family="cross", visual_inputs=("region",),
+        objectives=_objectives(mlm=1.0, mrfr=1.0, moc=1.0, itm=1.0),
+        doc="LXMERT (Tan & Bansal 2019, 'LXMERT: Learning Cross-Modality Encoder Representations from "
+            "Transformers'): a language encoder, an object-relationship encoder, then cross-modality "
+            "layers (cross-attention shared by both directions, self-attention, FFN per stream); MLM, "
+            "RoI-feature regression (mrfr), detected-label classification (moc) and cross-modality "
+            f"matching (itm); image QA is left out (no QA data here). {_BUTD}.",
+    ),
+    Preset(
+        name="unicoder-vl", paper="Li et al. 2020a", family="single", visual_inputs=("region",),
+        objectives=_objectives(mlm=1.0, moc=1.0, itm=1.0),
+        doc="Unicoder-VL (Li et al. 2020, 'Unicoder-VL: A Universal Encoder for Vision and Language by "
+            "Cross-modal Pre-training'): single-stream transformer over words and regions (box "
+            "location features); MLM, masked object classification (moc) and visual-linguistic "
+            f"matching (itm). {_BUTD}.",
+    ),
+    Preset(
+        name="vl-bert", paper="Su et al. 2020", family="single", visual_inputs=("region",),
+        region_source="conv_stem",
+        objectives=_objectives(mlm=1.0, mrc=1.0),
+        doc="VL-BERT (Su et al. 2020, 'VL-BERT: Pre-training of Generic Visual-Linguistic "
+            "Representations'): single-stream over words and RoIs, the Fast R-CNN feature extractor "
+            "trained jointly with the transformer; MLM with visual clues and masked RoI classification "
+            "with linguistic clues (mrc); no image-text matching (the paper found it hurt). The "
+            "jointly-trained detector is a small conv stem over RoIAlign crops of the scene boxes "
+            "(region_source: conv_stem); the paper's whole-image feature added to every word is "
+            "left out (the whole-image region token carries it).",
+    ),
+    Preset(
+        name="uniter", paper="Chen et al. 2020", family="single", visual_inputs=("region",),
+        objectives=_objectives(mlm=1.0, itm=1.0, mrfr=1.0, mrc_kl=1.0, wra=1.0),
+        doc="UNITER (Chen et al. 2020, 'UNITER: UNiversal Image-TExt Representation Learning'): "
+            "single-stream transformer; region embedding = feature and box location projected and "
+            "summed; MLM and MRM conditioned on the full other modality, ITM, MRFR, MRC-kl and "
+            f"word-region alignment by optimal transport (wra). {_BUTD}; ViLBERT's 5-d box encoding "
+            "stands in for UNITER's 7-d one.",
+    ),
+    Preset(
+        name="imagebert", paper="Qi et al. 2020", family="single", visual_inputs=("region",),
+        objectives=_objectives(mlm=1.0, moc=1.0, mrfr=1.0, itm=1.0),
+        doc="ImageBERT (Qi et al. 2020, 'ImageBERT: Cross-modal Pre-training with Large-scale "
+            "Weak-supervised Image-Text Data'): single-stream over words and RoIs with 5-d location "
+            "embeddings; MLM, masked object classification (moc), masked region feature regression "
+            f"(mrfr) and ITM. {_BUTD}; the paper's LAIT web corpus is the shapes world.",
+    ),
+    Preset(
+        name="pixel-bert", paper="Huang et al. 2020", family="single", visual_inputs=("pixel",),
+        objectives=_objectives(mlm=1.0, itm=1.0),
+        doc="Pixel-BERT (Huang et al. 2020, 'Pixel-BERT: Aligning Image Pixels with Text by Deep "
+            "Multi-Modal Transformers'): a CNN's feature-map cells are the visual tokens, trained end "
+            "to end, with a random subset of them kept during pretraining (pixel_sample); MLM + ITM. "
+            "The ResNet backbone is a small strided CNN (one stride-2 conv per halving of patch_size), "
+            "and grid cells get learned 2-d position embeddings.",
+    ),
+    Preset(
+        name="oscar", paper="Li et al. 2020b", family="single", visual_inputs=("region",),
+        object_tags=True,
+        objectives=_objectives(mlm=1.0, itm=1.0),
+        doc="Oscar (Li et al. 2020, 'Oscar: Object-Semantics Aligned Pre-training for Vision-Language "
+            "Tasks'): single-stream over (words, object tags, regions); the detected object tags anchor "
+            "the alignment; masked token loss + contrastive loss on polluted (image, tags) pairs, "
+            f"which our itm (swapped images and their tags) stands in for. {_BUTD}; tags are the "
+            "scene's object classes, embedded by their own table (not the tag words' embeddings).",
+    ),
+    Preset(
+        name="interbert", paper="Lin et al. 2020", family="interaction", visual_inputs=("region",),
+        objectives=_objectives(mlm=1.0, mrc=1.0, itm=1.0),
+        doc="InterBERT (Lin et al. 2020, 'InterBERT: Vision-and-Language Interaction for Multi-modal "
+            "Pretraining'): a single-stream interaction module (all-attention) followed by a two-stream "
+            "extraction module (one transformer per modality); masked segment modelling (mlm), masked "
+            f"group modelling (mrc) and ITM with hard negatives (itm). {_BUTD}; the depth split is "
+            "num_layers - text_layers joint layers, then text_layers/visual_layers per stream.",
+    ),
+    Preset(
+        name="vilt", paper="Kim et al. 2021", family="single", visual_inputs=("patch",),
+        objectives=_objectives(mlm=1.0, itm=1.0, wpa=1.0),
+        doc="ViLT (Kim et al. 2021, 'ViLT: Vision-and-Language Transformer Without Convolution or Region "
+            "Supervision'): single-stream transformer over text tokens and linearly projected image "
+            "patches; MLM, ITM and word-patch alignment (wpa). Nothing substituted.",
+    ),
+    Preset(
+        name="clip", paper="Radford et al. 2021", family="dual", visual_inputs=("patch", "pixel"),
+        objectives=_objectives(itc=1.0),
+        doc="CLIP (Radford et al. 2021, 'Learning Transferable Visual Models From Natural Language "
+            "Supervision'): a causal text transformer (features at the end-of-text token) and a ViT "
+            "image tower (class token), linearly projected, L2-normalised, compared with a learnable "
+            "temperature initialised to 1/0.07 in a symmetric contrastive loss (itc). Pixel input stands "
+            "in for CLIP's ResNet towers.",
+    ),
+    Preset(
+        name="unimo", paper="Li et al. 2021", family="single", visual_inputs=("region",),
+        objectives=_objectives(mlm=1.0, caption=1.0, mrfr=1.0, mrc=1.0, cmcl=1.0),
+        doc="UNIMO (Li et al. 2021, 'UNIMO: Towards Unified-Modal Understanding and Generation via "
+            "Cross-Modal Contrastive Learning'): one unified transformer for understanding (bidirectional "
+            "MLM, masked region modelling) and generation (seq2seq: the caption attends causally to "
+            "itself and fully to the image, the image never to the caption; our caption objective), "
+            f"plus cross-modal contrastive learning (cmcl). {_BUTD}; no text-only or image-only corpora.",
+    ),
+)}
+
+__all__ = ["FAMILY_NAMES", "PRESETS", "Blocks", "Preset", "get_preset", "resolve"]

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from models.config import TextSpec
 from models.encoders import Encoder
 from models.objectives import VIEWS, Objective
+from models.objectives.base import CAUSAL_TEXT, VISUAL_MASK
 
 # The key of the MoE load-balancing loss in `losses`: a loss term like any other (DESIGN.md).
 MOE_AUX = "moe_aux"
@@ -30,8 +31,9 @@ def check_requires(objectives: Mapping[str, type[Objective]], provides: frozense
 class Pretrainer(nn.Module):
     """forward(batch) -> {"loss", "losses", "metrics", "moe_counts"}.
 
-    batch: `image` float [B,C,H,W], `input_ids` long [B,T], `attention_mask` long [B,T]; other keys
-    are ignored. The encoder runs once per distinct view the objectives consume (e.g. masked text
+    batch: `image` float [B,C,H,W], `input_ids` long [B,T], `attention_mask` long [B,T], and the visual
+    columns the preset's visual input reads (`obj_boxes`, `obj_labels`, `region_*`); other keys are
+    ignored. The encoder runs once per distinct view the objectives consume (e.g. masked text
     for MLM, shuffled pairs for ITM), and each objective reads its own view's outputs.
 
     - loss: sum_o weight_o * sum(losses of o) + moe_aux   (scalar, for backward); moe_aux is
@@ -48,6 +50,7 @@ class Pretrainer(nn.Module):
         weights: Mapping[str, float],
         text: TextSpec,
         preset: str = "?",
+        visual_tokens: int = 0,
     ) -> None:
         super().__init__()
         if not objectives:
@@ -60,6 +63,7 @@ class Pretrainer(nn.Module):
         self.weights = dict(weights)
         self.text = text
         self.preset = preset
+        self._visual_tokens = visual_tokens
         # view -> objectives that consume it, in the objectives' order (fixes the RNG draw order).
         self.views: dict[str, list[str]] = {}
         for name, objective in objectives.items():
@@ -79,7 +83,8 @@ class Pretrainer(nn.Module):
         counts: Tensor | None = None
         for view_name, names in self.views.items():
             view = VIEWS[view_name](batch, self.text, generator)
-            outputs = self.encoder(view["image"], view["input_ids"], view["attention_mask"])
+            outputs = self.encoder(view, visual_mask_BP=view.get(VISUAL_MASK), causal_text=CAUSAL_TEXT in view,
+                                   generator=generator)
             for name in names:
                 named_losses, named_metrics = self.objectives[name](outputs, view)
                 for key, value in named_losses.items():
@@ -104,14 +109,25 @@ class Pretrainer(nn.Module):
             "moe_counts": counts,
         }
 
-    def itm_logits(self, image_BCHW: Tensor, input_ids_BT: Tensor, attention_mask_BT: Tensor) -> Tensor:
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per sample the encoder sees in training (throughput accounting): patches or
+        grid cells (times Pixel-BERT's sampled share), or 1 + image.max_objects regions."""
+        return self._visual_tokens
+
+    def itm_logits(self, image_BCHW: Tensor, input_ids_BT: Tensor, attention_mask_BT: Tensor,
+                   visual: Mapping[str, Tensor] | None = None) -> Tensor:
         """Match score [B] of each (image, text) pair: logit(matched) - logit(mismatched).
 
         For evaluation and retrieval; runs the encoder on the pairs as given (no masking, no swap)
-        in whatever train/eval mode the model is in.
+        in whatever train/eval mode the model is in. `visual` holds the image's other columns
+        (`obj_boxes`, ...; objectives.base.IMAGE_COLUMNS), row-aligned with `image_BCHW`: region
+        inputs need them.
         """
         if "itm" not in self.objectives:
             raise ValueError(f"this model has no 'itm' objective (objectives: {sorted(self.objectives)})")
-        outputs = self.encoder(image_BCHW, input_ids_BT, attention_mask_BT)
+        inputs = {**(visual or {}), "image": image_BCHW, "input_ids": input_ids_BT,
+                  "attention_mask": attention_mask_BT}
+        outputs = self.encoder(inputs)
         logits_B2 = self.objectives["itm"].logits(outputs)
         return logits_B2[:, 1] - logits_B2[:, 0]

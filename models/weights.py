@@ -34,6 +34,11 @@ def init_weights(root: nn.Module, std: float = INIT_STD) -> None:
                 nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             module.weight[module.padding_idx].zero_()
+    # Parameters with a paper-specific init (CLIP's temperature) are set by their module afterwards.
+    for module in root.modules():
+        reset = getattr(module, "reset_special_parameters", None)
+        if callable(reset):
+            reset()
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -183,6 +183,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="the record as JSON on stdout")] = False,
 ) -> None:
     """A job's state (asked from its cluster), times, run dir and final losses."""
+    from orchestrator.controller.reconcile import finalize
     from orchestrator.controller.registry import Registry
 
     with _user_errors(), Registry(db) as registry:
@@ -197,6 +198,8 @@ def status(
             if new.state != rec.state:
                 _err.print(f"{job_id}: {rec.state} -> {new.state}")
             rec = new
+        if finalize(registry, rec):
+            rec = registry.get(job_id)
         transitions = registry.transitions(job_id)
     if as_json:
         _out.print(json.dumps(rec.to_json() | {"transitions": transitions}, default=float))

@@ -93,15 +93,15 @@ def load_table(records: Sequence[Record]) -> Table | None:
 
 def save_heatmap(records: Sequence[Record], path: str | Path) -> Path | None:
     """PNG: one panel per MoE layer, experts x reports, colour = share of routes. None if no MoE stats."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, safe in any process
-
     steps, load_LET = load_history(records)
     if load_LET.size == 0:
         return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, safe in any process
+
     layers = moe_layers(records)
     L, E, T = load_LET.shape
-    fig = Figure(figsize=(min(4 + 0.25 * T, 16), 0.6 + L * (0.35 * E + 0.6)), layout="constrained")
+    fig = Figure(figsize=(min(6 + 0.1 * T, 16), 0.6 + L * (0.35 * E + 0.6)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(L, 1, sharex=True, squeeze=False)[:, 0]
     vmax = float(np.nanmax(load_LET)) if np.isfinite(load_LET).any() else 1.0
@@ -114,7 +114,7 @@ def save_heatmap(records: Sequence[Record], path: str | Path) -> Path | None:
     ticks = sorted({round(x) for x in np.linspace(0, T - 1, min(T, 8))})
     axes[-1].set_xticks(ticks, [str(steps[t]) for t in ticks])
     axes[-1].set_xlabel("step")
-    fig.suptitle(f"Expert load per MoE layer (share of routes; uniform = 1/{E})")
+    fig.suptitle(f"Expert load per MoE layer over training (uniform = 1/{E})")
     fig.colorbar(image, ax=list(axes), label="share of routes")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

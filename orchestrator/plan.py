@@ -1,6 +1,6 @@
 """`mmpt plan`: what fits on a GPU, per ZeRO stage and expert-parallel size, before anything launches.
 
-Legend: b micro-batch per GPU, s tokens per sample (text tokens + image patches), h hidden size,
+Legend: b micro-batch per GPU, s tokens per sample (text tokens + visual tokens), h hidden size,
 a attention heads, r FFN width / h, L layers, V encoder passes per step (one per objective view),
 E experts, C expert capacity, S = b*s tokens per GPU.
 
@@ -10,6 +10,8 @@ Per GPU = model states (ZeRO paper's accounting, `jobs.memory.expected_model_sta
           Transformer Models", §4.1: s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, generalised
           below to any FFN ratio, fp32 and a fused attention kernel).
 Parameters are counted exactly by building the run's model on the `meta` device (no memory).
+Activations treat the encoder as num_layers layers over one sequence of text + visual tokens: exact
+for single-stream presets (ViLT, UNITER), an approximation for two-stream and dual encoders.
 """
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ class ModelSize:
     num_moe_layers: int
     views: int  # encoder passes per step whose activations are all alive at backward
     text_len: int
-    patches: int
+    visual_tokens: int  # patches, grid cells or regions per sample (the preset's visual input)
 
     @property
     def seq_len(self) -> int:
-        return self.text_len + self.patches
+        return self.text_len + self.visual_tokens
 
 
 def count_model(cfg: RunConfig, vocab_size: int) -> ModelSize:
@@ -69,11 +71,11 @@ def count_model(cfg: RunConfig, vocab_size: int) -> ModelSize:
     with torch.device("meta"):
         model: Pretrainer = build_pretrainer(cfg.model, moe, cfg.active_objectives,
                                              TextSpec(vocab_size=vocab_size, max_len=cfg.data.max_text_len),
-                                             ImageSpec(size=cfg.data.image_size))
+                                             ImageSpec(size=cfg.data.image_size, max_objects=cfg.data.max_objects))
     dense, expert = count_params(model)
     return ModelSize(dense=dense, expert=expert, num_layers=cfg.model.num_layers,
                      num_moe_layers=model.encoder.num_moe_layers, views=len(model.views),
-                     text_len=cfg.data.max_text_len, patches=(cfg.data.image_size // cfg.model.patch_size) ** 2)
+                     text_len=cfg.data.max_text_len, visual_tokens=model.num_visual_tokens)
 
 
 def layer_activation_bytes(s: int, b: int, h: int, a: int, ffn_ratio: float, act_bytes: int,
@@ -234,7 +236,8 @@ def _vocab(cfg: RunConfig, override: int | None) -> tuple[int, str]:
 
 def render(cfg: RunConfig, size: ModelSize, rows: list[Row], gpus: int, vocab_note: str, console: Console) -> None:
     gpu_mem = rows[0].gpu_mem
-    unit, scale = ("GiB", GiB) if max(r.total for r in rows) >= GiB else ("MiB", 1024**2)
+    # MiB when the model states are small, so they do not all print as 0.00
+    unit, scale = ("GiB", GiB) if max(r.states for r in rows) >= 0.1 * GiB else ("MiB", 1024**2)
 
     def gib(x: float) -> str:
         return f"{x / scale:.2f}"
@@ -242,7 +245,7 @@ def render(cfg: RunConfig, size: ModelSize, rows: list[Row], gpus: int, vocab_no
     console.print(f"[bold]{cfg.name}[/bold]: {cfg.model.preset}, {size.dense:,} dense + {size.expert:,} expert "
                   f"parameters (vocab {vocab_note}), {size.num_layers} layers ({size.num_moe_layers} MoE), "
                   f"{cfg.train.precision}, micro-batch {cfg.train.batch_size} x {size.seq_len} tokens "
-                  f"({size.text_len} text + {size.patches} patches), {size.views} encoder passes/step; "
+                  f"({size.text_len} text + {size.visual_tokens} visual), {size.views} encoder passes/step; "
                   f"{gpus} GPUs of {gpu_mem / GiB:g} GiB", highlight=False)
     table = Table(title=f"per-GPU memory, {unit}", title_justify="left")
     for col in ("ZeRO", "ep", "params", "grads", "optim", "buffers", "states", "act", "act ckpt",

@@ -52,7 +52,8 @@ def _root_cause(exc: BaseException) -> str:
 
 @dataclass
 class DataPlan:
-    train: list[str]
+    train: list[list[str]]  # shards of each source (one source unless data.train is a mixture)
+    weights: list[float]
     eval: list[str]
     tokenizer: str
     text: dict[str, int]
@@ -119,15 +120,18 @@ def _train_tokenizer(cfg: RunConfig, train: list[str], files: RunFiles, console:
 def plan_data(cfg: RunConfig, files: RunFiles, console: Console | None = None) -> DataPlan:
     """Resolve shard lists and the tokenizer, or raise ConfigError naming the field."""
     opts = files.opts
-    train = _shards("data.train", cfg.data.train, opts)
+    sources = cfg.data.sources()
+    train = [_shards("data.train" if len(sources) == 1 else f"data.train.{i}.shards", src.shards, opts)
+             for i, src in enumerate(sources)]
     evals = _shards("data.eval", cfg.data.eval, opts) if cfg.data.eval else []
-    tok_uri = _find_tokenizer(cfg, train, files) or _train_tokenizer(cfg, train, files, console or Console())
+    flat = [s for shards in train for s in shards]
+    tok_uri = _find_tokenizer(cfg, flat, files) or _train_tokenizer(cfg, flat, files, console or Console())
     try:
         spec = text_spec(load_tokenizer(tok_uri, opts), cfg.data.max_text_len)
     except (ValueError, OSError) as exc:
         raise ConfigError([f"data.tokenizer = {tok_uri!r}: {exc}"]) from None
     text = {k: getattr(spec, k) for k in ("vocab_size", "max_len", "pad_id", "unk_id", "cls_id", "sep_id", "mask_id")}
-    return DataPlan(train=train, eval=evals, tokenizer=tok_uri, text=text)
+    return DataPlan(train=train, weights=[src.weight for src in sources], eval=evals, tokenizer=tok_uri, text=text)
 
 
 class RunFiles:
@@ -218,8 +222,9 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, led
 
     from jobs.data.pipeline import PipelineSpec
     from jobs.train_loop import train_func
-    from orchestrator.scaling import data_remote_args, train_scaling
+    from orchestrator.scaling import data_remote_args, pin_data_stats_to_driver, train_scaling
 
+    pin_data_stats_to_driver()  # else Ray Data pins it to a GPU node, which then never scales down
     spec = PipelineSpec(tokenizer_uri=plan.tokenizer, image_size=cfg.data.image_size,
                         max_text_len=cfg.data.max_text_len, max_objects=cfg.data.max_objects,
                         storage=files.opts, image_column=cfg.data.image_column,
@@ -230,7 +235,8 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, led
     return TorchTrainer(
         train_func,
         train_loop_config={"run": cfg.to_dict(), "text": plan.text, "pipeline": spec, "ledger": ledger,
-                           "train_shards": plan.train, "eval_shards": plan.eval, "run_dir": files.uri,
+                           "train_sources": plan.train, "train_weights": plan.weights, "eval_shards": plan.eval,
+                           "run_dir": files.uri,
                            # where the workers' Ray Data tasks run (scaling.data_*: e.g. CPU nodes)
                            "data_remote_args": data_remote_args(cfg.scaling)},
         scaling_config=ray.train.ScalingConfig(**train_scaling(cfg.scaling)),

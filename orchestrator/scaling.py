@@ -42,3 +42,18 @@ def data_remote_args(s: ScalingConfig) -> dict[str, Any]:
         args["resources"] = dict(s.data_resources)
     return args
 
+
+
+def pin_data_stats_to_driver() -> None:
+    """Create Ray Data's cluster-wide stats actor now, from the driver, so that it lives on the head.
+
+    Ray Data keeps one detached stats actor per cluster, pinned to the node of the first process
+    that runs a pipeline. Our pipelines run inside the Ray Train workers, so without this it would
+    sit on a GPU node for the life of the cluster, and a node with a live actor is never idle: the
+    autoscaler would never remove that GPU node (tests/integration/test_autoscaling.py caught it).
+    """
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # a Ray Data without the actor: nothing to pin
+        return
+    get_or_create_stats_actor()

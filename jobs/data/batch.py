@@ -10,6 +10,12 @@ Pipeline rows (numpy, per sample; `iter_torch_batches` stacks them):
     obj_boxes       float32 [B, R, 4]      normalised x0, y0, x1, y1
     sample_id       int64   [B]            stable id of the sample key (pipeline.sample_id)
 
+Optional, only when the shards carry precomputed (BUTD-style) region features
+(`pipeline.precomputed_regions`; read by `model.region_source: precomputed`), F feature size:
+    region_feats    float32 [B, R, F]      detector features per region, zeros = no region
+    region_boxes    float32 [B, R, 4]      normalised x0, y0, x1, y1 (zero box = no region)
+    region_labels   int64   [B, R]         detector class per region, -1 = none
+
 `to_model_batch` turns a stacked batch into the model's input: the same function serves training,
 evaluation and the benchmarks, so normalisation can never drift between them.
 """

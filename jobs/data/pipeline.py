@@ -13,6 +13,7 @@ worker.
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from jobs.data.reader import ReadSpec, ShardReport, iter_rows
 from jobs.data.synth import SHAPES
 from jobs.data.tokenizer import encode, load_tokenizer
 from jobs.storage import StorageOptions
+
+log = logging.getLogger(__name__)
 
 # Scene classes of the shapes world; real shards without a scene get -1 labels.
 _SHAPE_INDEX = {name: i for i, name in enumerate(SHAPES)}
@@ -96,6 +99,58 @@ def _scene(meta: str, max_objects: int) -> tuple[np.ndarray, np.ndarray]:
     return labels, boxes
 
 
+def precomputed_regions(meta: str, max_objects: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """BUTD-style precomputed region features of a sample, or None when it has none.
+
+    Read from the sample's metadata (the tar's KEY.json, or a Parquet shard's extra columns):
+    `features` [N, F], `boxes` [N, 4] x0 y0 x1 y1 (pixels of an image_w x image_h image, or already
+    normalised), optional `labels` [N] (detector classes) and `image_w`/`image_h` (else
+    `width`/`height`). Returns (feats [R, F], boxes [R, 4] normalised, labels [R], -1 = none) with
+    R = max_objects, truncated or zero-padded (a zero box is not a region).
+    """
+    if not meta or '"features"' not in meta:
+        return None
+    try:
+        info = json.loads(meta)
+        feats = np.asarray(info["features"], dtype=np.float32)
+        n = feats.shape[0]
+        boxes = np.asarray(info.get("boxes", np.zeros((n, 4))), dtype=np.float32).reshape(n, 4)
+        labels = np.asarray(info.get("labels", np.full(n, -1)), dtype=np.int64).reshape(n)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        log.warning("ignoring malformed region features (%s)", exc)
+        return None
+    if feats.ndim != 2:
+        return None
+    if boxes.size and boxes.max() > 1.0:
+        w = float(info.get("image_w") or info.get("width") or 1.0)
+        h = float(info.get("image_h") or info.get("height") or 1.0)
+        boxes = boxes / np.array([w, h, w, h], dtype=np.float32)
+    R = min(n, max_objects)
+    out_f = np.zeros((max_objects, feats.shape[1]), dtype=np.float32)
+    out_b = np.zeros((max_objects, 4), dtype=np.float32)
+    out_l = np.full((max_objects,), -1, dtype=np.int64)
+    out_f[:R], out_b[:R], out_l[:R] = feats[:R], np.clip(boxes[:R], 0.0, 1.0), labels[:R]
+    return out_f, out_b, out_l
+
+
+def _region_columns(metas: list[str], max_objects: int) -> dict[str, np.ndarray]:
+    """`region_feats`/`region_boxes`/`region_labels` when any sample of the batch has precomputed
+    features (rows without them get no real region); {} otherwise. A dataset should have them for
+    all samples or none: Ray Data cannot stack batches with different columns."""
+    found = [precomputed_regions(m, max_objects) for m in metas]
+    first = next((r for r in found if r is not None), None)
+    if first is None:
+        return {}
+    n, F = len(metas), first[0].shape[1]
+    cols = {"region_feats": np.zeros((n, max_objects, F), dtype=np.float32),
+            "region_boxes": np.zeros((n, max_objects, 4), dtype=np.float32),
+            "region_labels": np.full((n, max_objects), -1, dtype=np.int64)}
+    for i, r in enumerate(found):
+        if r is not None and r[0].shape[1] == F:
+            cols["region_feats"][i], cols["region_boxes"][i], cols["region_labels"][i] = r
+    return cols
+
+
 def _preprocess(batch: dict[str, np.ndarray], spec: PipelineSpec) -> dict[str, np.ndarray]:
     n = len(batch["key"])
     labels = np.full((n, spec.max_objects), -1, dtype=np.int64)
@@ -103,7 +158,7 @@ def _preprocess(batch: dict[str, np.ndarray], spec: PipelineSpec) -> dict[str, n
     for i in range(n):
         labels[i], boxes[i] = _scene(batch["meta"][i], spec.max_objects)
     ids, mask = encode(_tokenizer(spec.tokenizer_uri, spec.storage), list(batch["caption"]), spec.max_text_len)
-    return {
+    return _region_columns(list(batch["meta"]), spec.max_objects) | {
         "image": np.stack(list(batch["image"])) if batch["image"].dtype == object else batch["image"],
         "input_ids": ids,
         "attention_mask": mask,
@@ -125,9 +180,17 @@ def build_dataset(items: list[dict[str, Any]], spec: PipelineSpec, *, seed: int 
     """
     import ray.data
 
+    # Positions are (shard, offset) of the last row consumed: only exact if rows keep their order.
+    # Set on the process's context (what datasets are created with) and on this dataset's own.
+    current = ray.data.DataContext.get_current()
+    current.execution_options.preserve_order = True
+    current.enable_progress_bars = False
     remote = dict(ray_remote_args or {})
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.flat_map(_rows, fn_kwargs={"spec": spec, "seed": seed, "epoch": epoch, "stride": stride,
                                        "ledger": ledger},
                      **({"concurrency": read_tasks} if read_tasks else {}), **remote)
-    return ds.map_batches(_preprocess, fn_kwargs={"spec": spec}, batch_size=64, batch_format="numpy", **remote)
+    ds = ds.map_batches(_preprocess, fn_kwargs={"spec": spec}, batch_size=64, batch_format="numpy", **remote)
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    return ds

@@ -14,6 +14,10 @@ a fixed part of the data:
 
 Ranks take equal steps: before every step the ranks agree (all-reduce MIN) that each has a full
 step of batches; when one runs out, the epoch ends for all and the others' remainders are dropped.
+
+A mixture of datasets (`MixtureStream`) draws each batch from one source, chosen with probability
+proportional to the source's weight by a generator seeded with (seed, rank, batch index), so the
+choice sequence needs no saved state; each source cycles through its own epochs.
 """
 
 from __future__ import annotations
@@ -86,6 +90,54 @@ class RankStream:
 
     def next_epoch(self) -> None:
         self.position = DataPosition(self.position.epoch + 1, 0, 0)
+
+    def state(self) -> dict[str, Any]:
+        return self.position.to_dict()
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.position = DataPosition(**state)
+
+
+class MixtureStream:
+    """Batches from several RankStreams, each batch from one source picked by weight."""
+
+    def __init__(self, sources: list[RankStream], weights: list[float], *, seed: int | None, rank: int) -> None:
+        if len(sources) != len(weights) or not sources:
+            raise ValueError("a mixture needs one weight per source")
+        self.sources, self.weights = sources, weights
+        self.seed, self.rank = seed, rank
+        self.drawn = 0  # batches drawn so far: indexes the choice sequence
+
+    def choice(self, index: int) -> int:
+        rng = random.Random(f"mix:{self.seed}:{self.rank}:{index}")
+        return rng.choices(range(len(self.sources)), weights=self.weights)[0]
+
+    def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless: a source that runs out starts its next epoch."""
+        live: dict[int, Iterator[dict[str, torch.Tensor]]] = {}
+        while True:
+            i = self.choice(self.drawn)
+            batch = next(live[i], None) if i in live else None
+            if batch is None:
+                if i in live:
+                    self.sources[i].next_epoch()
+                live[i] = self.sources[i].epoch()
+                batch = next(live[i], None)
+                if batch is None:
+                    raise RuntimeError(f"mixture source {i} yields no full batch: too few samples for this rank")
+            self.drawn += 1
+            yield batch
+
+    def next_epoch(self) -> None:  # the mixture itself has no epochs
+        pass
+
+    def state(self) -> dict[str, Any]:
+        return {"drawn": self.drawn, "sources": [s.state() for s in self.sources]}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.drawn = int(state["drawn"])
+        for source, sub in zip(self.sources, state["sources"], strict=True):
+            source.load(sub)
 
 
 def all_have(flag: bool, world: int) -> bool:

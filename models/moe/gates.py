@@ -36,6 +36,7 @@ from models.moe.routing import (
     finish,
     normal_cdf,
     router_logits,
+    softmax_and_lse,
     switch_balance_loss,
 )
 
@@ -65,8 +66,8 @@ class Gate(nn.Module):
         self.last_routing: Routing | None = None
 
     def _set_ep_group(self, ep_group: Any) -> None:
-        if self.ep_group is not None:
-            raise RuntimeError("the expert-parallel group of this gate is already set")
+        if self.ep_group is not None and ep_group is not self.ep_group:
+            raise RuntimeError("this gate already belongs to another expert-parallel group")
         self.ep_group = ep_group
 
     def _router_input(self, x_ND: Tensor) -> Tensor:
@@ -87,11 +88,11 @@ class Gate(nn.Module):
             used_N = torch.ones(x_ND.shape[0], dtype=torch.bool, device=x_ND.device)
         used_N = used_N.reshape(-1).bool()
         logits_NE = router_logits(self._router_input(x_ND), self.wg.weight)
-        probs_NE = logits_NE.softmax(dim=-1)
+        probs_NE, lse_N = softmax_and_lse(logits_NE)
         expert_KN, gate_KN, balance = self._choose(x_ND, logits_NE, probs_NE, used_N)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         routing = finish(
-            expert_KN=expert_KN, gate_KN=gate_KN, probs_NE=probs_NE, logits_NE=logits_NE, used_N=used_N,
+            expert_KN=expert_KN, gate_KN=gate_KN, probs_NE=probs_NE, lse_N=lse_N, used_N=used_N,
             balance=balance, capacity_factor=None if self.dropless else factor,
             min_capacity=self.min_capacity, policy=self.drop_policy,
             aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,

@@ -81,9 +81,15 @@ def switch_balance_loss(probs_NE: Tensor, first_N: Tensor, used_N: Tensor) -> Te
     return E * (f_E * P_E).sum()
 
 
-def z_loss(logits_NE: Tensor, used_N: Tensor) -> Tensor:
+def softmax_and_lse(logits_NE: Tensor) -> tuple[Tensor, Tensor]:
+    """(router probabilities, logsumexp of the logits): one logsumexp serves the softmax and the z-loss."""
+    lse_N = torch.logsumexp(logits_NE, dim=-1)
+    return torch.exp(logits_NE - lse_N[:, None]), lse_N
+
+
+def z_loss(lse_N: Tensor, used_N: Tensor) -> Tensor:
     """Router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2; keeps logits small."""
-    return masked_mean(torch.logsumexp(logits_NE, dim=-1).square(), used_N)
+    return masked_mean(lse_N.square(), used_N)
 
 
 def cv_squared(v_E: Tensor, eps: float = 1e-10) -> Tensor:
@@ -148,7 +154,7 @@ def finish(
     expert_KN: Tensor,
     gate_KN: Tensor,
     probs_NE: Tensor,
-    logits_NE: Tensor,
+    lse_N: Tensor,
     used_N: Tensor,
     balance: Tensor,
     capacity_factor: float | None,
@@ -178,7 +184,7 @@ def finish(
         kept_KN = chosen_KN & (slot_KN < capacity)
     expert_KN = torch.where(kept_KN, expert_KN, NO_EXPERT)
     gate_KN = torch.where(kept_KN, gate_KN, torch.zeros_like(gate_KN))
-    z = z_loss(logits_NE, used_N)
+    z = z_loss(lse_N, used_N)
     return Routing(
         expert_KN=expert_KN,
         gate_KN=gate_KN,

@@ -23,6 +23,13 @@ IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch's cross_en
 
 # The encoder inputs every view produces; views add their labels next to these.
 ENCODER_INPUTS = ("image", "input_ids", "attention_mask")
+# Per-image batch columns a visual input may read besides the pixels (scene boxes and classes,
+# precomputed region features; jobs/data/batch.py). Views carry the ones present, and a view that
+# pairs a caption with another sample's image moves all of them with the image.
+IMAGE_COLUMNS = ("image", "obj_boxes", "obj_labels", "region_feats", "region_boxes", "region_labels")
+# Optional view keys the pretrainer passes to the encoder as options, not as inputs:
+VISUAL_MASK = "visual_mask"  # bool [B, P]: visual tokens whose input features are zeroed (masked region modelling)
+CAUSAL_TEXT = "causal_text"  # present (any value) = text attends causally (captioning / seq2seq LM)
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,8 +66,8 @@ class Objective(nn.Module):
 
 
 def encoder_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The encoder's inputs out of a batch, dropping keys a view does not use."""
-    return {key: batch[key] for key in ENCODER_INPUTS}
+    """The encoder's inputs out of a batch (and the image columns it has), dropping other keys."""
+    return {key: batch[key] for key in (*ENCODER_INPUTS, *IMAGE_COLUMNS) if key in batch}
 
 
 def require(outputs: Mapping[str, Tensor | None], key: str) -> Tensor:

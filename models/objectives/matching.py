@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from models.config import TextSpec
 from models.objectives.base import (
+    IMAGE_COLUMNS,
     Objective,
     ObjectiveContext,
     cross_entropy_and_accuracy,
@@ -43,7 +44,9 @@ def itm_pairs_view(
         swapped_M = randperm(B, device, generator)[:num_swapped]
         shift_M = randint(1, B, (num_swapped,), device, generator)
         source_B[swapped_M] = (swapped_M + shift_M) % B
-    view["image"] = batch["image"][source_B]
+    for key in IMAGE_COLUMNS:  # the image travels with its boxes, classes and region features
+        if key in batch:
+            view[key] = batch[key][source_B]
     same_text_B = (ids_BT[source_B] == ids_BT).all(dim=1) & (mask_BT[source_B] == mask_BT).all(dim=1)
     view["itm_labels"] = same_text_B.long()
     return view

@@ -3,8 +3,9 @@
 One pass: list the jobs of every cluster that has an active job (one Jobs API call per cluster),
 turn what each job's cluster says into an event, let the state machine decide, apply the decision
 as a compare-and-set in the registry, then hand each applied transition to the callbacks (log
-line, Prometheus counter, final metrics). The pass itself has no side effect besides the registry:
-what happens on a transition hangs off `Controller.callbacks`.
+line, Prometheus counter). The pass itself has no side effect besides the registry: what happens
+on a transition hangs off `Controller.callbacks`. An ended run without final metrics gets them
+from its summary.json (`finalize`), whichever process saw it end.
 
 A cluster that does not answer yields no event for its jobs (they keep their state); a cluster
 that answers without a job we believed active makes it LOST. Jobs sent by `mmpt submit` carry
@@ -31,6 +32,7 @@ from orchestrator.controller.state import ACTIVE, TERMINAL, Event, Observed, Tra
 log = logging.getLogger("mmpt.controller")
 
 Listing = dict[str, ClusterJob]
+_FINAL_KEYS = ("steps", "final_losses", "eval", "throughput", "wall_time_s", "checkpoint")
 Callback = Callable[[Transition, JobRecord], None]
 
 
@@ -110,6 +112,33 @@ def refresh(registry: Registry, jobs: Iterable[JobRecord], clusters: Clusters,
     return applied, failed
 
 
+def finalize(registry: Registry, rec: JobRecord, tail: MetricsTail | None = None) -> bool:
+    """Store an ended run's final metrics (summary.json, else its last metrics record); True if stored.
+
+    Whoever sees a run ended first (the controller, or `mmpt jobs status`) applies the transition,
+    so this is a check on the record ("ended, no final metrics yet"), not a transition callback.
+    """
+    if rec.state not in TERMINAL or rec.kind != "run" or not rec.run_dir or rec.final_metrics:
+        return False
+    options = storage_options(rec.config)
+    try:
+        summary = read_summary(rec.run_dir, options) or {}
+        final = {k: summary[k] for k in _FINAL_KEYS if k in summary}
+        if not final:
+            tail = tail or MetricsTail(rec.run_dir, options)
+            tail.poll()
+            m = tail.metrics
+            if m.records:
+                final = {"steps": m.step, "final_losses": m.losses,
+                         "throughput": {"samples_per_s": m.samples_per_s, "tokens_per_s": m.tokens_per_s}}
+    except OSError as exc:
+        log.warning("%s: cannot read the run directory %s (%s)", rec.id, rec.run_dir, exc)
+        return False
+    if final:
+        registry.set_final_metrics(rec.id, final)
+    return bool(final)
+
+
 class Controller:
     """The long-running reconcile loop behind `mmpt controller`."""
 
@@ -122,7 +151,8 @@ class Controller:
         self.retention_s = retention_s
         self.clusters = clusters or Clusters()
         self._tails: dict[str, MetricsTail] = {}
-        self.callbacks: list[Callback] = [self._log, self._count, self._finalize]
+        self.callbacks: list[Callback] = [self._log, self._count]
+        self._finalized: set[str] = set()  # tried this process; a restart tries again once
 
     def reconcile_once(self) -> list[Transition]:
         jobs = self.registry.jobs()
@@ -136,6 +166,10 @@ class Controller:
                     callback(t, rec)
                 except Exception:  # a failing side effect must not stop reconciliation
                     log.exception("callback %s failed for %s", getattr(callback, "__name__", callback), t)
+        for rec in self.registry.jobs(TERMINAL):
+            if rec.id not in self._finalized and not rec.final_metrics:
+                self._finalized.add(rec.id)
+                finalize(self.registry, rec, self._tails.get(rec.id))
         self.metrics.reconciles.inc()
         self._publish()
         return [t for t, _ in applied]
@@ -155,22 +189,6 @@ class Controller:
 
     def _count(self, t: Transition, rec: JobRecord) -> None:
         self.metrics.transitions.labels(from_state=t.old, to_state=t.new).inc()
-
-    def _finalize(self, t: Transition, rec: JobRecord) -> None:
-        """A run that ended: read the rest of its metrics and its summary into the registry."""
-        if t.new not in TERMINAL or rec.kind != "run" or not rec.run_dir:
-            return
-        tail = self._tail(rec)
-        tail.poll()
-        summary = read_summary(rec.run_dir, storage_options(rec.config)) or {}
-        final = {k: summary[k] for k in ("steps", "final_losses", "eval", "throughput", "wall_time_s",
-                                         "checkpoint") if k in summary}
-        if not final and tail.metrics.records:
-            m = tail.metrics
-            final = {"steps": m.step, "final_losses": m.losses,
-                     "throughput": {"samples_per_s": m.samples_per_s, "tokens_per_s": m.tokens_per_s}}
-        if final:
-            self.registry.set_final_metrics(rec.id, final)
 
     # -- metrics -------------------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ def test_output_contract(moe: MoEConfig) -> None:
 def test_encoder_outputs_shapes(moe: MoEConfig) -> None:
     model = build(moe)
     batch = make_batch()
-    out = model.encoder(batch["image"], batch["input_ids"], batch["attention_mask"])
+    out = model.encoder(batch)
     assert out["text_hidden"].shape == (B, T, D)
     assert out["image_hidden"].shape == (B, P, D)
     assert out["pooled"].shape == (B, D)
@@ -133,7 +133,7 @@ def test_itm_logits_is_match_minus_mismatch_logit() -> None:
     batch = make_batch()
     scores = model.itm_logits(batch["image"], batch["input_ids"], batch["attention_mask"])
     assert scores.shape == (B,)
-    out = model.encoder(batch["image"], batch["input_ids"], batch["attention_mask"])
+    out = model.encoder(batch)
     logits = model.objectives["itm"].logits(out)
     assert torch.allclose(scores, logits[:, 1] - logits[:, 0])
 
@@ -166,7 +166,7 @@ def test_unknown_preset_lists_known_ones() -> None:
 
 
 def test_unknown_objective_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown objective 'xyz'.*\['itm', 'mlm'\]"):
+    with pytest.raises(ValueError, match=r"unknown objective 'xyz'.*\['caption', 'itc', 'itm', 'mlm'\]"):
         build(objectives={"xyz": 1.0})
 
 
@@ -191,7 +191,7 @@ def test_objective_needing_missing_output_is_rejected(monkeypatch: pytest.Monkey
 
 
 def test_presets_registry_and_defaults() -> None:
-    assert dict(PRESETS["vilt"].default_objectives) == {"mlm": 1.0, "itm": 1.0}
+    assert PRESETS["vilt"].default_objectives(OBJECTIVES) == {"mlm": 1.0, "itm": 1.0}  # wpa: not yet
     model = build()
     assert model.weights == {"mlm": 1.0, "itm": 1.0}
     assert isinstance(model, nn.Module) and math.isfinite(count_parameters(model))

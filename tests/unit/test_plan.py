@@ -73,7 +73,7 @@ def test_ep_choices_divide_both_gpus_and_experts() -> None:
 
 def _size(expert: int = 0, dense: int = 1_000_000_000) -> ModelSize:
     return ModelSize(dense=dense, expert=expert, num_layers=24, num_moe_layers=12 if expert else 0,
-                     views=2, text_len=32, patches=196)
+                     views=2, text_len=32, visual_tokens=196)
 
 
 def _bf16(**moe: int) -> RunConfig:

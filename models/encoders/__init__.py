@@ -1,0 +1,37 @@
+"""Encoders of the vision-language families, one module per family, registered by family name.
+
+    single       SingleStreamEncoder   (single_stream.py)  VisualBERT, UNITER, ViLT, Oscar, UNIMO, ...
+    interaction  InteractionEncoder    (single_stream.py)  InterBERT
+    coattention  CoAttentionEncoder    (co_attention.py)   ViLBERT
+    cross        CrossModalityEncoder  (cross.py)          LXMERT
+    dual         DualEncoder           (clip.py)           CLIP
+
+Every encoder is built as `cls(model_cfg, blocks, moe_cfg, text_spec, image_spec, needs)`; `needs`
+(the union of the objectives' `requires`) lets it leave out parts no loss reaches. The output
+contract is in base.py.
+"""
+
+from models.encoders.base import Encoder, EncoderOutputs
+from models.encoders.clip import DualEncoder
+from models.encoders.co_attention import CoAttentionEncoder
+from models.encoders.cross import CrossModalityEncoder
+from models.encoders.single_stream import InteractionEncoder, SingleStreamEncoder
+
+ENCODERS: dict[str, type[Encoder]] = {
+    "single": SingleStreamEncoder,
+    "interaction": InteractionEncoder,
+    "coattention": CoAttentionEncoder,
+    "cross": CrossModalityEncoder,
+    "dual": DualEncoder,
+}
+
+__all__ = [
+    "ENCODERS",
+    "CoAttentionEncoder",
+    "CrossModalityEncoder",
+    "DualEncoder",
+    "Encoder",
+    "EncoderOutputs",
+    "InteractionEncoder",
+    "SingleStreamEncoder",
+]

@@ -1,0 +1,103 @@
+"""LXMERT's cross-modality encoder (Tan & Bansal 2019, §2.2).
+
+Shapes: B batch, T text tokens, P visual tokens, D model dim.
+
+    text  ── language encoder (text_layers) ──────────┬─ cross layer x cross_layers ── LN ── text_hidden
+    image ── object-relationship encoder (visual_layers) ┴─                          ── LN ── image_hidden
+
+A cross-modality layer: cross-attention of each stream over the other (one set of weights for
+both directions, as LXMERT's `visual_attention`, computed from the layer's inputs at once), then
+self-attention and an FFN per stream. FFN depths (MoE placement): the language and object
+encoders both count from 0; cross layer k is at max(text_layers, visual_layers) + k.
+Pooled = tanh(W h_[CLS]) of the text stream (LXMERT's pooler feeds the matching classifier).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
+from models.encoders.base import FUSED, Encoder, EncoderOutputs
+from models.encoders.layers import (
+    CrossSublayer,
+    MoETally,
+    Pooler,
+    TransformerLayer,
+    causal_mask,
+    key_mask,
+    run_stack,
+    stack,
+)
+from models.presets import Blocks
+
+
+class CrossModalityLayer(nn.Module):
+    """Shared cross-attention, then a self-attention + FFN layer per stream. With
+    `image_side=False` (last layer, no objective reads image states) the image side is not built."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, index: int, image_side: bool) -> None:
+        super().__init__()
+        self.cross = CrossSublayer(cfg)
+        self.text_layer = TransformerLayer(cfg, moe, index)
+        self.image_side = image_side
+        if image_side:
+            self.image_layer = TransformerLayer(cfg, moe, index)
+
+    def forward(self, t_BTD: Tensor, v_BPD: Tensor, text_allow: Tensor, keep_BT: Tensor, keep_BP: Tensor,
+                causal_text: bool, tally: MoETally) -> tuple[Tensor, Tensor]:
+        t_new = self.cross(t_BTD, v_BPD, key_mask(keep_BP))
+        if self.image_side:
+            # Causal text: the image must not see the caption (no leak from later words).
+            v_BPD = v_BPD if causal_text else self.cross(v_BPD, t_BTD, key_mask(keep_BT))
+        t_BTD = self.text_layer(t_new, text_allow, keep_BT, tally)
+        if self.image_side:
+            v_BPD = self.image_layer(v_BPD, key_mask(keep_BP), keep_BP, tally)
+        return t_BTD, v_BPD
+
+
+class CrossModalityEncoder(Encoder):
+    CAN_PROVIDE = FUSED
+
+    def __init__(self, cfg: ModelConfig, blocks: Blocks, moe: MoEConfig, text: TextSpec, image: ImageSpec,
+                 needs: frozenset[str]) -> None:
+        super().__init__(cfg, blocks, text, image)
+        D = cfg.hidden_size
+        self.image_out = "image_hidden" in needs
+        self.text_layers = stack(cfg, moe, blocks.text)
+        self.image_layers = stack(cfg, moe, blocks.visual_layers)
+        base = max(blocks.text, blocks.visual_layers)
+        self.cross_layers = nn.ModuleList(
+            CrossModalityLayer(cfg, moe, base + k, image_side=self.image_out or k < blocks.cross - 1)
+            for k in range(blocks.cross))
+        self.text_norm = nn.LayerNorm(D)
+        self.image_norm = nn.LayerNorm(D) if self.image_out else None
+        self.pooler = Pooler(D) if "pooled" in needs else None
+        provides = self.CAN_PROVIDE
+        if self.pooler is None:
+            provides = provides - {"pooled"}
+        if not self.image_out:
+            provides = provides - {"image_hidden"}
+        self.provides = provides
+
+    def forward(self, inputs: Mapping[str, Tensor], *, visual_mask_BP: Tensor | None = None,
+                causal_text: bool = False, generator: torch.Generator | None = None) -> EncoderOutputs:
+        t_BTD = self.text_embeddings(inputs["input_ids"])
+        vis = self.embed_visual(inputs, visual_mask_BP, generator)
+        keep_BT, keep_BP = inputs["attention_mask"].bool(), vis.mask_BP
+        T = t_BTD.shape[1]
+        text_allow = (causal_mask(T, t_BTD.device) & keep_BT[:, None, :])[:, None] if causal_text \
+            else key_mask(keep_BT)
+        tally = MoETally(t_BTD)
+        t_BTD = run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally)
+        v_BPD = run_stack(self.image_layers, vis.x_BPD, key_mask(keep_BP), keep_BP, tally)
+        for layer in self.cross_layers:
+            t_BTD, v_BPD = layer(t_BTD, v_BPD, text_allow, keep_BT, keep_BP, causal_text, tally)
+        out: EncoderOutputs = vis.outputs() | {"text_hidden": self.text_norm(t_BTD)} | tally.outputs()
+        if self.image_norm is not None:
+            out["image_hidden"] = self.image_norm(v_BPD)
+        if self.pooler is not None:
+            out["pooled"] = self.pooler(out["text_hidden"])
+        return out

@@ -1,0 +1,176 @@
+"""Transformer sublayers shared by every encoder family: attention, FFN (dense or MoE), poolers.
+
+Shapes: B batch, Q query tokens, K key tokens, S tokens of a stream, D model dim, H heads,
+d head dim (D / H), E experts, L_moe MoE layers.
+
+All blocks are pre-LN (Xiong et al. 2020; as in ViT/ViLT/CLIP): x + f(LN(x)). The BERT-era papers
+(VisualBERT ... UNITER, LXMERT, ViLBERT) are post-LN; pre-LN trains stably without their warm-up
+tuning, at any depth, and every family here uses the same blocks so comparisons between presets
+measure the architecture, not the normalisation.
+
+Attention masks are boolean, True = may attend, shaped [B, 1, Q or 1, K] (broadcast over heads).
+Every query row must keep at least one key (an all-False row makes SDPA return NaN): the encoders
+guarantee it (text [CLS] is always real; region inputs always have the whole-image token).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import ModelConfig, MoEConfig
+from models.ffn import FeedForward, ffn_size
+from models.moe.layer import MoEFFN
+
+
+class MoETally:
+    """Collects each MoE FFN's weighted aux loss and expert counts during one encoder forward."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.aux = like.new_zeros((), dtype=torch.float32)
+        self.counts: list[Tensor] = []
+
+    def add(self, aux: Tensor, counts_E: Tensor) -> None:
+        self.aux = self.aux + aux
+        self.counts.append(counts_E)
+
+    def outputs(self) -> dict[str, Tensor | None]:
+        """`moe_aux` scalar (0 when dense), `moe_counts` long [L_moe, E] in execution order, or None."""
+        return {"moe_aux": self.aux, "moe_counts": torch.stack(self.counts) if self.counts else None}
+
+
+def key_mask(keep_BK: Tensor) -> Tensor:
+    """[B, 1, 1, K]: every query may attend to the real keys."""
+    return keep_BK[:, None, None, :]
+
+
+def _sdpa(q_BHQd: Tensor, k_BHKd: Tensor, v_BHKd: Tensor, allow: Tensor, dropout: float) -> Tensor:
+    return F.scaled_dot_product_attention(q_BHQd, k_BHKd, v_BHKd, attn_mask=allow, dropout_p=dropout)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, fused QKV projection, on PyTorch's SDPA kernel."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.dropout = dropout
+
+    def forward(self, x_BSD: Tensor, allow: Tensor) -> Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        y_BHSd = _sdpa(q, k, v, allow, self.dropout if self.training else 0.0)
+        return self.out(y_BHSd.transpose(1, 2).reshape(B, S, D))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of one stream's queries over another stream's keys/values (ViLBERT's
+    co-attention, LXMERT's cross-attention)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.dropout = dropout
+
+    def forward(self, x_BQD: Tensor, ctx_BKD: Tensor, allow: Tensor) -> Tensor:
+        B, Q, D = x_BQD.shape
+        K, H = ctx_BKD.shape[1], self.num_heads
+        q_BHQd = self.q(x_BQD).view(B, Q, H, D // H).transpose(1, 2)
+        k_BHKd, v_BHKd = self.kv(ctx_BKD).view(B, K, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        y_BHQd = _sdpa(q_BHQd, k_BHKd, v_BHKd, allow, self.dropout if self.training else 0.0)
+        return self.out(y_BHQd.transpose(1, 2).reshape(B, Q, D))
+
+
+class CrossSublayer(nn.Module):
+    """x + Dropout(CrossAttn(LN(x), LN(ctx))): the context is another stream's residual stream, so
+    it is normalised too."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm = nn.LayerNorm(D)
+        self.ctx_norm = nn.LayerNorm(D)
+        self.attn = CrossAttention(D, cfg.num_heads, cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BQD: Tensor, ctx_BKD: Tensor, allow: Tensor) -> Tensor:
+        return x_BQD + self.dropout(self.attn(self.norm(x_BQD), self.ctx_norm(ctx_BKD), allow))
+
+
+def _add_ffn(module: nn.Module, cfg: ModelConfig, moe: MoEConfig, index: int) -> None:
+    D = cfg.hidden_size
+    module.ffn_norm = nn.LayerNorm(D)
+    module.is_moe = moe.is_moe_layer(index)
+    module.ffn = MoEFFN(D, moe, mlp_ratio=cfg.mlp_ratio) if module.is_moe else FeedForward(D, ffn_size(D, cfg.mlp_ratio))
+    module.dropout = nn.Dropout(cfg.dropout)
+
+
+def _apply_ffn(module: nn.Module, x_BSD: Tensor, keep_BS: Tensor, tally: MoETally) -> Tensor:
+    h_BSD = module.ffn_norm(x_BSD)
+    if module.is_moe:
+        # Padding tokens are not routed: they would take expert capacity from real tokens.
+        y_BSD, aux, counts_E = module.ffn(h_BSD, keep_BS)
+        tally.add(aux, counts_E)
+    else:
+        y_BSD = module.ffn(h_BSD)
+    return x_BSD + module.dropout(y_BSD)
+
+
+class FFNSublayer(nn.Module):
+    """x + Dropout(FFN(LN(x))); the FFN is MoE where `moe.is_moe_layer(index)` (GShard/Switch
+    replace the dense FFN of selected layers). `index` is the FFN's depth (see Blocks.depth)."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, index: int) -> None:
+        super().__init__()
+        _add_ffn(self, cfg, moe, index)
+
+    def forward(self, x_BSD: Tensor, keep_BS: Tensor, tally: MoETally) -> Tensor:
+        return _apply_ffn(self, x_BSD, keep_BS, tally)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN transformer layer: x + Dropout(SelfAttn(LN(x))), then the FFN sublayer (same
+    parameter names and order as the foundation's ViLT layer, so its init draws are unchanged)."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, index: int) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size)
+        self.attn = SelfAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout)
+        _add_ffn(self, cfg, moe, index)
+
+    def forward(self, x_BSD: Tensor, allow: Tensor, keep_BS: Tensor, tally: MoETally) -> Tensor:
+        x_BSD = x_BSD + self.dropout(self.attn(self.attn_norm(x_BSD), allow))
+        return _apply_ffn(self, x_BSD, keep_BS, tally)
+
+
+def stack(cfg: ModelConfig, moe: MoEConfig, count: int, first_index: int = 0) -> nn.ModuleList:
+    """`count` transformer layers whose FFNs sit at depths first_index, first_index + 1, ..."""
+    return nn.ModuleList(TransformerLayer(cfg, moe, first_index + i) for i in range(count))
+
+
+def run_stack(layers: nn.ModuleList, x_BSD: Tensor, allow: Tensor, keep_BS: Tensor, tally: MoETally) -> Tensor:
+    for layer in layers:
+        x_BSD = layer(x_BSD, allow, keep_BS, tally)
+    return x_BSD
+
+
+class Pooler(nn.Module):
+    """Linear + tanh on the first token (BERT's pooler, reused by ViLT/UNITER/LXMERT on [CLS])."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        return torch.tanh(self.dense(x_BSD[:, 0]))
+
+
+def causal_mask(T: int, device: torch.device) -> Tensor:
+    """[T, T] lower-triangular: token i sees tokens 0..i (a decoder's mask)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
