@@ -24,6 +24,11 @@ import sys
 import time
 from typing import Any
 
+# `python benchmarks/gpu.py` puts benchmarks/ first on sys.path, where a sibling script named like a
+# package (benchmarks/models.py) would shadow it: import the repository's packages, never siblings.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
 # Peak dense bf16 tensor-core FLOP/s (no sparsity), from the vendors' data sheets, by name substring.
 PEAK_BF16: dict[str, float] = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
                                "L4": 121e12}

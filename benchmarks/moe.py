@@ -6,7 +6,7 @@ Side by side in one run, for top-1 at capacity factor 1.0 / 1.25 / 2.0, top-1 dr
    tokens/s of a dense FFN with the same FLOPs per token (top-2: a dense FFN twice as wide), for our
    layer (indexed dispatch) and DeepSpeed's stock layer (TopKGate + MOELayer), measured in
    alternating rounds in CPU time of the thread (other processes on a shared machine do not count);
-   the ratio compares the best round of each, with the median of per-round ratios beside it.
+   the ratio is the median over rounds of dense time / MoE time, with its quartiles.
 2. ep_size 2 across two processes (gloo on 127.0.0.1, one thread each): the same ratio in wall
    time of the slower rank, every rank holding E/2 experts and its own tokens.
 3. Dropped-token fraction on shapes-world batches: the quickstart model trained a few steps per
@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# `python benchmarks/moe.py` puts benchmarks/ first on sys.path, where benchmarks/models.py would
+# shadow the `models` package (here and in the spawned ep_size-2 processes, which re-run this file).
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -122,11 +126,12 @@ def measure(steps: dict[str, Callable[[], None]], rounds: int, clock: Callable[[
     return times
 
 
-def ratios(times: dict[str, list[float]], name: str) -> tuple[float, float]:
-    """(best-of-rounds dense / best-of-rounds MoE, median over rounds of the paired ratio). Other load
-    on the machine only ever adds time, so the best rounds are the least disturbed ones."""
-    paired = statistics.median(d / m for d, m in zip(times["dense"], times[name], strict=True))
-    return min(times["dense"]) / min(times[name]), paired
+def ratios(times: dict[str, list[float]], name: str) -> tuple[float, float, float]:
+    """Median and quartiles over rounds of (dense time / MoE time), each round's pair measured back to
+    back: slow drifts of the machine's load cancel within a pair."""
+    paired = sorted(d / m for d, m in zip(times["dense"], times[name], strict=True))
+    q1, med, q3 = statistics.quantiles(paired, n=4)
+    return med, q1, q3
 
 
 def dropped_stock(routes: list[Tensor]) -> float:
@@ -143,11 +148,11 @@ def layer_figures(row: Row, layers: Layers, x: Tensor, mask: Tensor, rounds: int
         steps["stock"] = step_fn(layers.stock, "stock", x, mask)
     times = measure(steps, rounds, clock, sync)
     N = x.shape[0] * x.shape[1]
-    out: dict[str, Any] = {"dense_tps": N / min(times["dense"])}
+    out: dict[str, Any] = {"dense_tps": N / statistics.median(times["dense"])}
     for name in steps:
         if name != "dense":
-            out[f"{name}_tps"] = N / min(times[name])
-            out[f"{name}_ratio"], out[f"{name}_ratio_median"] = ratios(times, name)
+            out[f"{name}_tps"] = N / statistics.median(times[name])
+            out[f"{name}_ratio"], out[f"{name}_q1"], out[f"{name}_q3"] = ratios(times, name)
     out["ours_dropped"] = float(layers.ours.last_stats.dropped)
     out["stock_dropped"] = dropped_stock(layers.stock_routes)
     return out
@@ -155,16 +160,19 @@ def layer_figures(row: Row, layers: Layers, x: Tensor, mask: Tensor, rounds: int
 
 def print_layer_table(title: str, results: dict[str, dict[str, Any]]) -> None:
     print(title)
-    print(f"  {'routing':36s} {'dense tok/s':>11s} | {'ours tok/s':>10s} {'ratio (med)':>13s} {'dropped':>7s} | "
-          f"{'DeepSpeed tok/s':>15s} {'ratio (med)':>13s} {'dropped':>7s}")
+    print(f"  {'routing':36s} {'dense tok/s':>11s} | {'ours tok/s':>10s} {'ratio [quartiles]':>19s} {'dropped':>7s} | "
+          f"{'DeepSpeed tok/s':>15s} {'ratio [quartiles]':>19s} {'dropped':>7s}")
+
+    def ratio(r: dict[str, Any], who: str) -> str:
+        return f"{r[who + '_ratio']:5.3f} [{r[who + '_q1']:.2f}-{r[who + '_q3']:.2f}]"
+
     for name, r in results.items():
-        stock = (f"{r['stock_tps']:15.0f} {r['stock_ratio']:6.3f} ({r['stock_ratio_median']:.3f}) "
-                 f"{100 * r['stock_dropped']:6.1f}%"
-                 if "stock_tps" in r else f"{'(no such gate)':>15s} {'-':>13s} {'-':>7s}")
-        print(f"  {name:36s} {r['dense_tps']:11.0f} | {r['ours_tps']:10.0f} {r['ours_ratio']:6.3f} "
-              f"({r['ours_ratio_median']:.3f}) {100 * r['ours_dropped']:6.1f}% | {stock}")
-    print("  ratio = MoE tokens/s / FLOP-matched dense FFN tokens/s, best round of each (median of the "
-          "per-round ratios in brackets); top-2 rows against a dense FFN twice as wide")
+        stock = (f"{r['stock_tps']:15.0f} {ratio(r, 'stock'):>19s} {100 * r['stock_dropped']:6.1f}%"
+                 if "stock_tps" in r else f"{'(no such gate)':>15s} {'-':>19s} {'-':>7s}")
+        print(f"  {name:36s} {r['dense_tps']:11.0f} | {r['ours_tps']:10.0f} {ratio(r, 'ours'):>19s} "
+              f"{100 * r['ours_dropped']:6.1f}% | {stock}")
+    print("  ratio = MoE tokens/s / tokens/s of a FLOP-matched dense FFN (top-2 rows: a dense FFN twice as "
+          "wide), median over rounds of the per-round ratio [quartiles]; tok/s from median times")
 
 
 def _inputs(args: argparse.Namespace, seed: int) -> tuple[Tensor, Tensor]:
@@ -340,7 +348,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--ffn", type=int, default=1024)
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--shape-samples", type=int, default=256)
     ap.add_argument("--shape-steps", type=int, default=30)
     ap.add_argument("--shape-last", type=int, default=10)

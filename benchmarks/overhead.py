@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python benchmarks/overhead.py` puts benchmarks/ first on sys.path, where a sibling script named like
+# a package (benchmarks/models.py) would shadow it: import the repository's packages, never siblings.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 WORLD = 2
 BENCH = {"data.image_size": 32, "data.max_text_len": 24, "data.eval": "null", "train.batch_size": 16,
          "train.log_every": 10, "train.checkpoint_every": 0, "train.warmup_steps": 5,
@@ -41,13 +45,13 @@ BENCH = {"data.image_size": 32, "data.max_text_len": 24, "data.eval": "null", "t
 @dataclass
 class Timing:
     steady_step_s: float  # mean step time over the reports after the first
+    steady_wait_s: float  # of which waiting for the next batch (mean over ranks)
     startup_s: float  # launch -> end of the first step (estimated, see the module doc)
-    reports: int
 
 
-def _timing(step_times: list[float], first_report_at: float, log_every: int) -> Timing:
+def _timing(step_times: list[float], waits: list[float], first_report_at: float, log_every: int) -> Timing:
     steady = statistics.mean(step_times[1:])
-    return Timing(steady, first_report_at - (log_every - 1) * steady, len(step_times))
+    return Timing(steady, statistics.mean(waits[1:]), first_report_at - (log_every - 1) * steady)
 
 
 # -- mmpt ---------------------------------------------------------------------------------------------
@@ -60,7 +64,8 @@ def _mmpt(cfg: Any) -> Timing:
     t0 = time.time()
     result = run(cfg, console=Console(quiet=True), fresh=True)
     reports = [r for r in result.metrics if "step_time_s" in r]
-    return _timing([r["step_time_s"] for r in reports], reports[0]["time"] - t0, cfg.train.log_every)
+    return _timing([r["step_time_s"] for r in reports], [r["data_wait_s"] for r in reports], reports[0]["time"] - t0,
+                   cfg.train.log_every)
 
 
 # -- plain torch.distributed ----------------------------------------------------------------------
@@ -90,7 +95,6 @@ def _plain_worker(rank: int, port: int, run: dict[str, Any], text: dict[str, int
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import logging
-    import sys
     import warnings
 
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - DeepSpeed's op-builder and group prints; errors still raise
@@ -119,23 +123,29 @@ def _plain_worker(rank: int, port: int, run: dict[str, Any], text: dict[str, int
     batches = _batches(shards[rank::WORLD], spec, cfg.train.batch_size)
 
     step_times: list[float] = []
+    waits: list[float] = []
     first_report = 0.0
-    t0, loss = time.perf_counter(), 0.0
+    t0, loss, wait = time.perf_counter(), 0.0, 0.0
     for step in range(1, cfg.train.steps + 1):
-        batch = to_model_batch(next(batches), engine.device, torch.float32)
+        t_wait = time.perf_counter()
+        raw = next(batches)
+        wait += time.perf_counter() - t_wait
+        batch = to_model_batch(raw, engine.device, torch.float32)
         out = engine(batch)
         engine.backward(out["loss"])
         engine.step()
         loss += out["loss"].item()
         if step % cfg.train.log_every == 0:
             elapsed = time.perf_counter() - t0
-            mean = torch.tensor([loss / cfg.train.log_every])
-            dist.all_reduce(mean)  # what a plain loop logs; outside the window, as in the train loop
+            means = torch.tensor([loss, wait]) / cfg.train.log_every
+            dist.all_reduce(means)  # what a plain loop logs; outside the window, as in the train loop
             step_times.append(elapsed / cfg.train.log_every)
+            waits.append(float(means[1]) / WORLD)
             first_report = first_report or time.time()
-            t0, loss = time.perf_counter(), 0.0
+            t0, loss, wait = time.perf_counter(), 0.0, 0.0
     if rank == 0:
-        Path(result_file).write_text(json.dumps({"step_times": step_times, "first_report": first_report}))
+        Path(result_file).write_text(json.dumps({"step_times": step_times, "waits": waits,
+                                                 "first_report": first_report}))
     dist.destroy_process_group()
 
 
@@ -160,7 +170,7 @@ def _plain(cfg: Any, data: Path, tmp: Path) -> Timing:
     t0 = time.time()
     mp.spawn(_plain_worker, args=(port, cfg.to_dict(), text, spec, shards, str(out)), nprocs=WORLD, join=True)
     res = json.loads(out.read_text())
-    return _timing(res["step_times"], res["first_report"] - t0, cfg.train.log_every)
+    return _timing(res["step_times"], res["waits"], res["first_report"] - t0, cfg.train.log_every)
 
 
 def main() -> None:
@@ -195,8 +205,9 @@ def main() -> None:
             m, p = got["mmpt"], got["plain"]
             ratios.append(m.steady_step_s / p.steady_step_s)
             startups.append((m.startup_s, p.startup_s))
-            print(f"pair {pair + 1} ({order[0]} first): step mmpt {1000 * m.steady_step_s:.1f} ms, "
-                  f"plain {1000 * p.steady_step_s:.1f} ms, ratio {ratios[-1]:.3f}; time to first step "
+            print(f"pair {pair + 1} ({order[0]} first): step mmpt {1000 * m.steady_step_s:.1f} ms "
+                  f"(data wait {1000 * m.steady_wait_s:.1f}), plain {1000 * p.steady_step_s:.1f} ms (data wait "
+                  f"{1000 * p.steady_wait_s:.1f}), ratio {ratios[-1]:.3f}; time to first step "
                   f"mmpt {m.startup_s:.1f} s, plain {p.startup_s:.1f} s", flush=True)
     print(f"ratio: {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}; "
           f"mmpt/plain steady step time, median of {len(ratios)} pairs)")

@@ -140,6 +140,12 @@ class RunConfig(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _drop_nulls(cls, v: Any) -> Any:
+        # `--set objectives.itm=null` switches an objective off, like weight 0
+        return {k: w for k, w in v.items() if w is not None} if isinstance(v, dict) else v
+
     @field_validator("objectives")
     @classmethod
     def _weights(cls, v: dict[str, float]) -> dict[str, float]:
@@ -185,6 +191,7 @@ def cross_check(cfg: RunConfig) -> list[tuple[str, Any, str]]:
         problems.append(("moe.ep_size", cfg.moe.ep_size,
                          f"must divide scaling.num_workers={cfg.scaling.num_workers} "
                          "(experts are split over groups of ep_size workers)"))
+    problems += cfg.moe.layer_problems(cfg.model.num_layers)
     if cfg.data.image_size % cfg.model.patch_size != 0:
         problems.append(("model.patch_size", cfg.model.patch_size,
                          f"must divide data.image_size={cfg.data.image_size}"))

@@ -1,6 +1,21 @@
 """Held-out evaluation inside the Ray Train workers: ITM accuracy, retrieval, MLM accuracy.
 
-Legend: K candidate-set size (= eval batch size), T tokens.
+Legend: K candidate-set size (= eval batch size), T tokens, N eval samples of all ranks, E joint
+embedding dim, M masked tokens.
+
+Metrics (keys of the returned dict; the train loop prefixes `eval/`):
+- ITM models: `itm_acc`, `i2t_r{1,5,10}` / `t2i_r{1,5,10}` over candidate sets of K, `chance_r1`,
+  `candidates` (K).
+- ITC models (CLIP-style embeddings): `itc_i2t_r{1,5,10}` / `itc_t2i_r{1,5,10}` over the WHOLE
+  eval set: every rank embeds its share, the embeddings (and caption ids) are all-gathered, each
+  rank ranks its own queries against all N, and the hit counts are summed; `itc_candidates` (N),
+  `itc_chance_r1`.
+- MLM models: with one fixed-seed masking per batch (the same masks with and without the image),
+  `mlm_token_acc` (all masked tokens), `mlm_grounded_acc` (masked tokens that are visually grounded
+  words: colours, shapes, sizes, relations; ids given by the caller), and the text-only control
+  `mlm_blind_acc` / `mlm_blind_grounded_acc`: the same masks with the image blanked (pixels zero,
+  every visual token masked, scene labels dropped); `mlm_grounding_gain` = grounded minus blind
+  grounded accuracy, what looking at the image buys.
 
 Retrieval ranks, for each image of an eval batch, the K captions of that batch by ITM score
 (image-to-text), and for each caption the K images (text-to-image): R@1 over candidate sets of K,
@@ -15,14 +30,31 @@ all-to-all requires.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from jobs.data.batch import to_model_batch
-from models.objectives.base import IMAGE_COLUMNS
+from models.objectives import masked_text_view
+from models.objectives.base import IGNORE_INDEX, IMAGE_COLUMNS, encoder_inputs
+
+RECALL_AT = (1, 5, 10)
+MLM_EVAL_SEED = 1234  # fixed masks: runs and the with/without-image passes see the same ones
+
+
+def grounded_token_ids(tokenizer_uri: str, storage: Any = None) -> tuple[int, ...]:
+    """Token ids of the shapes world's visually grounded words (jobs.data.synth.GROUNDED_WORDS),
+    every word piece of each, specials excluded."""
+    from jobs.data.synth import GROUNDED_WORDS
+    from jobs.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_uri, storage)
+    ids: set[int] = set()
+    for word in GROUNDED_WORDS:
+        ids.update(tok.encode(word, add_special_tokens=False).ids)
+    return tuple(sorted(ids))
 
 
 def _same_text(ids_KT: torch.Tensor) -> torch.Tensor:
@@ -32,11 +64,17 @@ def _same_text(ids_KT: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, max_batches: int | None = None) -> dict[str, float]:
+             dtype: torch.dtype = torch.float32, max_batches: int | None = None,
+             grounded_ids: Sequence[int] = ()) -> dict[str, float]:
     """Metrics over `batches` (each of K samples), summed over ranks when distributed."""
     was_training = model.training
     model.eval()
-    has_itm = "itm" in getattr(model, "objectives", {})
+    objectives = getattr(model, "objectives", {})
+    has_itm = "itm" in objectives
+    has_itc = "text_embed" in getattr(getattr(model, "encoder", None), "provides", frozenset())
+    has_mlm = "mlm" in objectives
+    grounded = torch.tensor(sorted(set(grounded_ids)), dtype=torch.long, device=device)
+    embeds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     sums: dict[str, float] = {}
 
     def add(name: str, value: float) -> None:
@@ -54,9 +92,90 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
             add(name, value.float().item())
         if has_itm:
             _retrieval(model, batch, add)
+        if has_itc:
+            out_enc = model.encoder(encoder_inputs(batch))
+            embeds.append((out_enc["image_embed"].float().cpu(), out_enc["text_embed"].float().cpu(),
+                           batch["input_ids"].cpu()))
+        if has_mlm:
+            _mlm_probe(model, batch, grounded, add, seed=MLM_EVAL_SEED + i)
+    if has_itc:
+        _itc_retrieval(embeds, add)
     if was_training:
         model.train()
     return _reduce(sums)
+
+
+def _recall_counts(hit_QN: torch.Tensor, scores_QN: torch.Tensor, prefix: str, add: Any) -> None:
+    """For each query row, whether any correct item is among its top r by score."""
+    ranked_QN = scores_QN.argsort(dim=1, descending=True)
+    for r in RECALL_AT:
+        top = ranked_QN[:, : min(r, ranked_QN.shape[1])]
+        add(f"{prefix}_r{r}", hit_QN.gather(1, top).any(1).sum().item())
+
+
+def _itc_retrieval(embeds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], add: Any) -> None:
+    """Full eval-set retrieval with the joint embeddings: this rank's queries against every rank's items."""
+    if not embeds:
+        return
+    image_NE = torch.cat([e[0] for e in embeds])
+    text_NE = torch.cat([e[1] for e in embeds])
+    ids_NT = torch.cat([e[2] for e in embeds])
+    parts = [(image_NE, text_NE, ids_NT)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(parts, (image_NE, text_NE, ids_NT))
+    T = max(p[2].shape[1] for p in parts)
+    all_image = torch.cat([p[0] for p in parts])
+    all_text = torch.cat([p[1] for p in parts])
+    all_ids = torch.cat([torch.nn.functional.pad(p[2], (0, T - p[2].shape[1])) for p in parts])
+    own = torch.nn.functional.pad(ids_NT, (0, T - ids_NT.shape[1]))
+    n = own.shape[0]
+    # same[q, j]: item j's caption is token-identical to query q's (an identical caption is as right)
+    same_QN = (own[:, None, :] == all_ids[None, :, :]).all(-1)
+    _recall_counts(same_QN, image_NE @ all_text.T, "itc_i2t", add)
+    _recall_counts(same_QN, text_NE @ all_image.T, "itc_t2i", add)
+    add("itc_queries", n)
+    add("itc_chance_r1", (same_QN.sum(1).float() / all_ids.shape[0]).sum().item())
+    add("itc_pool", float(all_ids.shape[0]) * n)  # so the reduced mean pool size is N
+
+
+def _blank(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text-only control: pixels zero, scene classes dropped (no object tags, no real regions)."""
+    out = dict(batch)
+    out["image"] = torch.zeros_like(batch["image"])
+    for key in ("obj_labels", "region_labels"):
+        if key in out:
+            out[key] = torch.full_like(out[key], -1)
+    if "region_feats" in out:
+        out["region_feats"] = torch.zeros_like(out["region_feats"])
+    return out
+
+
+def _mlm_predictions(model: Any, view: dict[str, torch.Tensor], blind: bool) -> torch.Tensor:
+    """[M] predicted ids at the masked positions of `view`."""
+    encoder = model.encoder
+    visual_mask = None
+    if blind and getattr(encoder, "_visual_name", None) is not None:
+        P = encoder.num_visual_tokens(view)
+        visual_mask = torch.ones(view["input_ids"].shape[0], P, dtype=torch.bool, device=view["input_ids"].device)
+    hidden_BTD = encoder(view, visual_mask_BP=visual_mask)["text_hidden"]
+    selected_BT = view["mlm_labels"] != IGNORE_INDEX
+    return model.objectives["mlm"].head(hidden_BTD[selected_BT]).argmax(-1)
+
+
+def _mlm_probe(model: Any, batch: dict[str, torch.Tensor], grounded: torch.Tensor, add: Any, seed: int) -> None:
+    """MLM accuracy overall / on grounded words, with the image and with it blanked (same masks)."""
+    generator = torch.Generator().manual_seed(seed)
+    view = masked_text_view(batch, model.text, generator)
+    labels_M = view["mlm_labels"][view["mlm_labels"] != IGNORE_INDEX]
+    is_grounded_M = torch.isin(labels_M, grounded)
+    add("mlm_tokens", labels_M.numel())
+    add("mlm_grounded_tokens", is_grounded_M.sum().item())
+    for prefix, blind in (("mlm", False), ("mlm_blind", True)):
+        source = {**_blank(batch), **{k: view[k] for k in ("input_ids", "mlm_labels")}} if blind else view
+        correct_M = _mlm_predictions(model, source, blind) == labels_M
+        add(f"{prefix}_correct", correct_M.sum().item())
+        add(f"{prefix}_grounded_correct", (correct_M & is_grounded_M).sum().item())
 
 
 def _retrieval(model: Any, batch: dict[str, torch.Tensor], add: Any) -> None:
@@ -70,7 +189,7 @@ def _retrieval(model: Any, batch: dict[str, torch.Tensor], add: Any) -> None:
     ranked_i2t = scores_KK.argsort(dim=1, descending=True)
     ranked_t2i = scores_KK.argsort(dim=0, descending=True).T  # row j = images ranked for caption j
     rows = torch.arange(k)
-    for r in (1, 5):
+    for r in RECALL_AT:
         hit_i2t = same_KK[rows[:, None], ranked_i2t[:, :r]].any(1)
         hit_t2i = same_KK[ranked_t2i[:, :r], rows[:, None]].any(1)
         add(f"i2t_r{r}", hit_i2t.sum().item())
@@ -86,6 +205,10 @@ def _retrieval(model: Any, batch: dict[str, torch.Tensor], add: Any) -> None:
     add("chance_r1", (same_KK.sum(1).float() / k).sum().item())
 
 
+_COUNTS = ("batches", "samples", "itm_correct", "itm_pairs", "retrieval_queries", "itc_queries", "itc_pool",
+           "mlm_tokens", "mlm_grounded_tokens")
+
+
 def _reduce(sums: dict[str, float]) -> dict[str, float]:
     keys = sorted(sums)
     if dist.is_available() and dist.is_initialized():
@@ -95,7 +218,9 @@ def _reduce(sums: dict[str, float]) -> dict[str, float]:
     n = max(sums.get("batches", 0.0), 1.0)
     out: dict[str, float] = {}
     for k in keys:
-        if k in ("batches", "samples", "itm_correct", "itm_pairs", "retrieval_queries") or k.startswith(("i2t", "t2i", "chance")):
+        if k in _COUNTS or k.startswith(("i2t", "t2i", "chance", "itc_i2t", "itc_t2i", "itc_chance")):
+            continue
+        if k.startswith("mlm") and (k.endswith("_correct")):
             continue
         out[k] = sums[k] / n  # per-batch means: loss and the objectives' metrics
     q = sums.get("retrieval_queries", 0.0)
@@ -106,5 +231,21 @@ def _reduce(sums: dict[str, float]) -> dict[str, float]:
         out["chance_r1"] = sums["chance_r1"] / q
         out["itm_acc"] = sums["itm_correct"] / sums["itm_pairs"]
         out["candidates"] = float(round(q / n))
+    iq = sums.get("itc_queries", 0.0)
+    if iq:
+        for k in keys:
+            if k.startswith(("itc_i2t", "itc_t2i")):
+                out[k] = sums[k] / iq
+        out["itc_chance_r1"] = sums["itc_chance_r1"] / iq
+        out["itc_candidates"] = float(round(sums["itc_pool"] / iq))
+    m, g = sums.get("mlm_tokens", 0.0), sums.get("mlm_grounded_tokens", 0.0)
+    if "mlm_correct" in sums:
+        out["mlm_token_acc"] = sums["mlm_correct"] / max(m, 1.0)
+        out["mlm_blind_acc"] = sums["mlm_blind_correct"] / max(m, 1.0)
+        out["mlm_grounded_tokens"] = g
+        if g:
+            out["mlm_grounded_acc"] = sums["mlm_grounded_correct"] / g
+            out["mlm_blind_grounded_acc"] = sums["mlm_blind_grounded_correct"] / g
+            out["mlm_grounding_gain"] = out["mlm_grounded_acc"] - out["mlm_blind_grounded_acc"]
     out["samples"] = sums.get("samples", 0.0)
     return out

@@ -29,7 +29,9 @@ Keys of `measure_model_states` (all int; bytes unless named otherwise):
     memory/params_bytes, memory/grads_bytes, memory/optim_bytes (master copy + Adam states),
     memory/master_bytes (the fp32 master copy, part of optim_bytes), memory/total_bytes
     (params + grads + optim), memory/buffers_bytes (DeepSpeed's reduce-bucket buffers; residual
-    memory in the paper, not a model state), memory/{params,grads,optim}_{dense,expert}_bytes,
+    memory in the paper, not a model state), memory/host_bytes (the part of params + optim kept in
+    host memory by optimizer offload; 0 when the engine itself runs on CPU),
+    memory/{params,grads,optim}_{dense,expert}_bytes,
     memory/expected_{params,grads,optim}_bytes and memory/expected_bytes (the formula above for this
     run's stage, precision, world size and ep_size), memory/num_params (dense Ψ),
     memory/num_expert_params (all experts of all layers), memory/zero_stage, memory/dp, memory/ep,
@@ -50,8 +52,9 @@ from torch import Tensor, nn
 from jobs.config import Precision
 
 Category = Literal["params", "master", "grads", "buffers", "optim"]
-# The order storages are claimed in: a tensor aliased by two structures counts where it first
-# appears (ZeRO-3 in fp32 uses its weight partition as the master: it counts as parameters).
+_TRANSIENT: tuple[Category, ...] = ("grads", "buffers")  # freed by the step: the watch keeps their peak
+# The order storages are claimed in: a storage reached through two structures counts once, in the
+# first category (a model parameter that is a view into ZeRO's flat weight buffer: parameters).
 # DeepSpeed's reduce buckets come before gradients: a gradient waiting in a bucket is a view into it.
 _ORDER: tuple[Category, ...] = ("params", "master", "buffers", "grads", "optim")
 
@@ -206,16 +209,22 @@ def _state_entries(opt: Any) -> Iterator[_Entry]:
 class _Storage:
     category: Category
     nbytes: int
+    host: bool  # in host memory while the engine computes on an accelerator (ZeRO-Offload)
     expert_regions: set[tuple[int, int]] = field(default_factory=set)  # (byte offset, bytes) of expert views
 
 
-def _held(engine: Any) -> dict[tuple[Category, bool], int]:
-    """Bytes by (category, expert), each storage counted once, in `_ORDER` priority.
+_Key = tuple[Category | Literal["host"], bool]
+
+
+def _held(engine: Any) -> dict[_Key, int]:
+    """Bytes by (category, expert), each storage counted once, in `_ORDER` priority; ("host", False)
+    sums the storages kept in host memory when the engine runs on an accelerator.
 
     A storage shared by dense and expert tensors (ZeRO-2's `grads_in_partition` spans all groups)
     is split by the bytes of the distinct expert views into it; the rest, padding included, is dense.
     """
     entries = [*_model_entries(engine.module), *_wrapper_entries(engine.optimizer), *_state_entries(engine.optimizer)]
+    on_accelerator = torch.device(engine.device).type != "cpu"
     storages: dict[int, _Storage] = {}
     for cat in _ORDER:
         for c, expert, t in entries:
@@ -225,24 +234,23 @@ def _held(engine: Any) -> dict[tuple[Category, bool], int]:
             ptr = storage.data_ptr()
             if ptr == 0:
                 continue
-            held = storages.setdefault(ptr, _Storage(cat, storage.nbytes()))
+            held = storages.setdefault(ptr, _Storage(cat, storage.nbytes(), on_accelerator and t.device.type == "cpu"))
             if held.category == cat and expert:
                 held.expert_regions.add((t.storage_offset() * t.element_size(), t.numel() * t.element_size()))
-    out: dict[tuple[Category, bool], int] = {}
+    out: dict[_Key, int] = {}
     for held in storages.values():
         expert = min(held.nbytes, sum(n for _, n in held.expert_regions))
         for flag, n in ((True, expert), (False, held.nbytes - expert)):
             if n:
                 out[(held.category, flag)] = out.get((held.category, flag), 0) + n
+        if held.host and held.category not in _TRANSIENT:
+            out[("host", False)] = out.get(("host", False), 0) + held.nbytes
     return out
-
-
-_TRANSIENT: tuple[Category, ...] = ("grads", "buffers")  # freed by the step: the watch keeps their peak
 
 
 @dataclass
 class _Watch:
-    peak: dict[tuple[Category, bool], int] = field(default_factory=dict)
+    peak: dict[_Key, int] = field(default_factory=dict)
     calls: int = 0
 
     def snapshot(self, engine: Any) -> None:
@@ -318,7 +326,7 @@ def measure_model_states(engine: Any) -> dict[str, int]:
     if watch is not None and watch.calls:
         held = {k: v for k, v in held.items() if k[0] not in _TRANSIENT} | watch.peak
 
-    def total(cat: Category, expert: bool | None = None) -> int:
+    def total(cat: Category | Literal["host"], expert: bool | None = None) -> int:
         return sum(v for (c, e), v in held.items() if c == cat and (expert is None or e == expert))
 
     out: dict[str, int] = {
@@ -327,6 +335,7 @@ def measure_model_states(engine: Any) -> dict[str, int]:
         "memory/master_bytes": total("master"),
         "memory/optim_bytes": total("master") + total("optim"),
         "memory/buffers_bytes": total("buffers"),
+        "memory/host_bytes": total("host"),
     }
     for expert, tag in ((False, "dense"), (True, "expert")):
         out[f"memory/params_{tag}_bytes"] = total("params", expert)

@@ -68,6 +68,28 @@ def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
     return {k: v / world for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+def _flatten_lists(values: dict[str, Any]) -> dict[str, float]:
+    """{"k": [a, b]} -> {"k[0]": a, "k[1]": b}, so per-expert loads can be all-reduced as floats."""
+    out: dict[str, float] = {}
+    for k, v in values.items():
+        if isinstance(v, list):
+            out |= {f"{k}[{j}]": float(x) for j, x in enumerate(v)}
+        else:
+            out[k] = float(v)
+    return out
+
+
+def _regroup_lists(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if k.endswith("]") and "[" in k:
+            name, idx = k[:-1].rsplit("[", 1)
+            out.setdefault(name, []).append((int(idx), v))
+        else:
+            out[k] = v
+    return {k: [x for _, x in sorted(v)] if isinstance(v, list) else v for k, v in out.items()}
+
+
 def _all_max(value: float, world: int) -> float:
     if world == 1:
         return value
@@ -104,8 +126,9 @@ def train_func(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
     from jobs.engine import build_engine, diversify_experts
-    from jobs.evaluate import evaluate
+    from jobs.evaluate import evaluate, grounded_token_ids
     from models import build_pretrainer
+    from models.moe import collect_stats
 
     # Same seed on every rank: identical dense init (DeepSpeed broadcasts rank 0's anyway).
     torch.manual_seed(cfg.train.seed)
@@ -149,7 +172,9 @@ def train_func(config: dict[str, Any]) -> None:
         eval_stream = RankStream(config["eval_shards"], spec, batch_size=cfg.eval.batch_size, rank=rank,
                                  world=world, seed=None, limit=per_rank, ray_remote_args=remote_args)
         batches = synchronized_batches(eval_stream, world)
-        return {f"eval/{k}": v for k, v in evaluate(engine.module, batches, device=device, dtype=dtype).items()}
+        grounded = grounded_token_ids(spec.tokenizer_uri, spec.storage)  # MLM accuracy on grounded words
+        return {f"eval/{k}": v for k, v in evaluate(engine.module, batches, device=device, dtype=dtype,
+                                                     grounded_ids=grounded).items()}
 
     while state.step < cfg.train.steps:
         step_samples = 0
@@ -182,7 +207,9 @@ def train_func(config: dict[str, Any]) -> None:
         local = {f"loss/{k}": v / window.steps for k, v in window.losses.items()}
         local |= {f"train/{k}": v / window.steps for k, v in window.metrics.items()}
         local["data_wait_s"] = window.wait / window.steps
-        metrics = _all_mean(local, world)
+        if cfg.moe.enabled:  # per-layer expert load, drops, router losses, averaged over the window
+            local |= _flatten_lists(collect_stats(engine.module))
+        metrics = _regroup_lists(_all_mean(local, world))
         wait_share = _all_max(window.wait / elapsed, world)
         metrics |= {
             "step": state.step,

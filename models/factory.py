@@ -90,7 +90,9 @@ def build_pretrainer(
 
     needs = frozenset().union(*(cls.requires for cls in classes.values()))
     encoder = encoder_cls(model, blocks, moe, text, image, needs)
-    ctx = ObjectiveContext(hidden_size=model.hidden_size, text=text, word_embeddings=encoder.word_embeddings)
+    feature_size = encoder.visual_embeddings.feature_size if encoder._visual_name is not None else 0
+    ctx = ObjectiveContext(hidden_size=model.hidden_size, text=text, word_embeddings=encoder.word_embeddings,
+                           object_classes=model.object_classes, visual_feature_size=feature_size)
     pretrainer = Pretrainer(
         encoder,
         {name: cls(ctx) for name, cls in classes.items()},

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from models.config import TextSpec
 from models.encoders import Encoder
 from models.objectives import VIEWS, Objective
-from models.objectives.base import CAUSAL_TEXT, VISUAL_MASK
+from models.objectives.base import CAUSAL_TEXT, CLEAN_FEATS, NUM_VISUAL_TOKENS, VISUAL_MASK, VISUAL_MASK_VIEWS
 
 # The key of the MoE load-balancing loss in `losses`: a loss term like any other (DESIGN.md).
 MOE_AUX = "moe_aux"
@@ -82,9 +82,16 @@ class Pretrainer(nn.Module):
         aux: Tensor | None = None
         counts: Tensor | None = None
         for view_name, names in self.views.items():
-            view = VIEWS[view_name](batch, self.text, generator)
+            source = batch
+            if view_name in VISUAL_MASK_VIEWS:  # the view draws a [B, P] mask: tell it P
+                P = self.encoder.num_visual_tokens(batch)
+                source = {**batch, NUM_VISUAL_TOKENS: torch.tensor(P)}
+            view = VIEWS[view_name](source, self.text, generator)
+            clean = self._clean_features(view, generator) if VISUAL_MASK in view else None
             outputs = self.encoder(view, visual_mask_BP=view.get(VISUAL_MASK), causal_text=CAUSAL_TEXT in view,
                                    generator=generator)
+            if clean is not None:
+                outputs = {**outputs, CLEAN_FEATS: clean}
             for name in names:
                 named_losses, named_metrics = self.objectives[name](outputs, view)
                 for key, value in named_losses.items():
@@ -108,6 +115,21 @@ class Pretrainer(nn.Module):
             "metrics": metrics,
             "moe_counts": counts,
         }
+
+    def _clean_features(self, view: Mapping[str, Tensor], generator: torch.Generator | None) -> Tensor:
+        """[B,P,F] the visual input's features without the view's mask (the MRFR target), detached.
+
+        The RNG is rewound afterwards, so the masked forward that follows draws the same samples
+        (Pixel-BERT's kept cells) and the target lines up with its tokens.
+        """
+        image = view["image"]
+        devices = [image.device] if image.device.type == "cuda" else []
+        state = generator.get_state() if generator is not None else None
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            feats_BPF = self.encoder.embed_visual(view, None, generator).feats_BPF.detach()
+        if generator is not None and state is not None:
+            generator.set_state(state)
+        return feats_BPF
 
     @property
     def num_visual_tokens(self) -> int:

@@ -214,7 +214,8 @@ class RegionInput(VisualInput):
         device = boxes_BR4.device
         whole_B14 = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).expand(B, 1, 4)
         boxes_BN4 = torch.cat([whole_B14, boxes_BR4.float()], dim=1)
-        area_BN = box5(boxes_BN4)[..., 4]
+        loc_BN5 = box5(boxes_BN4)
+        area_BN = loc_BN5[..., 4]
         mask_BN = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=device), area_BN[:, 1:] > 0], dim=1)
         labels_BN = torch.cat([torch.full((B, 1), -1, dtype=torch.long, device=device), labels_BR.long()], dim=1)
         if self.extractor is not None:
@@ -231,8 +232,7 @@ class RegionInput(VisualInput):
         feats_BNF = feats_BNF.to(self.feat_proj.weight.dtype)
         masked_BN = _masked(visual_mask_BP, B, R + 1, device)
         feats_BNF = feats_BNF * ~masked_BN[..., None]
-        loc_BN5 = box5(boxes_BN4).to(feats_BNF.dtype)
-        x_BND = self.norm(self.feat_proj(feats_BNF) + self.box_proj(loc_BN5)) + self.type_D
+        x_BND = self.norm(self.feat_proj(feats_BNF) + self.box_proj(loc_BN5.to(feats_BNF.dtype))) + self.type_D
         return VisualTokens(self.dropout(x_BND), feats_BNF, labels_BN, mask_BN, masked_BN)
 
 

@@ -29,6 +29,8 @@ app.add_typer(cluster_app, name="cluster")
 app.command("submit")(jobs_cli.submit)
 app.command("controller")(jobs_cli.controller)
 app.command("plan")(plan_cmd)
+app.command("sweep")(__import__("orchestrator.sweep", fromlist=["sweep_cmd"]).sweep_cmd)
+app.command("report")(__import__("orchestrator.report", fromlist=["report_cmd"]).report_cmd)
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")]
 

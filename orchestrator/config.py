@@ -43,7 +43,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
-    """Return a copy of `raw` with each dotted override set; `null` removes a key."""
+    """Return a copy of `raw` with each dotted override set (`null` sets None, as in YAML)."""
     out: dict[str, Any] = copy.deepcopy(dict(raw))
     pairs = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
     problems: list[str] = []
@@ -60,10 +60,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str] | Mapping[s
                 break
             node = child
         else:
-            if value is None:
-                node.pop(parts[-1], None)
-            else:
-                node[parts[-1]] = value
+            node[parts[-1]] = value
     if problems:
         raise ConfigError(problems)
     return out

@@ -114,8 +114,12 @@ def summary_tables(summary: Mapping[str, Any]) -> list[Table]:
         t.add_column("metric")
         t.add_column("value", justify="right")
         t.add_column("chance", justify="right")
-        chance = {"itm_acc": 0.5, "i2t_r1": ev.get("chance_r1"), "t2i_r1": ev.get("chance_r1")}
-        for name in ("itm_acc", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mlm_acc", "loss"):
+        chance = {"itm_acc": 0.5, "i2t_r1": ev.get("chance_r1"), "t2i_r1": ev.get("chance_r1"),
+                  "itc_i2t_r1": ev.get("itc_chance_r1"), "itc_t2i_r1": ev.get("itc_chance_r1")}
+        for name in ("itm_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
+                     "itc_i2t_r1", "itc_i2t_r5", "itc_i2t_r10", "itc_t2i_r1", "itc_t2i_r5", "itc_t2i_r10",
+                     "mlm_acc", "mlm_token_acc", "mlm_grounded_acc", "mlm_blind_acc", "mlm_blind_grounded_acc",
+                     "mlm_grounding_gain", "loss"):
             if name in ev:
                 c = chance.get(name)
                 t.add_row(name, _fmt(ev[name]), "" if c is None else _fmt(c))

@@ -27,6 +27,7 @@ from jobs import storage
 from jobs.config import RunConfig
 from jobs.data.tokenizer import load_tokenizer, text_spec
 from orchestrator.config import ConfigError, dump_yaml
+from orchestrator.moe_report import load_table, moe_summary, save_heatmap
 from orchestrator.progress import ProgressView, capture_output, summary_tables
 
 log = logging.getLogger(__name__)
@@ -327,9 +328,24 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     summary = _summary(cfg, records, box.get("result"), time.time() - started, log_dir)
     summary["data"] = {"bad_samples": bad["by_reason"], "bad_total": bad["bad"], "bad_fraction": bad["fraction"],
                        "samples_checked": bad["samples"], "worst_shards": bad["worst_shards"]}
+    if cfg.moe.enabled:
+        summary["moe"] = _moe_outputs(records, files, log_dir)
     files.write_json("summary.json", summary)
     _show(out, summary, files.uri)
+    if cfg.moe.enabled and (table := load_table(records)) is not None:
+        out.print(table)
     return RunResult(run_dir=files.uri, summary=summary, metrics=records)
+
+
+def _moe_outputs(records: list[dict[str, Any]], files: RunFiles, log_dir: Path) -> dict[str, Any]:
+    """Per-layer expert-load summary, and the layer x expert load heatmap PNG in the run dir."""
+    summary = moe_summary(records)
+    local = log_dir.parent / "moe_load.png"
+    if save_heatmap(records, local) is not None:
+        if storage.is_remote(files.uri):
+            storage.write_bytes(files.path("moe_load.png"), local.read_bytes(), files.opts)
+        summary["heatmap"] = files.path("moe_load.png")
+    return summary
 
 
 def _summary(cfg: RunConfig, records: list[dict[str, Any]], result: Any, wall_s: float, log_dir: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import getpass
 import hashlib
 import json
 import os
+import re
 import secrets
 import shlex
 import socket
@@ -44,8 +45,9 @@ EXCLUDES: tuple[str, ...] = (
     ".env", ".env.*", "*.pem", "*.key", ".aws/", ".ray/", ".ssh/",
 )
 _TOP_EXCLUDED = {p.strip("/") for p in EXCLUDES if p.startswith("/")}
-# Keys of a sweep file's search space (issue 8: "a base run config + a search space").
-_SPACE_KEYS = ("space", "search_space")
+# Keys only a sweep file has (issue 8: "a base run config + a search space"); used when the sweep
+# schema (orchestrator/sweep_spec.py) is not importable.
+_SWEEP_KEYS = ("base", "space", "objective_sets")
 _LOCAL_PATH_FIELDS = ("data.train", "data.eval", "data.tokenizer", "storage.path")
 
 
@@ -176,39 +178,41 @@ def prepare_run(config: str | Path, overrides: Sequence[str] = (), *, address: s
     return Prepared(record, _runtime_env(wd, env))
 
 
-def _check_sweep(path: Path, raw: Mapping[str, Any]) -> None:
-    try:
-        from orchestrator import sweep as sweep_module  # written by the sweeps work (issue 8)
-    except ImportError:
-        sweep_module = None
-    loader = getattr(sweep_module, "load_sweep", None)
-    if loader is not None:
-        loader(path)  # its ConfigError names the problem
-        return
-    if any(k in raw for k in _SPACE_KEYS):
-        return
+def _check_sweep(path: Path, raw: Mapping[str, Any], overrides: Sequence[str]) -> None:
+    """ConfigError unless `path` is a valid sweep file (with `overrides` applied, as `mmpt sweep` will)."""
     if set(raw) <= set(RunConfig.model_fields):
         validate(raw)  # a broken run config: say what is wrong with it first
         raise ConfigError([f"{path}: a run config, not a sweep file; submit it without --sweep"])
-    raise ConfigError([f"{path}: not a sweep file (a sweep has a base config and a search `space:` section)"])
+    try:
+        from orchestrator.sweep_spec import load_spec  # the sweep file's schema (issue 8)
+    except ImportError:
+        load_spec = None
+    if load_spec is not None:
+        load_spec(path, list(overrides))  # its ConfigError names every problem
+    elif not any(k in raw for k in _SWEEP_KEYS):
+        raise ConfigError([f"{path}: not a sweep file (a sweep has a `base:` run config and a search `space:`)"])
 
 
 def prepare_sweep(sweep: str | Path, overrides: Sequence[str] = (), *, address: str,
                   working_dir: str | Path | None = None, env: Sequence[str] = (), job_id: str | None = None) -> Prepared:
-    """Validate a sweep file for submission as the job `mmpt sweep FILE`."""
+    """Validate a sweep file for submission as the job `mmpt sweep FILE [--set ...]`.
+
+    The sweep's base config and output folder are resolved by `mmpt sweep` inside the job, relative
+    to the uploaded sweep file: keep them inside the working dir, data on shared or object storage.
+    """
     address = cluster.check_address(address)
-    if overrides:
-        raise SubmitError("--set with --sweep: put overrides into the sweep file's base config")
     wd = _working_dir(working_dir)
     path = Path(sweep)
     raw = load_raw(path)
-    _check_sweep(path, raw)
+    _check_sweep(path, raw, overrides)
     rel = _inside(path, wd, "SWEEP")
     name = str(raw.get("name") or path.stem)
-    record = JobRecord(id=job_id or new_job_id(name.replace(" ", "_")), kind="sweep", name=name, address=address,
-                       config_hash=hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12],
-                       config=json.loads(json.dumps(raw, default=str)), entrypoint=shlex.join(["mmpt", "sweep", rel]),
-                       submitter=_submitter())
+    resolved = {"sweep": json.loads(json.dumps(raw, default=str)), "overrides": list(overrides)}
+    record = JobRecord(id=job_id or new_job_id(re.sub(r"[^A-Za-z0-9_.-]", "_", name)), kind="sweep", name=name,
+                       address=address,
+                       config_hash=hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12],
+                       config=resolved, submitter=_submitter(),
+                       entrypoint=shlex.join(["mmpt", "sweep", rel, *[a for o in overrides for a in ("--set", o)]]))
     return Prepared(record, _runtime_env(wd, env))
 
 

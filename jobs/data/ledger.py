@@ -24,7 +24,7 @@ class BadSampleLedger:
         self._bad: dict[str, dict[str, str]] = {}
 
     def add(self, report: ShardReport) -> None:
-        self._good[report.shard] = max(self._good.get(report.shard, 0), report.good)
+        self._good[report.shard] = report.good  # the latest pass knows about images that failed to decode
         self._bad.setdefault(report.shard, {}).update(report.bad)
 
     def totals(self, worst: int = 5) -> dict[str, Any]:

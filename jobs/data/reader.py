@@ -197,9 +197,12 @@ def iter_rows(shard: str, spec: ReadSpec, *, seed: int | None = None, start: int
 
     Offsets index the shard's (permuted) list of structurally valid samples, so they are the same
     in every pass; a sample whose image fails to decode is skipped and its offset left unused.
-    `on_report` gets the shard's report once the shard is exhausted.
+    `on_report` gets the shard's report once the shard is exhausted (and, if it has structural
+    problems, once before the first sample).
     """
     raws, report = read_shard(shard, spec, seed=seed)
+    if on_report is not None and report.bad:
+        on_report(report)  # the structural problems now: a budget check need not wait for the shard's end
     for offset in range(start, len(raws)):
         raw = raws[offset]
         try:

@@ -61,6 +61,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.text_embeddings = TextEmbeddings(text, cfg.hidden_size, cfg.dropout)
         self._visual_name: str | None = None
+        self._num_moe: int | None = None
         if with_visual:
             name, module = build_visual(cfg, blocks, image)
             self.add_module(name, module)
@@ -78,9 +79,12 @@ class Encoder(nn.Module):
 
     @property
     def num_moe_layers(self) -> int:
-        from models.moe.layer import MoEFFN
+        """MoE FFNs in the encoder (rows of `moe_counts`); counted once, after construction."""
+        if self._num_moe is None:
+            from models.moe.layer import MoEFFN
 
-        return sum(isinstance(m, MoEFFN) for m in self.modules())
+            self._num_moe = sum(isinstance(m, MoEFFN) for m in self.modules())
+        return self._num_moe
 
     def num_visual_tokens(self, inputs: Mapping[str, Tensor]) -> int:
         """P for these inputs before any sampling: the size `visual_mask_BP` must have."""

@@ -30,7 +30,7 @@ from models.encoders.base import (
     Encoder,
     EncoderOutputs,
 )
-from models.encoders.layers import MoETally, causal_mask, key_mask, run_stack, stack
+from models.encoders.layers import MoETally, key_mask, run_stack, stack, text_mask
 from models.presets import Blocks
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -77,10 +77,9 @@ class DualEncoder(Encoder):
                 causal_text: bool = False, generator: torch.Generator | None = None) -> EncoderOutputs:
         ids_BT, keep_BT = inputs["input_ids"], inputs["attention_mask"].bool()
         t_BTD = self.text_embeddings(ids_BT)
-        T = t_BTD.shape[1]
         tally = MoETally(t_BTD)
         # Always causal: CLIP's text tower is a decoder-style transformer (causal_text is a no-op).
-        text_allow = (causal_mask(T, t_BTD.device) & keep_BT[:, None, :])[:, None]
+        text_allow = text_mask(keep_BT, causal=True)
         t_BTD = self.text_norm(run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally))
         out: EncoderOutputs = {"text_hidden": t_BTD}
         if self.with_image:

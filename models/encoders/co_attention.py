@@ -28,10 +28,10 @@ from models.encoders.layers import (
     FFNSublayer,
     MoETally,
     TransformerLayer,
-    causal_mask,
     key_mask,
     run_stack,
     stack,
+    text_mask,
 )
 from models.presets import Blocks
 
@@ -96,9 +96,7 @@ class CoAttentionEncoder(Encoder):
         t_BTD = self.text_embeddings(inputs["input_ids"])
         vis = self.embed_visual(inputs, visual_mask_BP, generator)
         keep_BT, keep_BP = inputs["attention_mask"].bool(), vis.mask_BP
-        T = t_BTD.shape[1]
-        text_allow = (causal_mask(T, t_BTD.device) & keep_BT[:, None, :])[:, None] if causal_text \
-            else key_mask(keep_BT)
+        text_allow = text_mask(keep_BT, causal_text)
         tally = MoETally(t_BTD)
         t_BTD = run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally)
         v_BPD = vis.x_BPD

@@ -174,3 +174,10 @@ class Pooler(nn.Module):
 def causal_mask(T: int, device: torch.device) -> Tensor:
     """[T, T] lower-triangular: token i sees tokens 0..i (a decoder's mask)."""
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+def text_mask(keep_BT: Tensor, causal: bool) -> Tensor:
+    """Text self-attention mask: [B, 1, T, T] causal over the real tokens, or [B, 1, 1, T]."""
+    if not causal:
+        return key_mask(keep_BT)
+    return (causal_mask(keep_BT.shape[1], keep_BT.device) & keep_BT[:, None, :])[:, None]

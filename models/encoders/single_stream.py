@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
 from models.embeddings import TagEmbeddings
 from models.encoders.base import FUSED, Encoder, EncoderOutputs
-from models.encoders.layers import MoETally, Pooler, causal_mask, key_mask, run_stack, stack
+from models.encoders.layers import MoETally, Pooler, causal_mask, key_mask, run_stack, stack, text_mask
 from models.presets import Blocks
 
 
@@ -101,8 +101,7 @@ class InteractionEncoder(SingleStreamEncoder):
         tally = MoETally(x_BSD)
         x_BSD = run_stack(self.layers, x_BSD, allow, keep_BS, tally)
         keep_BT = keep_BS[:, :T]
-        text_allow = (causal_mask(T, x_BSD.device) & keep_BT[:, None, :])[:, None] if causal_text \
-            else key_mask(keep_BT)
+        text_allow = text_mask(keep_BT, causal_text)
         text_BTD = self.norm(run_stack(self.text_layers, x_BSD[:, :T], text_allow, keep_BT, tally))
         out["text_hidden"] = text_BTD
         if self.image_norm is not None:

@@ -72,10 +72,10 @@ class IndexedMoELayer(nn.Module):
         self.l_aux, self.exp_counts = r.aux, r.counts_E
         return _combine(x_ND, r, self._run).reshape(x.shape)
 
-    def _run(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
-        """Expert outputs for rows sorted by global expert id, `counts_E[e]` rows for expert e."""
+    def _run(self, x_RD: Tensor, counts_E: Tensor, counts: list[int]) -> Tensor:
+        """Expert outputs for rows sorted by global expert id, `counts[e]` rows for expert e."""
         if self.ep_size == 1:
-            return self._local(x_RD, counts_E.tolist())
+            return self._local(x_RD, counts)
         if self.ep_group is None:
             raise RuntimeError("ep_size > 1 needs the expert-parallel group: call deepspeed.initialize first")
         P, L = self.ep_size, self.num_local_experts
@@ -105,17 +105,16 @@ class IndexedMoELayer(nn.Module):
         return torch.cat(outs)
 
 
-def _combine(x_ND: Tensor, r: Routing, run: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def _combine(x_ND: Tensor, r: Routing, run: Callable[[Tensor, Tensor, list[int]], Tensor]) -> Tensor:
     """Gather kept routes sorted by expert, run them, add gate * output back into their tokens."""
     K, N = r.expert_KN.shape
     expert_R = r.expert_KN.reshape(-1)
+    counts = r.counts_E.tolist()  # the one device-to-host sync: chunk sizes must be host ints
     # Stable sort by expert puts not-dispatched routes (-1) first; cut them off by count.
-    order = torch.argsort(expert_R, stable=True)
-    n_skip = expert_R.numel() - int(r.counts_E.sum())
-    order = order[n_skip:]
+    order = torch.argsort(expert_R, stable=True)[expert_R.numel() - sum(counts):]
     token_R = order % N  # routes are k-major: route index k*N + n is token n
     gate_R = r.gate_KN.reshape(-1).index_select(0, order)
-    y_RD = run(x_ND.index_select(0, token_R), r.counts_E)
+    y_RD = run(x_ND.index_select(0, token_R), r.counts_E, counts)
     # Weighted sum in fp32 (as DeepSpeed's _sparse_decode): bf16 sums over routes lose precision.
     out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
     out = out.index_add(0, token_R, y_RD.float() * gate_R[:, None])

@@ -142,7 +142,7 @@ def assign_slots(expert_KN: Tensor, gate_KN: Tensor, num_experts: int, policy: D
     rank_KN = _DROP_ORDER[policy](gate_KN) + N * torch.arange(K, device=expert_KN.device)[:, None]
     e_R = torch.where(expert_KN >= 0, expert_KN, num_experts).reshape(-1)
     order_R = torch.argsort(e_R * R + rank_KN.reshape(-1))
-    counts = torch.bincount(e_R, minlength=num_experts + 1)
+    counts = _bincount(e_R, num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     slot_R = torch.empty_like(e_R)
     slot_R[order_R] = torch.arange(R, device=e_R.device) - starts[e_R[order_R]]
@@ -172,12 +172,13 @@ def finish(
     K, N = expert_KN.shape
     E = probs_NE.shape[1]
     expert_KN = torch.where(used_N[None, :], expert_KN, NO_EXPERT)
-    slot_KN = assign_slots(expert_KN, gate_KN, E, policy)
+    # Dropless: the order within an expert matters to no one; skip the random draw.
+    slot_KN = assign_slots(expert_KN, gate_KN, E, policy if capacity_factor is not None else "position")
     chosen_KN = expert_KN >= 0
     wanted_E = _count(expert_KN, E)
     tokens = used_N.sum()
     if capacity_factor is None:
-        capacity = wanted_E.max() if wanted_E.numel() else tokens.new_zeros(())
+        capacity = wanted_E.max()
         kept_KN = chosen_KN
     else:
         capacity = expert_capacity(tokens, K, E, capacity_factor, min_capacity)
@@ -199,10 +200,15 @@ def finish(
     )
 
 
+def _bincount(bins: Tensor, size: int) -> Tensor:
+    """torch.bincount with a known size: no device-to-host sync on GPU (bincount reads the max)."""
+    return torch.zeros(size, dtype=torch.long, device=bins.device).scatter_add_(0, bins, torch.ones_like(bins))
+
+
 def _count(expert_KN: Tensor, num_experts: int) -> Tensor:
-    """Routes per expert; NO_EXPERT routes land in an extra bin that is cut off (no nonzero() sync)."""
+    """Routes per expert; NO_EXPERT routes land in an extra bin that is cut off."""
     bins = torch.where(expert_KN >= 0, expert_KN, num_experts).reshape(-1)
-    return torch.bincount(bins, minlength=num_experts + 1)[:num_experts]
+    return _bincount(bins, num_experts + 1)[:num_experts]
 
 
 def normal_cdf(x: Tensor) -> Tensor:

@@ -30,6 +30,14 @@ IMAGE_COLUMNS = ("image", "obj_boxes", "obj_labels", "region_feats", "region_box
 # Optional view keys the pretrainer passes to the encoder as options, not as inputs:
 VISUAL_MASK = "visual_mask"  # bool [B, P]: visual tokens whose input features are zeroed (masked region modelling)
 CAUSAL_TEXT = "causal_text"  # present (any value) = text attends causally (captioning / seq2seq LM)
+# Batch key the pretrainer adds for views that draw a visual mask: long [] = P, the encoder's visual
+# tokens for this batch before any sampling (a view cannot know it from the batch alone).
+NUM_VISUAL_TOKENS = "num_visual_tokens"
+# Output key the pretrainer adds for a view with a visual mask: [B,P,F] the visual input features
+# computed WITHOUT the mask (detached), the MRFR target (`image_feats` has the masked ones zeroed).
+CLEAN_FEATS = "image_feats_clean"
+# Views that need NUM_VISUAL_TOKENS in their batch.
+VISUAL_MASK_VIEWS: set[str] = set()
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +47,8 @@ class ObjectiveContext:
     hidden_size: int
     text: TextSpec
     word_embeddings: nn.Embedding  # for heads tied to the input embeddings (BERT's MLM decoder)
+    object_classes: int = 4  # model.object_classes: MRC/MOC output size
+    visual_feature_size: int = 0  # F of the visual input (MRFR regression target size); 0 = no visual input
 
 
 class View(Protocol):

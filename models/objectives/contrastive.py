@@ -2,13 +2,18 @@
 
 Shapes: B batch, E joint embedding dim.
 
-Minimal and in-batch: the B matched pairs of the (clean) batch are the positives, the other B-1
-captions/images of the same batch the negatives. Gathering negatives across workers is a later
-extension of this objective.
+The B matched pairs of the (clean) batch are the positives. Negatives: when torch.distributed is
+initialised (Ray Train workers), every rank's embeddings are all-gathered with
+`torch.distributed.nn.functional.all_gather`, whose backward sends each rank the gradient of its own
+slice (open_clip's `gather_with_grad`), so rank r scores its B images against all W*B captions and
+its B captions against all W*B images, with targets r*B + i; the loss per rank is its local mean
+(open_clip's "local loss"), and DDP/ZeRO's gradient averaging makes the total the global mean.
+Single process: in-batch negatives only.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -18,6 +23,33 @@ from torch import Tensor
 
 from models.config import TextSpec
 from models.objectives.base import Objective, encoder_inputs, require
+
+
+def gather_with_grad(x_BE: Tensor) -> tuple[Tensor, int]:
+    """(all ranks' rows [W*B, E] with gradients flowing back to each rank's slice, this rank's index)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x_BE, 0
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the autograd-aware gather
+        warnings.simplefilter("ignore", FutureWarning)
+        gathered = all_gather(x_BE.contiguous())
+    return torch.cat(gathered, dim=0), dist.get_rank()
+
+
+def clip_loss(image_BE: Tensor, text_BE: Tensor, logit_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """(symmetric InfoNCE, image-to-text top-1) of L2-normalised embeddings, negatives from all ranks."""
+    all_image_NE, rank = gather_with_grad(image_BE)
+    all_text_NE, _ = gather_with_grad(text_BE)
+    B = image_BE.shape[0]
+    target_B = torch.arange(B, device=image_BE.device) + rank * B
+    logits_i2t_BN = logit_scale * image_BE @ all_text_NE.T
+    logits_t2i_BN = logit_scale * text_BE @ all_image_NE.T
+    loss = (F.cross_entropy(logits_i2t_BN, target_B) + F.cross_entropy(logits_t2i_BN, target_B)) / 2
+    acc = (logits_i2t_BN.argmax(dim=1) == target_B).float().mean()
+    return loss, acc.detach()
 
 
 def clean_view(batch: Mapping[str, Tensor], text: TextSpec, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -38,8 +70,5 @@ class ImageTextContrastive(Objective):
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         image_BE = require(outputs, "image_embed").float()
         text_BE = require(outputs, "text_embed").float()
-        logits_BB = require(outputs, "logit_scale").float() * image_BE @ text_BE.T  # row i: image i vs texts
-        target_B = torch.arange(logits_BB.shape[0], device=logits_BB.device)
-        loss = (F.cross_entropy(logits_BB, target_B) + F.cross_entropy(logits_BB.T, target_B)) / 2
-        acc = (logits_BB.argmax(dim=1) == target_B).float().mean()
-        return {"itc": loss}, {"itc_acc": acc.detach()}
+        loss, acc = clip_loss(image_BE, text_BE, require(outputs, "logit_scale").float())
+        return {"itc": loss}, {"itc_acc": acc}

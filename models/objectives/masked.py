@@ -117,3 +117,79 @@ class MaskedLanguageModeling(Objective):
         logits_NV = self.head(require(outputs, "text_hidden")[selected_BT])
         loss, acc = cross_entropy_and_accuracy(logits_NV, labels_BT[selected_BT])
         return {"mlm": loss}, {"mlm_acc": acc}
+
+
+SPAN_GEOMETRIC_P = 0.2  # SpanBERT's span-length distribution (mean ~3.8 words after clipping)
+SPAN_MAX_LEN = 10
+
+
+def mask_spans(
+    input_ids_BT: Tensor,
+    attention_mask_BT: Tensor,
+    text: TextSpec,
+    prob: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Segment masking: returns (masked_ids_BT, labels_BT) like `mask_tokens`, but whole runs of
+    consecutive words are masked (InterBERT's masked segment modelling, Lin et al. 2020, §3.2: a
+    masked word's neighbours must not give it away). Span lengths ~ Geometric(0.2) clipped to 10
+    (SpanBERT, Joshi et al. 2020, §3.1), spans start at a uniform non-special position and stop at
+    the first special/padding token, until round(prob * words) tokens of the sample are masked
+    (the last span clipped to the budget). Each span as a whole is replaced by [MASK] 80 %, random
+    tokens 10 %, kept 10 % (SpanBERT's span-level 80/10/10)."""
+    device = input_ids_BT.device
+    B, T = input_ids_BT.shape
+    specials = torch.tensor(special_ids(text), device=device)
+    eligible_BT = attention_mask_BT.bool() & ~torch.isin(input_ids_BT, specials)
+    selected_BT = torch.zeros_like(eligible_BT)
+    how_BT = torch.zeros(B, T, device=device)
+    for b in range(B):
+        positions = eligible_BT[b].nonzero().flatten().tolist()
+        budget = round(prob * len(positions))
+        done = 0
+        for _ in range(4 * T):  # bounded: a start inside an existing span adds nothing
+            if done >= budget:
+                break
+            u = float(uniform((2,), device, generator)[0])
+            length = min(SPAN_MAX_LEN, 1 + int(torch.log(torch.tensor(1 - u)) / torch.log(torch.tensor(1 - SPAN_GEOMETRIC_P))))
+            start = positions[int(randint(0, len(positions), (1,), device, generator))]
+            how = float(uniform((1,), device, generator))
+            t = start
+            while t < T and eligible_BT[b, t] and length > 0 and done < budget:
+                if not selected_BT[b, t]:
+                    selected_BT[b, t] = True
+                    how_BT[b, t] = how
+                    done += 1
+                length -= 1
+                t += 1
+    labels_BT = torch.where(selected_BT, input_ids_BT, torch.full_like(input_ids_BT, IGNORE_INDEX))
+    vocab_V = torch.arange(text.vocab_size, device=device)
+    candidates = vocab_V[~torch.isin(vocab_V, specials)]
+    random_BT = candidates[randint(0, candidates.numel(), (B, T), device, generator)]
+    masked_BT = torch.where(selected_BT & (how_BT < 0.8), torch.full_like(input_ids_BT, text.mask_id), input_ids_BT)
+    masked_BT = torch.where(selected_BT & (how_BT >= 0.8) & (how_BT < 0.9), random_BT, masked_BT)
+    return masked_BT, labels_BT
+
+
+def masked_segments_view(
+    batch: Mapping[str, Tensor], text: TextSpec, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """Segment-masked caption + its own image; adds `mlm_labels` [B,T] (matched pairs only)."""
+    view = encoder_inputs(batch)
+    view["input_ids"], view["mlm_labels"] = mask_spans(
+        batch["input_ids"], batch["attention_mask"], text, generator=generator
+    )
+    return view
+
+
+class MaskedSegmentModeling(MaskedLanguageModeling):
+    """InterBERT's MSM: MLM's head and loss on segment-masked captions (`mask_spans`)."""
+
+    name: ClassVar[str] = "msm"
+    view: ClassVar[str] = "masked_segments"
+
+    def forward(
+        self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        losses, metrics = super().forward(outputs, view_batch)
+        return {"msm": losses["mlm"]}, {"msm_acc": metrics["mlm_acc"]}

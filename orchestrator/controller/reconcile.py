@@ -24,6 +24,7 @@ from typing import Any
 
 from orchestrator.controller import cluster
 from orchestrator.controller.cluster import ClusterError, ClusterJob
+from orchestrator.controller.credentials import safe_url
 from orchestrator.controller.ingest import MetricsTail, read_summary, storage_options
 from orchestrator.controller.metrics import ControllerMetrics, LiveJob, Snapshot
 from orchestrator.controller.registry import JobRecord, Registry
@@ -158,8 +159,8 @@ class Controller:
         jobs = self.registry.jobs()
         applied, failed = refresh(self.registry, jobs, self.clusters, self.adopt_from)
         for address, problem in failed.items():
-            log.warning("cluster %s: %s", address, problem)
-            self.metrics.cluster_errors.labels(cluster=address).inc()
+            log.warning("cluster %s: %s", safe_url(address), problem)
+            self.metrics.cluster_errors.labels(cluster=safe_url(address)).inc()
         for t, rec in applied:
             for callback in self.callbacks:
                 try:

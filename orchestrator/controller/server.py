@@ -89,5 +89,5 @@ def start_server(registry: Registry, metrics: ControllerMetrics, host: str = "12
     handler = type("Handler", (_Handler,), {"registry": registry, "metrics": metrics})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="mmpt-http", daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="mmpt-http", daemon=True).start()
     return server

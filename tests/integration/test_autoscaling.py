@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_FILE = ROOT / "ray_cluster.yaml"
 HEAD = "ray.head.default"  # the fake provider's head node type is hard-wired to this name
 IDLE_TIMEOUT_MIN = 0.1  # 6 s: the shortest the autoscaler's 1 s update loop resolves comfortably
+_OBJECT_STORE = 300 * 1024**2  # per node; Ray's default (30% of RAM) is far more than a 3-step run needs
 _CHILD_DEADLINE_S = 150.0
 
 
@@ -49,7 +51,7 @@ def fake_cloud(cluster: dict[str, Any], gcs_address: str) -> dict[str, Any]:
             continue
         cpus = 2 if res.get("GPU") else 1
         custom = {k: cpus for k in res if k not in ("CPU", "GPU", "memory", "object_store_memory")}
-        types[name] = {"resources": {"CPU": cpus, **custom}, "node_config": {},
+        types[name] = {"resources": {"CPU": cpus, **custom, "object_store_memory": _OBJECT_STORE}, "node_config": {},
                        "min_workers": spec.get("min_workers", 0), "max_workers": 1}
     return {
         "cluster_name": "mmpt-fake", "max_workers": len(types) - 1,
@@ -68,7 +70,7 @@ def fake_cloud(cluster: dict[str, Any], gcs_address: str) -> dict[str, Any]:
 def _node_type(resources: dict[str, float], types: dict[str, Any]) -> str:
     """Which node type a live node is: the one whose custom resources it advertises."""
     for name, spec in types.items():
-        custom = set(spec["resources"]) - {"CPU"}
+        custom = set(spec["resources"]) - {"CPU", "object_store_memory"}
         if custom and custom <= set(resources):
             return name
     return HEAD
@@ -112,12 +114,14 @@ def _child(data: str, storage: str, out: str) -> None:
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
          f"--autoscaling-config={config_file}", f"--num-cpus={head_cpus}", "--include-dashboard=false",
+         f"--object-store-memory={_OBJECT_STORE}",
          f"--temp-dir={tmp}/ray", "--disable-usage-stats"],
         stdout=open(Path(tmp, "head.log"), "w"), stderr=subprocess.STDOUT)
     t0 = time.time()
     samples: list[tuple[float, list[str]]] = []
     stop = threading.Event()
     result: dict[str, Any] = {"config": config}
+    sampler: threading.Thread | None = None
     try:
         for _ in range(120):
             try:
@@ -158,6 +162,8 @@ def _child(data: str, storage: str, out: str) -> None:
             if a["State"] == "ALIVE" and node_types.get(a["Address"]["NodeID"], HEAD) != HEAD)
     finally:
         stop.set()
+        if sampler is not None:
+            sampler.join(5)
         result["samples"] = samples
         Path(out).write_text(json.dumps(result))
         ray.shutdown()
@@ -166,6 +172,10 @@ def _child(data: str, storage: str, out: str) -> None:
             head.wait(30)
         except subprocess.TimeoutExpired:
             head.kill()
+        if result.get("steps") == 3 and samples and samples[-1][1] == [HEAD]:
+            shutil.rmtree(tmp, ignore_errors=True)  # Ray's session logs; kept for a failed scenario
+        else:
+            print(f"fake cluster logs: {tmp}", flush=True)
 
 
 @pytest.mark.slow
@@ -207,13 +217,27 @@ def test_run_scales_training_node_type_up_then_down(shapes_data: Path, tmp_path:
     # After the run: the added nodes stay for the idle timeout, then the autoscaler removes them.
     assert after and after[-1][1] == [HEAD], (f"nodes still alive at the end: {after[-1:]}; actors on them: "
                                               f"{res.get('lingering_actors')}")
+    assert "gpu_train" in after[0][1], f"the training node went away before the run ended: {after[0]}"
     back = next(t for t, types in after if types == [HEAD])
-    assert back - res["run_end"] >= IDLE_TIMEOUT_MIN * 60 * 0.5, (back, res["run_end"])
+    assert back - res["run_end"] <= IDLE_TIMEOUT_MIN * 60 + 30, (back, res["run_end"])
     up = {name: next(t for t, types in samples if name in types) for name in ("gpu_train", "cpu_data")}
     counts = [len(types) for _, types in samples]
     print(f"alive nodes: {counts[0]} -> {max(counts)} -> {counts[-1]}; run {res['run_start']:.0f}-{res['run_end']:.0f} s, "
           f"gpu_train up at {up['gpu_train']:.0f} s, cpu_data up at {up['cpu_data']:.0f} s, back to the head "
           f"{back - res['run_end']:.0f} s after the run")
+
+
+def test_ray_train_takes_the_cluster_example_scaling() -> None:
+    """The 2x8-GPU example's mapped scaling is what Ray Train reserves per worker (no Ray started)."""
+    import ray.train
+
+    from orchestrator.config import load_config
+    from orchestrator.scaling import train_scaling
+
+    cfg = load_config(ROOT / "jobs" / "configs" / "cluster_2x8gpu.yaml")
+    sc = ray.train.ScalingConfig(**train_scaling(cfg.scaling))
+    assert sc.num_workers == 16
+    assert sc._resources_per_worker_not_none == {"CPU": 8.0, "GPU": 1, "train_gpu": 1.0, "accelerator_type:A100": 0.001}
 
 
 if __name__ == "__main__":

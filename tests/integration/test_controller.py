@@ -110,7 +110,7 @@ def head() -> Iterator[Head]:
     finally:
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
+            proc.wait(timeout=5)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # leftovers of our own process group only
         log.close()
@@ -276,6 +276,8 @@ def test_registry_survives_sigkill_and_a_vanished_job_becomes_lost(head: Head, t
         series = _series(second.get("/metrics"))
         assert [series[("mmpt_jobs", (("state", s),))] for s in ("SUCCEEDED", "RUNNING", "LOST")] == [1, 1, 1]
 
+        follow = mmpt("jobs", "logs", ids["done"], "--follow", "--db", db, env=head.env, timeout=60)
+        assert follow.returncode == 0 and "42" in follow.stdout.splitlines()  # streamed, then ends with the job
         stop = mmpt("jobs", "stop", ids["long"], "--db", db, env=head.env)
         assert stop.returncode == 0 and stop.stdout.strip() == f"{ids['long']} STOPPED"
         _wait("long STOPPED in the controller", lambda: second.job(ids["long"])["state"] == "STOPPED", timeout=15)

@@ -52,6 +52,12 @@ def test_tiny_run_writes_metrics_checkpoints_and_summary(ray_session, shapes_dat
     assert ev["samples"] == 32
     for key in ("itm_acc", "i2t_r1", "t2i_r1", "mlm_acc", "chance_r1"):
         assert 0.0 <= ev[key] <= 1.0, key
+    # MoE observability: per-layer expert load (4 experts, 1 MoE layer), drops, heatmap
+    load = records[-1]["moe/layer0/load"]
+    assert len(load) == 4 and abs(sum(load) - 1.0) < 1e-4
+    assert 0.0 <= records[-1]["moe/dropped"] <= 1.0
+    assert [row["layer"] for row in summary["moe"]["layers"]] == [0]
+    assert (run_dir / "moe_load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "config.yaml").read_text().startswith("name: e2e")
     assert (run_dir / "logs" / "ray.log").stat().st_size > 0
 

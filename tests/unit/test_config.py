@@ -41,9 +41,11 @@ def test_overrides_are_yaml_typed_and_nested() -> None:
     assert cfg.scaling.use_gpu is True
 
 
-def test_null_override_removes_a_key() -> None:
-    raw = apply_overrides({"objectives": {"mlm": 1.0, "itm": 1.0}}, ["objectives.itm=null"])
-    assert raw == {"objectives": {"mlm": 1.0}}
+def test_null_override_sets_none_and_switches_an_objective_off() -> None:
+    raw = apply_overrides({"objectives": {"mlm": 1.0, "itm": 1.0}}, ["objectives.itm=null", "data.eval=null"])
+    assert raw == {"objectives": {"mlm": 1.0, "itm": None}, "data": {"eval": None}}
+    cfg = load_config(QUICKSTART, ["objectives.itm=null", "data.eval=null"])
+    assert cfg.objectives == {"mlm": 1.0} and cfg.data.eval is None
 
 
 def test_override_syntax_error_names_the_item() -> None:

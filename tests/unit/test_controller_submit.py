@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,21 +110,31 @@ def test_credentials_in_the_job_are_refused_by_name_never_by_value(shards: list[
     assert SECRET not in str(err.value)
 
 
-def test_sweep_files_are_told_apart_from_run_configs(tmp_path: Path) -> None:
-    sweep = tmp_path / "objectives.yaml"
-    sweep.write_text("name: obj\nbase: quickstart.yaml\nspace:\n  objectives: {choice: [[mlm], [mlm, itm]]}\n")
-    rec = prepare_sweep(sweep, address=LOCAL, working_dir=tmp_path).record
-    assert (rec.kind, rec.name, rec.entrypoint, rec.run_dir) == ("sweep", "obj", "mmpt sweep objectives.yaml", "")
+def test_sweep_files_are_told_apart_from_run_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run.yaml"
     run.write_text("name: r\ntrain: {steps: 5}\n")
     with pytest.raises(ConfigError, match=r"run.yaml: a run config, not a sweep file; submit it without --sweep"):
         prepare_sweep(run, address=LOCAL, working_dir=tmp_path)
+    # without the sweep schema module, a file with no sweep section is still told apart
+    monkeypatch.setitem(sys.modules, "orchestrator.sweep_spec", None)
     other = tmp_path / "other.yaml"
     other.write_text("hello: world\n")
-    with pytest.raises(ConfigError, match=r"other.yaml: not a sweep file \(a sweep has a base config and a search"):
+    with pytest.raises(ConfigError, match=r"other.yaml: not a sweep file \(a sweep has a `base:` run config"):
         prepare_sweep(other, address=LOCAL, working_dir=tmp_path)
-    with pytest.raises(SubmitError, match="--set with --sweep"):
-        prepare_sweep(sweep, ["a=1"], address=LOCAL, working_dir=tmp_path)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\nbase: q.yaml\nspace: {train.lr: {choice: [0.1, 0.2]}}\n")
+    rec = prepare_sweep(sweep, ["sweep.seeds=1"], address=LOCAL, working_dir=tmp_path).record
+    assert (rec.kind, rec.name, rec.entrypoint, rec.run_dir) == ("sweep", "s", "mmpt sweep s.yaml --set sweep.seeds=1", "")
+
+
+def test_a_real_sweep_file_is_validated_by_the_sweep_schema() -> None:
+    pytest.importorskip("orchestrator.sweep_spec")
+    sweep = ROOT / "jobs" / "configs" / "sweeps" / "objectives.yaml"
+    rec = prepare_sweep(sweep, ["sweep.seeds=1"], address=LOCAL, working_dir=ROOT).record
+    assert rec.entrypoint == "mmpt sweep jobs/configs/sweeps/objectives.yaml --set sweep.seeds=1"
+    assert rec.kind == "sweep" and rec.config["overrides"] == ["sweep.seeds=1"] and rec.id.startswith(rec.name)
+    with pytest.raises(ConfigError):
+        prepare_sweep(sweep, ["sweep.seeds=-1"], address=LOCAL, working_dir=ROOT)
 
 
 def test_token_auth_follows_rays_mode_and_lookup_order(tmp_path: Path) -> None:
@@ -217,3 +228,25 @@ def test_cli_unknown_job_and_empty_registry(monkeypatch: pytest.MonkeyPatch) -> 
     assert (code, err, out.strip()) == (0, [], "no jobs")
     code, err, _ = _cli(["jobs", "list", "--state", "DONE"])
     assert code == 2 and err == ["error: --state 'DONE': allowed PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, LOST"]
+
+
+def test_cli_list_and_status_of_ended_jobs_work_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from orchestrator.controller.registry import JobRecord, Registry
+
+    monkeypatch.setattr(cluster, "connect", _no_cluster)  # ended jobs are not asked about again
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 6, "final_losses": {"total": 3.25, "mlm": 2.5}}))
+    with Registry(f"sqlite:///{tmp_path}/jobs.db") as reg:
+        reg.add(JobRecord(id="tiny-1", kind="run", name="tiny", address=LOCAL, state="SUCCEEDED", run_dir=str(run_dir)))
+    code, err, out = _cli(["jobs", "list"])
+    assert code == 0 and err == [] and out.splitlines()[1].split()[:4] == ["tiny-1", "tiny", "run", "SUCCEEDED"]
+    code, _, out = _cli(["jobs", "list", "--json", "--state", "RUNNING"])
+    assert (code, json.loads(out)) == (0, [])
+    code, err, out = _cli(["jobs", "status", "tiny-1"])
+    lines = out.splitlines()
+    assert code == 0 and lines[0] == "tiny-1 SUCCEEDED" and "  final loss/total: 3.25" in lines
+    with Registry(f"sqlite:///{tmp_path}/jobs.db") as reg:
+        assert reg.get("tiny-1").final_metrics == {"steps": 6, "final_losses": {"total": 3.25, "mlm": 2.5}}  # type: ignore[union-attr]

@@ -59,7 +59,7 @@ def build(
 
 @pytest.mark.parametrize("moe", [MoEConfig(), moe_cfg()], ids=["dense", "moe"])
 def test_output_contract(moe: MoEConfig) -> None:
-    model = build(moe)
+    model = build(moe, {"mlm": 1.0, "itm": 1.0})
     out = model(make_batch())
     assert set(out) == {"loss", "losses", "metrics", "moe_counts"}
     assert out["loss"].shape == () and torch.isfinite(out["loss"])
@@ -166,7 +166,7 @@ def test_unknown_preset_lists_known_ones() -> None:
 
 
 def test_unknown_objective_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown objective 'xyz'.*\['caption', 'itc', 'itm', 'mlm'\]"):
+    with pytest.raises(ValueError, match=r"unknown objective 'xyz'.*\['caption', 'itc', 'itm', 'mlm', 'moc', 'mrc'"):
         build(objectives={"xyz": 1.0})
 
 
@@ -191,7 +191,7 @@ def test_objective_needing_missing_output_is_rejected(monkeypatch: pytest.Monkey
 
 
 def test_presets_registry_and_defaults() -> None:
-    assert PRESETS["vilt"].default_objectives(OBJECTIVES) == {"mlm": 1.0, "itm": 1.0}  # wpa: not yet
+    assert PRESETS["vilt"].default_objectives(OBJECTIVES) == {"mlm": 1.0, "itm": 1.0, "wpa": 1.0}
     model = build()
-    assert model.weights == {"mlm": 1.0, "itm": 1.0}
+    assert model.weights == {"mlm": 1.0, "itm": 1.0, "wpa": 1.0}
     assert isinstance(model, nn.Module) and math.isfinite(count_parameters(model))

@@ -160,3 +160,46 @@ def test_gpu_benchmark_without_a_gpu_exits_cleanly() -> None:
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu benchmark skipped: no GPU visible ("), res.stdout
+
+
+class _FakeEngine:
+    """The parts of a DeepSpeed engine `measure_model_states` reads: stage 0, plain AdamW, one rank."""
+
+    def __init__(self, module: object, optimizer: object) -> None:
+        self.module, self.optimizer, self.device = module, optimizer, "cpu"
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def bfloat16_enabled(self) -> bool:
+        return False
+
+    def allreduce_gradients(self) -> None:
+        pass
+
+
+def test_measure_counts_each_storage_once_and_watches_the_gradients() -> None:
+    import torch
+    from torch import nn
+
+    from jobs.memory import measure_model_states, watch_gradients
+
+    flat = torch.zeros(100)  # two parameters viewing one flat buffer (as ZeRO-1/2 lays them out)
+    module = nn.Module()
+    module.a = nn.Parameter(flat[:60].view(6, 10))
+    module.b = nn.Parameter(flat[60:90])  # the last 10 elements are padding: held all the same
+    module.c = nn.Parameter(torch.zeros(5))
+    opt = torch.optim.AdamW(module.parameters())
+    engine = _FakeEngine(module, opt)
+    watch_gradients(engine)
+    (module.a.sum() + module.b.sum() + module.c.sum()).backward()
+    engine.allreduce_gradients()  # the end of backward: every gradient is held here
+    opt.step()  # the watch unwraps itself after the step
+    opt.zero_grad(set_to_none=True)
+    m = measure_model_states(engine)
+    assert m["memory/params_bytes"] == 4 * (100 + 5)
+    assert m["memory/grads_bytes"] == 4 * (60 + 30 + 5) and m["memory/grads_watched"] == 1
+    assert m["memory/optim_bytes"] == 4 * 2 * (60 + 30 + 5) + 4 * 3  # exp_avg, exp_avg_sq + 3 step counters
+    assert m["memory/master_bytes"] == m["memory/buffers_bytes"] == m["memory/host_bytes"] == 0
+    assert m["memory/expected_bytes"] == 16 * 95 and m["memory/num_params"] == 95
+    assert "step" not in vars(opt) and "allreduce_gradients" not in vars(engine)  # unwrapped

@@ -1,0 +1,275 @@
+"""`mmpt report SWEEP_DIR`: one row per configuration of a sweep, mean and spread over its seeds.
+
+Built from files alone: the sweep's `sweep.yaml` (points, seeds) and each trial's run directory
+(`summary.json` when the run finished; otherwise the last lines of `metrics.jsonl`, e.g. a trial
+ASHA stopped early). Columns come from the metric names the runs reported, not from a list of
+objectives: every `loss/<term>` of the last report, the retrieval R@1 (eval/i2t_r1, eval/t2i_r1)
+and every held-out accuracy (`eval/*_acc`: ITM, MLM, grounded-word MLM, ... as reported), the
+model-state memory when measured, wall time and throughput. Spread is the sample standard
+deviation over seeds (ddof 1), printed as mean ± std.
+
+Writes `report.md` (the table), `report.csv` (all metrics: mean, std, n per configuration),
+`trials.csv` (one row per trial) and `report.html` (self-contained, plots embedded).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.config import ConfigError
+from orchestrator.sweep_spec import SweepPlan, load_plan
+
+_R1 = ("eval/i2t_r1", "eval/t2i_r1")
+_SPEED = ("wall_time_s", "samples_per_s", "tokens_per_s")
+_MEMORY = "memory/total_bytes"
+
+
+@dataclass
+class TrialResult:
+    name: str
+    point: str
+    seed: int
+    status: str  # finished | partial (stopped or interrupted) | not run
+    steps: int
+    values: dict[str, float] = field(default_factory=dict)  # final figures, keyed like metrics.jsonl
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # loss/<term> -> (step, value)
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float
+    n: int
+
+
+@dataclass
+class Row:
+    point: str
+    label: str
+    seeds: int  # planned
+    finished: int
+    steps: float
+    stats: dict[str, Stat]
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl, one record per step: a resumed run may have logged a step twice (the attempt
+    before its last checkpoint); the later line wins."""
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[int(rec.get("step", 0))] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def load_trial(plan: SweepPlan, point_id: str, seed: int) -> TrialResult:
+    name = plan.trial_name(point_id, seed)
+    run_dir = Path(plan.sweep_dir, "runs", name)
+    records = _records(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
+    t = TrialResult(name=name, point=point_id, seed=seed, status="not run", steps=0)
+    if not records and summary is None:
+        return t
+    last = records[-1] if records else {}
+    t.steps = int((summary or {}).get("steps") or last.get("step", 0))
+    t.status = "finished" if summary and t.steps >= plan.point(point_id).steps else "partial"
+    evals = next((r for r in reversed(records) if any(k.startswith("eval/") for k in r)), {})
+    values = {k: v for k, v in last.items() if k.startswith(("loss/", "memory/")) or k in _SPEED}
+    values |= {k: v for k, v in evals.items() if k.startswith("eval/")}
+    if summary:
+        values |= {f"loss/{k}": v for k, v in summary.get("final_losses", {}).items()}
+        values |= {f"eval/{k}": v for k, v in (summary.get("eval") or {}).items()}
+        values |= {k: v for k, v in (summary.get("throughput") or {}).items() if k in _SPEED}
+        values["wall_time_s"] = summary.get("wall_time_s")
+    elif len(records) > 1 and "time" in last:
+        values["wall_time_s"] = last["time"] - records[0]["time"]
+    t.values = {k: float(v) for k, v in values.items() if _finite(v)}
+    for rec in records:
+        for k, v in rec.items():
+            if k.startswith("loss/") and _finite(v):
+                t.curves.setdefault(k, []).append((int(rec["step"]), float(v)))
+    return t
+
+
+def load_trials(plan: SweepPlan) -> list[TrialResult]:
+    return [load_trial(plan, p, s) for p, s in plan.trials]
+
+
+def summarize(plan: SweepPlan, trials: list[TrialResult]) -> list[Row]:
+    rows = []
+    for p in plan.points:
+        mine = [t for t in trials if t.point == p.id]
+        keys = list(dict.fromkeys(k for t in mine for k in t.values))
+        stats = {}
+        for k in keys:
+            vals = [t.values[k] for t in mine if k in t.values]
+            stats[k] = Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+        ran = [t for t in mine if t.status != "not run"]
+        rows.append(Row(point=p.id, label=p.label, seeds=len(mine), finished=sum(t.status == "finished" for t in mine),
+                        steps=statistics.fmean([t.steps for t in ran]) if ran else 0.0, stats=stats))
+    return rows
+
+
+def columns(rows: list[Row], metric: str | None = None) -> list[str]:
+    """The table's metric columns, from what the runs reported (see the module docstring)."""
+    keys = {k for r in rows for k in r.stats}
+    losses = [k for k in ["loss/total", *sorted(keys - {"loss/total"})] if k.startswith("loss/") and k in keys]
+    accs = sorted(k for k in keys if k.startswith("eval/") and k.endswith("_acc"))
+    cols = losses + [k for k in _R1 if k in keys] + accs
+    cols += [_MEMORY] if _MEMORY in keys else []
+    cols += [k for k in _SPEED if k in keys]
+    if metric and metric in keys and metric not in cols:
+        cols.insert(len(losses), metric)
+    return cols
+
+
+def title(key: str) -> str:
+    named = {"loss/total": "loss", "eval/i2t_r1": "i2t R@1", "eval/t2i_r1": "t2i R@1", _MEMORY: "model states MB",
+             "wall_time_s": "wall s", "samples_per_s": "samples/s", "tokens_per_s": "tokens/s"}
+    if key in named:
+        return named[key]
+    if key.startswith("loss/"):
+        return f"{key[5:]} loss"
+    return key.removeprefix("eval/").replace("_", " ")
+
+
+def _num(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
+
+
+def cell(stat: Stat | None, key: str = "") -> str:
+    if stat is None:
+        return "—"
+    scale = 1e-6 if key == _MEMORY else 1.0
+    mean = _num(stat.mean * scale)
+    return f"{mean} ± {_num(stat.std * scale)}" if stat.n > 1 else mean
+
+
+def best_row(rows: list[Row], metric: str, mode: str) -> Row | None:
+    scored = [r for r in rows if metric in r.stats]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda r: r.stats[metric].mean)
+
+
+def _notes(plan: SweepPlan, rows: list[Row], trials: list[TrialResult]) -> list[str]:
+    notes = [f"{plan.name}: {len(plan.points)} configurations x {len(plan.seeds)} seeds; cells are mean ± std "
+             f"over the seeds that reported the metric; — = not reported by that configuration."]
+    chance = [r.stats["eval/chance_r1"].mean for r in rows if "eval/chance_r1" in r.stats]
+    if chance:
+        notes.append(f"chance R@1 (a random ranking of the candidate set): {statistics.fmean(chance):.3f}")
+    best = best_row(rows, plan.metric, plan.mode)
+    if best:
+        notes.append(f"best by {plan.metric} ({plan.mode}): {best.label} = {cell(best.stats[plan.metric])}")
+    partial = [f"{t.name} ({t.status}, step {t.steps})" for t in trials if t.status != "finished"]
+    if partial:
+        notes.append(f"not finished: {', '.join(partial)}")
+    return notes
+
+
+def rich_table(plan: SweepPlan, rows: list[Row], cols: list[str]) -> Table:
+    t = Table(title=f"sweep {plan.name} · {plan.metric} ({plan.mode})", title_justify="left")
+    for head in ("config", "seeds", "steps", *map(title, cols)):
+        t.add_column(head, justify="left" if head == "config" else "right")
+    for r in rows:
+        t.add_row(r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}", *(cell(r.stats.get(k), k) for k in cols))
+    return t
+
+
+def markdown(plan: SweepPlan, rows: list[Row], cols: list[str], notes: list[str]) -> str:
+    heads = ["config", "seeds", "steps", *map(title, cols)]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
+    for r in rows:
+        cells = [r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}", *(cell(r.stats.get(k), k) for k in cols)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return f"# Sweep {plan.name}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def rows_csv(rows: list[Row], cols: list[str]) -> str:
+    keys = cols + sorted({k for r in rows for k in r.stats} - set(cols))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["point", "config", "seeds", "finished", "steps",
+                *[f"{k}_{s}" for k in keys for s in ("mean", "std", "n")]])
+    for r in rows:
+        stats = [r.stats.get(k) for k in keys]
+        w.writerow([r.point, r.label, r.seeds, r.finished, r.steps,
+                    *[x for s in stats for x in ((s.mean, s.std, s.n) if s else ("", "", 0))]])
+    return buf.getvalue()
+
+
+def trials_csv(trials: list[TrialResult]) -> str:
+    keys = sorted({k for t in trials for k in t.values})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["trial", "point", "seed", "status", "steps", *keys])
+    for t in trials:
+        w.writerow([t.name, t.point, t.seed, t.status, t.steps, *(t.values.get(k, "") for k in keys)])
+    return buf.getvalue()
+
+
+@dataclass
+class Report:
+    plan: SweepPlan
+    trials: list[TrialResult]
+    rows: list[Row]
+    columns: list[str]
+    notes: list[str]
+    files: dict[str, Path]
+
+
+def write_report(sweep_dir: str | Path) -> Report:
+    """Rebuild the comparison from the sweep directory's files and write the report files there."""
+    from orchestrator.report_html import render_html
+
+    plan = load_plan(sweep_dir)
+    trials = load_trials(plan)
+    rows = summarize(plan, trials)
+    cols = columns(rows, plan.metric)
+    notes = _notes(plan, rows, trials)
+    out = Path(sweep_dir)
+    files = {"markdown": out / "report.md", "csv": out / "report.csv", "trials": out / "trials.csv",
+             "html": out / "report.html"}
+    files["markdown"].write_text(markdown(plan, rows, cols, notes))
+    files["csv"].write_text(rows_csv(rows, cols))
+    files["trials"].write_text(trials_csv(trials))
+    files["html"].write_text(render_html(plan, trials, rows, cols, notes))
+    return Report(plan, trials, rows, cols, notes, files)
+
+
+def show_report(sweep_dir: str | Path, console: Console) -> Report:
+    report = write_report(sweep_dir)
+    console.print(rich_table(report.plan, report.rows, report.columns))
+    for note in report.notes:
+        console.print(note, highlight=False, soft_wrap=True)
+    console.print("report: " + ", ".join(str(p) for p in report.files.values()), highlight=False, soft_wrap=True)
+    return report
+
+
+def report_cmd(sweep_dir: Annotated[Path, typer.Argument(help="a sweep directory (sweeps/<name>)")]) -> None:
+    """Comparison table (terminal, Markdown, CSV) and HTML report of a sweep, from its files."""
+    from orchestrator.console import console, fail
+
+    try:
+        show_report(sweep_dir, console)
+    except ConfigError as exc:
+        fail(exc.problems)

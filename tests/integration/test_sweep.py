@@ -1,0 +1,102 @@
+"""`mmpt sweep` end to end: 4 trials (1 Ray Train worker each, 2 at once) on the shapes data,
+interrupted after the first finished trial, resumed without re-running it, then reported."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from ray.tune import Callback
+from rich.console import Console
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.config import parse_override
+from orchestrator.report import write_report
+from orchestrator.sweep import concurrency, run_sweep
+from orchestrator.sweep_spec import SweepSpec, load_plan, plan_sweep
+from tests.integration.conftest import QUICKSTART, tiny
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+_interrupted = False  # module state: the callback is pickled with the experiment and restored on resume
+
+
+class _CtrlCAfterFirstTrial(Callback):
+    """What a user's Ctrl+C does, once the first trial has finished: Tune saves its state and stops."""
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        global _interrupted
+        if not _interrupted:
+            _interrupted = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _quiet() -> Console:
+    return Console(file=io.StringIO())
+
+
+def _files(sweep_dir: Path, names: list[str]) -> dict[str, tuple[bytes, int]]:
+    runs = sweep_dir / "runs"
+    return {n: ((runs / n / "metrics.jsonl").read_bytes(), (runs / n / "summary.json").stat().st_mtime_ns)
+            for n in names}
+
+
+def test_sweep_runs_trials_concurrently_resumes_and_reports(ray_session, shapes_data, tmp_path) -> None:
+    overrides = dict(parse_override(o) for o in tiny(shapes_data, tmp_path, **{
+        "scaling.num_workers": 1, "moe.ep_size": 1, "train.log_every": 1, "train.checkpoint_every": 2,
+        "eval.max_samples": 16}))
+    spec = SweepSpec.model_validate({
+        "name": "it", "base": str(QUICKSTART), "overrides": overrides, "out": str(tmp_path / "sweeps"),
+        "objective_sets": {"mlm": ["mlm"], "mlm+itm": ["mlm", "itm"]}, "space": {"train.lr": [1e-3, 3e-3]},
+        "seeds": 1, "metric": "eval/mlm_acc", "mode": "max", "budget": {"steps": 2}})
+    plan = plan_sweep(spec, QUICKSTART.parent)
+    sweep_dir = Path(plan.sweep_dir)
+    names = [plan.trial_name(p, s) for p, s in plan.trials]
+    assert len(names) == 4 and concurrency(plan, {"CPU": 4.0}) == 2  # ray_session: 4 CPUs, 1 worker + 1 data
+
+    first = run_sweep(plan, console=_quiet(), callbacks=[_CtrlCAfterFirstTrial()])
+    assert _interrupted and first.finished and first.unfinished and not first.failed
+    done_before = _files(sweep_dir, first.finished)
+
+    second = run_sweep(load_plan(sweep_dir), console=_quiet(), resume=True)
+    assert sorted(second.finished) == sorted(names) and not second.failed
+    assert _files(sweep_dir, first.finished) == done_before  # finished trials were not run again
+
+    # trials ran side by side: some two trials' [start, end] intervals overlap
+    spans = sorted(((sweep_dir / "runs" / n / "config.yaml").stat().st_mtime,
+                    (sweep_dir / "runs" / n / "summary.json").stat().st_mtime) for n in names)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)), spans
+
+    report = write_report(sweep_dir)
+    assert [r.label for r in report.rows] == [p.label for p in plan.points] and len(report.rows) == 4
+    for row in report.rows:
+        assert row.finished == 1 and row.steps == 2
+        for key in ("loss/total", "loss/mlm", "eval/mlm_acc", "samples_per_s", "wall_time_s"):
+            assert math.isfinite(row.stats[key].mean), (row.label, key)
+        retrieval = "itm" in row.label
+        assert ("eval/i2t_r1" in row.stats) == retrieval  # R@1 needs ITM scores
+        if retrieval:
+            assert 0.0 <= row.stats["eval/i2t_r1"].mean <= 1.0 and 0.0 <= row.stats["eval/itm_acc"].mean <= 1.0
+    table = [ln for ln in report.files["markdown"].read_text().splitlines() if ln.startswith("| objectives=")]
+    assert len(table) == 4
+    page = report.files["html"].read_text()
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    curves = {k for t in report.trials for k in t.curves}
+    assert len(images) == len(curves) + len([c for c in report.columns if not c.startswith("loss/")])
+    assert Image.open(io.BytesIO(base64.b64decode(images[0]))).format == "PNG"
+
+    # resuming a finished sweep (through the CLI) re-runs nothing and shows the table again
+    before = _files(sweep_dir, names)
+    result = CliRunner().invoke(app, ["sweep", "--resume", str(sweep_dir)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert _files(sweep_dir, names) == before
+    assert sum(label in result.output for label in (p.label for p in plan.points)) == 4
