@@ -28,7 +28,11 @@ test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: venv $(DATA)/tokenizer.json
-	$(BIN)/python benchmarks/data_wait.py
+	$(BIN)/python -m benchmarks.data_wait
+	$(BIN)/python -m benchmarks.data
+	$(BIN)/python -m benchmarks.moe
+	$(BIN)/python -m benchmarks.models
+	$(BIN)/python -m benchmarks.overhead
 
 lint: venv
 	$(BIN)/ruff check .

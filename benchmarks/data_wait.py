@@ -5,7 +5,7 @@ timings the workers measure: the time each rank blocks in `next(batches)` (data 
 ranks) against the whole step. Prints the warm figure (first report excluded: it holds the
 pipeline's start) and the cold one, side by side with the compute share.
 
-    .venv/bin/python benchmarks/data_wait.py [--steps 120] [--set key=value ...]
+    .venv/bin/python -m benchmarks.data_wait [--steps 120] [--set key=value ...]
 """
 
 from __future__ import annotations

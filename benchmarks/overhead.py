@@ -5,9 +5,9 @@ Both train the same model (jobs/configs/quickstart.yaml, shrunk by the overrides
 synthetic shards for the same steps on 2 ranks (gloo, 1 CPU thread each):
 - mmpt: `orchestrator.runner.run`, a fresh local Ray per run; its per-report `step_time_s`.
 - plain: 2 processes (torch.multiprocessing + gloo), `jobs.engine.build_engine` on the same config,
-  each rank reading its shards (rank::world) in-process with the pipeline's own reader and
-  preprocessing (`jobs.data.reader.iter_rows`, `jobs.data.pipeline._preprocess`,
-  `jobs.data.batch.to_model_batch`), no prefetching; step time measured exactly as the train loop
+  each rank reading its shards (rank::world) in-process with the function the pipeline's Ray Data
+  tasks run (`jobs.data.pipeline._shard_batches`: read, decode, tokenize) and the same
+  `jobs.data.batch.to_model_batch`, no prefetching; step time measured exactly as the train loop
   does (report windows of `log_every` steps, the report's own work outside the window).
 The machine is noisy, so the two run in turn (alternating which goes first) for several pairs; the
 figure is the median over pairs of (mmpt mean steady step time / plain mean steady step time),
@@ -71,23 +71,22 @@ def _mmpt(cfg: Any) -> Timing:
 # -- plain torch.distributed ----------------------------------------------------------------------
 
 def _batches(shards: list[str], spec: Any, batch_size: int):  # noqa: ANN202 - Iterator[dict[str, Tensor]]
-    """This rank's shards, read and preprocessed in-process, forever; full batches only."""
+    """This rank's shards, read and preprocessed in-process by the function each Ray Data task of
+    the pipeline runs (one shard -> columnar batches), re-cut to `batch_size`, forever."""
     import numpy as np
     import torch
 
-    from jobs.data.pipeline import _preprocess
-    from jobs.data.reader import iter_rows
+    from jobs.data.pipeline import _shard_batches
 
-    rows: list[dict[str, Any]] = []
+    pending: dict[str, Any] | None = None
     while True:
         for pos, shard in enumerate(shards):
-            for row in iter_rows(shard, spec.read):
-                rows.append(row | {"shard_pos": pos})
-                if len(rows) == batch_size:
-                    batch = {k: np.stack([r[k] for r in rows]) if k == "image" else np.array([r[k] for r in rows])
-                             for k in rows[0]}
-                    rows = []
-                    yield {k: torch.from_numpy(v) for k, v in _preprocess(batch, spec).items()}
+            item = {"shard": np.array([shard]), "shard_pos": np.array([pos]), "start": np.array([0])}
+            for cols in _shard_batches(item, spec, seed=None, epoch=0, stride=None, ledger=None):
+                pending = cols if pending is None else {k: np.concatenate([pending[k], cols[k]]) for k in cols}
+                while len(pending["input_ids"]) >= batch_size:
+                    yield {k: torch.from_numpy(v[:batch_size]) for k, v in pending.items()}
+                    pending = {k: v[batch_size:] for k, v in pending.items()}
 
 
 def _plain_worker(rank: int, port: int, run: dict[str, Any], text: dict[str, int], spec: Any,

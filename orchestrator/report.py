@@ -3,9 +3,10 @@
 Built from files alone: the sweep's `sweep.yaml` (points, seeds) and each trial's run directory
 (`summary.json` when the run finished; otherwise the last lines of `metrics.jsonl`, e.g. a trial
 ASHA stopped early). Columns come from the metric names the runs reported, not from a list of
-objectives: every `loss/<term>` of the last report, the retrieval R@1 (eval/i2t_r1, eval/t2i_r1)
-and every held-out accuracy (`eval/*_acc`: ITM, MLM, grounded-word MLM, ... as reported), the
-model-state memory when measured, wall time and throughput. Spread is the sample standard
+objectives: every `loss/<term>` of the last report, the retrieval R@1 (eval/i2t_r1, eval/t2i_r1),
+every held-out accuracy and gain (`eval/*_acc`, `eval/*_gain`: ITM, MLM, grounded-word MLM, ... as
+reported), the model-state memory when measured, wall time and throughput. The terminal shows
+them as three tables (losses, held-out evaluation, cost); the files hold one table. Spread is the sample standard
 deviation over seeds (ddof 1), printed as mean ± std.
 
 Writes `report.md` (the table), `report.csv` (all metrics: mean, std, n per configuration),
@@ -132,7 +133,7 @@ def columns(rows: list[Row], metric: str | None = None) -> list[str]:
     """The table's metric columns, from what the runs reported (see the module docstring)."""
     keys = {k for r in rows for k in r.stats}
     losses = [k for k in ["loss/total", *sorted(keys - {"loss/total"})] if k.startswith("loss/") and k in keys]
-    accs = sorted(k for k in keys if k.startswith("eval/") and k.endswith("_acc"))
+    accs = sorted(k for k in keys if k.startswith("eval/") and k.endswith(("_acc", "_gain")))
     cols = losses + [k for k in _R1 if k in keys] + accs
     cols += [_MEMORY] if _MEMORY in keys else []
     cols += [k for k in _SPEED if k in keys]
@@ -186,13 +187,22 @@ def _notes(plan: SweepPlan, rows: list[Row], trials: list[TrialResult]) -> list[
     return notes
 
 
-def rich_table(plan: SweepPlan, rows: list[Row], cols: list[str]) -> Table:
-    t = Table(title=f"sweep {plan.name} · {plan.metric} ({plan.mode})", title_justify="left")
-    for head in ("config", "seeds", "steps", *map(title, cols)):
-        t.add_column(head, justify="left" if head == "config" else "right")
-    for r in rows:
-        t.add_row(r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}", *(cell(r.stats.get(k), k) for k in cols))
-    return t
+def rich_tables(plan: SweepPlan, rows: list[Row], cols: list[str]) -> list[Table]:
+    """The columns in three tables (a sweep's table is too wide for one terminal line)."""
+    groups = [("final training losses", [k for k in cols if k.startswith("loss/")]),
+              ("held-out evaluation", [k for k in cols if k.startswith("eval/")]),
+              ("cost", [k for k in cols if not k.startswith(("loss/", "eval/"))])]
+    tables = []
+    for name, keys in groups:
+        if not keys:
+            continue
+        t = Table(title=f"sweep {plan.name} · {name}", title_justify="left")
+        for head in ("config", "seeds", "steps", *map(title, keys)):
+            t.add_column(head, justify="left" if head == "config" else "right")
+        for r in rows:
+            t.add_row(r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}", *(cell(r.stats.get(k), k) for k in keys))
+        tables.append(t)
+    return tables
 
 
 def markdown(plan: SweepPlan, rows: list[Row], cols: list[str], notes: list[str]) -> str:
@@ -258,7 +268,8 @@ def write_report(sweep_dir: str | Path) -> Report:
 
 def show_report(sweep_dir: str | Path, console: Console) -> Report:
     report = write_report(sweep_dir)
-    console.print(rich_table(report.plan, report.rows, report.columns))
+    for table in rich_tables(report.plan, report.rows, report.columns):
+        console.print(table)
     for note in report.notes:
         console.print(note, highlight=False, soft_wrap=True)
     console.print("report: " + ", ".join(str(p) for p in report.files.values()), highlight=False, soft_wrap=True)

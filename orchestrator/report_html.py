@@ -37,7 +37,8 @@ def _colors(plan: SweepPlan) -> dict[str, str]:
 def loss_curves(plan: SweepPlan, trials: list[TrialResult]) -> dict[str, str]:
     """loss key -> base64 PNG with one line per trial."""
     colors = _colors(plan)
-    keys = list(dict.fromkeys(k for t in trials for k in t.curves))
+    found = {k for t in trials for k in t.curves}
+    keys = [k for k in ["loss/total", *sorted(found - {"loss/total"})] if k in found]
     out = {}
     for key in keys:
         fig = Figure(figsize=(6, 3.6))
@@ -71,6 +72,10 @@ def bar_charts(plan: SweepPlan, trials: list[TrialResult], rows: list[Row], cols
         for x, r in zip(xs, scored, strict=True):
             seeds = [t.values[key] for t in trials if t.point == r.point and key in t.values]
             ax.scatter([x] * len(seeds), seeds, color="black", s=10, zorder=3)
+        chance = [r.stats["eval/chance_r1"].mean for r in scored if "eval/chance_r1" in r.stats]
+        if key in ("eval/i2t_r1", "eval/t2i_r1") and chance:
+            ax.axhline(sum(chance) / len(chance), color="gray", linestyle="--", label="chance")
+            ax.legend(fontsize=7)
         ax.set_xticks(list(xs), [r.label for r in scored], rotation=20, ha="right", fontsize=7)
         ax.set(ylabel=key, title=title(key))
         out[key] = _png(fig)

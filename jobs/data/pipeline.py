@@ -1,7 +1,8 @@
 """The Ray Data input pipeline of one rank: its shards -> decoded samples -> model-ready rows.
 
-    [{shard, shard_pos, start}] ──flat_map──▶ reader.iter_rows (one task reads one shard, decodes images)
-                                ──map_batches─▶ tokenize + pad captions, scene boxes/labels  (CPU tasks)
+    [{shard, shard_pos, start}] ──map_batches (one CPU task per shard)──▶ read (reader.iter_rows),
+                                decode + resize images, tokenize + pad captions, scene boxes/labels,
+                                yielded as columnar batches
                                 ──iter_torch_batches (order preserved) ─▶ the rank's train loop
 
 Each rank streams its own deterministic sequence (see `jobs.data.stream`), so a position in it is
@@ -61,18 +62,34 @@ def shard_seed(seed: int | None, epoch: int, shard: str) -> int | None:
     return None if seed is None else zlib.crc32(f"{seed}:{epoch}:{shard}".encode())
 
 
-def _rows(item: dict[str, Any], spec: PipelineSpec, seed: int | None, epoch: int,
-          stride: tuple[int, int] | None, ledger: Any) -> Iterator[dict[str, Any]]:
+_ROWS_PER_BATCH = 256
+
+
+def _shard_batches(items: dict[str, np.ndarray], spec: PipelineSpec, seed: int | None, epoch: int,
+                   stride: tuple[int, int] | None, ledger: Any) -> Iterator[dict[str, np.ndarray]]:
+    """One task per shard: read, decode, tokenize, and yield columnar batches of model-ready rows.
+
+    Columnar output (one numpy array per column) instead of a dict per row: Ray Data then moves
+    whole arrays, not Python objects, and decode + tokenize happen in one task with no second
+    hop through the object store.
+    """
     def report(r: ShardReport) -> None:
         if ledger is not None:
             ledger.add.remote(r)
 
-    for row in iter_rows(item["shard"], spec.read, seed=shard_seed(seed, epoch, item["shard"]),
-                         start=item["start"], on_report=report):
-        if stride is not None and row["offset"] % stride[1] != stride[0]:
-            continue
-        row["shard_pos"] = item["shard_pos"]
-        yield row
+    for shard, shard_pos, start in zip(items["shard"], items["shard_pos"], items["start"], strict=True):
+        rows: list[dict[str, Any]] = []
+        for row in iter_rows(str(shard), spec.read, seed=shard_seed(seed, epoch, str(shard)), start=int(start),
+                             on_report=report):
+            if stride is not None and row["offset"] % stride[1] != stride[0]:
+                continue
+            row["shard_pos"] = int(shard_pos)
+            rows.append(row)
+            if len(rows) == _ROWS_PER_BATCH:
+                yield _columns(rows, spec)
+                rows = []
+        if rows:
+            yield _columns(rows, spec)
 
 
 @lru_cache(maxsize=4)
@@ -151,22 +168,22 @@ def _region_columns(metas: list[str], max_objects: int) -> dict[str, np.ndarray]
     return cols
 
 
-def _preprocess(batch: dict[str, np.ndarray], spec: PipelineSpec) -> dict[str, np.ndarray]:
-    n = len(batch["key"])
+def _columns(rows: list[dict[str, Any]], spec: PipelineSpec) -> dict[str, np.ndarray]:
+    n = len(rows)
     labels = np.full((n, spec.max_objects), -1, dtype=np.int64)
     boxes = np.zeros((n, spec.max_objects, 4), dtype=np.float32)
-    for i in range(n):
-        labels[i], boxes[i] = _scene(batch["meta"][i], spec.max_objects)
-    ids, mask = encode(_tokenizer(spec.tokenizer_uri, spec.storage), list(batch["caption"]), spec.max_text_len)
-    return _region_columns(list(batch["meta"]), spec.max_objects) | {
-        "image": np.stack(list(batch["image"])) if batch["image"].dtype == object else batch["image"],
+    for i, row in enumerate(rows):
+        labels[i], boxes[i] = _scene(row["meta"], spec.max_objects)
+    ids, mask = encode(_tokenizer(spec.tokenizer_uri, spec.storage), [r["caption"] for r in rows], spec.max_text_len)
+    return {
+        "image": np.stack([r["image"] for r in rows]),
         "input_ids": ids,
         "attention_mask": mask,
         "obj_labels": labels,
         "obj_boxes": boxes,
-        "sample_id": np.array([sample_id(k) for k in batch["key"]], dtype=np.int64),
-        "shard_pos": np.asarray(batch["shard_pos"], dtype=np.int64),
-        "offset": np.asarray(batch["offset"], dtype=np.int64),
+        "sample_id": np.array([sample_id(r["key"]) for r in rows], dtype=np.int64),
+        "shard_pos": np.array([r["shard_pos"] for r in rows], dtype=np.int64),
+        "offset": np.array([r["offset"] for r in rows], dtype=np.int64),
     }
 
 
@@ -187,10 +204,9 @@ def build_dataset(items: list[dict[str, Any]], spec: PipelineSpec, *, seed: int 
     current.enable_progress_bars = False
     remote = dict(ray_remote_args or {})
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.flat_map(_rows, fn_kwargs={"spec": spec, "seed": seed, "epoch": epoch, "stride": stride,
-                                       "ledger": ledger},
-                     **({"concurrency": read_tasks} if read_tasks else {}), **remote)
-    ds = ds.map_batches(_preprocess, fn_kwargs={"spec": spec}, batch_size=64, batch_format="numpy", **remote)
+    ds = ds.map_batches(_shard_batches, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"spec": spec, "seed": seed, "epoch": epoch, "stride": stride, "ledger": ledger},
+                        **({"concurrency": read_tasks} if read_tasks else {}), **remote)
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False
     return ds

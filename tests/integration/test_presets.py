@@ -1,12 +1,13 @@
 """Every architecture preset trains through `mmpt run --set model.preset=NAME` on the shapes data:
 2 steps on 2 Ray Train workers, with its paper's objectives that exist, MoE FFNs included.
 
-A Ray Train run costs ~20-30 s here, so one run per distinct architecture: presets whose blocks
-resolve identically (VisualBERT, Unicoder-VL, UNITER, ImageBERT: single-stream over crop-pooled
-regions; they differ only in their papers' objectives) train once, as the first of them; the
-others load through the same config path, build a network of exactly the same parameters, and
-take one forward + backward step with their own objectives in process (the objectives themselves
-are trained through `mmpt run` by the objectives' integration tests).
+A Ray Train run costs ~20-30 s here, so one run per distinct network: presets whose blocks resolve
+identically and whose objectives need the same encoder parts (VisualBERT, Unicoder-VL, UNITER,
+ImageBERT: single-stream over crop-pooled regions with a pooler; they differ only in their papers'
+objectives) train once, as the first of them; the others load through the same config path,
+build a network of exactly the same parameters, and take one forward + backward step with their
+own objectives in process (the objectives themselves are trained through `mmpt run` by the
+objectives' integration tests).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from tests.integration.conftest import QUICKSTART, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-_TRAINED: dict[Blocks, Any] = {}  # blocks -> the config of the preset that trained them in this session
+# (blocks, encoder outputs built) -> the config of the preset that trained them in this session
+_TRAINED: dict[tuple[Blocks, frozenset[str]], Any] = {}
 
 
 def _dense_model(cfg: Any) -> torch.nn.Module:
@@ -53,10 +55,10 @@ def test_every_preset_trains(ray_session, shapes_data, tmp_path, preset: str) ->
         "model.preset": preset, "objectives": "{" + ", ".join(f"{k}: {w}" for k, w in objectives.items()) + "}",
         "train.steps": 2, "train.log_every": 2, "train.checkpoint_every": 0, "data.eval": "[]"})
     cfg = load_config(QUICKSTART, overrides)
-    blocks = resolve(cfg.model)
-    if blocks in _TRAINED:  # the same network already trained through mmpt run in this session
-        model = _dense_model(cfg)
-        twin = {n: p.shape for n, p in _dense_model(_TRAINED[blocks]).encoder.named_parameters()}
+    model = _dense_model(cfg)
+    key = (resolve(cfg.model), model.encoder.provides)  # same blocks, same parts built
+    if key in _TRAINED:  # the same network already trained through mmpt run in this session
+        twin = {n: p.shape for n, p in _dense_model(_TRAINED[key]).encoder.named_parameters()}
         assert {n: p.shape for n, p in model.encoder.named_parameters()} == twin
         out = model(_batch(cfg))
         out["loss"].backward()
@@ -68,4 +70,4 @@ def test_every_preset_trains(ray_session, shapes_data, tmp_path, preset: str) ->
     # tiny() keeps quickstart's MoE (every other FFN); every family has an FFN at depth 1
     assert set(losses) == {*objectives, "moe_aux", "total"}
     assert all(math.isfinite(v) for v in losses.values()), losses
-    _TRAINED[blocks] = cfg
+    _TRAINED[key] = cfg

@@ -1,5 +1,5 @@
 """`mmpt sweep` end to end: 4 trials (1 Ray Train worker each, 2 at once) on the shapes data,
-interrupted after the first finished trial, resumed without re-running it, then reported."""
+interrupted once two trials finished, resumed without re-running them, then reported."""
 
 from __future__ import annotations
 
@@ -30,12 +30,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 _interrupted = False  # module state: the callback is pickled with the experiment and restored on resume
 
 
-class _CtrlCAfterFirstTrial(Callback):
-    """What a user's Ctrl+C does, once the first trial has finished: Tune saves its state and stops."""
+class _CtrlCAfterTwoTrials(Callback):
+    """What a user's Ctrl+C does, once two trials have finished: Tune saves its state and stops
+    (the third, started when the first finished, is cut off; the fourth may not have started)."""
+
+    completed = 0
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         global _interrupted
-        if not _interrupted:
+        self.completed += 1
+        if not _interrupted and self.completed >= 2:
             _interrupted = True
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -63,7 +67,7 @@ def test_sweep_runs_trials_concurrently_resumes_and_reports(ray_session, shapes_
     names = [plan.trial_name(p, s) for p, s in plan.trials]
     assert len(names) == 4 and concurrency(plan, {"CPU": 4.0}) == 2  # ray_session: 4 CPUs, 1 worker + 1 data
 
-    first = run_sweep(plan, console=_quiet(), callbacks=[_CtrlCAfterFirstTrial()])
+    first = run_sweep(plan, console=_quiet(), callbacks=[_CtrlCAfterTwoTrials()])
     assert _interrupted and first.finished and first.unfinished and not first.failed
     done_before = _files(sweep_dir, first.finished)
 

@@ -389,3 +389,33 @@ def test_precomputed_regions_are_parsed_from_sample_metadata() -> None:
     assert boxes.tolist() == [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 0.5], [0.0, 0.0, 0.0, 0.0]]
     assert labels.tolist() == [7, 9, -1]
     assert precomputed_regions(json.dumps({"scene": {}}), 3) is None
+
+
+@pytest.mark.parametrize("preset", ["uniter", "vl-bert", "pixel-bert", "vilbert", "clip"])
+def test_bf16_forward_backward(preset: str) -> None:
+    """DeepSpeed's bf16 mode casts the model and the image; boxes and labels stay as they are."""
+    model = probe_model(preset).to(torch.bfloat16)
+    batch = make_batch()
+    batch["image"] = batch["image"].to(torch.bfloat16)
+    out = model(batch)
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_models_list_and_show_on_the_command_line() -> None:
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models", "list", "--set", "model.hidden_size=32", "--set", "model.num_layers=2",
+                                 "--set", "model.num_heads=2"], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split("│")[1].strip(): line for line in listed.output.splitlines() if line.count("│") >= 5}
+    assert set(PRESETS) <= set(rows)
+    assert "co-attention" in rows["vilbert"] and "region + tags" in rows["oscar"] and "itc" in rows["clip"]
+    shown = runner.invoke(app, ["models", "show", "vl-bert"])
+    assert shown.exit_code == 0 and "conv_stem" in shown.output
+    unknown = runner.invoke(app, ["models", "show", "unitr"])
+    assert unknown.exit_code == 2 and "unknown preset 'unitr'; known presets: clip, " in unknown.output

@@ -118,7 +118,7 @@ def test_report_cli_writes_table_csv_and_self_contained_html(sweep_dir: Path, tm
     page = (sweep_dir / "report.html").read_text()
     images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     # a curve plot per loss term (total, itm, mlm) + a bar chart per other column (5 eval, 3 speed)
-    assert [alt for alt, _ in images] == [f"loss/{t} per trial" for t in ("total", "mlm", "itm")] + [
+    assert [alt for alt, _ in images] == [f"loss/{t} per trial" for t in ("total", "itm", "mlm")] + [
         f"{k} per configuration" for k in ("eval/i2t_r1", "eval/t2i_r1", "eval/grounded_mlm_acc", "eval/itm_acc",
                                            "eval/mlm_acc", "wall_time_s", "samples_per_s", "tokens_per_s")]
     assert page.count("<img") == 11

@@ -186,3 +186,28 @@ def test_the_ready_sweep_files_plan(name: str, tmp_path: Path) -> None:
 
 def test_plans_are_plain_data() -> None:
     assert SweepPlan.__dataclass_fields__.keys() >= {"points", "seeds", "base", "metric"}
+
+
+def test_asha_stops_on_train_steps_with_milestones_from_the_budget(tmp_path: Path) -> None:
+    from orchestrator.sweep import _scheduler
+
+    plan = plan_sweep(_spec(metric="loss/mlm", mode="min", budget={"steps": 40}, scheduler={"type": "asha"}),
+                      ROOT, tmp_path)
+    asha = _scheduler(plan)
+    assert asha._time_attr == "step" and asha._max_t == 40
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [40, 20, 10]  # grace = budget / 4
+    assert _scheduler(plan_sweep(_spec(), ROOT, tmp_path)) is None
+
+
+def test_a_trial_forwards_each_complete_metrics_line_once(tmp_path: Path) -> None:
+    from orchestrator.sweep import _forward_new_lines
+
+    path, seen = tmp_path / "metrics.jsonl", []
+    assert _forward_new_lines(path, 0, seen.append) == 0  # not written yet
+    path.write_text('{"step": 1, "loss/mlm": 2.5, "checkpoint": "/x", "moe/layer1/load": [0.5, 0.5]}\n{"step": 2')
+    offset = _forward_new_lines(path, 0, seen.append)
+    assert seen == [{"step": 1, "loss/mlm": 2.5}]  # numbers only; the half-written line waits
+    with open(path, "a") as f:
+        f.write(', "loss/mlm": 2.0}\n')
+    _forward_new_lines(path, offset, seen.append)
+    assert seen == [{"step": 1, "loss/mlm": 2.5}, {"step": 2, "loss/mlm": 2.0}]
