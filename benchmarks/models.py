@@ -11,7 +11,8 @@ on a shared machine do not count), best round reported with the median beside it
 2. pretrain: one Pretrainer forward + backward with the preset's default objectives (one encoder
    pass per objective view): what a training step costs.
 
-Samples/s are relative to ViLT in the last column. No Ray.
+P is the number of visual tokens per sample (36 patches of 8 px; 1 + 3 regions; Pixel-BERT keeps
+half of its 36 grid cells in training). "vs vilt" compares pretrain steps. No Ray.
 
     .venv/bin/python benchmarks/models.py [--hidden 128] [--layers 4] [--batch 32] [--rounds 5]
 """
@@ -32,6 +33,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
@@ -50,7 +52,7 @@ def shapes_batch(n: int, size: int, text: TextSpec, max_objects: int = 3, seed: 
     images, boxes, labels, lengths = [], [], [], []
     for _ in range(n):
         img, caption, scene = make_sample(rng, size)
-        images.append(torch.tensor(list(img.getdata()), dtype=torch.float32).view(size, size, 3).permute(2, 0, 1))
+        images.append(torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1))
         objs = scene["objects"][:max_objects]
         b = torch.zeros(max_objects, 4)
         lab = torch.full((max_objects,), -1, dtype=torch.long)
@@ -130,12 +132,13 @@ def main() -> None:
     image = ImageSpec(size=args.image)
     batch = shapes_batch(args.batch, args.image, text)
     moe = MoEConfig()
-    enc_steps, pre_steps, enc_params, pre_params = {}, {}, {}, {}
+    enc_steps, pre_steps, enc_params, pre_params, tokens = {}, {}, {}, {}, {}
     for name in PRESETS:
         cfg = ModelConfig(preset=name, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                           mlp_ratio=args.mlp_ratio, dropout=0.0)
         enc_steps[name], enc_params[name] = encoder_step(cfg, moe, text, image, batch)
         pre_steps[name], pre_params[name] = pretrain_step(cfg, moe, text, image, batch)
+        tokens[name] = build_pretrainer(cfg, moe, None, text, image).num_visual_tokens
     t0 = time.perf_counter()
     enc = measure(enc_steps, args.rounds, args.reps)
     pre = measure(pre_steps, args.rounds, args.reps)
@@ -143,8 +146,8 @@ def main() -> None:
           f"{args.image} px images, {args.text_len} tokens, vocab {args.vocab}, batch {args.batch}; "
           f"1 thread, CPU time, best of {args.rounds} rounds x {args.reps} steps (median in brackets); "
           f"measured in {time.perf_counter() - t0:.0f} s wall")
-    head = (f"{'preset':<12} {'family':<18} {'visual':<7} {'enc params':>10} {'enc f+b samples/s':>20} "
-            f"{'params':>9} {'pretrain step samples/s':>25} {'objectives':<14} {'vs vilt':>7}")
+    head = (f"{'preset':<12} {'family':<18} {'visual':<7} {'P':>3} {'enc params':>10} {'enc f+b samples/s':>18} "
+            f"{'params':>9} {'step samples/s':>15} {'vs vilt':>7}  objectives (one encoder pass per view)")
     print(head)
     print("-" * len(head))
     best_pre_vilt = args.batch / min(pre["vilt"])
@@ -153,9 +156,9 @@ def main() -> None:
         enc_sps = f"{args.batch / min(e):.0f} ({args.batch / statistics.median(e):.0f})"
         pre_sps = f"{args.batch / min(p):.0f} ({args.batch / statistics.median(p):.0f})"
         objectives = "+".join(preset.default_objectives(OBJECTIVES))
-        print(f"{name:<12} {FAMILY_NAMES[preset.family]:<18} {preset.visual_inputs[0]:<7} {enc_params[name]:>10,} "
-              f"{enc_sps:>20} {pre_params[name]:>9,} {pre_sps:>25} {objectives:<14} "
-              f"{args.batch / min(p) / best_pre_vilt:>6.2f}x")
+        print(f"{name:<12} {FAMILY_NAMES[preset.family]:<18} {preset.visual_inputs[0]:<7} {tokens[name]:>3} "
+              f"{enc_params[name]:>10,} {enc_sps:>18} {pre_params[name]:>9,} {pre_sps:>15} "
+              f"{args.batch / min(p) / best_pre_vilt:>6.2f}x  {objectives}")
 
 
 if __name__ == "__main__":

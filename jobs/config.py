@@ -191,7 +191,14 @@ def cross_check(cfg: RunConfig) -> list[tuple[str, Any, str]]:
         problems.append(("moe.ep_size", cfg.moe.ep_size,
                          f"must divide scaling.num_workers={cfg.scaling.num_workers} "
                          "(experts are split over groups of ep_size workers)"))
-    problems += cfg.moe.layer_problems(cfg.model.num_layers)
+    # MoE layer indices are FFN depths (models.presets.Blocks.depth): num_layers for single-stream
+    # presets, more for ViLBERT's co-attention blocks (two FFNs per block) or explicit stack sizes.
+    if cfg.model.preset in PRESETS:
+        from models.presets import resolve
+
+        problems += cfg.moe.layer_problems(resolve(cfg.model).depth)
+    else:
+        problems += cfg.moe.layer_problems(cfg.model.num_layers)
     if cfg.data.image_size % cfg.model.patch_size != 0:
         problems.append(("model.patch_size", cfg.model.patch_size,
                          f"must divide data.image_size={cfg.data.image_size}"))

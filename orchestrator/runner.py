@@ -285,7 +285,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
             import ray
             from ray.util.queue import Empty, Queue
 
-            from jobs.data.ledger import BadSampleLedger
+            from jobs.data.ledger import BadSampleLedger, DataBudgetExceeded, check_budget
 
             queue = Queue(actor_options={"num_cpus": 0})
             ledger = ray.remote(BadSampleLedger).options(num_cpus=0).remote()
@@ -320,6 +320,10 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
             if "error" in box:
                 raise RunFailed(_root_cause(box["error"]), log_dir / "ray.log") from box["error"]
             bad = ray.get(ledger.totals.remote())
+            try:  # the workers judge the budget at each report; reads that landed after the last one count too
+                check_budget(bad, cfg.data.max_bad_fraction)
+            except DataBudgetExceeded as exc:
+                raise RunFailed(str(exc), log_dir / "ray.log") from None
         finally:
             if own_ray:
                 import ray

@@ -72,9 +72,11 @@ def _forward_new_lines(path: Path, offset: int, report: Callable[[dict[str, Any]
 def _trial(config: dict[str, Any], plan: SweepPlan, cwd: str) -> None:
     """One trial: `runner.run` of the trial's config in a thread, its metric lines to Tune.
 
-    A trial restarted by a resumed sweep finds its run directory: `runner.run` resumes it from the
-    latest checkpoint (or only shows a finished one), and the lines already there are reported
-    again so that Tune and ASHA see the trial's whole history.
+    The last step's report reaches Tune only once the run has returned (its summary written): a
+    scheduler that stops the trial on that report then stops nothing unfinished. A trial restarted
+    by a resumed sweep finds its run directory: `runner.run` resumes it from the latest checkpoint
+    (or only shows a finished one), and the lines already there are reported again so that Tune
+    and ASHA see the trial's whole history.
     """
     from ray import tune
 
@@ -85,6 +87,7 @@ def _trial(config: dict[str, Any], plan: SweepPlan, cwd: str) -> None:
     cfg = plan.trial_config(config["point"], int(config["seed"]))
     metrics = Path(plan.sweep_dir, "runs", cfg.name, "metrics.jsonl")
     box: dict[str, BaseException] = {}
+    held: list[dict[str, Any]] = []
 
     def train() -> None:
         try:
@@ -92,13 +95,21 @@ def _trial(config: dict[str, Any], plan: SweepPlan, cwd: str) -> None:
         except BaseException as exc:  # noqa: BLE001 - re-raised in the trial's thread below
             box["error"] = exc
 
+    def forward(record: dict[str, Any]) -> None:
+        if record.get("step", 0) >= cfg.train.steps and thread.is_alive():
+            held.append(record)
+        else:
+            tune.report(record)
+
     thread = threading.Thread(target=train, name="mmpt-trial", daemon=True)
     thread.start()
     offset = 0
     while thread.is_alive():
-        offset = _forward_new_lines(metrics, offset, tune.report)
+        offset = _forward_new_lines(metrics, offset, forward)
         time.sleep(0.5)
-    _forward_new_lines(metrics, offset, tune.report)
+    _forward_new_lines(metrics, offset, forward)
+    for record in held:
+        tune.report(record)
     if "error" in box:
         raise box["error"]
 
@@ -132,9 +143,10 @@ def _scheduler(plan: SweepPlan) -> Any:
 
     max_t = max(p.steps for p in plan.points)
     # time_attr `step`, not Tune's training_iteration: a restarted trial re-reports its history, and
-    # the train step is what its milestones mean.
+    # the train step is what its milestones mean. stop_last_trials=False: a trial that reached the
+    # budget is done, there is nothing left to stop.
     return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=spec.get("grace_period") or max(1, max_t // 4),
-                         reduction_factor=spec["reduction_factor"], brackets=spec["brackets"])
+                         reduction_factor=spec["reduction_factor"], brackets=spec["brackets"], stop_last_trials=False)
 
 
 def _tuner(plan: SweepPlan, resume: bool, callbacks: Sequence[Any], max_concurrent: int) -> Any:

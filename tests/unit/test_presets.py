@@ -419,3 +419,13 @@ def test_models_list_and_show_on_the_command_line() -> None:
     assert shown.exit_code == 0 and "conv_stem" in shown.output
     unknown = runner.invoke(app, ["models", "show", "unitr"])
     assert unknown.exit_code == 2 and "unknown preset 'unitr'; known presets: clip, " in unknown.output
+
+
+def test_moe_layer_indices_are_checked_against_the_ffn_depth() -> None:
+    from orchestrator.config import ConfigError, load_config
+    from tests.integration.conftest import QUICKSTART
+
+    base = ["model.preset=vilbert", "model.num_layers=2"]  # 1 text layer + 1 co-attention block: depths 0-2
+    assert load_config(QUICKSTART, [*base, "moe.layers=[2]"]).moe.layers == [2]
+    with pytest.raises(ConfigError, match=r"moe.layers = \[3\]"):
+        load_config(QUICKSTART, [*base, "moe.layers=[3]"])

@@ -195,6 +195,7 @@ def test_asha_stops_on_train_steps_with_milestones_from_the_budget(tmp_path: Pat
                       ROOT, tmp_path)
     asha = _scheduler(plan)
     assert asha._time_attr == "step" and asha._max_t == 40
+    assert asha._stop_last_trials is False  # a trial at its last step finishes (and writes its summary)
     assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [40, 20, 10]  # grace = budget / 4
     assert _scheduler(plan_sweep(_spec(), ROOT, tmp_path)) is None
 
