@@ -174,7 +174,7 @@ def _tuner(plan: SweepPlan, resume: bool, callbacks: Sequence[Any], max_concurre
     )
 
 
-def _init_ray(plan: SweepPlan, address: str | None, cpus: int | None) -> bool:
+def _init_ray(address: str | None, cpus: int | None) -> bool:
     import logging
 
     import ray
@@ -224,7 +224,7 @@ def run_sweep(plan: SweepPlan, *, console: Console | None = None, address: str |
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     with capture_output(sweep_dir / "logs" / "ray.log") as stream:
         view = Console(file=stream, force_terminal=out.is_terminal, width=out.width, quiet=out.quiet)
-        own_ray = _init_ray(plan, address, cpus)
+        own_ray = _init_ray(address, cpus)
         try:
             limit = concurrency(plan, ray.cluster_resources())
             view.print(f"sweep {plan.name}: {len(plan.points)} points x {len(plan.seeds)} seeds = "
