@@ -11,7 +11,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -230,16 +230,49 @@ def logs(
             rec = _find(registry, job_id, address)
         client = cluster.connect(rec.address)
         with cluster.errors(rec.address):
-            if not follow:
+            if not follow or client.get_job_status(job_id).is_terminal():
                 sys.stdout.write(redact(client.get_job_logs(job_id)))
                 return
+            shown = asyncio.run(_follow(client, job_id, redact))
+            rest = client.get_job_logs(job_id)  # whatever the stream had not delivered when the job ended
+            if rest.startswith(shown):
+                sys.stdout.write(redact(rest[len(shown):]))
 
-            async def _stream() -> None:
-                async for chunk in client.tail_job_logs(job_id):
-                    sys.stdout.write(redact(chunk))
-                    sys.stdout.flush()
 
-            asyncio.run(_stream())
+async def _follow(client: Any, job_id: str, redact: Callable[[str], str], quiet_s: float = 2.0) -> str:
+    """Stream the job's log until the job ends; returns the raw text shown.
+
+    Ray's websocket tail normally closes when the job ends, but it can stay open on a finished job; a status
+    poll beside it ends the stream once the job is terminal and the log has been quiet for `quiet_s`.
+    """
+    import asyncio
+
+    shown: list[str] = []
+    last = time.monotonic()
+
+    async def _stream() -> None:
+        nonlocal last
+        async for chunk in client.tail_job_logs(job_id):
+            shown.append(chunk)
+            last = time.monotonic()
+            sys.stdout.write(redact(chunk))
+            sys.stdout.flush()
+
+    async def _watch() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            ended = await asyncio.to_thread(lambda: client.get_job_status(job_id).is_terminal())
+            if ended and time.monotonic() - last > quiet_s:
+                return
+
+    stream, watch = asyncio.create_task(_stream()), asyncio.create_task(_watch())
+    await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (stream, watch):
+        task.cancel()
+    await asyncio.gather(stream, watch, return_exceptions=True)
+    if stream.done() and not stream.cancelled() and stream.exception() is not None:
+        raise stream.exception()
+    return "".join(shown)
 
 
 @jobs_app.command("stop")
