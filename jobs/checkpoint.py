@@ -49,15 +49,45 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+@dataclass(frozen=True)
+class CrashWhileWriting:
+    """Fault injection for tests: rank `rank` dies halfway through writing its part of checkpoint `step`.
+
+    Fires once (the `marker` file records that it did), so the restarted group gets past that step.
+    """
+
+    step: int
+    rank: int
+    marker: str
+
+    def due(self, step: int, rank: int) -> bool:
+        return (step, rank) == (self.step, self.rank) and not os.path.exists(self.marker)
+
+    def fire(self, path: str, payload: dict[str, Any]) -> None:
+        import io
+
+        Path(self.marker).write_text(f"crashed writing {path}")
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        with open(path, "wb") as f:  # a torn file, as a power cut or an OOM kill would leave
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+        os._exit(1)
+
+
 @contextmanager
-def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any]) -> Iterator[str]:
+def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any],
+           crash: CrashWhileWriting | None = None) -> Iterator[str]:
     """Write this rank's part of a checkpoint into a temporary folder and yield its path.
 
     Collective: every rank must enter it at the same step (DeepSpeed's save synchronises).
     """
     with tempfile.TemporaryDirectory(prefix="mmpt-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"trainer_state": asdict(state)})
-        torch.save({"rng": _rng_state(), "data_position": data_position}, os.path.join(tmp, rank_file(rank)))
+        payload = {"rng": _rng_state(), "data_position": data_position}
+        if crash is not None and crash.due(state.step, rank):
+            crash.fire(os.path.join(tmp, rank_file(rank)), payload)
+        torch.save(payload, os.path.join(tmp, rank_file(rank)))
         if rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         yield tmp
@@ -73,18 +103,22 @@ class Restored:
     data_position: dict[str, Any] | None  # None: this rank had no position (world size changed)
 
 
-def restore(engine: Any, folder: str, rank: int) -> Restored:
+def restore(engine: Any, folder: str, rank: int, world: int) -> Restored:
     """Load DeepSpeed's state, this rank's RNG and its data position from a checkpoint folder."""
     path, client = engine.load_checkpoint(folder, tag=DS_TAG)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {folder!r} (tag {DS_TAG!r})")
     per_rank = Path(folder, rank_file(rank))
     position = None
+    trainer_state = TrainerState(**client["trainer_state"])
+    if not per_rank.exists() and trainer_state.extra.get("world") == world:
+        # same world size: every rank wrote its part, so a missing one means a torn checkpoint
+        raise RuntimeError(f"checkpoint {folder!r} lacks {rank_file(rank)}: incomplete, refusing to resume from it")
     if per_rank.exists():
         saved = torch.load(per_rank, weights_only=False)
         _set_rng_state(saved["rng"])
         position = saved["data_position"]
-    return Restored(TrainerState(**client["trainer_state"]), position)
+    return Restored(trainer_state, position)
 
 
 def read_state(folder: str) -> TrainerState:

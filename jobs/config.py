@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
 from models._schema import _Strict
-from models.config import ModelConfig, MoEConfig
+from models.config import AdversarialConfig, ModelConfig, MoEConfig
 
 Precision = Literal["fp32", "bf16"]
 
@@ -67,6 +67,10 @@ class TrainConfig(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 = no clipping")
     precision: Precision = "fp32"
+    activation_checkpointing: bool = Field(False, description="recompute each transformer layer's activations "
+                                           "in backward instead of keeping them (torch.utils.checkpoint per layer)")
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig,
+                                           description="VILLA/FreeLB perturbations of the embeddings")
     log_every: int = Field(10, ge=1, description="steps between metric reports")
     checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on storage")

@@ -127,15 +127,23 @@ def train_func(config: dict[str, Any]) -> None:
 
     from jobs.engine import build_engine, diversify_experts
     from jobs.evaluate import evaluate, grounded_token_ids
+    from jobs.memory import measure_model_states, watch_gradients
     from models import build_pretrainer
+    from models.adversarial import EmbeddingPerturbation, adversarial_forward
     from models.moe import collect_stats
+    from models.recompute import set_activation_checkpointing
 
     # Same seed on every rank: identical dense init (DeepSpeed broadcasts rank 0's anyway).
     torch.manual_seed(cfg.train.seed)
     model = build_pretrainer(cfg.model, cfg.moe, cfg.active_objectives, text, image)
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.moe.enabled:
         diversify_experts(model, cfg.train.seed, ep_rank=rank % cfg.moe.ep_size)
     engine = build_engine(cfg, model)
+    watch_gradients(engine)  # per-rank model-state bytes, reported once with the first report
+    memory: dict[str, int] | None = None
+    adv = cfg.train.adversarial
+    perturb = EmbeddingPerturbation(model.encoder, adv.modalities, adv.init_mag) if adv.enabled else None
     device = engine.device
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     # Masking and negative sampling draw from the global RNG: a different stream per rank.
@@ -153,7 +161,7 @@ def train_func(config: dict[str, Any]) -> None:
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as folder:
-            restored = ckpt.restore(engine, folder, rank)
+            restored = ckpt.restore(engine, folder, rank, world)
         state = restored.state
         if restored.data_position is not None:
             stream.load(restored.data_position)
@@ -183,7 +191,10 @@ def train_func(config: dict[str, Any]) -> None:
         window.wait += time.perf_counter() - t_wait
         for raw in micro:
             batch = to_model_batch(raw, device, dtype)
-            out = engine(batch)
+            if perturb is None:
+                out = engine(batch)
+            else:
+                out = adversarial_forward(lambda b=batch: engine(b), perturb, adv, device)
             engine.backward(out["loss"])
             engine.step()
             window.add(out, gas)
@@ -193,6 +204,8 @@ def train_func(config: dict[str, Any]) -> None:
             window.tokens += int(batch["attention_mask"].sum()) + n * visual_tokens
         state.step += 1
         state.samples_seen += step_samples * world
+        if memory is None:
+            memory = measure_model_states(engine)
         if cfg.data.record_samples:
             window.sample_ids[state.step] = [int(i) for raw in micro for i in raw["sample_id"]]
         window.steps += 1
@@ -223,6 +236,9 @@ def train_func(config: dict[str, Any]) -> None:
         }
         if rank == 0 and ledger is not None:
             metrics |= _bad_data(ledger, cfg)
+        if memory:  # this rank's bytes (ranks differ only by padding): rank 0's reach the driver
+            metrics |= {k: float(v) for k, v in memory.items()}
+            memory = {}
         if window.sample_ids:
             first = min(window.sample_ids)
             storage.write_text(storage.join(config["run_dir"], "samples", f"rank{rank}_{first:07d}.json"),
@@ -232,7 +248,8 @@ def train_func(config: dict[str, Any]) -> None:
         if do_ckpt and state.step != last_ckpt_step:
             if rank == 0 and ledger is not None:
                 state.extra["ledger"] = ray.get(ledger.state.remote())
-            with ckpt.staged(engine, state, rank, stream.state()) as folder:
+            state.extra["world"] = world
+            with ckpt.staged(engine, state, rank, stream.state(), config.get("crash_while_writing")) as folder:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=ckpt.dir_name(state.step))
             last_ckpt_step = state.step

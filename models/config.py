@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from models._schema import _Strict
 from models.moe.config import MoEConfig
 
-__all__ = ["Family", "ImageSpec", "ModelConfig", "MoEConfig", "RegionSource", "TextSpec", "VisualKind"]
+__all__ = ["AdversarialConfig", "Family", "ImageSpec", "ModelConfig", "MoEConfig", "RegionSource", "TextSpec", "VisualKind"]
 
 # How the encoder combines the modalities (models/encoders/):
 #   single       one transformer over [text; visual] tokens (VisualBERT, UNITER, ViLT, ...)
@@ -44,7 +44,7 @@ FAMILY_FIELDS: dict[str, frozenset[str]] = {
 # Which optional fields each visual input uses.
 VISUAL_FIELDS: dict[str, frozenset[str]] = {
     "patch": frozenset(),
-    "region": frozenset({"region_source", "region_pool", "region_feature_size"}),
+    "region": frozenset({"region_source", "region_pool", "region_feature_size", "mask_pixels"}),
     "pixel": frozenset({"pixel_channels", "pixel_sample"}),
 }
 _OPTIONAL = frozenset().union(*FAMILY_FIELDS.values(), *VISUAL_FIELDS.values())
@@ -68,6 +68,10 @@ class ModelConfig(_Strict):
     region_pool: int | None = Field(None, ge=1, le=32, description="RoIAlign output side (default 4)")
     region_feature_size: int | None = Field(
         None, ge=1, description="conv_stem width (default 64), or the size of precomputed features (required)")
+    mask_pixels: bool | None = Field(
+        None, description="masked regions zero the image pixels inside their box before feature extraction "
+        "(VL-BERT's masked RoI classification), instead of zeroing the extracted feature; region inputs "
+        "computed from pixels only (crop_pool, conv_stem); null = the preset's")
     object_tags: bool | None = Field(None, description="Oscar object-tag tokens from the object labels; null = the preset's")
     object_classes: int = Field(4, ge=1, description="object label classes (shapes world: 4; BUTD/Visual Genome: 1600)")
     # pixel input
@@ -114,6 +118,9 @@ class ModelConfig(_Strict):
                 and self.region_feature_size is None:
             out.append("region_source='precomputed' needs region_feature_size (the size F of the shards' "
                        "region features, e.g. 2048 for BUTD Faster R-CNN features)")
+        if visual == "region" and self.mask_pixels and (self.region_source or preset.region_source) == "precomputed":
+            out.append("mask_pixels=True needs region features computed from pixels (region_source crop_pool or "
+                       "conv_stem); precomputed features have no pixels to zero")
         if visual == "pixel" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             out.append(f"patch_size={self.patch_size} with pixel input: the pixel CNN downsamples by stride-2 "
                        "convolutions, so patch_size must be a power of 2 >= 2")
@@ -124,7 +131,14 @@ class ModelConfig(_Strict):
 
 @dataclass(frozen=True)
 class TextSpec:
-    """What the model needs to know about the tokenizer."""
+    """What the model needs to know about the tokenizer.
+
+    The id tuples are optional (empty = unknown) and read by the objectives that need them:
+    `continuation_ids` are WordPiece's "##" pieces, which continue the word before them (whole-word
+    masking, `mlm_wwm`); the `scene_*_ids` are the word pieces of scene-graph nodes (ERNIE-ViL's
+    scene-graph prediction, `sgp`): objects, their attributes, the relations between them.
+    jobs/data/tokenizer.py `text_spec` fills them from the run's tokenizer.
+    """
 
     vocab_size: int
     max_len: int
@@ -133,6 +147,20 @@ class TextSpec:
     cls_id: int = 2
     sep_id: int = 3
     mask_id: int = 4
+    continuation_ids: tuple[int, ...] = ()
+    scene_object_ids: tuple[int, ...] = ()
+    scene_attribute_ids: tuple[int, ...] = ()
+    scene_relation_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Sorted int tuples whatever came in (a spec that travelled as JSON holds lists).
+        for name in ("continuation_ids", "scene_object_ids", "scene_attribute_ids", "scene_relation_ids"):
+            object.__setattr__(self, name, tuple(sorted({int(i) for i in getattr(self, name)})))
+
+    @property
+    def scene_ids(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(object, attribute, relation) word-piece ids, in that order."""
+        return self.scene_object_ids, self.scene_attribute_ids, self.scene_relation_ids
 
 
 @dataclass(frozen=True)
@@ -146,3 +174,22 @@ class ImageSpec:
     size: int
     channels: int = 3
     max_objects: int = 3
+
+
+Modality = Literal["text", "image"]
+
+
+class AdversarialConfig(_Strict):
+    """`train.adversarial`: off unless `steps` > 0."""
+
+    steps: int = Field(0, ge=0, description="K ascent steps per micro-batch; 0 = no adversarial training")
+    step_size: float = Field(1e-3, gt=0, description="ascent step on the normalised gradient (FreeLB adv-lr)")
+    norm_bound: float = Field(0.0, ge=0, description="max L2 norm of δ per sample and modality; 0 = unbounded")
+    init_mag: float = Field(0.0, ge=0, description="L2 norm bound of δ's random start; 0 = start at zero")
+    weight: float = Field(1.0, gt=0, description="weight of the adversarial loss next to the clean loss")
+    modalities: list[Modality] = Field(default_factory=lambda: ["text", "image"],
+                                       min_length=1, description="which embeddings are perturbed")
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps > 0

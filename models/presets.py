@@ -50,6 +50,7 @@ class Preset:
     doc: str
     region_source: RegionSource = "crop_pool"
     object_tags: bool = False
+    mask_pixels: bool = False  # masked regions zero their box's pixels (VL-BERT); pixel-computed regions only
 
     def default_objectives(self, known: Collection[str]) -> dict[str, float]:
         """The paper's objectives that exist in `known` (the OBJECTIVES registry)."""
@@ -82,6 +83,7 @@ class Blocks:
     visual_layers: int
     cross: int
     embed_dim: int
+    mask_pixels: bool = False  # masked regions zero their box's pixels before feature extraction
 
     @property
     def depth(self) -> int:
@@ -128,6 +130,8 @@ def resolve(cfg: ModelConfig) -> Blocks:
     preset = get_preset(cfg.preset)
     visual = cfg.visual_input or preset.visual_inputs[0]
     source = cfg.region_source or preset.region_source
+    # The preset's default applies where there are pixels to zero (not to precomputed features).
+    mask_pixels = preset.mask_pixels and source != "precomputed" if cfg.mask_pixels is None else cfg.mask_pixels
     joint, text, visual_layers, cross = _layers(cfg, preset.family)
     return Blocks(
         family=preset.family,
@@ -143,6 +147,7 @@ def resolve(cfg: ModelConfig) -> Blocks:
         visual_layers=visual_layers,
         cross=cross,
         embed_dim=cfg.embed_dim or cfg.hidden_size,
+        mask_pixels=visual == "region" and mask_pixels,
     )
 
 
@@ -199,15 +204,17 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     ),
     Preset(
         name="vl-bert", paper="Su et al. 2020", family="single", visual_inputs=("region",),
-        region_source="conv_stem",
+        region_source="conv_stem", mask_pixels=True,
         objectives=_objectives(mlm=1.0, mrc=1.0),
         doc="VL-BERT (Su et al. 2020, 'VL-BERT: Pre-training of Generic Visual-Linguistic "
             "Representations'): single-stream over words and RoIs, the Fast R-CNN feature extractor "
             "trained jointly with the transformer; MLM with visual clues and masked RoI classification "
             "with linguistic clues (mrc); no image-text matching (the paper found it hurt). The "
             "jointly-trained detector is a small conv stem over RoIAlign crops of the scene boxes "
-            "(region_source: conv_stem); the paper's whole-image feature added to every word is "
-            "left out (the whole-image region token carries it).",
+            "(region_source: conv_stem); as in the paper (§3.2), a masked RoI's pixels are zeroed before "
+            "the extractor sees the image (mask_pixels), so its feature cannot leak what was masked; "
+            "the paper's whole-image feature added to every word is left out (the whole-image region "
+            "token carries it).",
     ),
     Preset(
         name="uniter", paper="Chen et al. 2020", family="single", visual_inputs=("region",),

@@ -7,7 +7,10 @@ K tokens kept by pixel sampling, s RoIAlign side.
 Every input returns `VisualTokens`: the embedded tokens plus what the region/patch objectives need
 (the features before projection as the MRFR regression target, the object class of each token,
 which tokens are real, which were masked). Masked tokens (`visual_mask_BP`, masked region
-modelling) have their input features zeroed, as UNITER/LXMERT zero masked region features.
+modelling) have their input features zeroed, as UNITER/LXMERT zero masked region features; with
+`model.mask_pixels`, regions whose features are computed from pixels zero the pixels of their box
+before feature extraction instead (VL-BERT, Su et al. 2020, §3.2), so neither the masked region's
+feature nor an overlapping region's can show what was masked.
 Features from a trained extractor (conv_stem, pixel CNN) are not detached here: an objective that
 regresses onto them should detach its target.
 """
@@ -15,7 +18,7 @@ regresses onto them should detach its target.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +34,9 @@ SCENE_COLUMNS = ("obj_boxes", "obj_labels")
 PRECOMPUTED_COLUMNS = ("region_feats", "region_boxes", "region_labels")
 
 
-@dataclass
-class VisualTokens:
+class VisualTokens(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3's module hooks find tensors inside tuples, not dataclasses."""
+
     x_BPD: Tensor  # embedded tokens
     feats_BPF: Tensor  # input features before projection (masked ones zeroed)
     labels_BP: Tensor  # long: object class of the token, -1 unknown
@@ -135,6 +139,26 @@ def roi_align(image_BCHW: Tensor, boxes_BN4: Tensor, side: int, samples: int = 2
     return F.avg_pool2d(crops, samples).view(B, N, C, side, side).to(image_BCHW.dtype)
 
 
+def zero_boxes(image_BCHW: Tensor, boxes_BN4: Tensor, masked_BN: Tensor) -> Tensor:
+    """The image with every pixel whose centre lies inside a masked box ([x0, x1) x [y0, y1),
+    normalised xyxy) set to 0; pixels outside all masked boxes are untouched.
+
+    VL-BERT (Su et al. 2020, §3.2, "masked RoI classification with linguistic clues") zeroes the
+    masked RoI's pixels before its Fast R-CNN sees the image: zeroing the extracted feature alone
+    would leave the content visible to every overlapping RoI (and to the whole-image one).
+    Separable: [B,H,N] @ [B,N,W] counts the masked boxes covering each pixel without a [B,N,H,W] mask.
+    """
+    H, W = image_BCHW.shape[-2:]
+    device = image_BCHW.device
+    ys_H = (torch.arange(H, device=device, dtype=torch.float32) + 0.5) / H
+    xs_W = (torch.arange(W, device=device, dtype=torch.float32) + 0.5) / W
+    boxes = boxes_BN4.float()
+    in_y_BNH = (boxes[..., 1, None] <= ys_H) & (ys_H < boxes[..., 3, None]) & masked_BN[..., None]
+    in_x_BNW = (boxes[..., 0, None] <= xs_W) & (xs_W < boxes[..., 2, None])
+    covered_BHW = in_y_BNH.float().transpose(1, 2) @ in_x_BNW.float() > 0
+    return image_BCHW * ~covered_BHW[:, None]
+
+
 class _CropPool(nn.Module):
     """Region features = the RoIAlign-pooled pixels of the box (a frozen, parameter-free extractor,
     standing in for the frozen detector features of BUTD)."""
@@ -192,6 +216,7 @@ class RegionInput(VisualInput):
         elif self.source == "conv_stem":
             self.extractor = _ConvStem(blocks, image)
         self.feature_size = blocks.region_feature_size if self.extractor is None else self.extractor.feature_size
+        self.mask_pixels = blocks.mask_pixels and self.extractor is not None  # precomputed: no pixels
         self.feat_proj = nn.Linear(self.feature_size, D)
         self.box_proj = nn.Linear(5, D)
         self.norm = nn.LayerNorm(D)
@@ -218,8 +243,12 @@ class RegionInput(VisualInput):
         area_BN = loc_BN5[..., 4]
         mask_BN = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=device), area_BN[:, 1:] > 0], dim=1)
         labels_BN = torch.cat([torch.full((B, 1), -1, dtype=torch.long, device=device), labels_BR.long()], dim=1)
+        masked_BN = _masked(visual_mask_BP, B, R + 1, device)
         if self.extractor is not None:
-            feats_BNF = self.extractor(inputs, boxes_BN4)
+            source = inputs
+            if self.mask_pixels and visual_mask_BP is not None:
+                source = {**inputs, "image": zero_boxes(inputs["image"], boxes_BN4, masked_BN)}
+            feats_BNF = self.extractor(source, boxes_BN4)
         else:
             feats_BRF = _column(inputs, "region_feats", "region input (region_source=precomputed)")
             if feats_BRF.shape[-1] != self.feature_size:
@@ -230,8 +259,8 @@ class RegionInput(VisualInput):
             mean_B1F = (feats_BRF * real_BR1).sum(1, keepdim=True) / real_BR1.sum(1, keepdim=True).clamp(min=1)
             feats_BNF = torch.cat([mean_B1F, feats_BRF], dim=1)
         feats_BNF = feats_BNF.to(self.feat_proj.weight.dtype)
-        masked_BN = _masked(visual_mask_BP, B, R + 1, device)
-        feats_BNF = feats_BNF * ~masked_BN[..., None]
+        if not self.mask_pixels:
+            feats_BNF = feats_BNF * ~masked_BN[..., None]
         x_BND = self.norm(self.feat_proj(feats_BNF) + self.box_proj(loc_BN5.to(feats_BNF.dtype))) + self.type_D
         return VisualTokens(self.dropout(x_BND), feats_BNF, labels_BN, mask_BN, masked_BN)
 

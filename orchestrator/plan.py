@@ -68,9 +68,13 @@ def count_model(cfg: RunConfig, vocab_size: int) -> ModelSize:
     from models.config import ImageSpec, TextSpec
 
     moe = cfg.moe.model_copy(update={"ep_size": 1})  # ep_size 1: the model holds every expert
+    # No head's size depends on which ids are word pieces or scene words: a stand-in id lets the
+    # objectives that need them (mlm_wwm, sgp) build without the run's tokenizer.
+    stand_in = (vocab_size - 1,)
+    text = TextSpec(vocab_size=vocab_size, max_len=cfg.data.max_text_len, continuation_ids=stand_in,
+                    scene_object_ids=stand_in, scene_attribute_ids=stand_in, scene_relation_ids=stand_in)
     with torch.device("meta"):
-        model: Pretrainer = build_pretrainer(cfg.model, moe, cfg.active_objectives,
-                                             TextSpec(vocab_size=vocab_size, max_len=cfg.data.max_text_len),
+        model: Pretrainer = build_pretrainer(cfg.model, moe, cfg.active_objectives, text,
                                              ImageSpec(size=cfg.data.image_size, max_objects=cfg.data.max_objects))
     dense, expert = count_params(model)
     return ModelSize(dense=dense, expert=expert, num_layers=cfg.model.num_layers,
@@ -264,7 +268,8 @@ def render(cfg: RunConfig, size: ModelSize, rows: list[Row], gpus: int, vocab_no
     else:
         row, ckpt = best
         sets = [f"deepspeed.zero_stage={row.stage}"] + ([f"moe.ep_size={row.ep}"] if size.expert else [])
-        console.print(f"suggested: --set {' --set '.join(sets)}" + (" with activation checkpointing" if ckpt else "")
+        sets += ["train.activation_checkpointing=true"] if ckpt else []
+        console.print(f"suggested: --set {' --set '.join(sets)}"
                       + f" ({gib(row.total_ckpt if ckpt else row.total)} {unit} of {gpu_mem / GiB:g} GiB)", highlight=False)
     if any(r.infeasible for r in rows):
         console.print(f"ZeRO-3 n/a: {ZERO3_MOE}.", highlight=False)

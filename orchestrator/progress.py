@@ -124,4 +124,19 @@ def summary_tables(summary: Mapping[str, Any]) -> list[Table]:
                 c = chance.get(name)
                 t.add_row(name, _fmt(ev[name]), "" if c is None else _fmt(c))
         tables.append(t)
+    if mem := summary.get("memory"):
+        tables.append(memory_table(mem))
     return tables
+
+
+def memory_table(mem: Mapping[str, float]) -> Table:
+    """Model states one rank holds (measured) next to the ZeRO paper's figure for this stage."""
+    mib = 2.0**20
+    t = Table(title=f"model states per rank (ZeRO-{int(mem['zero_stage'])}, {int(mem['dp'])} data-parallel ranks, "
+                    f"ep {int(mem['ep'])})", title_justify="left", min_width=48)
+    for col in ("", "measured MiB", "ZeRO paper MiB"):
+        t.add_column(col, justify="right" if col else "left")
+    for part in ("params", "grads", "optim"):
+        t.add_row(part, f"{mem[f'{part}_bytes'] / mib:.2f}", f"{mem[f'expected_{part}_bytes'] / mib:.2f}")
+    t.add_row("total", f"{mem['total_bytes'] / mib:.2f}", f"{mem['expected_bytes'] / mib:.2f}")
+    return t

@@ -127,11 +127,24 @@ def plan_data(cfg: RunConfig, files: RunFiles, console: Console | None = None) -
     evals = _shards("data.eval", cfg.data.eval, opts) if cfg.data.eval else []
     flat = [s for shards in train for s in shards]
     tok_uri = _find_tokenizer(cfg, flat, files) or _train_tokenizer(cfg, flat, files, console or Console())
+    from dataclasses import asdict
+
+    from jobs.data.synth import SCENE_GRAPH_WORDS
+    from models import OBJECTIVES  # torch import: only once the shards and tokenizer are found
+
     try:
-        spec = text_spec(load_tokenizer(tok_uri, opts), cfg.data.max_text_len)
+        # Scene-graph words: the shapes world's node vocabulary, as the tokenizer spells it (sgp).
+        spec = text_spec(load_tokenizer(tok_uri, opts), cfg.data.max_text_len, scene_words=SCENE_GRAPH_WORDS)
     except (ValueError, OSError) as exc:
         raise ConfigError([f"data.tokenizer = {tok_uri!r}: {exc}"]) from None
-    text = {k: getattr(spec, k) for k in ("vocab_size", "max_len", "pad_id", "unk_id", "cls_id", "sep_id", "mask_id")}
+    # What an objective needs from the tokenizer (word pieces, scene words) is checked here, not
+    # when the workers build the model.
+    problems = [f"objectives.{name} = {weight}: {problem} (data.tokenizer = {tok_uri!r})"
+                for name, weight in cfg.active_objectives.items() if name in OBJECTIVES
+                for problem in OBJECTIVES[name].text_problems(spec)]
+    if problems:
+        raise ConfigError(problems)
+    text = asdict(spec)  # every TextSpec field: the workers rebuild it with TextSpec(**text)
     return DataPlan(train=train, weights=[src.weight for src in sources], eval=evals, tokenizer=tok_uri, text=text)
 
 
@@ -217,7 +230,8 @@ def _ray_init(cfg: RunConfig, address: str | None) -> bool:
     return True
 
 
-def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, ledger: Any) -> Any:
+def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, ledger: Any,
+             faults: dict[str, Any]) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -239,7 +253,7 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, led
                            "train_sources": plan.train, "train_weights": plan.weights, "eval_shards": plan.eval,
                            "run_dir": files.uri,
                            # where the workers' Ray Data tasks run (scaling.data_*: e.g. CPU nodes)
-                           "data_remote_args": data_remote_args(cfg.scaling)},
+                           "data_remote_args": data_remote_args(cfg.scaling), **faults},
         scaling_config=ray.train.ScalingConfig(**train_scaling(cfg.scaling)),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=root, storage_filesystem=fs, callbacks=[callback],
@@ -256,12 +270,13 @@ def _show(out: Console, summary: dict[str, Any], run_dir: str) -> None:
 
 
 def run(cfg: RunConfig, *, address: str | None = None, console: Console | None = None,
-        fresh: bool = False) -> RunResult:
+        fresh: bool = False, faults: dict[str, Any] | None = None) -> RunResult:
     """Run `cfg` to completion; raises ConfigError before starting anything for a user mistake.
 
     A run directory that already holds checkpoints of `cfg.name` is resumed from the latest one
     (Ray Train restores it); one whose summary shows all `train.steps` done is only shown again.
-    `fresh=True` deletes the run directory first.
+    `fresh=True` deletes the run directory first. `faults` is for tests: fault-injection objects
+    handed to the workers (e.g. {"crash_while_writing": jobs.checkpoint.CrashWhileWriting(...)}).
     """
     files = RunFiles(cfg)
     out = console or Console()
@@ -289,7 +304,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
 
             queue = Queue(actor_options={"num_cpus": 0})
             ledger = ray.remote(BadSampleLedger).options(num_cpus=0).remote()
-            trainer = _trainer(cfg, plan, files, _make_forwarder(queue), ledger)
+            trainer = _trainer(cfg, plan, files, _make_forwarder(queue), ledger, faults or {})
             box: dict[str, Any] = {}
 
             def fit() -> None:
@@ -369,4 +384,7 @@ def _summary(cfg: RunConfig, records: list[dict[str, Any]], result: Any, wall_s:
         "samples_seen": last.get("samples_seen"),
         "checkpoint": ckpt,
         "logs": str(log_dir),
+        # rank 0's model-state bytes (jobs/memory.py), reported once with the first report
+        "memory": next(({k[7:]: v for k, v in r.items() if k.startswith("memory/")}
+                        for r in records if any(k.startswith("memory/") for k in r)), {}),
     }

@@ -45,6 +45,14 @@ COLOR_RGB: dict[str, tuple[int, int, int]] = {
 SIZES = ("small", "large")
 RELATIONS = ("left of", "right of", "above", "below")
 GROUNDED_WORDS = (*SHAPES, *COLORS, *SIZES, "left", "right", "above", "below")
+# The words of each scene-graph node type (ERNIE-ViL, Yu et al. 2021: objects, their attributes, the
+# relations between them) in this world's captions, which are generated from the scene graph itself:
+# no parser needed. "of" is no relation word: every horizontal relation has it, so it names none.
+SCENE_GRAPH_WORDS: dict[str, tuple[str, ...]] = {
+    "object": SHAPES,
+    "attribute": (*COLORS, *SIZES),
+    "relation": tuple(dict.fromkeys(w for r in RELATIONS for w in r.split() if w != "of")),
+}
 
 _OBJECT_COUNT_WEIGHTS = (1, 2, 2)  # P(1, 2, 3 objects) = 0.2, 0.4, 0.4: most captions carry a relation
 _PLACEMENT_TRIES = 200

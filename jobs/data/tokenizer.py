@@ -6,7 +6,7 @@ masking and padding need no tokenizer at train time; `text_spec` is where that i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -101,8 +101,10 @@ _SPECIAL_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def text_spec(tok: Tokenizer, max_len: int) -> TextSpec:
-    """The TextSpec for any HF tokenizer: its special-token ids, looked up by their usual names."""
+def text_spec(tok: Tokenizer, max_len: int, scene_words: Mapping[str, Sequence[str]] | None = None) -> TextSpec:
+    """The TextSpec for any HF tokenizer: its special-token ids, looked up by their usual names, its
+    word-continuation pieces, and (given `scene_words`, node type -> words, e.g.
+    jobs.data.synth.SCENE_GRAPH_WORDS) the token ids of each scene-graph node type."""
     ids: dict[str, int] = {}
     for field, names in _SPECIAL_ALIASES.items():
         found = next((i for i in (tok.token_to_id(n) for n in names) if i is not None), None)
@@ -110,4 +112,37 @@ def text_spec(tok: Tokenizer, max_len: int) -> TextSpec:
             raise ValueError(f"the tokenizer has no {field[:-3]} token (looked for {', '.join(names)}); "
                              "MLM needs [PAD] [UNK] [CLS] [SEP] [MASK] or their <pad>/<s>/<mask> equivalents")
         ids[field] = found
-    return TextSpec(vocab_size=tok.get_vocab_size(with_added_tokens=True), max_len=max_len, **ids)
+    scene = scene_word_ids(tok, scene_words or {}, frozenset(ids.values()))
+    return TextSpec(vocab_size=tok.get_vocab_size(with_added_tokens=True), max_len=max_len, **ids,
+                    continuation_ids=continuation_ids(tok),
+                    scene_object_ids=scene.get("object", ()), scene_attribute_ids=scene.get("attribute", ()),
+                    scene_relation_ids=scene.get("relation", ()))
+
+
+def continuation_ids(tok: Tokenizer) -> tuple[int, ...]:
+    """Ids of the pieces that continue a word (WordPiece's "##ing"): the vocabulary entries that
+    start with the model's continuing-subword prefix. () for a model without one (byte-level BPE
+    marks word starts instead, so its pieces cannot be told this way)."""
+    prefix = getattr(tok.model, "continuing_subword_prefix", None)
+    if not prefix:
+        return ()
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    return tuple(sorted(i for t, i in tok.get_vocab(with_added_tokens=True).items()
+                        if t.startswith(prefix) and len(t) > len(prefix) and t not in special))
+
+
+def scene_word_ids(tok: Tokenizer, words: Mapping[str, Sequence[str]], specials: frozenset[int] = frozenset()
+                   ) -> dict[str, tuple[int, ...]]:
+    """Node type -> the token ids of its words, every piece of each word. A word the tokenizer
+    cannot spell (it encodes to an unknown token) is left out, and so is a piece that two types
+    share: it would not say which kind of node it is."""
+    unk = tok.token_to_id("[UNK]") if tok.token_to_id("[UNK]") is not None else tok.token_to_id("<unk>")
+    found: dict[str, set[int]] = {}
+    for kind, kind_words in words.items():
+        found[kind] = set()
+        for word in kind_words:
+            pieces = tok.encode(word, add_special_tokens=False).ids
+            if pieces and unk not in pieces:
+                found[kind].update(i for i in pieces if i not in specials)
+    shared = {i for a in found for b in found if a < b for i in found[a] & found[b]}
+    return {kind: tuple(sorted(ids - shared)) for kind, ids in found.items()}

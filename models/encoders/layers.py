@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from models.config import ModelConfig, MoEConfig
 from models.ffn import FeedForward, ffn_size
 from models.moe.layer import MoEFFN
+from models.recompute import Recomputable
 
 
 class MoETally:
@@ -87,7 +88,14 @@ class CrossAttention(nn.Module):
         return self.out(y_BHQd.transpose(1, 2).reshape(B, Q, D))
 
 
-class CrossSublayer(nn.Module):
+class _Layer(Recomputable):
+    """A unit of activation checkpointing (models/recompute.py); its second forward tallies nothing."""
+
+    def recompute_args(self, args: tuple) -> tuple:
+        return tuple(MoETally(args[0]) if isinstance(a, MoETally) else a for a in args)
+
+
+class CrossSublayer(_Layer):
     """x + Dropout(CrossAttn(LN(x), LN(ctx))): the context is another stream's residual stream, so
     it is normalised too."""
 
@@ -99,7 +107,7 @@ class CrossSublayer(nn.Module):
         self.attn = CrossAttention(D, cfg.num_heads, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BQD: Tensor, ctx_BKD: Tensor, allow: Tensor) -> Tensor:
+    def _forward(self, x_BQD: Tensor, ctx_BKD: Tensor, allow: Tensor) -> Tensor:
         return x_BQD + self.dropout(self.attn(self.norm(x_BQD), self.ctx_norm(ctx_BKD), allow))
 
 
@@ -122,7 +130,7 @@ def _apply_ffn(module: nn.Module, x_BSD: Tensor, keep_BS: Tensor, tally: MoETall
     return x_BSD + module.dropout(y_BSD)
 
 
-class FFNSublayer(nn.Module):
+class FFNSublayer(_Layer):
     """x + Dropout(FFN(LN(x))); the FFN is MoE where `moe.is_moe_layer(index)` (GShard/Switch
     replace the dense FFN of selected layers). `index` is the FFN's depth (see Blocks.depth)."""
 
@@ -130,11 +138,11 @@ class FFNSublayer(nn.Module):
         super().__init__()
         _add_ffn(self, cfg, moe, index)
 
-    def forward(self, x_BSD: Tensor, keep_BS: Tensor, tally: MoETally) -> Tensor:
+    def _forward(self, x_BSD: Tensor, keep_BS: Tensor, tally: MoETally) -> Tensor:
         return _apply_ffn(self, x_BSD, keep_BS, tally)
 
 
-class TransformerLayer(nn.Module):
+class TransformerLayer(_Layer):
     """Pre-LN transformer layer: x + Dropout(SelfAttn(LN(x))), then the FFN sublayer (same
     parameter names and order as the foundation's ViLT layer, so its init draws are unchanged)."""
 
@@ -144,7 +152,7 @@ class TransformerLayer(nn.Module):
         self.attn = SelfAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout)
         _add_ffn(self, cfg, moe, index)
 
-    def forward(self, x_BSD: Tensor, allow: Tensor, keep_BS: Tensor, tally: MoETally) -> Tensor:
+    def _forward(self, x_BSD: Tensor, allow: Tensor, keep_BS: Tensor, tally: MoETally) -> Tensor:
         x_BSD = x_BSD + self.dropout(self.attn(self.attn_norm(x_BSD), allow))
         return _apply_ffn(self, x_BSD, keep_BS, tally)
 

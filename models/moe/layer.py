@@ -29,6 +29,7 @@ from models.moe.config import MoEConfig
 from models.moe.dispatch import DISPATCHES
 from models.moe.gates import MOE_GATES, Gate
 from models.moe.stats import MoEStats
+from models.recompute import recomputing
 
 
 class MoEFFN(nn.Module):
@@ -79,6 +80,8 @@ class MoEFFN(nn.Module):
         if r is None:
             raise RuntimeError("the MoE gate did not run: DeepSpeed's MoE no longer calls deepspeed_moe.gate")
         self.gate.last_routing = None
+        if recomputing():  # activation checkpointing's second forward: already counted
+            return y_BSD, r.aux, r.counts_E
         self.last_stats = MoEStats.of(r)
         if self.training:
             self._window = self.last_stats if self._window is None else self._window + self.last_stats

@@ -7,11 +7,19 @@ from models.objectives.contrastive import ImageTextContrastive, clean_view
 from models.objectives.masked import (
     MaskedLanguageModeling,
     MaskedSegmentModeling,
+    WholeWordMasking,
     mask_tokens,
+    mask_words,
     masked_segments_view,
     masked_text_view,
+    masked_words_view,
 )
-from models.objectives.matching import ImageTextMatching, itm_pairs_view
+from models.objectives.matching import (
+    ImageTextMatching,
+    ImageTextMatchingHard,
+    itm_hard_pairs_view,
+    itm_pairs_view,
+)
 from models.objectives.region import (
     MaskedObjectClassification,
     MaskedRegionClassification,
@@ -19,13 +27,17 @@ from models.objectives.region import (
     MaskedRegionFeatureRegression,
     masked_regions_view,
 )
+from models.objectives.scene_graph import SceneGraphPrediction, scene_graph_view
 
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls
     for cls in (
         MaskedLanguageModeling,
         MaskedSegmentModeling,
+        WholeWordMasking,
+        SceneGraphPrediction,
         ImageTextMatching,
+        ImageTextMatchingHard,
         ImageTextContrastive,
         Captioning,
         MaskedRegionFeatureRegression,
@@ -40,7 +52,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
 VIEWS: dict[str, View] = {
     "masked_text": masked_text_view,
     "masked_segments": masked_segments_view,
+    "masked_words": masked_words_view,
+    "scene_graph": scene_graph_view,
     "itm_pairs": itm_pairs_view,
+    "itm_hard_pairs": itm_hard_pairs_view,
     "clean": clean_view,
     "caption": caption_view,
     "masked_regions": masked_regions_view,
@@ -53,6 +68,7 @@ __all__ = [
     "Captioning",
     "ImageTextContrastive",
     "ImageTextMatching",
+    "ImageTextMatchingHard",
     "MaskedLanguageModeling",
     "MaskedObjectClassification",
     "MaskedRegionClassification",
@@ -61,13 +77,19 @@ __all__ = [
     "MaskedSegmentModeling",
     "Objective",
     "ObjectiveContext",
+    "SceneGraphPrediction",
     "View",
+    "WholeWordMasking",
     "WordPatchAlignment",
     "WordRegionAlignment",
     "caption_view",
     "clean_view",
+    "itm_hard_pairs_view",
     "itm_pairs_view",
     "mask_tokens",
+    "mask_words",
     "masked_segments_view",
     "masked_text_view",
+    "masked_words_view",
+    "scene_graph_view",
 ]

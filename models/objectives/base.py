@@ -60,7 +60,12 @@ class View(Protocol):
 
 
 class Objective(nn.Module):
-    """forward(outputs, view_batch) -> (named losses, named metrics); losses unweighted, scalar."""
+    """forward(outputs, view_batch) -> (named losses, named metrics); losses unweighted, scalar.
+
+    An objective that needs more from the tokenizer than the special ids (word-piece structure,
+    scene-graph words) says so in `text_problems`: building it on a TextSpec without them is an
+    error, and the driver checks the run's tokenizer with it before any worker starts.
+    """
 
     name: ClassVar[str]
     view: ClassVar[str]
@@ -68,6 +73,14 @@ class Objective(nn.Module):
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__()
+        problems = self.text_problems(ctx.text) if ctx is not None else []
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def text_problems(cls, text: TextSpec) -> list[str]:
+        """What this objective needs from the tokenizer that `text` lacks, one sentence each; [] = fits."""
+        return []
 
     def forward(
         self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]

@@ -1,4 +1,5 @@
-"""Masked language modelling conditioned on the image (BERT; ViLT/UNITER's MLM).
+"""Masked language modelling conditioned on the image (BERT; ViLT/UNITER's MLM), and its variants
+that choose what to mask differently: segments (InterBERT's MSM) and whole words (BERT's WWM).
 
 Shapes: B batch, T text tokens, D model dim, V vocabulary, N masked tokens in the batch.
 """
@@ -47,21 +48,37 @@ def mask_tokens(
     """
     device = input_ids_BT.device
     shape = tuple(input_ids_BT.shape)
-    specials = torch.tensor(special_ids(text), device=device)
-    eligible_BT = attention_mask_BT.bool() & ~torch.isin(input_ids_BT, specials)
+    eligible_BT = maskable(input_ids_BT, attention_mask_BT, text)
     selected_BT = eligible_BT & (uniform(shape, device, generator) < prob)
-    labels_BT = torch.where(selected_BT, input_ids_BT, torch.full_like(input_ids_BT, IGNORE_INDEX))
-
     # One draw splits the selected tokens 80/10/10.
     how_BT = uniform(shape, device, generator)
-    to_mask_BT = selected_BT & (how_BT < 0.8)
-    to_random_BT = selected_BT & (how_BT >= 0.8) & (how_BT < 0.9)
+    return corrupt(input_ids_BT, selected_BT, how_BT, text, generator)
+
+
+def maskable(input_ids_BT: Tensor, attention_mask_BT: Tensor, text: TextSpec) -> Tensor:
+    """bool [B, T]: real (non-padding), non-special tokens: the ones a masking scheme may pick."""
+    specials = torch.tensor(special_ids(text), device=input_ids_BT.device)
+    return attention_mask_BT.bool() & ~torch.isin(input_ids_BT, specials)
+
+
+def corrupt(
+    input_ids_BT: Tensor, selected_BT: Tensor, how_BT: Tensor, text: TextSpec,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """BERT's 80/10/10 on the selected tokens: (masked_ids_BT, labels_BT).
+
+    A selected token becomes [MASK] where how < 0.8, a random non-special token where
+    0.8 <= how < 0.9, and stays itself otherwise; `how_BT` is U[0, 1), drawn per token or shared by
+    the tokens of one unit (a span, a word). Labels: the original id where selected, else IGNORE_INDEX.
+    """
+    device = input_ids_BT.device
+    specials = torch.tensor(special_ids(text), device=device)
+    labels_BT = torch.where(selected_BT, input_ids_BT, torch.full_like(input_ids_BT, IGNORE_INDEX))
     vocab_V = torch.arange(text.vocab_size, device=device)
     candidates = vocab_V[~torch.isin(vocab_V, specials)]
-    random_BT = candidates[randint(0, candidates.numel(), shape, device, generator)]
-
-    masked_BT = torch.where(to_mask_BT, torch.full_like(input_ids_BT, text.mask_id), input_ids_BT)
-    masked_BT = torch.where(to_random_BT, random_BT, masked_BT)
+    random_BT = candidates[randint(0, candidates.numel(), tuple(input_ids_BT.shape), device, generator)]
+    masked_BT = torch.where(selected_BT & (how_BT < 0.8), torch.full_like(input_ids_BT, text.mask_id), input_ids_BT)
+    masked_BT = torch.where(selected_BT & (how_BT >= 0.8) & (how_BT < 0.9), random_BT, masked_BT)
     return masked_BT, labels_BT
 
 
@@ -139,8 +156,7 @@ def mask_spans(
     tokens 10 %, kept 10 % (SpanBERT's span-level 80/10/10)."""
     device = input_ids_BT.device
     B, T = input_ids_BT.shape
-    specials = torch.tensor(special_ids(text), device=device)
-    eligible_BT = attention_mask_BT.bool() & ~torch.isin(input_ids_BT, specials)
+    eligible_BT = maskable(input_ids_BT, attention_mask_BT, text)
     selected_BT = torch.zeros_like(eligible_BT)
     how_BT = torch.zeros(B, T, device=device)
     for b in range(B):
@@ -162,13 +178,7 @@ def mask_spans(
                     done += 1
                 length -= 1
                 t += 1
-    labels_BT = torch.where(selected_BT, input_ids_BT, torch.full_like(input_ids_BT, IGNORE_INDEX))
-    vocab_V = torch.arange(text.vocab_size, device=device)
-    candidates = vocab_V[~torch.isin(vocab_V, specials)]
-    random_BT = candidates[randint(0, candidates.numel(), (B, T), device, generator)]
-    masked_BT = torch.where(selected_BT & (how_BT < 0.8), torch.full_like(input_ids_BT, text.mask_id), input_ids_BT)
-    masked_BT = torch.where(selected_BT & (how_BT >= 0.8) & (how_BT < 0.9), random_BT, masked_BT)
-    return masked_BT, labels_BT
+    return corrupt(input_ids_BT, selected_BT, how_BT, text, generator)
 
 
 def masked_segments_view(
@@ -193,3 +203,82 @@ class MaskedSegmentModeling(MaskedLanguageModeling):
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         losses, metrics = super().forward(outputs, view_batch)
         return {"msm": losses["mlm"]}, {"msm_acc": metrics["mlm_acc"]}
+
+
+def word_owner(input_ids_BT: Tensor, eligible_BT: Tensor, text: TextSpec) -> Tensor:
+    """long [B, T]: the position of the first piece of the word each eligible token belongs to, -1
+    elsewhere. A WordPiece continuation piece (`text.continuation_ids`, "##...") belongs to the word
+    before it; one that follows a special token or padding starts a word of its own. Without
+    continuation ids every token is a word."""
+    B, T = input_ids_BT.shape
+    device = input_ids_BT.device
+    continuation_BT = torch.isin(input_ids_BT, torch.tensor(text.continuation_ids, device=device, dtype=torch.long))
+    after_eligible_BT = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=device), eligible_BT[:, :-1]], 1)
+    start_BT = eligible_BT & ~(continuation_BT & after_eligible_BT)
+    position_BT = torch.arange(T, device=device).expand(B, T)
+    owner_BT = torch.where(start_BT, position_BT, torch.full_like(position_BT, -1)).cummax(dim=1).values
+    return torch.where(eligible_BT, owner_BT, torch.full_like(owner_BT, -1))
+
+
+def mask_words(
+    input_ids_BT: Tensor,
+    attention_mask_BT: Tensor,
+    text: TextSpec,
+    prob: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Whole-word masking: returns (masked_ids_BT, labels_BT) like `mask_tokens`, but the unit is
+    the word (BERT's whole-word masking: Devlin et al. 2019, the models google-research/bert released
+    on 2019-05-31): a word's WordPiece continuation pieces ("##...") are masked together with its
+    first piece, so the model cannot recover a masked piece from the rest of its own word
+    (BERT's README: "phil [MASK] ##mon" gives "philammon" away; "[MASK] [MASK] [MASK]" does not).
+
+    Each word (`word_owner`) is selected with probability `prob`; a selected word is replaced by
+    [MASK] pieces 80 % of the time, by random non-special pieces 10 %, and kept 10 %, one draw per
+    word so its pieces are treated alike. (Google's script fills a per-sequence budget of
+    round(0.15 * tokens) with whole words and draws 80/10/10 per piece; independent per-word draws
+    match `mask_tokens`' per-token ones and give the same 15 % of words on average.)
+    """
+    shape = tuple(input_ids_BT.shape)
+    device = input_ids_BT.device
+    eligible_BT = maskable(input_ids_BT, attention_mask_BT, text)
+    owner_BT = word_owner(input_ids_BT, eligible_BT, text).clamp(min=0)
+    # Every token reads its word's draws (the draws at the word's first piece).
+    selected_BT = eligible_BT & (uniform(shape, device, generator).gather(1, owner_BT) < prob)
+    how_BT = uniform(shape, device, generator).gather(1, owner_BT)
+    return corrupt(input_ids_BT, selected_BT, how_BT, text, generator)
+
+
+def masked_words_view(
+    batch: Mapping[str, Tensor], text: TextSpec, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """Whole-word-masked caption + its own image; adds `mlm_labels` [B,T] (matched pairs only)."""
+    view = encoder_inputs(batch)
+    view["input_ids"], view["mlm_labels"] = mask_words(
+        batch["input_ids"], batch["attention_mask"], text, generator=generator
+    )
+    return view
+
+
+class WholeWordMasking(MaskedLanguageModeling):
+    """BERT's whole-word masking (`mask_words`): MLM's head and loss on whole-word-masked captions.
+
+    Needs the tokenizer's continuation pieces (`TextSpec.continuation_ids`, filled from a WordPiece
+    tokenizer's "##" tokens): without them it would silently be token-level MLM.
+    """
+
+    name: ClassVar[str] = "mlm_wwm"
+    view: ClassVar[str] = "masked_words"
+
+    @classmethod
+    def text_problems(cls, text: TextSpec) -> list[str]:
+        if text.continuation_ids:
+            return []
+        return [f"objective {cls.name!r} needs the tokenizer's word-continuation pieces (TextSpec.continuation_ids, "
+                "the '##' tokens of a WordPiece tokenizer), and this tokenizer has none"]
+
+    def forward(
+        self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        losses, metrics = super().forward(outputs, view_batch)
+        return {"mlm_wwm": losses["mlm"]}, {"mlm_wwm_acc": metrics["mlm_acc"]}

@@ -31,3 +31,10 @@ def randint(
 def randperm(n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
     """A random permutation of 0..n-1, on `device`."""
     return torch.randperm(n, generator=generator, device=_where(device, generator)).to(device)
+
+
+def categorical(logits_NK: Tensor, generator: torch.Generator | None) -> Tensor:
+    """long [N]: one index per row drawn with probability softmax(logits) (Gumbel-max: argmax of
+    logits + Gumbel noise, Gumbel 1954 / Maddison et al. 2014). -inf logits are never drawn."""
+    u_NK = uniform(tuple(logits_NK.shape), logits_NK.device, generator).clamp(min=1e-20)
+    return (logits_NK.float() - torch.log(-torch.log(u_NK))).argmax(dim=-1)

@@ -298,7 +298,9 @@ def test_the_run_succeeds_and_the_controller_exports_its_metrics_without_secrets
     assert final["final_metrics"]["steps"] == 6  # type: ignore[index]
     assert [t["to"] for t in final["transitions"]][-1] == "SUCCEEDED"  # type: ignore[index]
 
-    series = _series(ctl.get("/metrics"))
+    # /jobs reads the registry; /metrics the snapshot published at the end of each reconcile pass
+    series = _wait("the SUCCEEDED count in /metrics", lambda: (s := _series(ctl.get("/metrics"))).get(
+        ("mmpt_jobs", (("state", "SUCCEEDED"),))) == 1 and s, timeout=15)
     job = (("job", job_id),)
     sps = series[("mmpt_job_samples_per_second", job)]
     loss = series[("mmpt_job_loss", (("job", job_id), ("term", "total")))]

@@ -1,6 +1,6 @@
-"""A worker killed mid-epoch: the group restarts from the latest checkpoint, every rank resumes at
-its exact data position, and the run ends where an uninterrupted one does (same samples per step,
-same parameters)."""
+"""A worker killed mid-epoch, then a worker that dies halfway through writing a checkpoint: each time
+the group restarts from the latest complete checkpoint, every rank resumes at its exact data
+position, and the run ends where an uninterrupted one does (same samples per step, same parameters)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import psutil
 import pytest
 import torch
 
+from jobs.checkpoint import CrashWhileWriting
 from orchestrator.config import load_config
 from orchestrator.runner import run
 from tests.integration.conftest import QUICKSTART, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS, KILL_AFTER = 9, 5
+STEPS, KILL_AFTER, TORN = 9, 5, 8  # checkpoints every 2 steps: the kill resumes from 4, the torn write from 6
 
 
 def _samples_per_step(run_dir: Path) -> dict[int, dict[int, list[int]]]:
@@ -63,7 +64,7 @@ def _kill_a_worker_after(run_dir: Path, step: int, done: threading.Event, killed
 
 def test_killed_worker_resumes_at_its_exact_data_position(ray_session, shapes_data, tmp_path) -> None:
     common = {"train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 2,
-              "data.record_samples": True, "eval.max_samples": 16, "train.max_failures": 1}
+              "data.record_samples": True, "eval.max_samples": 16, "train.max_failures": 2}
     baseline = run(load_config(QUICKSTART, tiny(shapes_data, tmp_path, name="straight", **common)))
     assert baseline.summary["steps"] == STEPS
 
@@ -72,7 +73,9 @@ def test_killed_worker_resumes_at_its_exact_data_position(ray_session, shapes_da
     killer = threading.Thread(target=_kill_a_worker_after, args=(run_dir, KILL_AFTER, done, killed), daemon=True)
     killer.start()
     try:
-        result = run(load_config(QUICKSTART, tiny(shapes_data, tmp_path, name="killed", **common)))
+        crash = CrashWhileWriting(step=TORN, rank=1, marker=str(tmp_path / "crashed"))
+        result = run(load_config(QUICKSTART, tiny(shapes_data, tmp_path, name="killed", **common)),
+                     faults={"crash_while_writing": crash})
     finally:
         done.set()
         killer.join()
@@ -81,6 +84,12 @@ def test_killed_worker_resumes_at_its_exact_data_position(ray_session, shapes_da
     steps_reported = [r["step"] for r in result.metrics]
     assert steps_reported.count(KILL_AFTER) >= 1 and steps_reported[-1] == STEPS
     assert len(steps_reported) > STEPS, "the restart should have redone the steps after the last checkpoint"
+    assert (tmp_path / "crashed").exists(), "rank 1 never crashed while writing its checkpoint"
+    # rank 1 died writing step 8's checkpoint (so step 8 was never reported), and the group went
+    # back to step 6's checkpoint, not to the torn one: 7 again, then 8 and 9
+    assert steps_reported[-4:] == [TORN - 1, TORN - 1, TORN, STEPS], steps_reported
+    for ckpt in sorted(run_dir.glob("checkpoint_*")):  # what is kept on storage is whole
+        assert {"trainer_state.json", "rank0.pt", "rank1.pt"} <= {p.name for p in ckpt.iterdir()}, ckpt
 
     straight, resumed = _samples_per_step(tmp_path / "runs" / "straight"), _samples_per_step(run_dir)
     assert sorted(resumed) == [0, 1]

@@ -21,7 +21,11 @@ CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                                      "mlm_blind_grounded_acc", "mlm_grounding_gain", "itm_acc", "i2t_r1",
                                      "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r10", "wpa_gap")),
     "uniter": (("mrfr", "mrc_kl", "moc", "wra"), ("mrfr_masked", "mrc_kl_acc", "moc_acc", "wra_gap")),
-    "interbert": (("msm", "mrc"), ("msm_acc", "mrc_acc")),
+    "interbert": (("msm",), ("msm_acc",)),
+    # VL-BERT zeroes a masked RoI's pixels (mask_pixels, the preset's default) for mrc; mlm_wwm and
+    # sgp need the tokenizer's "##" pieces and scene words, which the driver fills (plan_data)
+    "vl-bert": (("mrc", "mlm_wwm", "sgp", "itm_hard"), ("mrc_acc", "mlm_wwm_acc", "sgp_obj_acc", "sgp_attr_acc",
+                                                       "sgp_rel_acc", "itm_hard_acc")),
     "clip": (("itc",), ("itc_acc", "itc_i2t_r1", "itc_i2t_r10", "itc_t2i_r1", "itc_candidates")),
     "unimo": (("caption",), ("caption_acc",)),
 }

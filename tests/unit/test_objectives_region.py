@@ -157,3 +157,71 @@ def test_span_masking_rate_and_contiguity() -> None:
     changed = selected & (masked != ids)
     assert 0.8 <= changed.sum().item() / selected.sum().item() <= 0.95  # 80 % [MASK] + most of the 10 % random
     assert torch.equal(labels[selected], ids[selected])
+
+
+# --------------------------------------------------- VL-BERT pixel masking (model.mask_pixels)
+
+def _region_input(preset: str, **overrides: object):  # noqa: ANN202
+    from models.presets import resolve
+    from models.visual import build_visual
+
+    cfg = tiny_model(preset=preset, **overrides)
+    torch.manual_seed(0)
+    _, visual = build_visual(cfg, resolve(cfg), IMAGE)
+    return visual.eval()
+
+
+def _scene() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    # 16 x 16 pixels: box 1 covers columns 4-7, rows 4-11; box 2 columns 10-15, rows 0-7, two columns
+    # clear of box 1 (RoIAlign's bilinear samples at a box's edge read the pixel just outside it)
+    boxes = torch.tensor([[0.25, 0.25, 0.5, 0.75], [0.625, 0.0, 1.0, 0.5], [0.0, 0.0, 0.0, 0.0]]).expand(2, 3, 4)
+    return {"image": torch.randn(2, 3, 16, 16, generator=g), "input_ids": torch.zeros(2, 5, dtype=torch.long),
+            "obj_boxes": boxes.clone(), "obj_labels": torch.tensor([[0, 1, -1], [2, 3, -1]])}
+
+
+@pytest.mark.parametrize("preset, overrides", [("uniter", {"mask_pixels": True}), ("vl-bert", {})])
+def test_mask_pixels_extracts_a_masked_region_from_zeroed_pixels(preset: str, overrides: dict[str, object]) -> None:
+    visual = _region_input(preset, **overrides)
+    assert visual.mask_pixels  # vl-bert: the preset's default (Su et al. 2020, §3.2)
+    inputs = _scene()
+    mask = torch.tensor([[False, True, False, False], [False, False, False, False]])  # region 1 of sample 0
+    zeroed = inputs["image"].clone()
+    zeroed[0, :, 4:12, 4:8] = 0.0
+    with torch.no_grad():
+        out = visual(inputs, mask)
+        expected = visual({**inputs, "image": zeroed})
+        clean = visual(inputs)
+    assert torch.equal(out.masked_BP, mask)
+    # every token's feature is the one the extractor computes from the image with the box's pixels zero
+    assert torch.allclose(out.feats_BPF, expected.feats_BPF, atol=1e-6)
+    # the masked region's feature is not zeroed after the fact (it is what zero pixels give)
+    assert not torch.equal(out.feats_BPF[0, 1], clean.feats_BPF[0, 1])
+    # regions that do not overlap the box are unchanged; the whole-image region saw the zeroed box
+    assert torch.allclose(out.feats_BPF[0, 2], clean.feats_BPF[0, 2], atol=1e-6)
+    assert torch.allclose(out.feats_BPF[1], clean.feats_BPF[1], atol=1e-6)
+    assert not torch.allclose(out.feats_BPF[0, 0], clean.feats_BPF[0, 0])
+
+
+def test_without_mask_pixels_only_the_masked_feature_is_zeroed() -> None:
+    visual = _region_input("uniter")
+    assert not visual.mask_pixels
+    inputs = _scene()
+    mask = torch.tensor([[False, True, False, False], [False, False, False, False]])
+    with torch.no_grad():
+        out, clean = visual(inputs, mask), visual(inputs)
+    assert (out.feats_BPF[0, 1] == 0).all()
+    keep = ~mask
+    assert torch.equal(out.feats_BPF[keep], clean.feats_BPF[keep])
+
+
+def test_zero_boxes_zeroes_exactly_the_pixels_whose_centre_is_inside_a_masked_box() -> None:
+    from models.visual import zero_boxes
+
+    image = torch.ones(1, 1, 8, 8)
+    boxes = torch.tensor([[[0.0, 0.0, 0.25, 0.5], [0.5, 0.5, 1.0, 1.0], [0.3, 0.3, 0.6, 0.6]]])
+    out = zero_boxes(image, boxes, torch.tensor([[True, False, True]]))
+    expected = torch.ones(8, 8)
+    expected[0:4, 0:2] = 0  # box 0: columns 0-1, rows 0-3
+    expected[2:5, 2:5] = 0  # box 2: centres 2.5/8, 3.5/8, 4.5/8 lie in [0.3, 0.6)
+    assert torch.equal(out[0, 0], expected)  # box 1 is not masked

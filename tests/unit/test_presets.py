@@ -341,16 +341,28 @@ def test_unknown_preset_lists_the_known_ones() -> None:
      "visual_input='region' does not fit preset 'vilt' (Kim et al. 2021); allowed: patch"),
     ({"preset": "uniter", "cross_layers": 2},
      "cross_layers=2 does not fit preset 'uniter' (single encoder, region input); block fields it takes: "
-     "object_tags, region_feature_size, region_pool, region_source"),
+     "mask_pixels, object_tags, region_feature_size, region_pool, region_source"),
     ({"preset": "vilbert", "object_tags": True}, "object_tags=True does not fit preset 'vilbert'"),
     ({"preset": "vilt", "region_pool": 3}, "region_pool=3 does not fit preset 'vilt' (single encoder, patch input)"),
     ({"preset": "uniter", "region_source": "precomputed"}, "region_source='precomputed' needs region_feature_size"),
     ({"preset": "pixel-bert", "patch_size": 6}, "patch_size=6 with pixel input: the pixel CNN downsamples by stride-2 convolutions, so patch_size must be a power of 2 >= 2"),
     ({"preset": "clip", "text_layers": 0}, "a dual encoder needs both towers"),
+    ({"preset": "vilt", "mask_pixels": True}, "mask_pixels=True does not fit preset 'vilt' (single encoder, patch input)"),
+    ({"preset": "uniter", "region_source": "precomputed", "region_feature_size": 8, "mask_pixels": True},
+     "mask_pixels=True needs region features computed from pixels (region_source crop_pool or conv_stem)"),
 ])
 def test_blocks_that_do_not_fit_are_config_errors(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         tiny(**overrides)  # type: ignore[arg-type]
+
+
+def test_mask_pixels_is_vl_berts_default_where_there_are_pixels() -> None:
+    assert resolve(tiny("vl-bert")).mask_pixels  # Su et al. 2020, §3.2
+    assert not resolve(tiny("uniter")).mask_pixels and resolve(tiny("uniter", mask_pixels=True)).mask_pixels
+    assert not resolve(tiny("vl-bert", mask_pixels=False)).mask_pixels
+    # precomputed features have no pixels: the preset's default steps aside (setting it is an error)
+    assert not resolve(tiny("vl-bert", region_source="precomputed", region_feature_size=8)).mask_pixels
+    assert not resolve(tiny("vilt")).mask_pixels
 
 
 @pytest.mark.parametrize("preset, objective, missing", [
@@ -373,7 +385,7 @@ def test_quickstart_with_clip_is_a_config_error_naming_the_fitting_objectives() 
     with pytest.raises(ConfigError) as exc:
         load_config(QUICKSTART, ["model.preset=clip"])
     assert exc.value.problems == ["objectives.itm = 1.0: needs 'pooled', which preset 'clip' (dual encoder) does "
-                                  "not provide; objectives that fit it: itc, mlm, msm"]
+                                  "not provide; objectives that fit it: itc, mlm, mlm_wwm, msm"]
     assert load_config(QUICKSTART, ["model.preset=clip", "objectives={itc: 1.0}"]).active_objectives == {"itc": 1.0}
 
 

@@ -115,7 +115,7 @@ def test_sweep_set_overrides_reach_the_sweep_file_or_the_base(tmp_path: Path) ->
 @pytest.mark.parametrize(("fields", "expected"), [
     ({"bogus": 1}, "bogus: unknown key; allowed keys here: base, budget, max_concurrent, metric, mode, name, "),
     ({"space": {"train.lr": {"gird": [1]}}}, "space.train.lr.gird: unknown key; allowed keys here: choice, grid, "),
-    ({"space": {"train.lrr": [1e-3]}}, "space.train.lrr: unknown config key 'lrr' in train; allowed: batch_size"),
+    ({"space": {"train.lrr": [1e-3]}}, "space.train.lrr: unknown config key 'lrr' in train; allowed: activation_checkpointing, adversarial, batch_size"),
     ({"overrides": {"modle.hidden_size": 8}}, "overrides.modle.hidden_size: unknown config key 'modle' in the run config"),
     ({"objective_sets": {}}, "space: empty; give at least one dimension under space: or objective_sets:"),
     ({"space": {"moe.gate": []}}, "space.moe.gate = []: grid is empty; give at least one value"),

@@ -104,6 +104,25 @@ def test_text_spec_reads_any_tokenizers_special_ids() -> None:
     assert ids[0, -1] == 1 and mask[0].tolist() == [1, 0, 0, 0]  # padded with <pad>=1, not 0
 
 
+def test_text_spec_fills_continuation_pieces_and_scene_words() -> None:
+    from jobs.data.synth import SCENE_GRAPH_WORDS
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "red": 5, "circle": 6, "tri": 7,
+             "##angle": 8, "left": 9, "of": 10, "##s": 11, "small": 12, "##": 13}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    spec = text_spec(tok, max_len=8, scene_words=SCENE_GRAPH_WORDS)
+    assert spec.continuation_ids == (8, 11)  # "##angle", "##s"; a bare "##" continues nothing
+    assert spec.scene_object_ids == (6, 7, 8)  # circle, tri ##angle; square/diamond spell [UNK]: left out
+    assert spec.scene_attribute_ids == (5, 12)
+    assert spec.scene_relation_ids == (9,)  # "of" is no relation word
+    plain = text_spec(tok, max_len=8)
+    assert plain.continuation_ids == (8, 11) and plain.scene_ids == ((), (), ())
+    # byte-level BPE has no continuation prefix: nothing is claimed
+    bpe = Tokenizer(models.BPE(vocab={"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}, merges=[],
+                               unk_token="[UNK]"))
+    assert text_spec(bpe, max_len=8).continuation_ids == ()
+
+
 def test_text_spec_names_a_missing_special_token() -> None:
     vocab = {"[UNK]": 0, "[PAD]": 1, "[CLS]": 2, "[SEP]": 3, "a": 5}
     bad = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
