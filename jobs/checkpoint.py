@@ -121,6 +121,12 @@ def restore(engine: Any, folder: str, rank: int, world: int) -> Restored:
     return Restored(trainer_state, position)
 
 
+def data_position(folder: str, rank: int) -> dict[str, Any] | None:
+    """This rank's data position in a checkpoint folder (None if it has none), without restoring anything."""
+    per_rank = Path(folder, rank_file(rank))
+    return torch.load(per_rank, weights_only=False)["data_position"] if per_rank.exists() else None
+
+
 def read_state(folder: str) -> TrainerState:
     return TrainerState(**json.loads(Path(folder, STATE_FILE).read_text()))
 

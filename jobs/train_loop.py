@@ -13,6 +13,7 @@ what stalls a synchronous step).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -133,22 +134,6 @@ def train_func(config: dict[str, Any]) -> None:
     from models.moe import collect_stats
     from models.recompute import set_activation_checkpointing
 
-    # Same seed on every rank: identical dense init (DeepSpeed broadcasts rank 0's anyway).
-    torch.manual_seed(cfg.train.seed)
-    model = build_pretrainer(cfg.model, cfg.moe, cfg.active_objectives, text, image)
-    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    if cfg.moe.enabled:
-        diversify_experts(model, cfg.train.seed, ep_rank=rank % cfg.moe.ep_size)
-    engine = build_engine(cfg, model)
-    watch_gradients(engine)  # per-rank model-state bytes, reported once with the first report
-    memory: dict[str, int] | None = None
-    adv = cfg.train.adversarial
-    perturb = EmbeddingPerturbation(model.encoder, adv.modalities, adv.init_mag) if adv.enabled else None
-    device = engine.device
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    # Masking and negative sampling draw from the global RNG: a different stream per rank.
-    torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
-
     remote_args = config.get("data_remote_args")
     sources = [RankStream(shards, spec, batch_size=cfg.train.batch_size, rank=rank, world=world,
                           seed=cfg.data.shuffle_seed, ledger=ledger, prefetch_batches=cfg.data.prefetch_batches,
@@ -159,14 +144,34 @@ def train_func(config: dict[str, Any]) -> None:
 
     state = ckpt.TrainerState()
     resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as folder:
-            restored = ckpt.restore(engine, folder, rank, world)
-        state = restored.state
-        if restored.data_position is not None:
-            stream.load(restored.data_position)
-        if rank == 0 and ledger is not None and "ledger" in state.extra:
-            ray.get(ledger.load.remote(state.extra["ledger"]))
+    with resumed.as_directory() if resumed is not None else contextlib.nullcontext() as folder:
+        if folder is not None:  # the data position and the ledger first: the pipeline starts from them
+            position = ckpt.data_position(folder, rank)
+            if position is not None:
+                stream.load(position)
+            saved = ckpt.read_state(folder)
+            if rank == 0 and ledger is not None and "ledger" in saved.extra:
+                ray.get(ledger.load.remote(saved.extra["ledger"]))
+        if isinstance(stream, RankStream):
+            stream.start_early()  # the first batch is read while DeepSpeed initialises
+
+        # Same seed on every rank: identical dense init (DeepSpeed broadcasts rank 0's anyway).
+        torch.manual_seed(cfg.train.seed)
+        model = build_pretrainer(cfg.model, cfg.moe, cfg.active_objectives, text, image)
+        set_activation_checkpointing(model, cfg.train.activation_checkpointing)
+        if cfg.moe.enabled:
+            diversify_experts(model, cfg.train.seed, ep_rank=rank % cfg.moe.ep_size)
+        engine = build_engine(cfg, model)
+        # Masking and negative sampling draw from the global RNG: a different stream per rank.
+        torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
+        if folder is not None:  # model, optimizer, schedule and this rank's RNG
+            state = ckpt.restore(engine, folder, rank, world).state
+    watch_gradients(engine)  # per-rank model-state bytes, reported once with the first report
+    memory: dict[str, int] | None = None
+    adv = cfg.train.adversarial
+    perturb = EmbeddingPerturbation(model.encoder, adv.modalities, adv.init_mag) if adv.enabled else None
+    device = engine.device
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     steps = synchronized_steps(stream, cfg.train.grad_accum, world)
     gas = cfg.train.grad_accum
     visual_tokens = getattr(engine.module, "num_visual_tokens", image.size**2 // cfg.model.patch_size**2)

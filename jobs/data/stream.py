@@ -23,6 +23,7 @@ choice sequence needs no saved state; each source cycles through its own epochs.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -67,6 +68,41 @@ class RankStream:
         self.position = position or DataPosition()
         self.ledger, self.prefetch, self.read_tasks, self.limit = ledger, prefetch_batches, read_tasks, limit
         self.ray_remote_args = ray_remote_args
+        self._early: tuple[Iterator[dict[str, torch.Tensor]], threading.Thread, dict[str, Any]] | None = None
+
+    def start_early(self) -> None:
+        """Start the current epoch's pipeline now, in a thread, and keep its first batch.
+
+        For the seconds a worker spends on other set-up (importing and initialising DeepSpeed): the
+        first batch is then ready when training starts instead of costing the pipeline's start-up
+        on top. The position must be final (`load` before this); the next `epoch()` picks it up.
+        """
+        it = self._epoch_batches()
+        box: dict[str, Any] = {}
+
+        def pull() -> None:
+            try:
+                box["first"] = next(it, None)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=pull, name=f"mmpt-data-start-rank{self.rank}", daemon=True)
+        thread.start()
+        self._early = (it, thread, box)
+
+    def _started_or_new(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._early is None:
+            yield from self._epoch_batches()
+            return
+        it, thread, box = self._early
+        self._early = None
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        if box["first"] is None:
+            return
+        yield box["first"]
+        yield from it
 
     def _epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         pos = self.position
@@ -83,7 +119,7 @@ class RankStream:
 
     def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches until this rank's part of the current epoch is exhausted (position kept up to date)."""
-        for batch in self._epoch_batches():
+        for batch in self._started_or_new():
             self.position = DataPosition(self.position.epoch, int(batch["shard_pos"][-1]),
                                          int(batch["offset"][-1]) + 1)
             yield batch
@@ -95,6 +131,8 @@ class RankStream:
         return self.position.to_dict()
 
     def load(self, state: dict[str, Any]) -> None:
+        if self._early is not None:
+            raise RuntimeError("load() after start_early(): the started pipeline reads from the old position")
         self.position = DataPosition(**state)
 
 

@@ -221,3 +221,11 @@ def test_collect_stats_names_shapes_and_window() -> None:
 def test_importing_models_does_not_import_deepspeed() -> None:
     code = "import sys, models, models.moe, models.objectives; assert 'deepspeed' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_data_preprocessing_does_not_import_torch() -> None:
+    # Ray Data's preprocessing tasks import the pipeline in fresh worker processes: torch there
+    # costs ~2 s per worker at start-up for nothing (models/__init__.py imports lazily).
+    code = ("import sys, jobs.data.pipeline, jobs.config, models.config; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
