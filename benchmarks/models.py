@@ -7,7 +7,8 @@ preset sees the same machine state, in CPU time of the one thread doing the work
 on a shared machine do not count), best round reported with the median beside it:
 
 1. encoder: forward + backward of the encoder alone, every output built and reached (loss = sum of
-   mean squares of the outputs): the architecture's cost.
+   mean squares of the outputs): the architecture's cost. The single-stream families' optional
+   contrastive outputs (their unimodal passes for itc) are left out: only CLIP's are its architecture.
 2. pretrain: one Pretrainer forward + backward with the preset's default objectives (one encoder
    pass per objective view): what a training step costs.
 
@@ -41,6 +42,7 @@ from jobs.data.synth import SHAPES, make_sample  # noqa: E402
 from models import OBJECTIVES, PRESETS, build_pretrainer, count_parameters  # noqa: E402
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec  # noqa: E402
 from models.encoders import ENCODERS  # noqa: E402
+from models.encoders.base import CONTRASTIVE  # noqa: E402
 from models.presets import FAMILY_NAMES, resolve  # noqa: E402
 from models.weights import init_weights  # noqa: E402
 
@@ -75,7 +77,8 @@ def encoder_step(cfg: ModelConfig, moe: MoEConfig, text: TextSpec, image: ImageS
                  batch: dict[str, Tensor]) -> tuple[Callable[[], None], int]:
     blocks = resolve(cfg)
     cls = ENCODERS[blocks.family]
-    encoder = cls(cfg, blocks, moe, text, image, cls.CAN_PROVIDE)
+    needs = cls.CAN_PROVIDE if blocks.family == "dual" else cls.CAN_PROVIDE - CONTRASTIVE
+    encoder = cls(cfg, blocks, moe, text, image, needs)
     init_weights(encoder)
     encoder.train()
 

@@ -35,8 +35,8 @@ RegionSource = Literal["crop_pool", "conv_stem", "precomputed"]
 
 # Which optional fields each family uses; setting another one is a "block does not fit" error.
 FAMILY_FIELDS: dict[str, frozenset[str]] = {
-    "single": frozenset({"object_tags"}),
-    "interaction": frozenset({"text_layers", "visual_layers"}),
+    "single": frozenset({"object_tags", "embed_dim"}),
+    "interaction": frozenset({"text_layers", "visual_layers", "embed_dim"}),
     "coattention": frozenset({"text_layers", "cross_layers"}),
     "cross": frozenset({"text_layers", "visual_layers", "cross_layers"}),
     "dual": frozenset({"text_layers", "visual_layers", "embed_dim"}),
@@ -84,7 +84,8 @@ class ModelConfig(_Strict):
     visual_layers: int | None = Field(None, ge=0, description="vision-only layers (LXMERT object encoder, "
                                       "InterBERT image stream, CLIP image tower)")
     cross_layers: int | None = Field(None, ge=1, description="co-attention (ViLBERT) or cross-modality (LXMERT) layers")
-    embed_dim: int | None = Field(None, ge=1, description="CLIP joint embedding size; null = hidden_size")
+    embed_dim: int | None = Field(None, ge=1, description="joint embedding size of the contrastive outputs "
+                                  "(itc: CLIP's towers, single-stream unimodal passes); null = hidden_size")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:

@@ -34,7 +34,9 @@ class Pretrainer(nn.Module):
     batch: `image` float [B,C,H,W], `input_ids` long [B,T], `attention_mask` long [B,T], and the visual
     columns the preset's visual input reads (`obj_boxes`, `obj_labels`, `region_*`); other keys are
     ignored. The encoder runs once per distinct view the objectives consume (e.g. masked text
-    for MLM, shuffled pairs for ITM), and each objective reads its own view's outputs.
+    for MLM, shuffled pairs for ITM), and each objective reads its own view's outputs. Each run is
+    told what its view's objectives read (`want` = the union of their `requires`), so the encoder
+    can leave out work no one reads there (e.g. a single-stream encoder's unimodal passes for ITC).
 
     - loss: sum_o weight_o * sum(losses of o) + moe_aux   (scalar, for backward); moe_aux is
       already weighted by the MoE layers (moe.aux_loss_weight and any router z-loss weight)
@@ -68,6 +70,11 @@ class Pretrainer(nn.Module):
         self.views: dict[str, list[str]] = {}
         for name, objective in objectives.items():
             self.views.setdefault(objective.view, []).append(name)
+        # view -> the encoder outputs its objectives read (the encoder's `want` for that view).
+        self.wants: dict[str, frozenset[str]] = {
+            view: frozenset().union(*(type(objectives[n]).requires for n in names))
+            for view, names in self.views.items()
+        }
 
     @property
     def has_moe(self) -> bool:
@@ -89,7 +96,7 @@ class Pretrainer(nn.Module):
             view = VIEWS[view_name](source, self.text, generator)
             clean = self._clean_features(view, generator) if VISUAL_MASK in view else None
             outputs = self.encoder(view, visual_mask_BP=view.get(VISUAL_MASK), causal_text=CAUSAL_TEXT in view,
-                                   generator=generator)
+                                   generator=generator, want=self.wants[view_name])
             if clean is not None:
                 outputs = {**outputs, CLEAN_FEATS: clean}
             for name in names:
@@ -150,6 +157,6 @@ class Pretrainer(nn.Module):
             raise ValueError(f"this model has no 'itm' objective (objectives: {sorted(self.objectives)})")
         inputs = {**(visual or {}), "image": image_BCHW, "input_ids": input_ids_BT,
                   "attention_mask": attention_mask_BT}
-        outputs = self.encoder(inputs)
+        outputs = self.encoder(inputs, want=type(self.objectives["itm"]).requires)
         logits_B2 = self.objectives["itm"].logits(outputs)
         return logits_B2[:, 1] - logits_B2[:, 0]

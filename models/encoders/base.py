@@ -3,7 +3,7 @@
 Shapes: B batch, T text tokens, P visual tokens, D model dim, F visual features, E joint
 embedding dim (CLIP), L_moe MoE layers, E_x experts.
 
-forward(inputs, *, visual_mask_BP=None, causal_text=False, generator=None) -> EncoderOutputs
+forward(inputs, *, visual_mask_BP=None, causal_text=False, generator=None, want=None) -> EncoderOutputs
 
 `inputs` is a view of the batch (jobs/data/batch.py): `image`, `input_ids`, `attention_mask` and
 whatever visual columns the visual input reads (`obj_boxes`, `obj_labels`, `region_*`). Output keys,
@@ -15,7 +15,14 @@ each present when the encoder's `provides` names it:
     image_feats  [B,P,F]   visual features before projection (MRFR target; masked ones zeroed)
     image_labels [B,P]     long object class of each visual token, -1 unknown
     image_mask   [B,P]     bool real visual token     image_masked [B,P] bool features were masked
-    text_embed, image_embed [B,E] L2-normalised; logit_scale [] = exp(learned log-temperature) (CLIP)
+    text_embed, image_embed [B,E] L2-normalised; logit_scale [] = exp(learned log-temperature) (CLIP;
+                           single-stream encoders: unimodal passes, single_stream.py)
+
+`want` (a set of output keys and capabilities, or None = everything the encoder `provides`) says
+what the caller will read: the pretrainer passes, per view, the union of that view's objectives'
+`requires`. Every encoder accepts it; an encoder may skip work whose outputs are not wanted (the
+single-stream encoders skip their unimodal passes, or their joint pass) and may then leave those
+keys out. `moe_aux`/`moe_counts` and the visual input's keys are always returned.
 
 `provides` may also hold capabilities, which are not output keys: `cross_modal` (text states have
 seen the image), `causal_text` (the encoder honours `causal_text=True`: text attends causally to
@@ -81,10 +88,19 @@ class Encoder(nn.Module):
     def num_moe_layers(self) -> int:
         """MoE FFNs in the encoder (rows of `moe_counts`); counted once, after construction."""
         if self._num_moe is None:
+            self._num_moe = len(self.moe_layers)
+        return self._num_moe
+
+    @property
+    def moe_layers(self) -> tuple[nn.Module, ...]:
+        """The MoE FFNs in module order (the rows of `moe_counts` for a tally given them); found once."""
+        found = self.__dict__.get("_moe_layers")
+        if found is None:
             from models.moe.layer import MoEFFN
 
-            self._num_moe = sum(isinstance(m, MoEFFN) for m in self.modules())
-        return self._num_moe
+            found = tuple(m for m in self.modules() if isinstance(m, MoEFFN))
+            self.__dict__["_moe_layers"] = found  # a plain tuple, not registered as submodules
+        return found
 
     def num_visual_tokens(self, inputs: Mapping[str, Tensor]) -> int:
         """P for these inputs before any sampling: the size `visual_mask_BP` must have."""
@@ -95,5 +111,6 @@ class Encoder(nn.Module):
         return self.visual_embeddings(inputs, visual_mask_BP, generator)
 
     def forward(self, inputs: Mapping[str, Tensor], *, visual_mask_BP: Tensor | None = None,
-                causal_text: bool = False, generator: torch.Generator | None = None) -> EncoderOutputs:
+                causal_text: bool = False, generator: torch.Generator | None = None,
+                want: frozenset[str] | None = None) -> EncoderOutputs:
         raise NotImplementedError

@@ -74,7 +74,9 @@ class DualEncoder(Encoder):
             self.logit_scale_log.fill_(LOGIT_SCALE_INIT)
 
     def forward(self, inputs: Mapping[str, Tensor], *, visual_mask_BP: Tensor | None = None,
-                causal_text: bool = False, generator: torch.Generator | None = None) -> EncoderOutputs:
+                causal_text: bool = False, generator: torch.Generator | None = None,
+                want: frozenset[str] | None = None) -> EncoderOutputs:
+        # `want` is accepted for the common signature (base.py); this family always runs in full.
         ids_BT, keep_BT = inputs["input_ids"], inputs["attention_mask"].bool()
         t_BTD = self.text_embeddings(ids_BT)
         tally = MoETally(t_BTD)

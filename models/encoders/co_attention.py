@@ -92,7 +92,9 @@ class CoAttentionEncoder(Encoder):
         self.provides = provides
 
     def forward(self, inputs: Mapping[str, Tensor], *, visual_mask_BP: Tensor | None = None,
-                causal_text: bool = False, generator: torch.Generator | None = None) -> EncoderOutputs:
+                causal_text: bool = False, generator: torch.Generator | None = None,
+                want: frozenset[str] | None = None) -> EncoderOutputs:
+        # `want` is accepted for the common signature (base.py); this family always runs in full.
         t_BTD = self.text_embeddings(inputs["input_ids"])
         vis = self.embed_visual(inputs, visual_mask_BP, generator)
         keep_BT, keep_BP = inputs["attention_mask"].bool(), vis.mask_BP

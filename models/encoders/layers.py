@@ -15,6 +15,8 @@ guarantee it (text [CLS] is always real; region inputs always have the whole-ima
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,18 +28,39 @@ from models.recompute import Recomputable
 
 
 class MoETally:
-    """Collects each MoE FFN's weighted aux loss and expert counts during one encoder forward."""
+    """Collects each MoE FFN's weighted aux loss and expert counts during one encoder forward.
 
-    def __init__(self, like: Tensor) -> None:
+    Without `layers`, one `moe_counts` row per MoE call, in execution order (each layer runs once
+    per forward). An encoder that runs some layers more than once per forward, or not at all (the
+    single-stream encoders' unimodal passes, models/encoders/single_stream.py), passes its MoE FFNs
+    as `layers`: then every call's aux is added to `moe_aux`, the counts of calls of the same layer
+    are summed into that layer's row, and rows follow `layers` (a layer that did not run has a row of
+    zeros), so `moe_counts` is always [L_moe, E] whatever ran.
+    """
+
+    def __init__(self, like: Tensor, layers: Sequence[nn.Module] | None = None) -> None:
         self.aux = like.new_zeros((), dtype=torch.float32)
         self.counts: list[Tensor] = []
+        self._layers = None if layers is None else tuple(layers)
+        self._by_layer: dict[int, Tensor] = {}
 
-    def add(self, aux: Tensor, counts_E: Tensor) -> None:
+    def add(self, aux: Tensor, counts_E: Tensor, layer: nn.Module | None = None) -> None:
         self.aux = self.aux + aux
-        self.counts.append(counts_E)
+        if self._layers is None or layer is None:
+            self.counts.append(counts_E)
+            return
+        key = id(layer)
+        self._by_layer[key] = counts_E if key not in self._by_layer else self._by_layer[key] + counts_E
 
     def outputs(self) -> dict[str, Tensor | None]:
-        """`moe_aux` scalar (0 when dense), `moe_counts` long [L_moe, E] in execution order, or None."""
+        """`moe_aux` scalar (0 when dense), `moe_counts` long [L_moe, E] (see the class), or None."""
+        if self._by_layer:
+            layers = self._layers or ()
+            if set(self._by_layer) - {id(m) for m in layers}:
+                raise RuntimeError("an MoE layer ran that is not among the tally's layers")
+            ran = next(iter(self._by_layer.values()))
+            rows = [self._by_layer.get(id(m), torch.zeros_like(ran)) for m in layers]
+            return {"moe_aux": self.aux, "moe_counts": torch.stack(rows)}
         return {"moe_aux": self.aux, "moe_counts": torch.stack(self.counts) if self.counts else None}
 
 
@@ -124,7 +147,7 @@ def _apply_ffn(module: nn.Module, x_BSD: Tensor, keep_BS: Tensor, tally: MoETall
     if module.is_moe:
         # Padding tokens are not routed: they would take expert capacity from real tokens.
         y_BSD, aux, counts_E = module.ffn(h_BSD, keep_BS)
-        tally.add(aux, counts_E)
+        tally.add(aux, counts_E, module.ffn)
     else:
         y_BSD = module.ffn(h_BSD)
     return x_BSD + module.dropout(y_BSD)

@@ -5,6 +5,31 @@ Shapes: B batch, T text tokens, R tag tokens, P visual tokens, S = T + R + P, D 
 `SingleStreamEncoder` is VisualBERT / Unicoder-VL / VL-BERT / UNITER / ImageBERT / Pixel-BERT /
 Oscar / ViLT / UNIMO: only the visual input and the tags differ between them.
 `InteractionEncoder` is InterBERT: the same single-stream layers, then one stream per modality.
+
+Contrastive outputs (`text_embed`, `image_embed`, `logit_scale`; the `itc` objective), built only
+when an objective reads them. Unimodal passes through the shared transformer, as ALBEF (Li et al.
+2021) and VLMo (Bao et al. 2022) encode each modality alone for their contrastive loss: the text
+tokens alone and the visual tokens alone ([tags;] visual: Oscar's tags are the image's detected
+classes, so they go with the image, never with the text) each run through the same layers, every
+token attending only to its own modality (the stack runs on that modality's subsequence with its
+own key mask; bidirectional whatever `causal_text`). After the final norm:
+
+    text   [CLS] state
+    image  region input: the whole-image token (ViLBERT's [IMG], first and always real);
+           patch and pixel inputs have no class token: the mean over the real visual tokens
+
+each is projected by text_proj / image_proj, Linear(D, E) without bias (E = model.embed_dim or
+hidden_size, as CLIP's) and L2-normalised; `logit_scale` is CLIP's (clip.py: exp of a learnable
+log-temperature initialised to log(1/0.07), clipped at 100). The token embeddings are computed once
+per forward and shared by all passes (one dropout / pixel-sampling draw, one call of each
+embedding module, which the adversarial training's embedding hooks count on).
+
+The passes cost compute, so `want` (base.py) picks them per call: the unimodal passes run only when
+`text_embed` / `image_embed` is wanted (each on its own), and the joint pass is skipped when
+nothing else but contrastive outputs (and the always-present visual-input and MoE keys) is wanted,
+e.g. for the view of `itc` alone. MoE: the unimodal passes route their tokens through the same MoE
+FFNs; each call's weighted aux loss adds to `moe_aux`, and its expert counts add to that layer's
+row of `moe_counts` (still [L_moe, E]; models/encoders/layers.py MoETally).
 """
 
 from __future__ import annotations
@@ -12,11 +37,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
 from models.embeddings import TagEmbeddings
-from models.encoders.base import FUSED, Encoder, EncoderOutputs
+from models.encoders.base import CONTRASTIVE, FUSED, IMAGE_INPUT_OUTPUTS, MOE_OUTPUTS, Encoder, EncoderOutputs
+from models.encoders.clip import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
 from models.encoders.layers import MoETally, Pooler, causal_mask, key_mask, run_stack, stack, text_mask
 from models.presets import Blocks
 
@@ -32,10 +59,15 @@ def seq2seq_mask(keep_BS: Tensor, T: int) -> Tensor:
     return (allow_SS & keep_BS[:, None, :])[:, None]
 
 
-class SingleStreamEncoder(Encoder):
-    """One transformer over [text; tags; visual], a final LayerNorm, the [CLS] pooler."""
+# What the encoder returns without its joint pass: contrastive outputs, the visual input's keys, MoE's.
+_WITHOUT_JOINT = CONTRASTIVE | IMAGE_INPUT_OUTPUTS | MOE_OUTPUTS
 
-    CAN_PROVIDE = FUSED
+
+class SingleStreamEncoder(Encoder):
+    """One transformer over [text; tags; visual], a final LayerNorm, the [CLS] pooler; when an
+    objective reads them, the contrastive embeddings from unimodal passes (module docstring)."""
+
+    CAN_PROVIDE = FUSED | CONTRASTIVE
 
     def __init__(self, cfg: ModelConfig, blocks: Blocks, moe: MoEConfig, text: TextSpec, image: ImageSpec,
                  needs: frozenset[str]) -> None:
@@ -46,7 +78,34 @@ class SingleStreamEncoder(Encoder):
         # Pre-LN stacks need a final norm: the residual stream itself is never normalised.
         self.norm = nn.LayerNorm(D)
         self.pooler = Pooler(D) if "pooled" in needs else None
-        self.provides = self.CAN_PROVIDE if self.pooler is not None else self.CAN_PROVIDE - {"pooled"}
+        self.contrastive = bool(needs & CONTRASTIVE)
+        if self.contrastive:
+            self.text_proj = nn.Linear(D, blocks.embed_dim, bias=False)
+            self.image_proj = nn.Linear(D, blocks.embed_dim, bias=False)
+            # Shape [1], as CLIP's: DeepSpeed's CPU broadcast of the initial weights cannot view a 0-d tensor.
+            self.logit_scale_log = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+        # The image summary: the whole-image region token where there is one, else the mean.
+        self.image_summary_first = blocks.visual == "region"
+        provides = self.CAN_PROVIDE
+        if self.pooler is None:
+            provides = provides - {"pooled"}
+        if not self.contrastive:
+            provides = provides - CONTRASTIVE
+        self.provides = provides
+
+    @torch.no_grad()
+    def reset_special_parameters(self) -> None:
+        """Called by models.weights.init_weights after the generic init: CLIP's temperature."""
+        if self.contrastive:
+            self.logit_scale_log.fill_(LOGIT_SCALE_INIT)
+
+    def passes(self, want: frozenset[str] | None) -> tuple[bool, bool, bool]:
+        """(joint, text alone, image alone): the passes a forward that will read `want` runs."""
+        want = self.provides if want is None else want
+        if not self.contrastive:
+            return True, False, False
+        joint = not (want & CONTRASTIVE) or bool(want - _WITHOUT_JOINT)
+        return joint, "text_embed" in want, "image_embed" in want
 
     def _sequence(self, inputs: Mapping[str, Tensor], visual_mask_BP: Tensor | None,
                   generator: torch.Generator | None) -> tuple[Tensor, Tensor, int, int, dict[str, Tensor]]:
@@ -65,14 +124,51 @@ class SingleStreamEncoder(Encoder):
         return torch.cat(parts, dim=1), torch.cat(keeps, dim=1), text_BTD.shape[1], R, vis.outputs()
 
     def forward(self, inputs: Mapping[str, Tensor], *, visual_mask_BP: Tensor | None = None,
-                causal_text: bool = False, generator: torch.Generator | None = None) -> EncoderOutputs:
+                causal_text: bool = False, generator: torch.Generator | None = None,
+                want: frozenset[str] | None = None) -> EncoderOutputs:
         x_BSD, keep_BS, T, R, out = self._sequence(inputs, visual_mask_BP, generator)
+        joint, text_alone, image_alone = self.passes(want)
+        tally = MoETally(x_BSD, self.moe_layers)
+        if joint:
+            out |= self._joint(x_BSD, keep_BS, T, R, causal_text, tally)
+        if self.contrastive:
+            out |= self._contrastive(x_BSD, keep_BS, T, R, text_alone, image_alone, tally)
+        return out | tally.outputs()
+
+    def _joint(self, x_BSD: Tensor, keep_BS: Tensor, T: int, R: int, causal_text: bool,
+               tally: MoETally) -> EncoderOutputs:
+        """The single-stream pass over [text; tags; visual]: text_hidden, image_hidden, pooled."""
         allow = seq2seq_mask(keep_BS, T) if causal_text else key_mask(keep_BS)
-        tally = MoETally(x_BSD)
         x_BSD = self.norm(run_stack(self.layers, x_BSD, allow, keep_BS, tally))
-        out |= {"text_hidden": x_BSD[:, :T], "image_hidden": x_BSD[:, T + R:], **tally.outputs()}
+        out: EncoderOutputs = {"text_hidden": x_BSD[:, :T], "image_hidden": x_BSD[:, T + R:]}
         if self.pooler is not None:
             out["pooled"] = self.pooler(x_BSD)
+        return out
+
+    def _text_alone(self, t_BTD: Tensor, keep_BT: Tensor, tally: MoETally) -> Tensor:
+        """[B,T,D] final states of the text tokens attending only to the text."""
+        return self.norm(run_stack(self.layers, t_BTD, key_mask(keep_BT), keep_BT, tally))
+
+    def _image_alone(self, v_BQD: Tensor, keep_BQ: Tensor, tally: MoETally) -> Tensor:
+        """[B,Q,D] final states of the [tags;] visual tokens (Q = R + P) attending only to themselves."""
+        return self.norm(run_stack(self.layers, v_BQD, key_mask(keep_BQ), keep_BQ, tally))
+
+    def _contrastive(self, x_BSD: Tensor, keep_BS: Tensor, T: int, R: int, text_alone: bool,
+                     image_alone: bool, tally: MoETally) -> EncoderOutputs:
+        """text_embed / image_embed [B,E] from the unimodal passes asked for, and logit_scale []."""
+        out: EncoderOutputs = {"logit_scale": self.logit_scale_log.clamp(max=LOGIT_SCALE_MAX).exp()[0]}
+        if text_alone:
+            t_BTD = self._text_alone(x_BSD[:, :T], keep_BS[:, :T], tally)
+            out["text_embed"] = F.normalize(self.text_proj(t_BTD[:, 0]), dim=-1)  # [CLS]
+        if image_alone:
+            keep_BQ = keep_BS[:, T:]
+            v_BPD = self._image_alone(x_BSD[:, T:], keep_BQ, tally)[:, R:]  # the tags' states are not read
+            if self.image_summary_first:
+                image_BD = v_BPD[:, 0]  # the whole-image region, always real
+            else:
+                real_BP1 = keep_BQ[:, R:, None].to(v_BPD.dtype)
+                image_BD = (v_BPD * real_BP1).sum(1) / real_BP1.sum(1).clamp(min=1)
+            out["image_embed"] = F.normalize(self.image_proj(image_BD), dim=-1)
         return out
 
 
@@ -80,35 +176,49 @@ class InteractionEncoder(SingleStreamEncoder):
     """InterBERT (Lin et al. 2020): `joint` single-stream layers (the interaction module), then a
     text stream of `text` layers and an image stream of `visual_layers` layers (the extraction
     module), each with its own final norm. The image stream is built only when an objective reads
-    image states; pooled = the text stream's [CLS]."""
+    image states or the contrastive embeddings; pooled = the text stream's [CLS].
 
-    CAN_PROVIDE = FUSED
+    The unimodal passes (contrastive outputs) run each modality alone through the interaction
+    layers and then its own stream: text -> text stream, image -> image stream (whose final norm
+    the image summary is taken after)."""
+
+    CAN_PROVIDE = FUSED | CONTRASTIVE
 
     def __init__(self, cfg: ModelConfig, blocks: Blocks, moe: MoEConfig, text: TextSpec, image: ImageSpec,
                  needs: frozenset[str]) -> None:
         super().__init__(cfg, blocks, moe, text, image, needs)
-        self.image_stream = bool(needs & {"image_hidden"})
+        self.image_out = bool(needs & {"image_hidden"})  # the joint pass runs the image stream
+        self.image_stream = self.image_out or self.contrastive
         self.text_layers = stack(cfg, moe, blocks.text, first_index=blocks.joint)
         self.image_layers = stack(cfg, moe, blocks.visual_layers if self.image_stream else 0, blocks.joint)
         self.image_norm = nn.LayerNorm(cfg.hidden_size) if self.image_stream else None
-        if not self.image_stream:
+        if not self.image_out:
             self.provides = self.provides - {"image_hidden"}
 
-    def forward(self, inputs: Mapping[str, Tensor], *, visual_mask_BP: Tensor | None = None,
-                causal_text: bool = False, generator: torch.Generator | None = None) -> EncoderOutputs:
-        x_BSD, keep_BS, T, R, out = self._sequence(inputs, visual_mask_BP, generator)
+    def _joint(self, x_BSD: Tensor, keep_BS: Tensor, T: int, R: int, causal_text: bool,
+               tally: MoETally) -> EncoderOutputs:
         allow = seq2seq_mask(keep_BS, T) if causal_text else key_mask(keep_BS)
-        tally = MoETally(x_BSD)
         x_BSD = run_stack(self.layers, x_BSD, allow, keep_BS, tally)
         keep_BT = keep_BS[:, :T]
         text_allow = text_mask(keep_BT, causal_text)
         text_BTD = self.norm(run_stack(self.text_layers, x_BSD[:, :T], text_allow, keep_BT, tally))
-        out["text_hidden"] = text_BTD
-        if self.image_norm is not None:
+        out: EncoderOutputs = {"text_hidden": text_BTD}
+        if self.image_out and self.image_norm is not None:
             keep_BP = keep_BS[:, T + R:]
             image_BPD = run_stack(self.image_layers, x_BSD[:, T + R:], key_mask(keep_BP), keep_BP, tally)
             out["image_hidden"] = self.image_norm(image_BPD)
-        out |= tally.outputs()
         if self.pooler is not None:
             out["pooled"] = self.pooler(text_BTD)
         return out
+
+    def _text_alone(self, t_BTD: Tensor, keep_BT: Tensor, tally: MoETally) -> Tensor:
+        allow = key_mask(keep_BT)
+        t_BTD = run_stack(self.layers, t_BTD, allow, keep_BT, tally)
+        return self.norm(run_stack(self.text_layers, t_BTD, allow, keep_BT, tally))
+
+    def _image_alone(self, v_BQD: Tensor, keep_BQ: Tensor, tally: MoETally) -> Tensor:
+        if self.image_norm is None:
+            raise RuntimeError("the image stream was not built: no objective reads image states or embeddings")
+        allow = key_mask(keep_BQ)
+        v_BQD = run_stack(self.layers, v_BQD, allow, keep_BQ, tally)
+        return self.image_norm(run_stack(self.image_layers, v_BQD, allow, keep_BQ, tally))

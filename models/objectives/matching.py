@@ -118,9 +118,10 @@ def itm_hard_pairs_view(
 
     ALBEF (Li et al. 2021, §3.2) draws each in-batch negative with probability softmax of its ITC
     similarity rather than taking the most similar one, which is often a false negative (an image
-    the caption also describes). It mines with its contrastive head's image-text similarity; an
-    encoder without a contrastive head (single-stream, co-attention, cross) has none, and the
-    similarity of the two captions stands in: the cosine of their bag-of-token vectors, so captions
+    the caption also describes). It mines with its contrastive head's image-text similarity; the
+    view is drawn before the encoder runs, and most encoders here have no contrastive head
+    (co-attention, cross, and single-stream ones without `itc`), so the similarity of the two
+    captions stands in: the cosine of their bag-of-token vectors, so captions
     describing similar scenes ("a small red circle" / "a large red circle") make each other's hard
     negatives. The temperature is ALBEF's initial ITC temperature, 0.07.
     """

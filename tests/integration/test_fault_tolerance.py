@@ -85,10 +85,11 @@ def test_killed_worker_resumes_at_its_exact_data_position(ray_session, shapes_da
     assert steps_reported.count(KILL_AFTER) >= 1 and steps_reported[-1] == STEPS
     assert len(steps_reported) > STEPS, "the restart should have redone the steps after the last checkpoint"
     assert (tmp_path / "crashed").exists(), "rank 1 never crashed while writing its checkpoint"
-    # rank 1 died writing step 8's checkpoint (so step 8 was never reported), and the group went
-    # back to step 6's checkpoint, not to the torn one: 7 again, then 8 and 9
-    assert steps_reported[-4:] == [TORN - 1, TORN - 1, TORN, STEPS], steps_reported
-    for ckpt in sorted(run_dir.glob("checkpoint_*")):  # what is kept on storage is whole
+    # Which failure comes first depends on timing (the kill waits for step 5 in metrics.jsonl, which
+    # lags the workers); either way the group restarted twice from complete checkpoints, never from
+    # the torn one: the samples and the final parameters below match the uninterrupted run.
+    assert (run_dir / "logs" / "ray.log").read_text().count("[FailurePolicy] RETRY") == 2, steps_reported
+    for ckpt in sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()):  # what is kept is whole
         assert {"trainer_state.json", "rank0.pt", "rank1.pt"} <= {p.name for p in ckpt.iterdir()}, ckpt
 
     straight, resumed = _samples_per_step(tmp_path / "runs" / "straight"), _samples_per_step(run_dir)

@@ -98,8 +98,9 @@ def test_outputs_match_the_contract(preset: str) -> None:
         assert out["image_mask"][2].tolist() == [True, True, False, False]
     if "pooled" in model.encoder.provides:
         assert out["pooled"].shape == (B, D)
-    if blocks.family == "dual":
+    if "text_embed" in model.encoder.provides:  # CLIP, and the single-stream unimodal passes
         assert out["text_embed"].shape == out["image_embed"].shape == (B, D)
+        assert torch.allclose(out["image_embed"].norm(dim=-1), torch.ones(B), atol=1e-5)
         assert torch.allclose(out["text_embed"].norm(dim=-1), torch.ones(B), atol=1e-5)
         assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)  # CLIP's init
 
@@ -282,8 +283,9 @@ def closed_form(cfg: ModelConfig, image_out: bool, pooled: bool, contrastive: bo
     n = V * d + TEXT.max_len * d + d + 2 * d + _visual(cfg, b)  # text embeddings + visual input
     if b.family == "single":
         n += b.joint * _layer(d, f) + 2 * d + (cfg.object_classes * d + 3 * d if b.object_tags else 0)
-    elif b.family == "interaction":
-        n += (b.joint + b.text) * _layer(d, f) + 2 * d + (b.visual_layers * _layer(d, f) + 2 * d if image_out else 0)
+    elif b.family == "interaction":  # the image stream serves image states and the image embedding
+        n += (b.joint + b.text) * _layer(d, f) + 2 * d
+        n += b.visual_layers * _layer(d, f) + 2 * d if image_out or contrastive else 0
     elif b.family == "coattention":
         block_side = _cross(d) + _ffn_sub(d, f) + _layer(d, f)
         n += b.text * _layer(d, f) + b.cross * block_side + (b.cross - (0 if image_out else 1)) * block_side
@@ -293,7 +295,8 @@ def closed_form(cfg: ModelConfig, image_out: bool, pooled: bool, contrastive: bo
         n += (b.cross - (0 if image_out else 1)) * _layer(d, f) + 2 * d + (2 * d if image_out else 0)
     else:  # dual: text tower + ln_final; [CLS] + its position + ln_pre + image tower + ln_post
         n += b.text * _layer(d, f) + 2 * d + (d + d + 2 * d + b.visual_layers * _layer(d, f) + 2 * d)
-        n += (2 * d * b.embed_dim + 1) if contrastive else 0
+    if contrastive:  # text_proj, image_proj (no bias), logit_scale_log
+        n += 2 * d * b.embed_dim + 1
     if pooled:
         n += _lin(d, d) * (2 if b.family == "coattention" else 1)
     return n
@@ -303,10 +306,16 @@ _HEADS = {"mlm": lambda d: _lin(d, d) + 2 * d + TEXT.vocab_size, "itm": lambda d
           "caption": lambda d: _lin(d, d) + 2 * d + TEXT.vocab_size, "itc": lambda d: 0}
 
 
+def _contrastive_family(cfg: ModelConfig) -> bool:
+    """Families that can provide the contrastive outputs (the probe then builds them)."""
+    return resolve(cfg).family in ("single", "interaction", "dual")
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_parameter_count_matches_the_closed_form(preset: str) -> None:
     dual = resolve(tiny(preset)).family == "dual"
-    assert count_parameters(probe_model(preset).encoder) == closed_form(tiny(preset), True, not dual, dual)
+    assert count_parameters(probe_model(preset).encoder) == closed_form(tiny(preset), True, not dual,
+                                                                        _contrastive_family(tiny(preset)))
     # the heads with a closed form here (region/alignment heads are counted in test_objectives_*)
     defaults = {o: w for o, w in PRESETS[preset].default_objectives(OBJECTIVES).items() if o in _HEADS}
     model = build_pretrainer(tiny(preset), MoEConfig(), defaults, TEXT, IMAGE)
@@ -322,11 +331,14 @@ def test_parameter_count_matches_the_closed_form(preset: str) -> None:
     {"preset": "vilbert", "text_layers": 0, "cross_layers": 3},
     {"preset": "clip", "visual_input": "pixel", "embed_dim": 8, "text_layers": 1, "pixel_channels": 6},
     {"preset": "oscar", "object_classes": 7},
+    {"preset": "vilt", "embed_dim": 8},
+    {"preset": "interbert", "embed_dim": 6, "visual_layers": 2},
 ])
 def test_parameter_count_follows_block_overrides(overrides: dict[str, object]) -> None:
     cfg = tiny(**overrides)  # type: ignore[arg-type]
     dual = resolve(cfg).family == "dual"
-    assert count_parameters(probe_model(**overrides).encoder) == closed_form(cfg, True, not dual, dual)  # type: ignore[arg-type]
+    assert count_parameters(probe_model(**overrides).encoder) == closed_form(  # type: ignore[arg-type]
+        cfg, True, not dual, _contrastive_family(cfg))
 
 
 # ---------------------------------------------------------------- clear errors
@@ -341,7 +353,7 @@ def test_unknown_preset_lists_the_known_ones() -> None:
      "visual_input='region' does not fit preset 'vilt' (Kim et al. 2021); allowed: patch"),
     ({"preset": "uniter", "cross_layers": 2},
      "cross_layers=2 does not fit preset 'uniter' (single encoder, region input); block fields it takes: "
-     "mask_pixels, object_tags, region_feature_size, region_pool, region_source"),
+     "embed_dim, mask_pixels, object_tags, region_feature_size, region_pool, region_source"),
     ({"preset": "vilbert", "object_tags": True}, "object_tags=True does not fit preset 'vilbert'"),
     ({"preset": "vilt", "region_pool": 3}, "region_pool=3 does not fit preset 'vilt' (single encoder, patch input)"),
     ({"preset": "uniter", "region_source": "precomputed"}, "region_source='precomputed' needs region_feature_size"),
@@ -366,7 +378,8 @@ def test_mask_pixels_is_vl_berts_default_where_there_are_pixels() -> None:
 
 
 @pytest.mark.parametrize("preset, objective, missing", [
-    ("clip", "itm", "'pooled'"), ("clip", "caption", "'cross_modal'"), ("vilt", "itc", "'image_embed'")])
+    ("clip", "itm", "'pooled'"), ("clip", "caption", "'cross_modal'"), ("vilbert", "itc", "'image_embed'"),
+    ("lxmert", "itc", "'image_embed'")])
 def test_objectives_a_preset_cannot_serve_are_named(preset: str, objective: str, missing: str) -> None:
     from models.factory import objective_problems
 
