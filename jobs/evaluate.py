@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.data.batch import to_model_batch
+from models.encoders.base import CONTRASTIVE
 from models.objectives import masked_text_view
 from models.objectives.base import IGNORE_INDEX, IMAGE_COLUMNS, encoder_inputs
 
@@ -93,7 +94,7 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
         if has_itm:
             _retrieval(model, batch, add)
         if has_itc:
-            out_enc = model.encoder(encoder_inputs(batch))
+            out_enc = model.encoder(encoder_inputs(batch), want=CONTRASTIVE)
             embeds.append((out_enc["image_embed"].float().cpu(), out_enc["text_embed"].float().cpu(),
                            batch["input_ids"].cpu()))
         if has_mlm:
@@ -158,7 +159,7 @@ def _mlm_predictions(model: Any, view: dict[str, torch.Tensor], blind: bool) -> 
     if blind and getattr(encoder, "_visual_name", None) is not None:
         P = encoder.num_visual_tokens(view)
         visual_mask = torch.ones(view["input_ids"].shape[0], P, dtype=torch.bool, device=view["input_ids"].device)
-    hidden_BTD = encoder(view, visual_mask_BP=visual_mask)["text_hidden"]
+    hidden_BTD = encoder(view, visual_mask_BP=visual_mask, want=frozenset({"text_hidden"}))["text_hidden"]
     selected_BT = view["mlm_labels"] != IGNORE_INDEX
     return model.objectives["mlm"].head(hidden_BTD[selected_BT]).argmax(-1)
 

@@ -4,6 +4,7 @@ overrides that shrink the quickstart config to a few seconds of training."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "jobs" / "configs" / "quickstart.yaml"
+
+# Ray Train knobs for a test session of ~30 short runs, set before any Ray process starts so every
+# driver, controller and Ray head spawned by the tests inherits them: the controller polls its
+# workers every 0.5 s instead of 2 s (each run notices its start, its reports and its end sooner),
+# and neither the spot-preemption watcher actor nor Ray Train's Prometheus metrics are started.
+# Together ~6 s less per run (measured with a bare 2-worker TorchTrainer: 18 s -> 12 s).
+TEST_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                      "RAY_TRAIN_METRICS_ENABLED": "0"}
+for _key, _value in TEST_RAY_TRAIN_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")

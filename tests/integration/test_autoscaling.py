@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.integration.conftest import TEST_RAY_TRAIN_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_FILE = ROOT / "ray_cluster.yaml"
 HEAD = "ray.head.default"  # the fake provider's head node type is hard-wired to this name
@@ -183,7 +185,7 @@ def _child(data: str, storage: str, out: str) -> None:
 def test_run_scales_training_node_type_up_then_down(shapes_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "scenario.json"
     log = tmp_path / "child.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | TEST_RAY_TRAIN_ENV
     env["PYTHONPATH"] = str(ROOT)
     with open(log, "w") as f:
         child = subprocess.Popen(

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import QUICKSTART, ROOT, tiny
+from tests.integration.conftest import QUICKSTART, ROOT, TEST_RAY_TRAIN_ENV, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,7 +46,7 @@ def _free_port() -> int:
 
 def _base_env() -> dict[str, str]:
     """This process's env without Ray's or AWS's variables (an earlier ray.init may have set some)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))} | TEST_RAY_TRAIN_ENV
     env["PATH"] = f"{_BIN}{os.pathsep}{env.get('PATH', '')}"  # `mmpt` for the job's entrypoint
     return env | {"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": "AKIAFAKE" + secrets.token_hex(6).upper()}
 
