@@ -47,6 +47,14 @@ OBJECTIVE_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "unimo": (("caption",), ("caption_acc",)),
 }
 
+# preset -> training options its run also exercises through mmpt run (no extra run for them)
+OPTION_CASES: dict[str, dict[str, object]] = {
+    # dense ZeRO-3 (parameters partitioned; MoE layers cannot be) with every layer recomputed in
+    # backward and one adversarial ascent step on the embeddings per micro-batch
+    "oscar": {"moe.num_experts": 0, "deepspeed.zero_stage": 3, "train.activation_checkpointing": True,
+              "train.adversarial.steps": 1, "train.adversarial.norm_bound": 0.1},
+}
+
 # (blocks, encoder outputs built) -> the config of the preset that trained them in this session
 _TRAINED: dict[tuple[Blocks, frozenset[str]], Any] = {}
 
@@ -79,9 +87,10 @@ def test_every_preset_trains(ray_session, shapes_data, tmp_path, preset: str) ->
     overrides = tiny(shapes_data, tmp_path, name=f"preset-{preset}", **{
         "model.preset": preset, "objectives": "{" + ", ".join(f"{k}: {w}" for k, w in objectives.items()) + "}",
         "train.steps": 2, "train.log_every": 1, "train.checkpoint_every": 0,
-        **({"eval.max_samples": 16, "eval.batch_size": 8} if eval_keys else {"data.eval": "[]"})})
+        **({"eval.max_samples": 16, "eval.batch_size": 8} if eval_keys else {"data.eval": "[]"}),
+        **OPTION_CASES.get(preset, {})})
     cfg = load_config(QUICKSTART, overrides)
-    model = None if eval_keys else _dense_model(cfg)  # an objective case always trains
+    model = None if eval_keys or preset in OPTION_CASES else _dense_model(cfg)  # these always train
     key = None if model is None else (resolve(cfg.model), model.encoder.provides)  # same blocks, same parts
     if model is not None and key in _TRAINED:  # the same network already trained through mmpt run here
         twin = {n: p.shape for n, p in _dense_model(_TRAINED[key]).encoder.named_parameters()}
@@ -95,8 +104,14 @@ def test_every_preset_trains(ray_session, shapes_data, tmp_path, preset: str) ->
     assert summary["steps"] == 2
     losses = summary["final_losses"]
     # tiny() keeps quickstart's MoE (every other FFN); every family has an FFN at depth 1
-    assert set(losses) == {*objectives, "moe_aux", "total"}
+    options = OPTION_CASES.get(preset, {})
+    expected = {*objectives, "total"} | ({"moe_aux"} if options.get("moe.num_experts", 1) else set())
+    assert set(losses) == expected | ({"adv"} if options.get("train.adversarial.steps") else set())
     assert all(math.isfinite(v) for v in losses.values()), losses
+    if options.get("train.adversarial.steps"):
+        assert all(0 < r["train/adv_delta_norm"] <= 0.1 + 1e-6 for r in rows)  # within the norm bound
+    if "deepspeed.zero_stage" in options:
+        assert summary["memory"]["zero_stage"] == options["deepspeed.zero_stage"]
     for name in objectives:  # every term at every step
         assert [r["step"] for r in rows if f"loss/{name}" in r] == [1, 2], name
     for k in ("loss", *eval_keys) if eval_keys else ():
