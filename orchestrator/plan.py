@@ -102,16 +102,22 @@ def layer_activation_bytes(s: int, b: int, h: int, a: int, ffn_ratio: float, act
 
 
 def _moe_extra_bytes(cfg: RunConfig, b: int, s: int, act_bytes: int) -> float:
-    """A MoE FFN over a dense one: the experts see capacity_factor x the tokens, plus GShard's
-    dense dispatch tensors [S, E, C] (fp32 combine weights + bool mask, Lepikhin et al. 2020)."""
+    """A MoE FFN over a dense one: the experts see capacity_factor x the tokens, plus the dispatch.
+
+    `moe.dispatch: deepspeed` builds GShard's dense dispatch tensors [S, E, C] over all the batch's
+    tokens (fp32 combine weights + bool mask, Lepikhin et al. 2020): quadratic in the tokens. The
+    default `indexed` dispatch keeps int64 slot indices and fp32 gate weights per routed token instead.
+    """
     tokens = b * s
-    E, cf, h = cfg.moe.num_experts, cfg.moe.capacity_factor, cfg.model.hidden_size
-    C = max(math.ceil(tokens / E * cf), cfg.moe.min_capacity)
+    E, cf, h, k = cfg.moe.num_experts, cfg.moe.capacity_factor, cfg.model.hidden_size, cfg.moe.k
+    C = tokens * k if cfg.moe.dropless else max(math.ceil(tokens * k / E * cf), cfg.moe.min_capacity)
     r = (cfg.moe.expert_hidden_size or int(h * cfg.model.mlp_ratio)) / h
-    experts = act_bytes * (1 + 2 * r) * E * C * h  # expert MLP activations over E*C dispatched slots
+    slots = E * C if not cfg.moe.dropless else tokens * k
+    experts = act_bytes * (1 + 2 * r) * slots * h  # expert MLP activations over the dispatched slots
     dense = act_bytes * (1 + 2 * cfg.model.mlp_ratio) * tokens * h  # what a dense FFN would have kept
-    dispatch = 5 * tokens * E * C + 2 * act_bytes * E * C * h  # combine/mask + dispatched in/out
-    return experts - dense + dispatch
+    moved = 2 * act_bytes * slots * h  # dispatched inputs and expert outputs
+    routing = 5 * tokens * E * C if cfg.moe.dispatch == "deepspeed" else (8 + 4) * tokens * k
+    return experts - dense + moved + routing
 
 
 def activation_bytes(cfg: RunConfig, size: ModelSize, checkpointing: bool) -> float:

@@ -117,6 +117,25 @@ def test_activation_checkpointing_keeps_layer_inputs_plus_one_layer() -> None:
     assert activation_bytes(cfg, size, checkpointing=True) == 2 * 24 * 2 * s * b * h + layer
 
 
+def test_moe_dispatch_memory_is_linear_when_indexed_and_quadratic_with_deepspeeds_dense_tensors() -> None:
+    from orchestrator.plan import _moe_extra_bytes
+
+    def cfg(dispatch: str) -> RunConfig:
+        return RunConfig.model_validate({"model": {"hidden_size": 64, "mlp_ratio": 2.0},
+                                         "moe": {"num_experts": 4, "capacity_factor": 1.0, "min_capacity": 0,
+                                                 "dispatch": dispatch}})
+
+    s, b = 100, 8  # 800 tokens, top-1, capacity 200 per expert (E*C = the tokens)
+    indexed, dense = _moe_extra_bytes(cfg("indexed"), b, s, 4), _moe_extra_bytes(cfg("deepspeed"), b, s, 4)
+    # the experts' activations over E*C = 800 slots equal the dense FFN's, the dispatched in/out are
+    # 2 x 4 bytes x 800 x 64; indexed keeps an int64 slot and an fp32 weight per token, DeepSpeed's
+    # dispatch keeps fp32 combine weights + a bool mask over [tokens, E, C]
+    assert indexed == 2 * 4 * 800 * 64 + 12 * 800
+    assert dense == 2 * 4 * 800 * 64 + 5 * 800 * 4 * 200
+    assert _moe_extra_bytes(cfg("indexed"), 2 * b, s, 4) == 2 * indexed  # doubling the batch
+    assert _moe_extra_bytes(cfg("deepspeed"), 2 * b, s, 4) > 3.9 * dense - 4 * 2 * 4 * 800 * 64
+
+
 def test_count_model_counts_the_built_model_exactly() -> None:
     from models import build_pretrainer, count_parameters
     from models.config import ImageSpec, TextSpec
