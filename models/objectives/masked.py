@@ -6,7 +6,7 @@ Shapes: B batch, T text tokens, D model dim, V vocabulary, N masked tokens in th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import torch
@@ -90,10 +90,15 @@ def masked_text_view(
     Masked losses are computed on matched pairs only (UNITER, Chen et al. 2020, §3.1): predicting a
     word from an unrelated image would teach the model to ignore the image.
     """
+    return _masked_view(mask_tokens, batch, text, generator)
+
+
+def _masked_view(masker: Callable[..., tuple[Tensor, Tensor]], batch: Mapping[str, Tensor], text: TextSpec,
+                 generator: torch.Generator | None) -> dict[str, Tensor]:
+    """The batch's encoder inputs with the caption masked by `masker`, plus its `mlm_labels` [B,T]."""
     view = encoder_inputs(batch)
-    view["input_ids"], view["mlm_labels"] = mask_tokens(
-        batch["input_ids"], batch["attention_mask"], text, generator=generator
-    )
+    view["input_ids"], view["mlm_labels"] = masker(batch["input_ids"], batch["attention_mask"], text,
+                                                   generator=generator)
     return view
 
 
@@ -133,7 +138,7 @@ class MaskedLanguageModeling(Objective):
         # Decode the masked positions only: the [N, V] logits are ~7x smaller than [B, T, V].
         logits_NV = self.head(require(outputs, "text_hidden")[selected_BT])
         loss, acc = cross_entropy_and_accuracy(logits_NV, labels_BT[selected_BT])
-        return {"mlm": loss}, {"mlm_acc": acc}
+        return {self.name: loss}, {f"{self.name}_acc": acc}  # subclasses (msm, mlm_wwm) report under their name
 
 
 SPAN_GEOMETRIC_P = 0.2  # SpanBERT's span-length distribution (mean ~3.8 words after clipping)
@@ -185,11 +190,7 @@ def masked_segments_view(
     batch: Mapping[str, Tensor], text: TextSpec, generator: torch.Generator | None = None
 ) -> dict[str, Tensor]:
     """Segment-masked caption + its own image; adds `mlm_labels` [B,T] (matched pairs only)."""
-    view = encoder_inputs(batch)
-    view["input_ids"], view["mlm_labels"] = mask_spans(
-        batch["input_ids"], batch["attention_mask"], text, generator=generator
-    )
-    return view
+    return _masked_view(mask_spans, batch, text, generator)
 
 
 class MaskedSegmentModeling(MaskedLanguageModeling):
@@ -197,12 +198,6 @@ class MaskedSegmentModeling(MaskedLanguageModeling):
 
     name: ClassVar[str] = "msm"
     view: ClassVar[str] = "masked_segments"
-
-    def forward(
-        self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        losses, metrics = super().forward(outputs, view_batch)
-        return {"msm": losses["mlm"]}, {"msm_acc": metrics["mlm_acc"]}
 
 
 def word_owner(input_ids_BT: Tensor, eligible_BT: Tensor, text: TextSpec) -> Tensor:
@@ -253,11 +248,7 @@ def masked_words_view(
     batch: Mapping[str, Tensor], text: TextSpec, generator: torch.Generator | None = None
 ) -> dict[str, Tensor]:
     """Whole-word-masked caption + its own image; adds `mlm_labels` [B,T] (matched pairs only)."""
-    view = encoder_inputs(batch)
-    view["input_ids"], view["mlm_labels"] = mask_words(
-        batch["input_ids"], batch["attention_mask"], text, generator=generator
-    )
-    return view
+    return _masked_view(mask_words, batch, text, generator)
 
 
 class WholeWordMasking(MaskedLanguageModeling):
@@ -276,9 +267,3 @@ class WholeWordMasking(MaskedLanguageModeling):
             return []
         return [f"objective {cls.name!r} needs the tokenizer's word-continuation pieces (TextSpec.continuation_ids, "
                 "the '##' tokens of a WordPiece tokenizer), and this tokenizer has none"]
-
-    def forward(
-        self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        losses, metrics = super().forward(outputs, view_batch)
-        return {"mlm_wwm": losses["mlm"]}, {"mlm_wwm_acc": metrics["mlm_acc"]}

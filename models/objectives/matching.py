@@ -154,7 +154,7 @@ class ImageTextMatching(Objective):
         self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         loss, acc = cross_entropy_and_accuracy(self.logits(outputs), view_batch["itm_labels"])
-        return {"itm": loss}, {"itm_acc": acc}
+        return {self.name: loss}, {f"{self.name}_acc": acc}  # itm_hard reports under its own name
 
 
 class ImageTextMatchingHard(ImageTextMatching):
@@ -163,9 +163,3 @@ class ImageTextMatchingHard(ImageTextMatching):
 
     name: ClassVar[str] = "itm_hard"
     view: ClassVar[str] = "itm_hard_pairs"
-
-    def forward(
-        self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        losses, metrics = super().forward(outputs, view_batch)
-        return {"itm_hard": losses["itm"]}, {"itm_hard_acc": metrics["itm_acc"]}
