@@ -9,8 +9,9 @@ tasks, the CLI's config checks), which would otherwise pay for importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from models._lazy import lazy_attributes
 
 _LAZY = {
     "build_pretrainer": "models.factory",
@@ -28,12 +29,6 @@ if TYPE_CHECKING:
     from models.weights import count_parameters
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'models' has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = ["OBJECTIVES", "PRESETS", "Pretrainer", "build_pretrainer", "count_parameters"]

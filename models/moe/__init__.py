@@ -5,8 +5,9 @@ Imported lazily (PEP 562) like the `models` package: `models.moe.config` is torc
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from models._lazy import lazy_attributes
 
 _LAZY = {
     "DISPATCHES": "models.moe.dispatch",
@@ -23,12 +24,6 @@ if TYPE_CHECKING:
     from models.moe.stats import MoEStats, collect_stats
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'models.moe' has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = ["DISPATCHES", "MOE_GATES", "MoEFFN", "MoEStats", "collect_stats"]
