@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from models.moe.routing import NO_EXPERT
 
 D, E = 16, 4
 Bsz, S = 4, 16
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny tensors: intra-op threads only add wake-up latency (seconds on a busy 2-core CI box)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_moe(**overrides: object) -> MoEFFN:

@@ -7,7 +7,6 @@ The router weight is the identity (D = E), so the input rows ARE the router logi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,15 +16,6 @@ from models.moe import MOE_GATES
 from models.moe.config import MoEConfig
 from models.moe.gates import Gate
 from models.moe.routing import NO_EXPERT
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny tensors: intra-op threads only add wake-up latency (seconds on a busy 2-core CI box)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def gate(E: int = 4, train: bool = True, **overrides: object) -> Gate:

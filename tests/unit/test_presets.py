@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import ClassVar
 
 import pytest
@@ -22,14 +22,6 @@ IMAGE = ImageSpec(size=16)
 B, T, D, R, C = 4, 12, 32, 3, 3
 CAPABILITIES = frozenset({"cross_modal", "causal_text"})
 FLOAT_OUTPUTS = ("text_hidden", "image_hidden", "pooled", "image_feats", "text_embed", "image_embed", "logit_scale")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()  # tiny tensors: extra threads only add latency on a busy box
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(preset: str, **overrides: object) -> ModelConfig:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,14 +17,6 @@ from tests.unit.test_presets import IMAGE, TEXT, B, T, make_batch, tiny
 
 MLM_ITM_ITC = {"mlm": 1.0, "itm": 1.0, "itc": 1.0}
 CONTRASTIVE_PARAMS = ("encoder.text_proj.weight", "encoder.image_proj.weight", "encoder.logit_scale_log")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def build(preset: str = "vilt", objectives: dict[str, float] | None = None, moe: MoEConfig | None = None,
