@@ -83,7 +83,7 @@ def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str,
     Collective: every rank must enter it at the same step (DeepSpeed's save synchronises).
     """
     with tempfile.TemporaryDirectory(prefix="mmpt-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"trainer_state": asdict(state)})
+        engine.save_checkpoint(tmp, tag=DS_TAG)
         payload = {"rng": _rng_state(), "data_position": data_position}
         if crash is not None and crash.due(state.step, rank):
             crash.fire(os.path.join(tmp, rank_file(rank)), payload)
@@ -98,33 +98,36 @@ def rank_file(rank: int) -> str:
 
 
 @dataclass
-class Restored:
+class Saved:
+    """What a checkpoint holds for one rank besides DeepSpeed's state: readable before the engine exists,
+    so the data pipeline can start from the saved position while DeepSpeed initialises."""
+
     state: TrainerState
-    data_position: dict[str, Any] | None  # None: this rank had no position (world size changed)
+    part: dict[str, Any] | None  # this rank's {"rng", "data_position"}; None: the world size changed
+
+    @property
+    def data_position(self) -> dict[str, Any] | None:
+        return None if self.part is None else self.part["data_position"]
 
 
-def restore(engine: Any, folder: str, rank: int, world: int) -> Restored:
-    """Load DeepSpeed's state, this rank's RNG and its data position from a checkpoint folder."""
-    path, client = engine.load_checkpoint(folder, tag=DS_TAG)
+def read(folder: str, rank: int, world: int) -> Saved:
+    """The trainer state and this rank's part; a part missing at an unchanged world size is an error."""
+    state = read_state(folder)
+    per_rank = Path(folder, rank_file(rank))
+    if not per_rank.exists():
+        if state.extra.get("world") == world:  # every rank wrote its part: a missing one means a torn checkpoint
+            raise RuntimeError(f"checkpoint {folder!r} lacks {rank_file(rank)}: incomplete, refusing to resume from it")
+        return Saved(state, None)
+    return Saved(state, torch.load(per_rank, weights_only=False))
+
+
+def restore(engine: Any, folder: str, saved: Saved) -> None:
+    """Load DeepSpeed's model/optimizer/LR-schedule state, and this rank's RNG when it has a part."""
+    path, _ = engine.load_checkpoint(folder, tag=DS_TAG)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {folder!r} (tag {DS_TAG!r})")
-    per_rank = Path(folder, rank_file(rank))
-    position = None
-    trainer_state = TrainerState(**client["trainer_state"])
-    if not per_rank.exists() and trainer_state.extra.get("world") == world:
-        # same world size: every rank wrote its part, so a missing one means a torn checkpoint
-        raise RuntimeError(f"checkpoint {folder!r} lacks {rank_file(rank)}: incomplete, refusing to resume from it")
-    if per_rank.exists():
-        saved = torch.load(per_rank, weights_only=False)
-        _set_rng_state(saved["rng"])
-        position = saved["data_position"]
-    return Restored(trainer_state, position)
-
-
-def data_position(folder: str, rank: int) -> dict[str, Any] | None:
-    """This rank's data position in a checkpoint folder (None if it has none), without restoring anything."""
-    per_rank = Path(folder, rank_file(rank))
-    return torch.load(per_rank, weights_only=False)["data_position"] if per_rank.exists() else None
+    if saved.part is not None:
+        _set_rng_state(saved.part["rng"])
 
 
 def read_state(folder: str) -> TrainerState:

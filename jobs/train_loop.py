@@ -145,13 +145,13 @@ def train_func(config: dict[str, Any]) -> None:
     state = ckpt.TrainerState()
     resumed = ray.train.get_checkpoint()
     with resumed.as_directory() if resumed is not None else contextlib.nullcontext() as folder:
-        if folder is not None:  # the data position and the ledger first: the pipeline starts from them
-            position = ckpt.data_position(folder, rank)
-            if position is not None:
-                stream.load(position)
-            saved = ckpt.read_state(folder)
-            if rank == 0 and ledger is not None and "ledger" in saved.extra:
-                ray.get(ledger.load.remote(saved.extra["ledger"]))
+        saved = None if folder is None else ckpt.read(folder, rank, world)
+        if saved is not None:  # the data position and the ledger first: the pipeline starts from them
+            state = saved.state
+            if saved.data_position is not None:
+                stream.load(saved.data_position)
+            if rank == 0 and ledger is not None and "ledger" in state.extra:
+                ray.get(ledger.load.remote(state.extra["ledger"]))
         if isinstance(stream, RankStream):
             stream.start_early()  # the first batch is read while DeepSpeed initialises
 
@@ -164,8 +164,8 @@ def train_func(config: dict[str, Any]) -> None:
         engine = build_engine(cfg, model)
         # Masking and negative sampling draw from the global RNG: a different stream per rank.
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
-        if folder is not None:  # model, optimizer, schedule and this rank's RNG
-            state = ckpt.restore(engine, folder, rank, world).state
+        if saved is not None:  # model, optimizer, schedule and this rank's RNG
+            ckpt.restore(engine, folder, saved)
     watch_gradients(engine)  # per-rank model-state bytes, reported once with the first report
     memory: dict[str, int] | None = None
     adv = cfg.train.adversarial
