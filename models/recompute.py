@@ -69,22 +69,12 @@ class Recomputable(nn.Module):
 def set_activation_checkpointing(model: nn.Module, enabled: bool) -> int:
     """Switch checkpointing on or off for every checkpointable layer; returns how many there are.
 
-    Nested checkpointable layers (a TransformerLayer inside a co-attention block) are checkpointed
-    at the outermost level only.
+    The units are the encoders' sublayers (models/encoders/layers.py), none of which contains another.
     """
-    n = 0
-
-    def visit(module: nn.Module, inside: bool) -> None:
-        nonlocal n
-        here = isinstance(module, Recomputable)
-        if here:
-            module.checkpointing = enabled and not inside
-            n += int(here and not inside)
-        for child in module.children():
-            visit(child, inside or here)
-
-    visit(model, False)
-    return n
+    layers = [m for m in model.modules() if isinstance(m, Recomputable)]
+    for layer in layers:
+        layer.checkpointing = enabled
+    return len(layers)
 
 
 __all__ = ["Recomputable", "recomputing", "set_activation_checkpointing"]

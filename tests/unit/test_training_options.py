@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -19,14 +18,6 @@ from tests.unit.test_presets import IMAGE, TEXT, make_batch, tiny
 
 # one preset per encoder family: single, interaction, coattention, cross, dual
 FAMILIES = ["vilt", "interbert", "vilbert", "lxmert", "clip"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _build(preset: str, moe: MoEConfig | None = None, dropout: float = 0.1, **model: object):
@@ -57,6 +48,16 @@ def test_checkpointing_gives_the_same_loss_and_gradients(preset: str) -> None:
     assert grads_ckpt.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_checkpointing_units_never_nest(preset: str) -> None:
+    from models.recompute import Recomputable
+
+    model = _build(preset)
+    for unit in (m for m in model.modules() if isinstance(m, Recomputable)):
+        inner = [n for n, m in unit.named_modules() if n and isinstance(m, Recomputable)]
+        assert inner == [], (type(unit).__name__, inner)  # a nested unit would be recomputed twice
 
 
 def test_checkpointing_counts_one_unit_per_layer_and_switches_off() -> None:
