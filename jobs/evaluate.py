@@ -34,8 +34,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from torch import Tensor
 
+from jobs import collectives
 from jobs.data.batch import to_model_batch
 from models.encoders.base import CONTRASTIVE
 from models.objectives import masked_text_view
@@ -67,7 +68,9 @@ def _same_text(ids_KT: torch.Tensor) -> torch.Tensor:
 def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32, max_batches: int | None = None,
              grounded_ids: Sequence[int] = ()) -> dict[str, float]:
-    """Metrics over `batches` (each of K samples), summed over ranks when distributed."""
+    """Metrics over `batches` (each of K samples), summed over ranks when distributed.
+
+    Counts are kept as device tensors and read back once, by the final all-reduce."""
     was_training = model.training
     model.eval()
     objectives = getattr(model, "objectives", {})
@@ -76,10 +79,12 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
     has_mlm = "mlm" in objectives
     grounded = torch.tensor(sorted(set(grounded_ids)), dtype=torch.long, device=device)
     embeds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    sums: dict[str, float] = {}
+    sums: dict[str, float | Tensor] = {}
 
-    def add(name: str, value: float) -> None:
-        sums[name] = sums.get(name, 0.0) + float(value)
+    def add(name: str, value: float | Tensor) -> None:
+        if isinstance(value, Tensor):
+            value = value.detach().float()
+        sums[name] = sums.get(name, 0.0) + value
 
     for i, raw in enumerate(batches):
         if max_batches is not None and i >= max_batches:
@@ -88,22 +93,21 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
         out = model(batch)
         add("batches", 1)
         add("samples", batch["input_ids"].shape[0])
-        add("loss", out["loss"].float().item())
+        add("loss", out["loss"])
         for name, value in out["metrics"].items():
-            add(name, value.float().item())
+            add(name, value)
         if has_itm:
             _retrieval(model, batch, add)
         if has_itc:
             out_enc = model.encoder(encoder_inputs(batch), want=CONTRASTIVE)
-            embeds.append((out_enc["image_embed"].float().cpu(), out_enc["text_embed"].float().cpu(),
-                           batch["input_ids"].cpu()))
+            embeds.append((out_enc["image_embed"].float(), out_enc["text_embed"].float(), batch["input_ids"]))
         if has_mlm:
             _mlm_probe(model, batch, grounded, add, seed=MLM_EVAL_SEED + i)
     if has_itc:
-        _itc_retrieval(embeds, add)
+        _itc_retrieval(embeds, add, device)
     if was_training:
         model.train()
-    return _reduce(sums)
+    return _reduce(sums, device)
 
 
 def _recall_counts(hit_QN: torch.Tensor, scores_QN: torch.Tensor, prefix: str, add: Any) -> None:
@@ -111,32 +115,27 @@ def _recall_counts(hit_QN: torch.Tensor, scores_QN: torch.Tensor, prefix: str, a
     ranked_QN = scores_QN.argsort(dim=1, descending=True)
     for r in RECALL_AT:
         top = ranked_QN[:, : min(r, ranked_QN.shape[1])]
-        add(f"{prefix}_r{r}", hit_QN.gather(1, top).any(1).sum().item())
+        add(f"{prefix}_r{r}", hit_QN.gather(1, top).any(1).sum())
 
 
-def _itc_retrieval(embeds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], add: Any) -> None:
+def _itc_retrieval(embeds: list[tuple[Tensor, Tensor, Tensor]], add: Any, device: torch.device | str) -> None:
     """Full eval-set retrieval with the joint embeddings: this rank's queries against every rank's items."""
     if not embeds:
         return
     image_NE = torch.cat([e[0] for e in embeds])
     text_NE = torch.cat([e[1] for e in embeds])
     ids_NT = torch.cat([e[2] for e in embeds])
-    parts = [(image_NE, text_NE, ids_NT)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(parts, (image_NE, text_NE, ids_NT))
-    T = max(p[2].shape[1] for p in parts)
-    all_image = torch.cat([p[0] for p in parts])
-    all_text = torch.cat([p[1] for p in parts])
-    all_ids = torch.cat([torch.nn.functional.pad(p[2], (0, T - p[2].shape[1])) for p in parts])
-    own = torch.nn.functional.pad(ids_NT, (0, T - ids_NT.shape[1]))
+    all_image = collectives.all_gather_rows(image_NE, device)
+    all_text = collectives.all_gather_rows(text_NE, device)
+    all_ids = collectives.all_gather_rows(ids_NT, device)  # right-padded with 0 to the widest rank's T
+    own = torch.nn.functional.pad(ids_NT, (0, all_ids.shape[1] - ids_NT.shape[1]))
     n = own.shape[0]
     # same[q, j]: item j's caption is token-identical to query q's (an identical caption is as right)
     same_QN = (own[:, None, :] == all_ids[None, :, :]).all(-1)
     _recall_counts(same_QN, image_NE @ all_text.T, "itc_i2t", add)
     _recall_counts(same_QN, text_NE @ all_image.T, "itc_t2i", add)
     add("itc_queries", n)
-    add("itc_chance_r1", (same_QN.sum(1).float() / all_ids.shape[0]).sum().item())
+    add("itc_chance_r1", (same_QN.sum(1).float() / all_ids.shape[0]).sum())
     add("itc_pool", float(all_ids.shape[0]) * n)  # so the reduced mean pool size is N
 
 
@@ -171,12 +170,12 @@ def _mlm_probe(model: Any, batch: dict[str, torch.Tensor], grounded: torch.Tenso
     labels_M = view["mlm_labels"][view["mlm_labels"] != IGNORE_INDEX]
     is_grounded_M = torch.isin(labels_M, grounded)
     add("mlm_tokens", labels_M.numel())
-    add("mlm_grounded_tokens", is_grounded_M.sum().item())
+    add("mlm_grounded_tokens", is_grounded_M.sum())
     for prefix, blind in (("mlm", False), ("mlm_blind", True)):
         source = {**_blank(batch), **{k: view[k] for k in ("input_ids", "mlm_labels")}} if blind else view
         correct_M = _mlm_predictions(model, source, blind) == labels_M
-        add(f"{prefix}_correct", correct_M.sum().item())
-        add(f"{prefix}_grounded_correct", (correct_M & is_grounded_M).sum().item())
+        add(f"{prefix}_correct", correct_M.sum())
+        add(f"{prefix}_grounded_correct", (correct_M & is_grounded_M).sum())
 
 
 def _retrieval(model: Any, batch: dict[str, torch.Tensor], add: Any) -> None:
@@ -189,33 +188,30 @@ def _retrieval(model: Any, batch: dict[str, torch.Tensor], add: Any) -> None:
     same_KK = _same_text(ids)
     ranked_i2t = scores_KK.argsort(dim=1, descending=True)
     ranked_t2i = scores_KK.argsort(dim=0, descending=True).T  # row j = images ranked for caption j
-    rows = torch.arange(k)
+    rows = torch.arange(k, device=scores_KK.device)
     for r in RECALL_AT:
         hit_i2t = same_KK[rows[:, None], ranked_i2t[:, :r]].any(1)
         hit_t2i = same_KK[ranked_t2i[:, :r], rows[:, None]].any(1)
-        add(f"i2t_r{r}", hit_i2t.sum().item())
-        add(f"t2i_r{r}", hit_t2i.sum().item())
+        add(f"i2t_r{r}", hit_i2t.sum())
+        add(f"t2i_r{r}", hit_t2i.sum())
     # ITM accuracy on a balanced set: every true pair, and one shifted (mostly mismatched) pair each
     shifted = (rows + 1) % k
     pos_ok = scores_KK[rows, rows] > 0
     neg_label = same_KK[rows, shifted]
     neg_ok = (scores_KK[rows, shifted] > 0) == neg_label
-    add("itm_correct", (pos_ok.sum() + neg_ok.sum()).item())
+    add("itm_correct", pos_ok.sum() + neg_ok.sum())
     add("itm_pairs", 2 * k)
     add("retrieval_queries", k)
-    add("chance_r1", (same_KK.sum(1).float() / k).sum().item())
+    add("chance_r1", (same_KK.sum(1).float() / k).sum())
 
 
 _COUNTS = ("batches", "samples", "itm_correct", "itm_pairs", "retrieval_queries", "itc_queries", "itc_pool",
            "mlm_tokens", "mlm_grounded_tokens")
 
 
-def _reduce(sums: dict[str, float]) -> dict[str, float]:
+def _reduce(raw: dict[str, float | Tensor], device: torch.device | str) -> dict[str, float]:
+    sums = collectives.all_reduce_dict(raw, device)  # one collective, one read-back
     keys = sorted(sums)
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        sums = dict(zip(keys, t.tolist(), strict=True))
     n = max(sums.get("batches", 0.0), 1.0)
     out: dict[str, float] = {}
     for k in keys:

@@ -114,9 +114,12 @@ class EmbeddingPerturbation:
     def reset(self) -> None:
         self.deltas = {m: [] for m in self.modalities}
 
-    def max_norm(self) -> float:
-        """Largest per-sample L2 norm of any δ (what the norm bound caps)."""
-        return max((float(_per_sample_norm(d).max()) for d in self.all()), default=0.0)
+    def max_norm(self) -> Tensor:
+        """[] largest per-sample L2 norm of any δ (what the norm bound caps), on δ's device (no host sync)."""
+        deltas = self.all()
+        if not deltas:
+            return torch.zeros(())
+        return torch.stack([_per_sample_norm(d).max() for d in deltas]).max()
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -157,7 +160,7 @@ def adversarial_forward(forward: Callable[[], dict[str, Any]], perturb: Embeddin
         **clean,
         "loss": clean["loss"] + cfg.weight * adv["loss"],
         "losses": {**clean["losses"], "adv": adv["loss"].detach()},
-        "metrics": {**clean["metrics"], "adv_delta_norm": torch.tensor(norm)},
+        "metrics": {**clean["metrics"], "adv_delta_norm": norm.detach()},
     }
 
 

@@ -52,6 +52,9 @@ class VisualInput(nn.Module):
     """forward(inputs, visual_mask_BP=None, generator=None) -> VisualTokens."""
 
     feature_size: int
+    # Every token of every input is real (`mask_BP` all True): attention over them needs no mask,
+    # which the host knows without reading the mask (FlashAttention-eligible; models/encoders/layers.py).
+    dense: bool = True
 
     def num_tokens(self, inputs: Mapping[str, Tensor]) -> int:
         """P for these inputs, before any sampling (what `visual_mask_BP` must cover)."""
@@ -205,6 +208,8 @@ class RegionInput(VisualInput):
     the full image) is always real, so every sample has a visual token to attend to. Boxes and
     classes are the scene's (`obj_boxes`/`obj_labels`) or the precomputed ones (`region_*`).
     """
+
+    dense = False  # images have different numbers of objects: padded regions
 
     def __init__(self, cfg: ModelConfig, blocks: Blocks, image: ImageSpec) -> None:
         super().__init__()

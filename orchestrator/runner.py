@@ -236,7 +236,7 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, led
     from ray.train.torch import TorchTrainer
 
     from jobs.data.pipeline import PipelineSpec
-    from jobs.train_loop import train_func
+    from jobs.train_loop import WorkerJob, train_func
     from orchestrator.scaling import data_remote_args, pin_data_stats_to_driver, train_scaling
 
     pin_data_stats_to_driver()  # else Ray Data pins it to a GPU node, which then never scales down
@@ -247,13 +247,13 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, led
     fs, root = storage.filesystem_for(files.root, files.opts)
     # No `datasets=`: each worker builds its own deterministic Ray Data pipeline (jobs.data.stream),
     # so that its position in the data is exact and checkpointable.
+    job = WorkerJob(run=cfg.to_dict(), text=plan.text, pipeline=spec, ledger=ledger, train_sources=plan.train,
+                    train_weights=plan.weights, eval_shards=plan.eval, run_dir=files.uri,
+                    # where the workers' Ray Data tasks run (scaling.data_*: e.g. CPU nodes)
+                    data_remote_args=data_remote_args(cfg.scaling), **faults)
     return TorchTrainer(
         train_func,
-        train_loop_config={"run": cfg.to_dict(), "text": plan.text, "pipeline": spec, "ledger": ledger,
-                           "train_sources": plan.train, "train_weights": plan.weights, "eval_shards": plan.eval,
-                           "run_dir": files.uri,
-                           # where the workers' Ray Data tasks run (scaling.data_*: e.g. CPU nodes)
-                           "data_remote_args": data_remote_args(cfg.scaling), **faults},
+        train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(**train_scaling(cfg.scaling)),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=root, storage_filesystem=fs, callbacks=[callback],

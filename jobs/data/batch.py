@@ -16,13 +16,22 @@ Optional, only when the shards carry precomputed (BUTD-style) region features
     region_boxes    float32 [B, R, 4]      normalised x0, y0, x1, y1 (zero box = no region)
     region_labels   int64   [B, R]         detector class per region, -1 = none
 
+Text is right-padded: the encoders' causal attention relies on it (models/encoders/layers.py).
+
 `to_model_batch` turns a stacked batch into the model's input: the same function serves training,
-evaluation and the benchmarks, so normalisation can never drift between them.
+evaluation and the benchmarks, so normalisation can never drift between them. It adds one key,
+computed from the host copy before the transfer (no device sync):
+    text_full       bool    []  (CPU)      no text position of the batch is padding
+                                           (models.objectives.base.TEXT_FULL)
+On a GPU the host tensors should be pinned (the streams ask Ray Data for pinned batches), so that the
+copies are asynchronous (`non_blocking`) and overlap the previous step's kernels.
 """
 
 from __future__ import annotations
 
 import torch
+
+from models.objectives.base import TEXT_FULL
 
 # CLIP/ViLT-style normalisation to roughly [-1, 1]; the shapes world has no dataset statistics
 # worth estimating, and the mean/std only need to be the same everywhere.
@@ -32,7 +41,12 @@ IMAGE_STD = 0.5
 
 def to_model_batch(batch: dict[str, torch.Tensor], device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != TEXT_FULL}
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.device.type == "cpu":
+        out[TEXT_FULL] = mask.all()
+    elif TEXT_FULL in batch:
+        out[TEXT_FULL] = batch[TEXT_FULL]
     image = out["image"]
     if image.dtype == torch.uint8:
         image = (image.to(dtype) / 255.0 - IMAGE_MEAN) / IMAGE_STD

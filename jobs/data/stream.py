@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from jobs.collectives import all_have
 from jobs.data.pipeline import PipelineSpec, build_dataset
 
 
@@ -62,12 +62,16 @@ class RankStream:
     def __init__(self, shards: list[str], spec: PipelineSpec, *, batch_size: int, rank: int, world: int,
                  seed: int | None, position: DataPosition | None = None, ledger: Any = None,
                  prefetch_batches: int = 2, read_tasks: int = 0, limit: int | None = None,
-                 ray_remote_args: dict[str, Any] | None = None) -> None:
+                 ray_remote_args: dict[str, Any] | None = None, pin_memory: bool = False) -> None:
         self.shards, self.spec = shards, spec
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.position = position or DataPosition()
         self.ledger, self.prefetch, self.read_tasks, self.limit = ledger, prefetch_batches, read_tasks, limit
         self.ray_remote_args = ray_remote_args
+        # Host batches either way (device="cpu"): the position is read from them every batch, which
+        # must not wait for the GPU. Pinned (in Ray Data's prefetch threads) when training on a GPU,
+        # so that the train loop's copies are asynchronous.
+        self.pin_memory = pin_memory
         self._early: tuple[Iterator[dict[str, torch.Tensor]], threading.Thread, dict[str, Any]] | None = None
 
     def start_early(self) -> None:
@@ -114,8 +118,8 @@ class RankStream:
                            read_tasks=self.read_tasks, ray_remote_args=self.ray_remote_args)
         if self.limit is not None:
             ds = ds.limit(self.limit)
-        yield from ds.iter_torch_batches(batch_size=self.batch_size, drop_last=True,
-                                         prefetch_batches=self.prefetch)
+        yield from ds.iter_torch_batches(batch_size=self.batch_size, drop_last=True, device="cpu",
+                                         prefetch_batches=self.prefetch, pin_memory=self.pin_memory)
 
     def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches until this rank's part of the current epoch is exhausted (position kept up to date)."""
@@ -126,6 +130,10 @@ class RankStream:
 
     def next_epoch(self) -> None:
         self.position = DataPosition(self.position.epoch + 1, 0, 0)
+
+    @property
+    def epoch_number(self) -> int:
+        return self.position.epoch
 
     def state(self) -> dict[str, Any]:
         return self.position.to_dict()
@@ -169,6 +177,11 @@ class MixtureStream:
     def next_epoch(self) -> None:  # the mixture itself has no epochs
         pass
 
+    @property
+    def epoch_number(self) -> int:
+        """Full passes made over every source (the least-drawn source's epoch)."""
+        return min(s.epoch_number for s in self.sources)
+
     def state(self) -> dict[str, Any]:
         return {"drawn": self.drawn, "sources": [s.state() for s in self.sources]}
 
@@ -178,16 +191,8 @@ class MixtureStream:
             source.load(sub)
 
 
-def all_have(flag: bool, world: int) -> bool:
-    """True when every rank has `flag` (MIN all-reduce; a no-op for one rank)."""
-    if world == 1 or not dist.is_initialized():
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def synchronized_steps(stream: RankStream, micro_batches: int, world: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+def synchronized_steps(stream: RankStream | MixtureStream, micro_batches: int,
+                       device: torch.device | str) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Steps of `micro_batches` batches forever; every rank yields the same number per epoch."""
     while True:
         it = stream.epoch()
@@ -198,19 +203,20 @@ def synchronized_steps(stream: RankStream, micro_batches: int, world: int) -> It
                 if batch is None:
                     break
                 step.append(batch)
-            if not all_have(len(step) == micro_batches, world):
+            if not all_have(len(step) == micro_batches, device):
                 break
             yield step
         stream.next_epoch()
 
 
-def synchronized_batches(stream: RankStream, world: int, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def synchronized_batches(stream: RankStream, device: torch.device | str,
+                         max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """One pass (evaluation): batches while every rank still has one."""
     it = stream.epoch()
     n = 0
     while max_batches is None or n < max_batches:
         batch = next(it, None)
-        if not all_have(batch is not None, world):
+        if not all_have(batch is not None, device):
             return
         n += 1
         yield batch  # type: ignore[misc]

@@ -39,10 +39,18 @@ from torch import Tensor, nn
 
 from models.config import ImageSpec, ModelConfig, TextSpec
 from models.embeddings import TextEmbeddings
+from models.objectives.base import TEXT_FULL
 from models.presets import Blocks
 from models.visual import VisualInput, VisualTokens, build_visual
 
 EncoderOutputs = dict[str, Tensor | None]
+
+
+def text_keep(inputs: Mapping[str, Tensor]) -> tuple[Tensor, bool]:
+    """(keep_BT bool, full): the real text tokens, and whether the host knows none is padding
+    (`TEXT_FULL`, a CPU flag: reading it is no device sync)."""
+    full = inputs.get(TEXT_FULL)
+    return inputs["attention_mask"].bool(), bool(full) if full is not None else False
 
 MOE_OUTPUTS = frozenset({"moe_aux", "moe_counts"})
 TEXT_OUTPUTS = frozenset({"text_hidden"})

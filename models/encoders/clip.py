@@ -29,6 +29,7 @@ from models.encoders.base import (
     TEXT_OUTPUTS,
     Encoder,
     EncoderOutputs,
+    text_keep,
 )
 from models.encoders.layers import MoETally, key_mask, run_stack, stack, text_mask
 from models.presets import Blocks
@@ -77,7 +78,7 @@ class DualEncoder(Encoder):
                 causal_text: bool = False, generator: torch.Generator | None = None,
                 want: frozenset[str] | None = None) -> EncoderOutputs:
         # `want` is accepted for the common signature (base.py); this family always runs in full.
-        ids_BT, keep_BT = inputs["input_ids"], inputs["attention_mask"].bool()
+        ids_BT, (keep_BT, _) = inputs["input_ids"], text_keep(inputs)
         t_BTD = self.text_embeddings(ids_BT)
         tally = MoETally(t_BTD)
         # Always causal: CLIP's text tower is a decoder-style transformer (causal_text is a no-op).
@@ -90,7 +91,8 @@ class DualEncoder(Encoder):
             cls_B1D = (self.class_D + self.class_position_D).expand(B, 1, -1)
             v_BSD = self.image_pre_norm(torch.cat([cls_B1D, vis.x_BPD], dim=1))
             keep_BS = torch.cat([torch.ones_like(vis.mask_BP[:, :1]), vis.mask_BP], dim=1)
-            v_BSD = self.image_norm(run_stack(self.image_layers, v_BSD, key_mask(keep_BS), keep_BS, tally))
+            image_keys = key_mask(keep_BS, self.visual_embeddings.dense)
+            v_BSD = self.image_norm(run_stack(self.image_layers, v_BSD, image_keys, keep_BS, tally))
             out |= vis.outputs() | {"image_hidden": v_BSD[:, 1:]}
         if self.contrastive:
             eot_B = keep_BT.long().sum(dim=1) - 1  # [SEP], the last real token

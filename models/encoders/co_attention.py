@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
-from models.encoders.base import FUSED, Encoder, EncoderOutputs
+from models.encoders.base import FUSED, Encoder, EncoderOutputs, text_keep
 from models.encoders.layers import (
+    Allow,
     CrossSublayer,
     FFNSublayer,
     MoETally,
@@ -54,18 +55,19 @@ class CoAttentionBlock(nn.Module):
             self.image_co_ffn = FFNSublayer(cfg, moe, index)
             self.image_trm = TransformerLayer(cfg, moe, index + 1)
 
-    def forward(self, t_BTD: Tensor, v_BPD: Tensor, text_allow: Tensor, keep_BT: Tensor, keep_BP: Tensor,
-                causal_text: bool, tally: MoETally) -> tuple[Tensor, Tensor]:
-        t_new = self.text_co(t_BTD, v_BPD, key_mask(keep_BP))
+    def forward(self, t_BTD: Tensor, v_BPD: Tensor, text_allow: Allow, keep_BT: Tensor, keep_BP: Tensor,
+                causal_text: bool, tally: MoETally, text_keys: Allow, image_keys: Allow) -> tuple[Tensor, Tensor]:
+        """`text_keys` / `image_keys`: attention over all real text / visual tokens as keys."""
+        t_new = self.text_co(t_BTD, v_BPD, image_keys)
         if self.image_side:
             # Causal text: the image must not see the caption, or later words leak to earlier ones
             # through the image stream at the next block.
-            v_BPD = v_BPD if causal_text else self.image_co(v_BPD, t_BTD, key_mask(keep_BT))
+            v_BPD = v_BPD if causal_text else self.image_co(v_BPD, t_BTD, text_keys)
             v_BPD = self.image_co_ffn(v_BPD, keep_BP, tally)
         t_BTD = self.text_co_ffn(t_new, keep_BT, tally)
         t_BTD = self.text_trm(t_BTD, text_allow, keep_BT, tally)
         if self.image_side:
-            v_BPD = self.image_trm(v_BPD, key_mask(keep_BP), keep_BP, tally)
+            v_BPD = self.image_trm(v_BPD, image_keys, keep_BP, tally)
         return t_BTD, v_BPD
 
 
@@ -97,13 +99,14 @@ class CoAttentionEncoder(Encoder):
         # `want` is accepted for the common signature (base.py); this family always runs in full.
         t_BTD = self.text_embeddings(inputs["input_ids"])
         vis = self.embed_visual(inputs, visual_mask_BP, generator)
-        keep_BT, keep_BP = inputs["attention_mask"].bool(), vis.mask_BP
-        text_allow = text_mask(keep_BT, causal_text)
+        (keep_BT, text_full), keep_BP = text_keep(inputs), vis.mask_BP
+        text_allow = text_mask(keep_BT, causal_text, text_full)
+        text_keys, image_keys = key_mask(keep_BT, text_full), key_mask(keep_BP, self.visual_embeddings.dense)
         tally = MoETally(t_BTD)
         t_BTD = run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally)
         v_BPD = vis.x_BPD
         for block in self.blocks:
-            t_BTD, v_BPD = block(t_BTD, v_BPD, text_allow, keep_BT, keep_BP, causal_text, tally)
+            t_BTD, v_BPD = block(t_BTD, v_BPD, text_allow, keep_BT, keep_BP, causal_text, tally, text_keys, image_keys)
         out: EncoderOutputs = vis.outputs() | {"text_hidden": self.text_norm(t_BTD)} | tally.outputs()
         if self.image_norm is not None:
             out["image_hidden"] = self.image_norm(v_BPD)

@@ -8,7 +8,15 @@ All blocks are pre-LN (Xiong et al. 2020; as in ViT/ViLT/CLIP): x + f(LN(x)). Th
 tuning, at any depth, and every family here uses the same blocks so comparisons between presets
 measure the architecture, not the normalisation.
 
-Attention masks are boolean, True = may attend, shaped [B, 1, Q or 1, K] (broadcast over heads).
+Attention masks are `Allow` values: a boolean mask (True = may attend, [B, 1, Q or 1, K], broadcast
+over heads) or none at all, plus SDPA's `is_causal`. The form decides which fused kernel PyTorch's
+scaled_dot_product_attention may pick on a GPU: FlashAttention-2 takes no mask, so a sequence with
+no padding (known on the host: `key_mask(..., full=True)`) gets no mask; a padded one keeps its
+boolean mask, which the memory-efficient kernel takes. Causal text self-attention is `is_causal`
+with no mask even when padded: text is right-padded (jobs/data/batch.py), so a real query at i only
+ever sees keys 0..i, all real; padded positions' outputs are never read (their labels are ignored,
+MoE does not route them, pooling reads [CLS] or the last real token) -- open_clip's text tower
+relies on the same.
 Every query row must keep at least one key (an all-False row makes SDPA return NaN): the encoders
 guarantee it (text [CLS] is always real; region inputs always have the whole-image token).
 """
@@ -16,6 +24,7 @@ guarantee it (text [CLS] is always real; region inputs always have the whole-ima
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +73,22 @@ class MoETally:
         return {"moe_aux": self.aux, "moe_counts": torch.stack(self.counts) if self.counts else None}
 
 
-def key_mask(keep_BK: Tensor) -> Tensor:
-    """[B, 1, 1, K]: every query may attend to the real keys."""
-    return keep_BK[:, None, None, :]
+class Allow(NamedTuple):
+    """Which keys each query may attend to, in the form SDPA's fastest kernels accept (module docstring)."""
+
+    mask: Tensor | None  # bool [B, 1, Q or 1, K], True = may attend; None = every key (but see causal)
+    causal: bool = False  # square self-attention where query i sees keys 0..i (SDPA's is_causal)
 
 
-def _sdpa(q_BHQd: Tensor, k_BHKd: Tensor, v_BHKd: Tensor, allow: Tensor, dropout: float) -> Tensor:
-    return F.scaled_dot_product_attention(q_BHQd, k_BHKd, v_BHKd, attn_mask=allow, dropout_p=dropout)
+def key_mask(keep_BK: Tensor, full: bool = False) -> Allow:
+    """Every query may attend to the real keys; `full` (known on the host: no key is padding) drops
+    the mask, which makes the attention eligible for FlashAttention."""
+    return Allow(None if full else keep_BK[:, None, None, :])
+
+
+def _sdpa(q_BHQd: Tensor, k_BHKd: Tensor, v_BHKd: Tensor, allow: Allow, dropout: float) -> Tensor:
+    return F.scaled_dot_product_attention(q_BHQd, k_BHKd, v_BHKd, attn_mask=allow.mask, dropout_p=dropout,
+                                          is_causal=allow.causal)
 
 
 class SelfAttention(nn.Module):
@@ -83,7 +101,7 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(hidden_size, hidden_size)
         self.dropout = dropout
 
-    def forward(self, x_BSD: Tensor, allow: Tensor) -> Tensor:
+    def forward(self, x_BSD: Tensor, allow: Allow) -> Tensor:
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         y_BHSd = _sdpa(q, k, v, allow, self.dropout if self.training else 0.0)
@@ -102,7 +120,7 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(hidden_size, hidden_size)
         self.dropout = dropout
 
-    def forward(self, x_BQD: Tensor, ctx_BKD: Tensor, allow: Tensor) -> Tensor:
+    def forward(self, x_BQD: Tensor, ctx_BKD: Tensor, allow: Allow) -> Tensor:
         B, Q, D = x_BQD.shape
         K, H = ctx_BKD.shape[1], self.num_heads
         q_BHQd = self.q(x_BQD).view(B, Q, H, D // H).transpose(1, 2)
@@ -130,7 +148,7 @@ class CrossSublayer(_Layer):
         self.attn = CrossAttention(D, cfg.num_heads, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def _forward(self, x_BQD: Tensor, ctx_BKD: Tensor, allow: Tensor) -> Tensor:
+    def _forward(self, x_BQD: Tensor, ctx_BKD: Tensor, allow: Allow) -> Tensor:
         return x_BQD + self.dropout(self.attn(self.norm(x_BQD), self.ctx_norm(ctx_BKD), allow))
 
 
@@ -175,7 +193,7 @@ class TransformerLayer(_Layer):
         self.attn = SelfAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout)
         _add_ffn(self, cfg, moe, index)
 
-    def _forward(self, x_BSD: Tensor, allow: Tensor, keep_BS: Tensor, tally: MoETally) -> Tensor:
+    def _forward(self, x_BSD: Tensor, allow: Allow, keep_BS: Tensor, tally: MoETally) -> Tensor:
         x_BSD = x_BSD + self.dropout(self.attn(self.attn_norm(x_BSD), allow))
         return _apply_ffn(self, x_BSD, keep_BS, tally)
 
@@ -185,7 +203,7 @@ def stack(cfg: ModelConfig, moe: MoEConfig, count: int, first_index: int = 0) ->
     return nn.ModuleList(TransformerLayer(cfg, moe, first_index + i) for i in range(count))
 
 
-def run_stack(layers: nn.ModuleList, x_BSD: Tensor, allow: Tensor, keep_BS: Tensor, tally: MoETally) -> Tensor:
+def run_stack(layers: nn.ModuleList, x_BSD: Tensor, allow: Allow, keep_BS: Tensor, tally: MoETally) -> Tensor:
     for layer in layers:
         x_BSD = layer(x_BSD, allow, keep_BS, tally)
     return x_BSD
@@ -207,8 +225,7 @@ def causal_mask(T: int, device: torch.device) -> Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
 
-def text_mask(keep_BT: Tensor, causal: bool) -> Tensor:
-    """Text self-attention mask: [B, 1, T, T] causal over the real tokens, or [B, 1, 1, T]."""
-    if not causal:
-        return key_mask(keep_BT)
-    return (causal_mask(keep_BT.shape[1], keep_BT.device) & keep_BT[:, None, :])[:, None]
+def text_mask(keep_BT: Tensor, causal: bool, full: bool = False) -> Allow:
+    """Text self-attention: causal (no mask needed for right-padded text, module docstring), or
+    every query over the real keys."""
+    return Allow(None, causal=True) if causal else key_mask(keep_BT, full)

@@ -35,6 +35,7 @@ row of `moe_counts` (still [L_moe, E]; models/encoders/layers.py MoETally).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +43,21 @@ from torch import Tensor, nn
 
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
 from models.embeddings import TagEmbeddings
-from models.encoders.base import CONTRASTIVE, FUSED, IMAGE_INPUT_OUTPUTS, MOE_OUTPUTS, Encoder, EncoderOutputs
+from models.encoders.base import (
+    CONTRASTIVE,
+    FUSED,
+    IMAGE_INPUT_OUTPUTS,
+    MOE_OUTPUTS,
+    Encoder,
+    EncoderOutputs,
+    text_keep,
+)
 from models.encoders.clip import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
-from models.encoders.layers import MoETally, Pooler, causal_mask, key_mask, run_stack, stack, text_mask
+from models.encoders.layers import Allow, MoETally, Pooler, causal_mask, key_mask, run_stack, stack, text_mask
 from models.presets import Blocks
 
 
-def seq2seq_mask(keep_BS: Tensor, T: int) -> Tensor:
+def seq2seq_mask(keep_BS: Tensor, T: int) -> Allow:
     """[B, 1, S, S] UniLM seq2seq mask (Dong et al. 2019, Fig. 1): the first T tokens (the text,
     the target) attend causally to themselves and fully to the rest (the image, the source); the
     source attends only to itself."""
@@ -56,7 +65,24 @@ def seq2seq_mask(keep_BS: Tensor, T: int) -> Tensor:
     allow_SS = torch.ones(S, S, dtype=torch.bool, device=keep_BS.device)
     allow_SS[:T, :T] = causal_mask(T, keep_BS.device)
     allow_SS[T:, :T] = False
-    return (allow_SS & keep_BS[:, None, :])[:, None]
+    return Allow((allow_SS & keep_BS[:, None, :])[:, None])
+
+
+class _Sequence(NamedTuple):
+    """The joint input sequence [text; tags; visual] and what is known of its padding on the host."""
+
+    x_BSD: Tensor
+    keep_BS: Tensor
+    T: int
+    R: int
+    text_full: bool  # no text token is padding
+    image_full: bool  # no tag or visual token is padding
+    outputs: EncoderOutputs  # the visual input's outputs
+
+    def allow(self, causal_text: bool) -> Allow:
+        if causal_text:
+            return seq2seq_mask(self.keep_BS, self.T)
+        return key_mask(self.keep_BS, self.text_full and self.image_full)
 
 
 # What the encoder returns without its joint pass: contrastive outputs, the visual input's keys, MoE's.
@@ -108,11 +134,11 @@ class SingleStreamEncoder(Encoder):
         return joint, "text_embed" in want, "image_embed" in want
 
     def _sequence(self, inputs: Mapping[str, Tensor], visual_mask_BP: Tensor | None,
-                  generator: torch.Generator | None) -> tuple[Tensor, Tensor, int, int, dict[str, Tensor]]:
-        """(x_BSD, keep_BS, T, R, visual outputs)."""
+                  generator: torch.Generator | None) -> _Sequence:
         text_BTD = self.text_embeddings(inputs["input_ids"])
         vis = self.embed_visual(inputs, visual_mask_BP, generator)
-        parts, keeps = [text_BTD], [inputs["attention_mask"].bool()]
+        keep_BT, text_full = text_keep(inputs)
+        parts, keeps = [text_BTD], [keep_BT]
         R = 0
         if self.tags is not None:
             tags_BRD, keep_BR = self.tags(inputs["obj_labels"])
@@ -121,48 +147,53 @@ class SingleStreamEncoder(Encoder):
             R = keep_BR.shape[1]
         parts.append(vis.x_BPD)
         keeps.append(vis.mask_BP)
-        return torch.cat(parts, dim=1), torch.cat(keeps, dim=1), text_BTD.shape[1], R, vis.outputs()
+        # Tags are padded (images differ in their number of objects): only patch-like inputs are full.
+        image_full = self.tags is None and self.visual_embeddings.dense
+        return _Sequence(torch.cat(parts, dim=1), torch.cat(keeps, dim=1), text_BTD.shape[1], R, text_full,
+                         image_full, vis.outputs())
 
     def forward(self, inputs: Mapping[str, Tensor], *, visual_mask_BP: Tensor | None = None,
                 causal_text: bool = False, generator: torch.Generator | None = None,
                 want: frozenset[str] | None = None) -> EncoderOutputs:
-        x_BSD, keep_BS, T, R, out = self._sequence(inputs, visual_mask_BP, generator)
+        seq = self._sequence(inputs, visual_mask_BP, generator)
+        out = dict(seq.outputs)
         joint, text_alone, image_alone = self.passes(want)
-        tally = MoETally(x_BSD, self.moe_layers)
+        tally = MoETally(seq.x_BSD, self.moe_layers)
         if joint:
-            out |= self._joint(x_BSD, keep_BS, T, R, causal_text, tally)
+            out |= self._joint(seq, causal_text, tally)
         if self.contrastive:
-            out |= self._contrastive(x_BSD, keep_BS, T, R, text_alone, image_alone, tally)
+            out |= self._contrastive(seq, text_alone, image_alone, tally)
         return out | tally.outputs()
 
-    def _joint(self, x_BSD: Tensor, keep_BS: Tensor, T: int, R: int, causal_text: bool,
-               tally: MoETally) -> EncoderOutputs:
+    def _joint(self, seq: _Sequence, causal_text: bool, tally: MoETally) -> EncoderOutputs:
         """The single-stream pass over [text; tags; visual]: text_hidden, image_hidden, pooled."""
-        allow = seq2seq_mask(keep_BS, T) if causal_text else key_mask(keep_BS)
-        x_BSD = self.norm(run_stack(self.layers, x_BSD, allow, keep_BS, tally))
+        T, R = seq.T, seq.R
+        x_BSD = self.norm(run_stack(self.layers, seq.x_BSD, seq.allow(causal_text), seq.keep_BS, tally))
         out: EncoderOutputs = {"text_hidden": x_BSD[:, :T], "image_hidden": x_BSD[:, T + R:]}
         if self.pooler is not None:
             out["pooled"] = self.pooler(x_BSD)
         return out
 
-    def _text_alone(self, t_BTD: Tensor, keep_BT: Tensor, tally: MoETally) -> Tensor:
+    def _text_alone(self, t_BTD: Tensor, keep_BT: Tensor, allow: Allow, tally: MoETally) -> Tensor:
         """[B,T,D] final states of the text tokens attending only to the text."""
-        return self.norm(run_stack(self.layers, t_BTD, key_mask(keep_BT), keep_BT, tally))
+        return self.norm(run_stack(self.layers, t_BTD, allow, keep_BT, tally))
 
-    def _image_alone(self, v_BQD: Tensor, keep_BQ: Tensor, tally: MoETally) -> Tensor:
+    def _image_alone(self, v_BQD: Tensor, keep_BQ: Tensor, allow: Allow, tally: MoETally) -> Tensor:
         """[B,Q,D] final states of the [tags;] visual tokens (Q = R + P) attending only to themselves."""
-        return self.norm(run_stack(self.layers, v_BQD, key_mask(keep_BQ), keep_BQ, tally))
+        return self.norm(run_stack(self.layers, v_BQD, allow, keep_BQ, tally))
 
-    def _contrastive(self, x_BSD: Tensor, keep_BS: Tensor, T: int, R: int, text_alone: bool,
-                     image_alone: bool, tally: MoETally) -> EncoderOutputs:
+    def _contrastive(self, seq: _Sequence, text_alone: bool, image_alone: bool, tally: MoETally) -> EncoderOutputs:
         """text_embed / image_embed [B,E] from the unimodal passes asked for, and logit_scale []."""
+        x_BSD, keep_BS, T, R = seq.x_BSD, seq.keep_BS, seq.T, seq.R
         out: EncoderOutputs = {"logit_scale": self.logit_scale_log.clamp(max=LOGIT_SCALE_MAX).exp()[0]}
         if text_alone:
-            t_BTD = self._text_alone(x_BSD[:, :T], keep_BS[:, :T], tally)
+            keep_BT = keep_BS[:, :T]
+            t_BTD = self._text_alone(x_BSD[:, :T], keep_BT, key_mask(keep_BT, seq.text_full), tally)
             out["text_embed"] = F.normalize(self.text_proj(t_BTD[:, 0]), dim=-1)  # [CLS]
         if image_alone:
             keep_BQ = keep_BS[:, T:]
-            v_BPD = self._image_alone(x_BSD[:, T:], keep_BQ, tally)[:, R:]  # the tags' states are not read
+            image_keys = key_mask(keep_BQ, seq.image_full)
+            v_BPD = self._image_alone(x_BSD[:, T:], keep_BQ, image_keys, tally)[:, R:]  # the tags' states are not read
             if self.image_summary_first:
                 image_BD = v_BPD[:, 0]  # the whole-image region, always real
             else:
@@ -195,30 +226,28 @@ class InteractionEncoder(SingleStreamEncoder):
         if not self.image_out:
             self.provides = self.provides - {"image_hidden"}
 
-    def _joint(self, x_BSD: Tensor, keep_BS: Tensor, T: int, R: int, causal_text: bool,
-               tally: MoETally) -> EncoderOutputs:
-        allow = seq2seq_mask(keep_BS, T) if causal_text else key_mask(keep_BS)
-        x_BSD = run_stack(self.layers, x_BSD, allow, keep_BS, tally)
+    def _joint(self, seq: _Sequence, causal_text: bool, tally: MoETally) -> EncoderOutputs:
+        T, R, keep_BS = seq.T, seq.R, seq.keep_BS
+        x_BSD = run_stack(self.layers, seq.x_BSD, seq.allow(causal_text), keep_BS, tally)
         keep_BT = keep_BS[:, :T]
-        text_allow = text_mask(keep_BT, causal_text)
+        text_allow = text_mask(keep_BT, causal_text, seq.text_full)
         text_BTD = self.norm(run_stack(self.text_layers, x_BSD[:, :T], text_allow, keep_BT, tally))
         out: EncoderOutputs = {"text_hidden": text_BTD}
         if self.image_out and self.image_norm is not None:
             keep_BP = keep_BS[:, T + R:]
-            image_BPD = run_stack(self.image_layers, x_BSD[:, T + R:], key_mask(keep_BP), keep_BP, tally)
+            image_keys = key_mask(keep_BP, self.visual_embeddings.dense)
+            image_BPD = run_stack(self.image_layers, x_BSD[:, T + R:], image_keys, keep_BP, tally)
             out["image_hidden"] = self.image_norm(image_BPD)
         if self.pooler is not None:
             out["pooled"] = self.pooler(text_BTD)
         return out
 
-    def _text_alone(self, t_BTD: Tensor, keep_BT: Tensor, tally: MoETally) -> Tensor:
-        allow = key_mask(keep_BT)
+    def _text_alone(self, t_BTD: Tensor, keep_BT: Tensor, allow: Allow, tally: MoETally) -> Tensor:
         t_BTD = run_stack(self.layers, t_BTD, allow, keep_BT, tally)
         return self.norm(run_stack(self.text_layers, t_BTD, allow, keep_BT, tally))
 
-    def _image_alone(self, v_BQD: Tensor, keep_BQ: Tensor, tally: MoETally) -> Tensor:
+    def _image_alone(self, v_BQD: Tensor, keep_BQ: Tensor, allow: Allow, tally: MoETally) -> Tensor:
         if self.image_norm is None:
             raise RuntimeError("the image stream was not built: no objective reads image states or embeddings")
-        allow = key_mask(keep_BQ)
         v_BQD = run_stack(self.layers, v_BQD, allow, keep_BQ, tally)
         return self.image_norm(run_stack(self.image_layers, v_BQD, allow, keep_BQ, tally))

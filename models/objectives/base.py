@@ -27,6 +27,11 @@ ENCODER_INPUTS = ("image", "input_ids", "attention_mask")
 # precomputed region features; jobs/data/batch.py). Views carry the ones present, and a view that
 # pairs a caption with another sample's image moves all of them with the image.
 IMAGE_COLUMNS = ("image", "obj_boxes", "obj_labels", "region_feats", "region_boxes", "region_labels")
+# Optional batch key, set on the host by jobs.data.batch.to_model_batch: bool [] on the CPU, True when
+# no text position of the batch is padding. A view that recombines the batch's own captions keeps it
+# (still no padding); the encoders then drop the attention mask (FlashAttention-eligible) without
+# reading the device mask back (models/encoders/layers.py). Absent = unknown: masks are used.
+TEXT_FULL = "text_full"
 # Optional view keys the pretrainer passes to the encoder as options, not as inputs:
 VISUAL_MASK = "visual_mask"  # bool [B, P]: visual tokens whose input features are zeroed (masked region modelling)
 CAUSAL_TEXT = "causal_text"  # present (any value) = text attends causally (captioning / seq2seq LM)
@@ -90,7 +95,7 @@ class Objective(nn.Module):
 
 def encoder_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The encoder's inputs out of a batch (and the image columns it has), dropping other keys."""
-    return {key: batch[key] for key in (*ENCODER_INPUTS, *IMAGE_COLUMNS) if key in batch}
+    return {key: batch[key] for key in (*ENCODER_INPUTS, *IMAGE_COLUMNS, TEXT_FULL) if key in batch}
 
 
 def require(outputs: Mapping[str, Tensor | None], key: str) -> Tensor:

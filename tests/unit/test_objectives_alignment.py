@@ -95,7 +95,7 @@ def test_itc_retrieval_of_perfect_embeddings_is_recall_one() -> None:
 
     eye = torch.eye(12)
     ids = torch.arange(12)[:, None].repeat(1, 3)  # 12 distinct captions
-    _itc_retrieval([(eye[:6], eye[:6], ids[:6]), (eye[6:], eye[6:], ids[6:])], add)
+    _itc_retrieval([(eye[:6], eye[:6], ids[:6]), (eye[6:], eye[6:], ids[6:])], add, "cpu")
     assert sums["itc_i2t_r1"] == 12 and sums["itc_t2i_r1"] == 12 and sums["itc_queries"] == 12
     assert sums["itc_chance_r1"] == pytest.approx(1.0)  # 12 queries x 1/12
 
