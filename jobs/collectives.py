@@ -84,12 +84,19 @@ def all_gather_rows(rows_NX: Tensor, device: torch.device | str) -> Tensor:
     if world == 1:
         return rows_NX
     shape = torch.tensor(rows_NX.shape, dtype=torch.int64, device=device)
-    shapes = torch.empty(world, rows_NX.ndim, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(shapes, shape)
-    sizes = shapes.tolist()
+    shapes = torch.empty(world * rows_NX.ndim, dtype=torch.int64, device=device)
+    _gather_single(shapes, shape)
+    sizes = shapes.view(world, rows_NX.ndim).tolist()
     widest = [max(s[d] for s in sizes) for d in range(rows_NX.ndim)]
     padded = rows_NX.new_zeros(widest)
     padded[tuple(slice(0, n) for n in rows_NX.shape)] = rows_NX
-    out = rows_NX.new_empty((world, *widest))
-    dist.all_gather_into_tensor(out, padded)
+    out = rows_NX.new_empty((world * widest[0], *widest[1:]))
+    _gather_single(out, padded)
+    out = out.view(world, *widest)
     return torch.cat([out[r][: sizes[r][0]] for r in range(world)])
+
+
+def _gather_single(out: Tensor, local: Tensor) -> None:
+    """Every rank's `local` concatenated along dim 0 into `out` (torch 2.13 renamed the collective)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, local)

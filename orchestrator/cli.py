@@ -15,7 +15,7 @@ import typer
 from orchestrator import jobs_cli
 from orchestrator.cluster import cluster_app
 from orchestrator.config import ConfigError, load_config
-from orchestrator.console import console, err_console, fail
+from orchestrator.console import SetOpt, console, err_console, fail
 from orchestrator.data_cli import data_app
 from orchestrator.plan import plan_cmd
 
@@ -29,10 +29,10 @@ app.add_typer(cluster_app, name="cluster")
 app.command("submit")(jobs_cli.submit)
 app.command("controller")(jobs_cli.controller)
 app.command("plan")(plan_cmd)
+app.command("doctor")(__import__("orchestrator.doctor", fromlist=["doctor_cmd"]).doctor_cmd)
 app.command("sweep")(__import__("orchestrator.sweep", fromlist=["sweep_cmd"]).sweep_cmd)
 app.command("report")(__import__("orchestrator.report", fromlist=["report_cmd"]).report_cmd)
 
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")]
 
 
 @app.command()

@@ -4,13 +4,16 @@ on stderr, exit code 2."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 
 console = Console()
 err_console = Console(stderr=True)
+
+# The one `--set` option of every command that takes a run config (orchestrator/config.py parses it).
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")]
 
 
 def fail(problems: Iterable[str], code: int = 2) -> NoReturn:

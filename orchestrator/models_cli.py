@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.console import console, fail
+from orchestrator.console import SetOpt, console, fail
 
 models_app = typer.Typer(help="Architecture presets (model.preset).", no_args_is_help=True)
 
@@ -17,7 +17,6 @@ models_app = typer.Typer(help="Architecture presets (model.preset).", no_args_is
 _SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_ratio", "dropout", "patch_size", "object_classes")
 
 ConfigArg = Annotated[Path | None, typer.Option("--config", help="take sizes from this run config (default: defaults)")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")]
 
 
 def _human(n: int) -> str:

@@ -28,6 +28,7 @@ from rich.table import Table
 
 from jobs.config import RunConfig
 from orchestrator.config import ConfigError, load_config
+from orchestrator.console import SetOpt
 
 if TYPE_CHECKING:
     from models import Pretrainer
@@ -284,7 +285,6 @@ def render(cfg: RunConfig, size: ModelSize, rows: list[Row], gpus: int, vocab_no
                   "2022 per layer, fused attention; embeddings and heads not counted.", highlight=False)
 
 
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")]
 
 
 def plan_cmd(

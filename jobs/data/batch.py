@@ -43,10 +43,10 @@ def to_model_batch(batch: dict[str, torch.Tensor], device: torch.device | str = 
                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != TEXT_FULL}
     mask = batch.get("attention_mask")
-    if mask is not None and mask.device.type == "cpu":
-        out[TEXT_FULL] = mask.all()
-    elif TEXT_FULL in batch:
+    if TEXT_FULL in batch:
         out[TEXT_FULL] = batch[TEXT_FULL]
+    elif mask is not None and mask.device.type == "cpu":
+        out[TEXT_FULL] = mask.all()
     image = out["image"]
     if image.dtype == torch.uint8:
         image = (image.to(dtype) / 255.0 - IMAGE_MEAN) / IMAGE_STD
