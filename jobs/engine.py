@@ -85,7 +85,8 @@ def diversify_experts(model: nn.Module, seed: int, ep_rank: int) -> int:
     with torch.no_grad():
         for p in model.parameters():
             if getattr(p, "allreduce", True) is False:  # DeepSpeed's mark on expert parameters
-                if p.ndim >= 2:
+                per_expert_ndim = p.ndim - 1 if getattr(p, "stacked_experts", False) else p.ndim
+                if per_expert_ndim >= 2:
                     nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04, generator=gen)
                 else:
                     p.zero_()

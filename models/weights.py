@@ -28,7 +28,7 @@ def init_weights(root: nn.Module, std: float = INIT_STD) -> None:
             seen.add(id(param))
             if isinstance(module, nn.LayerNorm):
                 param.fill_(1.0 if name == "weight" else 0.0)
-            elif name == "bias":
+            elif name == "bias" or name.endswith("_bias"):  # also stacked experts' fc1_bias ...
                 param.zero_()
             else:
                 nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)

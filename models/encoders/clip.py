@@ -32,6 +32,7 @@ from models.encoders.base import (
     text_keep,
 )
 from models.encoders.layers import MoETally, key_mask, run_stack, stack, text_mask
+from models.moe.stats import IMAGE, TEXT
 from models.presets import Blocks
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -83,7 +84,8 @@ class DualEncoder(Encoder):
         tally = MoETally(t_BTD)
         # Always causal: CLIP's text tower is a decoder-style transformer (causal_text is a no-op).
         text_allow = text_mask(keep_BT, causal=True)
-        t_BTD = self.text_norm(run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally))
+        with tally.within(TEXT):
+            t_BTD = self.text_norm(run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally))
         out: EncoderOutputs = {"text_hidden": t_BTD}
         if self.with_image:
             vis = self.embed_visual(inputs, visual_mask_BP, generator)
@@ -92,7 +94,8 @@ class DualEncoder(Encoder):
             v_BSD = self.image_pre_norm(torch.cat([cls_B1D, vis.x_BPD], dim=1))
             keep_BS = torch.cat([torch.ones_like(vis.mask_BP[:, :1]), vis.mask_BP], dim=1)
             image_keys = key_mask(keep_BS, self.visual_embeddings.dense)
-            v_BSD = self.image_norm(run_stack(self.image_layers, v_BSD, image_keys, keep_BS, tally))
+            with tally.within(IMAGE):
+                v_BSD = self.image_norm(run_stack(self.image_layers, v_BSD, image_keys, keep_BS, tally))
             out |= vis.outputs() | {"image_hidden": v_BSD[:, 1:]}
         if self.contrastive:
             eot_B = keep_BT.long().sum(dim=1) - 1  # [SEP], the last real token

@@ -34,6 +34,7 @@ from models.encoders.layers import (
     stack,
     text_mask,
 )
+from models.moe.stats import IMAGE, TEXT
 from models.presets import Blocks
 
 
@@ -63,11 +64,14 @@ class CoAttentionBlock(nn.Module):
             # Causal text: the image must not see the caption, or later words leak to earlier ones
             # through the image stream at the next block.
             v_BPD = v_BPD if causal_text else self.image_co(v_BPD, t_BTD, text_keys)
-            v_BPD = self.image_co_ffn(v_BPD, keep_BP, tally)
-        t_BTD = self.text_co_ffn(t_new, keep_BT, tally)
-        t_BTD = self.text_trm(t_BTD, text_allow, keep_BT, tally)
+            with tally.within(IMAGE):
+                v_BPD = self.image_co_ffn(v_BPD, keep_BP, tally)
+        with tally.within(TEXT):
+            t_BTD = self.text_co_ffn(t_new, keep_BT, tally)
+            t_BTD = self.text_trm(t_BTD, text_allow, keep_BT, tally)
         if self.image_side:
-            v_BPD = self.image_trm(v_BPD, image_keys, keep_BP, tally)
+            with tally.within(IMAGE):
+                v_BPD = self.image_trm(v_BPD, image_keys, keep_BP, tally)
         return t_BTD, v_BPD
 
 
@@ -103,7 +107,8 @@ class CoAttentionEncoder(Encoder):
         text_allow = text_mask(keep_BT, causal_text, text_full)
         text_keys, image_keys = key_mask(keep_BT, text_full), key_mask(keep_BP, self.visual_embeddings.dense)
         tally = MoETally(t_BTD)
-        t_BTD = run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally)
+        with tally.within(TEXT):
+            t_BTD = run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally)
         v_BPD = vis.x_BPD
         for block in self.blocks:
             t_BTD, v_BPD = block(t_BTD, v_BPD, text_allow, keep_BT, keep_BP, causal_text, tally, text_keys, image_keys)

@@ -32,6 +32,7 @@ from models.encoders.layers import (
     stack,
     text_mask,
 )
+from models.moe.stats import IMAGE, TEXT
 from models.presets import Blocks
 
 
@@ -54,9 +55,11 @@ class CrossModalityLayer(nn.Module):
         if self.image_side:
             # Causal text: the image must not see the caption (no leak from later words).
             v_BPD = v_BPD if causal_text else self.cross(v_BPD, t_BTD, text_keys)
-        t_BTD = self.text_layer(t_new, text_allow, keep_BT, tally)
+        with tally.within(TEXT):
+            t_BTD = self.text_layer(t_new, text_allow, keep_BT, tally)
         if self.image_side:
-            v_BPD = self.image_layer(v_BPD, image_keys, keep_BP, tally)
+            with tally.within(IMAGE):
+                v_BPD = self.image_layer(v_BPD, image_keys, keep_BP, tally)
         return t_BTD, v_BPD
 
 
@@ -94,8 +97,10 @@ class CrossModalityEncoder(Encoder):
         text_allow = text_mask(keep_BT, causal_text, text_full)
         text_keys, image_keys = key_mask(keep_BT, text_full), key_mask(keep_BP, self.visual_embeddings.dense)
         tally = MoETally(t_BTD)
-        t_BTD = run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally)
-        v_BPD = run_stack(self.image_layers, vis.x_BPD, image_keys, keep_BP, tally)
+        with tally.within(TEXT):
+            t_BTD = run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally)
+        with tally.within(IMAGE):
+            v_BPD = run_stack(self.image_layers, vis.x_BPD, image_keys, keep_BP, tally)
         for layer in self.cross_layers:
             t_BTD, v_BPD = layer(t_BTD, v_BPD, text_allow, keep_BT, keep_BP, causal_text, tally, text_keys, image_keys)
         out: EncoderOutputs = vis.outputs() | {"text_hidden": self.text_norm(t_BTD)} | tally.outputs()

@@ -23,7 +23,8 @@ guarantee it (text [CLS] is always real; region inputs always have the whole-ima
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,18 @@ class MoETally:
         self.counts: list[Tensor] = []
         self._layers = None if layers is None else tuple(layers)
         self._by_layer: dict[int, Tensor] = {}
+        # The modality of the tokens the running stack sees (models.moe.stats.TEXT / IMAGE, or a long
+        # [S] code per position for a joint sequence), for the MoE layers' per-modality stats.
+        self.modality: int | Tensor | None = None
+
+    @contextlib.contextmanager
+    def within(self, modality: int | Tensor) -> Iterator[MoETally]:
+        """Run the enclosed stack(s) on tokens of `modality` (restored afterwards)."""
+        previous, self.modality = self.modality, modality
+        try:
+            yield self
+        finally:
+            self.modality = previous
 
     def add(self, aux: Tensor, counts_E: Tensor, layer: nn.Module | None = None) -> None:
         self.aux = self.aux + aux
@@ -164,7 +177,7 @@ def _apply_ffn(module: nn.Module, x_BSD: Tensor, keep_BS: Tensor, tally: MoETall
     h_BSD = module.ffn_norm(x_BSD)
     if module.is_moe:
         # Padding tokens are not routed: they would take expert capacity from real tokens.
-        y_BSD, aux, counts_E = module.ffn(h_BSD, keep_BS)
+        y_BSD, aux, counts_E = module.ffn(h_BSD, keep_BS, tally.modality)
         tally.add(aux, counts_E, module.ffn)
     else:
         y_BSD = module.ffn(h_BSD)

@@ -54,6 +54,7 @@ from models.encoders.base import (
 )
 from models.encoders.clip import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
 from models.encoders.layers import Allow, MoETally, Pooler, causal_mask, key_mask, run_stack, stack, text_mask
+from models.moe.stats import IMAGE, TEXT
 from models.presets import Blocks
 
 
@@ -78,6 +79,12 @@ class _Sequence(NamedTuple):
     text_full: bool  # no text token is padding
     image_full: bool  # no tag or visual token is padding
     outputs: EncoderOutputs  # the visual input's outputs
+
+    @property
+    def modality_S(self) -> Tensor:
+        """long [S]: TEXT for the text tokens, IMAGE for the tags and the visual tokens."""
+        S = self.keep_BS.shape[1]
+        return (torch.arange(S, device=self.keep_BS.device) >= self.T).long() * IMAGE + TEXT
 
     def allow(self, causal_text: bool) -> Allow:
         if causal_text:
@@ -168,7 +175,8 @@ class SingleStreamEncoder(Encoder):
     def _joint(self, seq: _Sequence, causal_text: bool, tally: MoETally) -> EncoderOutputs:
         """The single-stream pass over [text; tags; visual]: text_hidden, image_hidden, pooled."""
         T, R = seq.T, seq.R
-        x_BSD = self.norm(run_stack(self.layers, seq.x_BSD, seq.allow(causal_text), seq.keep_BS, tally))
+        with tally.within(seq.modality_S):
+            x_BSD = self.norm(run_stack(self.layers, seq.x_BSD, seq.allow(causal_text), seq.keep_BS, tally))
         out: EncoderOutputs = {"text_hidden": x_BSD[:, :T], "image_hidden": x_BSD[:, T + R:]}
         if self.pooler is not None:
             out["pooled"] = self.pooler(x_BSD)
@@ -188,12 +196,14 @@ class SingleStreamEncoder(Encoder):
         out: EncoderOutputs = {"logit_scale": self.logit_scale_log.clamp(max=LOGIT_SCALE_MAX).exp()[0]}
         if text_alone:
             keep_BT = keep_BS[:, :T]
-            t_BTD = self._text_alone(x_BSD[:, :T], keep_BT, key_mask(keep_BT, seq.text_full), tally)
+            with tally.within(TEXT):
+                t_BTD = self._text_alone(x_BSD[:, :T], keep_BT, key_mask(keep_BT, seq.text_full), tally)
             out["text_embed"] = F.normalize(self.text_proj(t_BTD[:, 0]), dim=-1)  # [CLS]
         if image_alone:
             keep_BQ = keep_BS[:, T:]
             image_keys = key_mask(keep_BQ, seq.image_full)
-            v_BPD = self._image_alone(x_BSD[:, T:], keep_BQ, image_keys, tally)[:, R:]  # the tags' states are not read
+            with tally.within(IMAGE):
+                v_BPD = self._image_alone(x_BSD[:, T:], keep_BQ, image_keys, tally)[:, R:]  # tags' states unread
             if self.image_summary_first:
                 image_BD = v_BPD[:, 0]  # the whole-image region, always real
             else:
@@ -228,15 +238,18 @@ class InteractionEncoder(SingleStreamEncoder):
 
     def _joint(self, seq: _Sequence, causal_text: bool, tally: MoETally) -> EncoderOutputs:
         T, R, keep_BS = seq.T, seq.R, seq.keep_BS
-        x_BSD = run_stack(self.layers, seq.x_BSD, seq.allow(causal_text), keep_BS, tally)
+        with tally.within(seq.modality_S):
+            x_BSD = run_stack(self.layers, seq.x_BSD, seq.allow(causal_text), keep_BS, tally)
         keep_BT = keep_BS[:, :T]
         text_allow = text_mask(keep_BT, causal_text, seq.text_full)
-        text_BTD = self.norm(run_stack(self.text_layers, x_BSD[:, :T], text_allow, keep_BT, tally))
+        with tally.within(TEXT):
+            text_BTD = self.norm(run_stack(self.text_layers, x_BSD[:, :T], text_allow, keep_BT, tally))
         out: EncoderOutputs = {"text_hidden": text_BTD}
         if self.image_out and self.image_norm is not None:
             keep_BP = keep_BS[:, T + R:]
             image_keys = key_mask(keep_BP, self.visual_embeddings.dense)
-            image_BPD = run_stack(self.image_layers, x_BSD[:, T + R:], image_keys, keep_BP, tally)
+            with tally.within(IMAGE):
+                image_BPD = run_stack(self.image_layers, x_BSD[:, T + R:], image_keys, keep_BP, tally)
             out["image_hidden"] = self.image_norm(image_BPD)
         if self.pooler is not None:
             out["pooled"] = self.pooler(text_BTD)

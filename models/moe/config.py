@@ -4,6 +4,9 @@ Gates (see models/moe/gates.py for the papers):
     switch      top-1, Switch Transformer (Fedus et al. 2021)
     gshard      top-2 with random second-expert routing, GShard (Lepikhin et al. 2020)
     noisy_topk  noisy top-k, sparsely-gated MoE (Shazeer et al. 2017); `top_k` experts per token
+    expert_choice  each expert takes its top tokens (Zhou et al. 2022); capacity_factor = experts per
+                token on average
+    aux_free    top-k on sigmoid scores + a per-expert balancing bias, no aux loss (DeepSeek-V3)
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from pydantic import Field, field_validator, model_validator
 
 from models._schema import _Strict
 
-GateName = Literal["switch", "gshard", "noisy_topk"]
+GateName = Literal["switch", "gshard", "noisy_topk", "expert_choice", "aux_free"]
 
-# Experts per token that a gate fixes; noisy_topk takes `top_k` (default below).
-_FIXED_K: dict[str, int] = {"switch": 1, "gshard": 2}
-_NOISY_TOPK_DEFAULT_K = 2
+# Experts per token that a gate fixes; noisy_topk and aux_free take `top_k` (defaults below).
+# expert_choice has no per-token k (experts choose): 1 here, capacity_factor routes per token on average.
+_FIXED_K: dict[str, int] = {"switch": 1, "gshard": 2, "expert_choice": 1}
+_DEFAULT_K = {"noisy_topk": 2, "aux_free": 1}
 
 
 class MoEConfig(_Strict):
@@ -28,7 +32,8 @@ class MoEConfig(_Strict):
     ep_size: int = Field(1, ge=1, description="expert-parallel group size (workers the experts are split over)")
     gate: GateName = Field("switch", description="routing: switch (top-1), gshard (top-2), noisy_topk (top-k)")
     top_k: int | None = Field(
-        None, ge=1, description="experts per token for gate=noisy_topk (default 2); switch is 1, gshard 2"
+        None, ge=1, description="experts per token for gate=noisy_topk (default 2) and aux_free (default 1); "
+        "switch is 1, gshard 2"
     )
     dropless: bool = Field(False, description="no expert capacity: every routed token is computed, none dropped")
     capacity_factor: float = Field(
@@ -69,6 +74,10 @@ class MoEConfig(_Strict):
     noise_epsilon: float = Field(
         0.01, ge=0, le=10, description="noisy_topk: floor added to the learned noise std softplus(x W_noise)"
     )
+    bias_update_rate: float = Field(
+        1e-3, ge=0, le=1,
+        description="aux_free: step of the per-expert balancing bias per training forward (DeepSeek-V3: 0.001)",
+    )
     dispatch: Literal["indexed", "deepspeed"] = Field(
         "indexed",
         description="token dispatch: indexed (sort by expert, compute routed tokens only) or deepspeed "
@@ -82,7 +91,9 @@ class MoEConfig(_Strict):
     @property
     def k(self) -> int:
         """Experts each token is routed to."""
-        return _FIXED_K.get(self.gate, self.top_k or _NOISY_TOPK_DEFAULT_K)
+        if self.gate in _FIXED_K:
+            return _FIXED_K[self.gate]
+        return self.top_k or _DEFAULT_K[self.gate]
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether transformer layer `index` (0-based) gets a MoE FFN.
@@ -134,7 +145,10 @@ class MoEConfig(_Strict):
         if self.enabled and self.num_experts % self.ep_size != 0:
             out.append(f"num_experts={self.num_experts} is not divisible by ep_size={self.ep_size}; "
                        "each expert-parallel rank must hold the same number of experts")
-        if self.top_k is not None and self.gate in _FIXED_K and self.top_k != _FIXED_K[self.gate]:
+        if self.top_k is not None and self.gate == "expert_choice":
+            out.append(f"top_k={self.top_k} does not apply to gate=expert_choice, where experts choose their "
+                       "tokens; capacity_factor sets the experts per token on average")
+        elif self.top_k is not None and self.gate in _FIXED_K and self.top_k != _FIXED_K[self.gate]:
             out.append(f"top_k={self.top_k} does not apply to gate={self.gate}, which routes to "
                        f"{_FIXED_K[self.gate]} expert(s); use gate=noisy_topk for another k")
         if self.enabled and self.gate == "gshard" and self.num_experts < 2:
@@ -144,6 +158,13 @@ class MoEConfig(_Strict):
             # Shazeer's load loss compares each expert with the (k+1)-th best one.
             out.append(f"gate=noisy_topk with top_k={self.k} needs num_experts > {self.k} "
                        f"(got num_experts={self.num_experts})")
+        if self.gate == "expert_choice" and self.dropless:
+            out.append("gate=expert_choice has a fixed capacity per expert (experts choose their tokens); "
+                       "dropless does not apply: raise capacity_factor instead")
+        if self.gate == "expert_choice" and self.dispatch != "indexed":
+            out.append("gate=expert_choice needs dispatch=indexed (DeepSpeed's dispatch takes a fixed k per token)")
+        if self.gate == "aux_free" and self.k > self.num_experts and self.enabled:
+            out.append(f"gate=aux_free with top_k={self.k} needs num_experts >= {self.k}")
         if self.noisy_gate_policy == "rsample" and self.gate != "switch":
             out.append(f"noisy_gate_policy=rsample (Gumbel top-1) applies to gate=switch only, not gate={self.gate}")
         if self.noisy_gate_policy != "none" and self.gate == "noisy_topk":

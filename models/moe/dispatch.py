@@ -1,29 +1,35 @@
 """Token dispatch: how routed tokens reach their experts and come back.
 
 Shapes: B batch, S tokens, N = B*S flattened tokens, D model dim, E experts, L local experts
-(E / ep_size), R routes that are dispatched (kept after capacity), K routes per token.
+(E / ep_size), K routes per token, R = K*N routes, M = R rows of the expert-sorted buffer.
 
-`indexed` (default) sorts the kept routes by expert and runs each expert on its contiguous slice,
-so compute and all-to-all volume follow the tokens actually routed (MegaBlocks, Gale et al. 2022,
-without its block-sparse kernels). DeepSpeed's `MOELayer` instead copies tokens into [E, C, D]
-buffers padded to capacity C and runs every expert on all C rows: its cost grows with the capacity
-factor whether or not the slots are used. With expert parallelism the indexed dispatch exchanges
-per-expert counts first, then uneven all-to-alls (`all_to_all_single` with split sizes).
+`indexed` (default) computes only the routed tokens (MegaBlocks, Gale et al. 2022, without its
+block-sparse kernels): the gate's slots already say where each kept route goes in an expert-sorted
+buffer (expert e's routes at rows start_e + slot, start_e = kept routes of the experts before e), so
+the buffer is filled by index arithmetic -- no sort, no host sync -- and the layer's experts run as
+one grouped matmul per projection over their row ranges (models/moe/experts.py). The buffer has a
+static size R; dropped routes sit past the kept rows and are not computed. DeepSpeed's `MOELayer`
+instead copies tokens into [E, C, D] buffers padded to capacity C and runs every expert on all C
+rows: its cost grows with the capacity factor whether or not the slots are used. With expert
+parallelism the indexed dispatch exchanges per-expert counts first (the layer's one host sync:
+all-to-all split sizes are host ints), then uneven all-to-alls (`all_to_all_single` with split sizes).
 
-`deepspeed` keeps DeepSpeed's `MOELayer` and only swaps its gate (for comparison and as a fallback).
-Either way the layer sits at `MoE.deepspeed_moe` with its experts at `.experts.deepspeed_experts.<i>`,
-the names DeepSpeed's engine and checkpoint code look for.
+`deepspeed` keeps DeepSpeed's `MOELayer` and swaps its gate and experts (the same stacked experts,
+run as a batched matmul over its buffers), for comparison and as a fallback. Either way the layer
+sits at `MoE.deepspeed_moe` with its experts at `.experts`, whose state dict keeps DeepSpeed's
+per-expert names (`.experts.deepspeed_experts.<i>.fc1.weight`) for its engine's checkpoint code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from models.moe.experts import StackedExperts
 from models.moe.gates import Gate
 from models.moe.routing import Routing
 
@@ -47,14 +53,45 @@ class _AllToAllV(torch.autograd.Function):
         return _AllToAllV.apply(grad.contiguous(), ctx.recv, ctx.send, ctx.group), None, None, None
 
 
+class DispatchPlan(NamedTuple):
+    """Where each route goes, computed with no sort and no host sync (module docstring)."""
+
+    dest_R: Tensor  # long: row of route r in the expert-sorted buffer (kept routes first, by expert)
+    src_M: Tensor  # long [M = R]: token whose hidden state fills each buffer row
+    ends_E: Tensor  # long: end row of each expert's rows (cumulative kept counts)
+    row_expert_M: Tensor  # long: expert of each buffer row (0 for the dropped rows past ends_E[-1])
+    route_M: Tensor  # long: route that fills each buffer row
+
+
+def plan_dispatch(r: Routing, rows: int | None = None) -> DispatchPlan:
+    """Expert-sorted buffer positions from the gate's slots: route (e, slot s) goes to row
+    start_e + s, where start_e = the kept routes of experts before e, so kept routes fill rows
+    [0, total) grouped by expert. `rows` (M, default R) is a static bound on the kept routes: with
+    M = R the dropped routes take the rows after `total`, in route order (dest_R is a permutation);
+    with M < R (expert choice: E x C of E x N) they all go to row M, which is cut off."""
+    K, N = r.expert_KN.shape
+    R = K * N
+    M = R if rows is None else rows
+    expert_R = r.expert_KN.reshape(-1)
+    kept_R = expert_R >= 0
+    ends_E = torch.cumsum(r.counts_E, 0)
+    starts_E = ends_E - r.counts_E
+    parked_R = ends_E[-1] + torch.cumsum(~kept_R, 0) - 1 if M == R else torch.full_like(expert_R, M)
+    dest_R = torch.where(kept_R, starts_E[expert_R.clamp(min=0)] + r.slot_KN.reshape(-1), parked_R)
+    # Rows no route fills (M < R) take route 0: their output is 0 (experts.grouped masks rows >= total).
+    route_M = torch.zeros(M + 1, dtype=torch.long, device=dest_R.device)
+    route_M = route_M.index_copy_(0, dest_R, torch.arange(R, device=dest_R.device))[:M]
+    return DispatchPlan(dest_R, route_M % N, ends_E, expert_R.clamp(min=0).index_select(0, route_M), route_M)
+
+
 class IndexedMoELayer(nn.Module):
     """Drop-in for DeepSpeed's `MOELayer` (same attributes: gate, experts, ep_group, l_aux, exp_counts)
     that computes only the routed tokens. `forward(x_BSD, used_N) -> y_BSD`; unrouted tokens get 0."""
 
-    def __init__(self, gate: Gate, experts: nn.Module, ep_size: int, num_local_experts: int) -> None:
+    def __init__(self, gate: Gate, experts: StackedExperts, ep_size: int, num_local_experts: int) -> None:
         super().__init__()
         self.gate = gate
-        self.experts = experts  # DeepSpeed's Experts: .deepspeed_experts is a ModuleList of L experts
+        self.experts = experts
         self.ep_size = ep_size
         self.num_local_experts = num_local_experts
         self.ep_group: Any = None
@@ -70,12 +107,17 @@ class IndexedMoELayer(nn.Module):
         x_ND = x.reshape(-1, D)
         r = self.gate.route(x_ND, used_token)
         self.l_aux, self.exp_counts = r.aux, r.counts_E
-        return _combine(x_ND, r, self._run).reshape(x.shape)
-
-    def _run(self, x_RD: Tensor, counts_E: Tensor, counts: list[int]) -> Tensor:
-        """Expert outputs for rows sorted by global expert id, `counts[e]` rows for expert e."""
+        plan = plan_dispatch(r, self.gate.buffer_rows(x_ND.shape[0]))
+        x_MD = x_ND.index_select(0, plan.src_M)
         if self.ep_size == 1:
-            return self._local(x_RD, counts)
+            y_MD = self.experts.grouped(x_MD, plan.ends_E, plan.row_expert_M)
+        else:
+            y_MD = self._exchange(x_MD, r.counts_E)
+        return _combine(y_MD, plan, r, x_ND).reshape(x.shape)
+
+    def _exchange(self, x_MD: Tensor, counts_E: Tensor) -> Tensor:
+        """Expert parallelism: the kept rows (sorted by global expert) to the ranks that hold their
+        experts, computed there, and back. Split sizes must be host ints: one sync per layer."""
         if self.ep_group is None:
             raise RuntimeError("ep_size > 1 needs the expert-parallel group: call deepspeed.initialize first")
         P, L = self.ep_size, self.num_local_experts
@@ -84,50 +126,43 @@ class IndexedMoELayer(nn.Module):
         dist.all_to_all_single(recv_PL, counts_E.contiguous(), group=self.ep_group)
         recv_PL = recv_PL.view(P, L)
         send, recv = counts_E.view(P, L).sum(1).tolist(), recv_PL.sum(1).tolist()
-        x_in = _AllToAllV.apply(x_RD, send, recv, self.ep_group)
+        total = sum(send)
+        x_in = _AllToAllV.apply(x_MD[:total], send, recv, self.ep_group)
         # Arrived grouped by (source rank, local expert): regroup by local expert, run, restore order.
         local_of_row = torch.repeat_interleave(
-            torch.arange(L, device=x_RD.device).repeat(P), recv_PL.reshape(-1), output_size=x_in.shape[0]
+            torch.arange(L, device=x_MD.device).repeat(P), recv_PL.reshape(-1), output_size=x_in.shape[0]
         )
         order = torch.argsort(local_of_row, stable=True)
-        y_sorted = self._local(x_in.index_select(0, order), recv_PL.sum(0).tolist())
+        y_sorted = self.experts.grouped(x_in.index_select(0, order), torch.cumsum(recv_PL.sum(0), 0),
+                                        local_of_row.index_select(0, order))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        return _AllToAllV.apply(y_sorted.index_select(0, inverse), recv, send, self.ep_group)
-
-    def _local(self, x_RD: Tensor, counts: list[int]) -> Tensor:
-        outs = []
-        # Every expert runs, on zero rows if none were routed to it, so all expert parameters get a
-        # gradient each step (DeepSpeed's ZeRO bookkeeping expects one).
-        for chunk, expert in zip(x_RD.split(counts), self.experts.deepspeed_experts, strict=True):
-            out = expert(chunk)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(outs)
+        y_kept = _AllToAllV.apply(y_sorted.index_select(0, inverse), recv, send, self.ep_group)
+        return torch.cat([y_kept, y_kept.new_zeros((x_MD.shape[0] - total, x_MD.shape[1]))])
 
 
-def _combine(x_ND: Tensor, r: Routing, run: Callable[[Tensor, Tensor, list[int]], Tensor]) -> Tensor:
-    """Gather kept routes sorted by expert, run them, add gate * output back into their tokens."""
+def _combine(y_MD: Tensor, plan: DispatchPlan, r: Routing, x_ND: Tensor) -> Tensor:
+    """Each token's sum of gate * expert output over its kept routes (0 for a token with none)."""
     K, N = r.expert_KN.shape
-    expert_R = r.expert_KN.reshape(-1)
-    counts = r.counts_E.tolist()  # the one device-to-host sync: chunk sizes must be host ints
-    # Stable sort by expert puts not-dispatched routes (-1) first; cut them off by count.
-    order = torch.argsort(expert_R, stable=True)[expert_R.numel() - sum(counts):]
-    token_R = order % N  # routes are k-major: route index k*N + n is token n
-    gate_R = r.gate_KN.reshape(-1).index_select(0, order)
-    y_RD = run(x_ND.index_select(0, token_R), r.counts_E, counts)
-    # Weighted sum in fp32 (as DeepSpeed's _sparse_decode): bf16 sums over routes lose precision.
+    gate_R = r.gate_KN.reshape(-1)  # 0 for dropped routes
+    if K == 1 and y_MD.shape[0] == N:  # one route per token, buffer = a permutation: gather, no sum
+        y_RD = y_MD.index_select(0, plan.dest_R)  # back to route order; a dropped route's row is 0
+        return (y_RD * gate_R.to(y_RD.dtype)[:, None]).to(x_ND.dtype)
+    # Weighted sum over each token's buffer rows, in fp32 (as DeepSpeed's _sparse_decode: bf16 sums
+    # over routes lose precision); rows no kept route fills hold 0.
+    contrib_MD = y_MD.float() * gate_R.index_select(0, plan.route_M)[:, None]
     out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
-    out = out.index_add(0, token_R, y_RD.float() * gate_R[:, None])
-    return out.to(x_ND.dtype)
+    return out.index_add_(0, plan.src_M, contrib_MD).to(x_ND.dtype)
 
 
 def _indexed(layer: MoE, gate: Gate) -> None:
     old = layer.deepspeed_moe
-    layer.deepspeed_moe = IndexedMoELayer(gate, old.experts, old.ep_size, old.num_local_experts)
+    layer.deepspeed_moe = IndexedMoELayer(gate, StackedExperts.of(old.experts), old.ep_size, old.num_local_experts)
 
 
 def _deepspeed(layer: MoE, gate: Gate) -> None:
     layer.deepspeed_moe.gate = gate
+    layer.deepspeed_moe.experts = StackedExperts.of(layer.deepspeed_moe.experts)
 
 
 # dispatch name -> installs a gate (and dispatch) into a freshly built DeepSpeed MoE layer.

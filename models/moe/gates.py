@@ -1,5 +1,9 @@
 """Routing gates: gate name -> a module with DeepSpeed TopKGate's interface.
 
+    switch, gshard, noisy_topk   token choice (each token picks its experts; capacity drops)
+    expert_choice                each expert picks its tokens (Zhou et al. 2022)
+    aux_free                     token choice balanced by a per-expert bias, no aux loss (DeepSeek-V3)
+
 Shapes: N tokens (flattened batch), D model dim, E experts, K experts per token.
 
 Every gate computes its router in fp32 (Switch "selective precision") and returns a `Routing`
@@ -21,6 +25,7 @@ Differences from DeepSpeed's gates, on purpose:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -35,10 +40,13 @@ from models.moe.routing import (
     cv_squared,
     finish,
     normal_cdf,
+    router_entropy,
     router_logits,
     softmax_and_lse,
     switch_balance_loss,
+    z_loss,
 )
+from models.recompute import recomputing
 
 
 class Gate(nn.Module):
@@ -82,6 +90,10 @@ class Gate(nn.Module):
                 ) -> tuple[Tensor, Tensor, Tensor]:
         """-> (expert_KN with NO_EXPERT for routes not dispatched, gate_KN fp32, unweighted balancing loss)."""
         raise NotImplementedError
+
+    def buffer_rows(self, num_tokens: int) -> int:
+        """A static bound on the routes dispatched for `num_tokens` tokens (the dispatch buffer's rows)."""
+        return self.k * num_tokens
 
     def route(self, x_ND: Tensor, used_N: Tensor | None = None) -> Routing:
         if used_N is None:
@@ -190,4 +202,83 @@ class NoisyTopKGate(Gate):
         return expert_NK.t(), gate_NK.t(), cv_squared(importance_E) + cv_squared(load_E)
 
 
-MOE_GATES: dict[str, type[Gate]] = {"switch": SwitchGate, "gshard": GShardGate, "noisy_topk": NoisyTopKGate}
+class ExpertChoiceGate(Gate):
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by router probability
+    (softmax over experts), C = ceil(capacity_factor * N / E) -- capacity_factor is the paper's c,
+    the experts a token gets on average (paper: 2). Balanced by construction: no balancing loss, no
+    route is ever over capacity; a token may get several experts or none (`skipped_N`). Padding is
+    never taken ahead of a real token; C counts the padded length, so it is a host int (no sync).
+    Looks across the batch: not for autoregressive decoding (a token's routing depends on later ones).
+    Routing rows: K = E (row e = expert e's picks)."""
+
+    def capacity_for(self, num_tokens: int) -> int:
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return max(1, min(num_tokens, max(self.min_capacity, math.ceil(factor * num_tokens / self.num_experts))))
+
+    def buffer_rows(self, num_tokens: int) -> int:
+        return self.num_experts * self.capacity_for(num_tokens)
+
+    def route(self, x_ND: Tensor, used_N: Tensor | None = None) -> Routing:
+        N, E = x_ND.shape[0], self.num_experts
+        used_N = torch.ones(N, dtype=torch.bool, device=x_ND.device) if used_N is None else used_N.reshape(-1).bool()
+        logits_NE = router_logits(self._router_input(x_ND), self.wg.weight)
+        probs_NE, lse_N = softmax_and_lse(logits_NE)
+        C = self.capacity_for(N)
+        # Real tokens score >= 0, padding -1: an expert takes padding only once it has no real token left.
+        score_EN = torch.where(used_N[None, :], probs_NE.t(), -1.0)
+        _, token_EC = score_EN.detach().topk(C, dim=1)
+        kept_EC = used_N[token_EC]
+        experts_EC = torch.arange(E, device=x_ND.device)[:, None].expand(E, C)
+        expert_KN = torch.full((E, N), NO_EXPERT, dtype=torch.long, device=x_ND.device)
+        expert_KN.scatter_(1, token_EC, torch.where(kept_EC, experts_EC, NO_EXPERT))
+        slot_KN = torch.zeros_like(expert_KN).scatter_(
+            1, token_EC, torch.arange(C, device=x_ND.device).expand(E, C).contiguous())
+        gate_KN = torch.where(expert_KN >= 0, probs_NE.t(), torch.zeros_like(probs_NE.t()))
+        counts_E = kept_EC.sum(1)
+        z = z_loss(lse_N, used_N)
+        routing = Routing(
+            expert_KN=expert_KN, gate_KN=gate_KN, slot_KN=torch.where(expert_KN >= 0, slot_KN, 0),
+            capacity=torch.tensor(C, device=x_ND.device), counts_E=counts_E, wanted_E=counts_E,
+            aux=self.z_loss_weight * z, losses={"aux": torch.zeros_like(z), "z_loss": z},
+            entropy=router_entropy(probs_NE.detach(), used_N), tokens=used_N.sum(), used_N=used_N,
+        )
+        self.last_routing = routing
+        return routing
+
+
+class AuxFreeGate(Gate):
+    """Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3 §2.1.2): sigmoid affinities
+    s = sigmoid(x W); the top-k experts are chosen by s + b, with b a per-expert bias that no gradient
+    touches, while the combine weights use s alone (normalised over the chosen k when k > 1, as
+    DeepSeek-V3; for k = 1 the raw s, so the router still learns from the output). After every
+    training forward b_e += rate * sign(mean load - load_e), the load counted over all data-parallel
+    ranks (one all-reduce of E counts), so every rank keeps the same bias. No balancing loss."""
+
+    def __init__(self, hidden_size: int, moe: MoEConfig) -> None:
+        super().__init__(hidden_size, moe)
+        self.bias_update_rate = moe.bias_update_rate
+        # Not named "expert...": DeepSpeed's checkpoint code sends every such key to the expert files.
+        self.register_buffer("balance_bias", torch.zeros(moe.num_experts))
+
+    def _choose(self, x_ND: Tensor, logits_NE: Tensor, probs_NE: Tensor, used_N: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        scores_NE = torch.sigmoid(logits_NE)
+        _, expert_NK = (scores_NE.detach() + self.balance_bias.float()).topk(self.k, dim=-1)
+        gate_NK = scores_NE.gather(1, expert_NK)
+        if self.k > 1:
+            gate_NK = gate_NK / gate_NK.sum(-1, keepdim=True).clamp(min=1e-20)
+        return expert_NK.t(), gate_NK.t(), logits_NE.new_zeros(())
+
+    def route(self, x_ND: Tensor, used_N: Tensor | None = None) -> Routing:
+        routing = super().route(x_ND, used_N)
+        if self.training and self.bias_update_rate > 0 and not recomputing():
+            load_E = routing.wanted_E.float()
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(load_E)
+            with torch.no_grad():
+                self.balance_bias.add_(self.bias_update_rate * torch.sign(load_E.mean() - load_E))
+        return routing
+
+
+MOE_GATES: dict[str, type[Gate]] = {"switch": SwitchGate, "gshard": GShardGate, "noisy_topk": NoisyTopKGate,
+                                    "expert_choice": ExpertChoiceGate, "aux_free": AuxFreeGate}

@@ -22,6 +22,7 @@ the dispatch (models/moe/dispatch.py). Things the rest of the system relies on:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from models.ffn import FeedForward, ffn_size
@@ -72,7 +73,10 @@ class MoEFFN(nn.Module):
         # Not a second registered submodule: that would put the router twice in the state dict.
         return self.moe.deepspeed_moe.gate
 
-    def forward(self, x_BSD: Tensor, mask_BS: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x_BSD: Tensor, mask_BS: Tensor, modality: int | Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """`modality`: the tokens' modality for the stats (stats.TEXT / IMAGE, or long [S] per
+        position); None = not known."""
         used_N = mask_BS.reshape(-1).bool()  # DeepSpeed flattens x to [N, D] in the same row order
         self.gate.last_routing = None
         y_BSD, _, _ = self.moe(x_BSD, used_N)
@@ -82,7 +86,7 @@ class MoEFFN(nn.Module):
         self.gate.last_routing = None
         if recomputing():  # activation checkpointing's second forward: already counted
             return y_BSD, r.aux, r.counts_E
-        self.last_stats = MoEStats.of(r)
+        self.last_stats = MoEStats.of(r, _per_token(modality, x_BSD.shape[:2], x_BSD.device))
         if self.training:
             self._window = self.last_stats if self._window is None else self._window + self.last_stats
             self._window_n += 1
@@ -96,3 +100,13 @@ class MoEFFN(nn.Module):
         if reset:
             self._window, self._window_n = None, 0
         return out
+
+
+def _per_token(modality: int | Tensor | None, shape: tuple[int, int], device: torch.device) -> Tensor | None:
+    """long [B*S] modality of each flattened token, from one code or a [S] per-position code."""
+    if modality is None:
+        return None
+    B, S = shape
+    if isinstance(modality, int):
+        return torch.full((B * S,), modality, dtype=torch.long, device=device)
+    return modality.to(device=device, dtype=torch.long).expand(B, S).reshape(-1)

@@ -36,6 +36,10 @@ class Routing:
     losses     {name: fp32 []} unweighted terms: "aux" (balancing loss), "z_loss"
     entropy    fp32 []      mean router entropy over real tokens (nats), detached
     tokens     long []      real (unpadded) tokens routed
+    used_N     bool [N]     real (unpadded) tokens
+
+    Token-choice gates have K = experts per token. Expert choice (Zhou et al. 2022) has K = E: row e
+    holds expert e's picks (route (e, n) = expert e takes token n), so a token may get 0..E routes.
     """
 
     expert_KN: Tensor
@@ -48,6 +52,12 @@ class Routing:
     losses: dict[str, Tensor]
     entropy: Tensor
     tokens: Tensor
+    used_N: Tensor
+
+    @property
+    def skipped_N(self) -> Tensor:
+        """bool [N]: real tokens that no expert processes (they pass the layer on the residual only)."""
+        return self.used_N & (self.expert_KN < 0).all(0)
 
 
 def router_logits(x_ND: Tensor, weight_ED: Tensor) -> Tensor:
@@ -197,6 +207,7 @@ def finish(
         losses={"aux": balance, "z_loss": z},
         entropy=router_entropy(probs_NE.detach(), used_N),
         tokens=tokens,
+        used_N=used_N,
     )
 
 

@@ -15,7 +15,13 @@ forwards since the previous call (several views or micro-batches of one step):
                            1.0 when balanced; noisy_topk: CV^2(importance) + CV^2(load), 0 when balanced)
     moe/layer{i}/z_loss    float: router z-loss mean(logsumexp(logits)^2), unweighted (always computed)
     moe/layer{i}/entropy   float: mean router entropy over real tokens, nats (ln E = uniform router)
+    moe/layer{i}/skipped_text, skipped_image
+                           float: share of the layer's real text / image tokens that no expert
+                           processed (they pass on the residual only: Switch's "dropped tokens"; for
+                           top-1 gates the same as `dropped`, for expert choice the only kind of drop);
+                           present once the encoder has told the layer its tokens' modality
     moe/dropped            float: mean of moe/layer{i}/dropped over the layers
+    moe/skipped_text, moe/skipped_image   float: the same over all layers' tokens
 
 The loss that training adds is the weighted one (`moe.aux_loss_weight * aux + moe.z_loss_weight *
 z_loss`), which each MoEFFN returns from its forward. A train loop averages these values over its
@@ -33,6 +39,9 @@ from torch import Tensor, nn
 from models.moe.routing import Routing
 
 PREFIX = "moe/"
+# Token modalities the encoders tell their MoE layers (MoETally.modality): index = the code.
+MODALITIES = ("text", "image")
+TEXT, IMAGE = 0, 1
 
 
 def layer_key(index: int, name: str) -> str:
@@ -43,7 +52,8 @@ def layer_key(index: int, name: str) -> str:
 class MoEStats:
     """Detached stats of one forward (or a sum of several, inside MoEFFN's accumulator).
 
-    load_E [E] fp32 (fractions), dropped/aux/z_loss/entropy/tokens fp32 scalars.
+    load_E [E] fp32 (fractions), dropped/aux/z_loss/entropy/tokens fp32 scalars; skipped_M / seen_M
+    [2] fp32 counts of real tokens skipped / seen, by modality (text, image).
     """
 
     load_E: Tensor
@@ -52,12 +62,19 @@ class MoEStats:
     z_loss: Tensor
     entropy: Tensor
     tokens: Tensor
+    skipped_M: Tensor
+    seen_M: Tensor
 
     @classmethod
-    def of(cls, r: Routing) -> MoEStats:
+    def of(cls, r: Routing, modality_N: Tensor | None = None) -> MoEStats:
+        """`modality_N` long [N] (0 text, 1 image) of the routed tokens; None = not known."""
         wanted = r.wanted_E.float()
         total = wanted.sum()
         kept = r.counts_E.sum().float()
+        skipped_M = seen_M = torch.zeros(2, device=wanted.device)
+        if modality_N is not None:
+            skipped_M = torch.zeros(2, device=wanted.device).index_add_(0, modality_N, r.skipped_N.float())
+            seen_M = torch.zeros(2, device=wanted.device).index_add_(0, modality_N, r.used_N.float())
         return cls(
             load_E=wanted / total.clamp(min=1),
             dropped=torch.where(total > 0, 1.0 - kept / total.clamp(min=1), torch.zeros_like(total)),
@@ -65,6 +82,8 @@ class MoEStats:
             z_loss=r.losses["z_loss"].detach().float(),
             entropy=r.entropy.detach().float(),
             tokens=r.tokens.detach().float(),
+            skipped_M=skipped_M,
+            seen_M=seen_M,
         )
 
     def __add__(self, other: MoEStats) -> MoEStats:
@@ -88,16 +107,26 @@ def collect_stats(module: nn.Module, reset: bool = True) -> dict[str, float | li
     present = [(i, s) for i, s in enumerate(per_layer) if s is not None]
     if not present:
         return {}
-    flat = torch.cat([torch.cat([s.load_E, torch.stack([s.dropped, s.aux, s.z_loss, s.entropy])])
-                      for _, s in present]).tolist()
+    flat = torch.cat([torch.cat([s.load_E, torch.stack([s.dropped, s.aux, s.z_loss, s.entropy]), s.skipped_M,
+                                 s.seen_M]) for _, s in present]).tolist()
     out: dict[str, float | list[float]] = {}
     pos = 0
+    skipped, seen = [0.0, 0.0], [0.0, 0.0]
     for i, s in present:
         E = s.load_E.numel()
         out[layer_key(i, "load")] = flat[pos:pos + E]
         for j, name in enumerate(("dropped", "aux", "z_loss", "entropy")):
             out[layer_key(i, name)] = flat[pos + E + j]
-        pos += E + 4
+        for m, modality in enumerate(MODALITIES):
+            layer_skipped, layer_seen = flat[pos + E + 4 + m], flat[pos + E + 6 + m]
+            if layer_seen > 0:
+                out[layer_key(i, f"skipped_{modality}")] = layer_skipped / layer_seen
+            skipped[m] += layer_skipped
+            seen[m] += layer_seen
+        pos += E + 8
     dropped = [out[layer_key(i, "dropped")] for i, _ in present]
     out[f"{PREFIX}dropped"] = sum(dropped) / len(dropped)  # type: ignore[arg-type]
+    for m, modality in enumerate(MODALITIES):
+        if seen[m] > 0:
+            out[f"{PREFIX}skipped_{modality}"] = skipped[m] / seen[m]
     return out

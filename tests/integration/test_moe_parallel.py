@@ -101,6 +101,7 @@ def _run(moe: nn.Module, x: Tensor, mask: Tensor, seed: int) -> tuple[Tensor, Te
 
 def _equivalence(rank: int, out: str) -> None:
     from models.moe import MoEFFN
+    from models.moe.experts import split_stacked
 
     report: dict[str, Any] = {}
     for name, overrides in CASES.items():
@@ -121,7 +122,7 @@ def _equivalence(rank: int, out: str) -> None:
 
         x, mask = _inputs(rank)
         y, gx, counts = _run(par, x, mask, STEP_SEED + rank)
-        par_grads = {n: p.grad for n, p in par.named_parameters()}
+        par_grads = split_stacked({n: p.grad for n, p in par.named_parameters()})
 
         # Reference: ep_size 1 on each rank's data. An expert's gradient on its owner sums the
         # contributions of both ranks' tokens; the router's gradient comes from local tokens only.
@@ -129,11 +130,11 @@ def _equivalence(rank: int, out: str) -> None:
         for r in range(WORLD):
             ref.zero_grad(set_to_none=True)
             ry, rgx, rcounts = _run(ref, *_inputs(r), STEP_SEED + r)
-            for n, p in ref.named_parameters():
+            for n, g in split_stacked({n: p.grad for n, p in ref.named_parameters()}).items():
                 if ".deepspeed_experts." in n:
-                    ref_grads[n] = ref_grads.get(n, 0) + p.grad
+                    ref_grads[n] = ref_grads.get(n, 0) + g
                 elif r == rank:
-                    ref_grads[n] = p.grad.clone()
+                    ref_grads[n] = g.clone()
             if r == rank:
                 ref_y, ref_gx, ref_counts = ry, rgx, rcounts
         local_ref_grads = {}
@@ -199,16 +200,18 @@ def _experts(engine: Any) -> dict[str, Tensor]:
 
 
 def _save(rank: int, out: str) -> None:
+    from models.moe.experts import split_stacked
+
     engine = _engine(seed=1, rank=rank, lr=1.0)
     before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     x, mask = _inputs(rank)
     # this rank's own autograd gradients (ZeRO-2 moves .grad into its buffers, so take them apart)
     names, params = zip(*engine.module.named_parameters(), strict=True)
-    local_grads = dict(zip(names, torch.autograd.grad(engine.module(x, mask), params), strict=True))
+    local_grads = split_stacked(dict(zip(names, torch.autograd.grad(engine.module(x, mask), params), strict=True)))
     engine.backward(engine(x, mask))
     engine.step()
     # SGD with lr 1: the update is minus the gradient DeepSpeed reduced
-    update = {n: before[n] - p.detach() for n, p in engine.module.named_parameters()}
+    update = split_stacked({n: before[n] - p.detach() for n, p in engine.module.named_parameters()})
     torch.save({"local_grads": local_grads, "update": update}, Path(out, f"step_{rank}.pt"))
     engine.save_checkpoint(str(Path(out, "ckpt")), tag="t")
     torch.save(_experts(engine), Path(out, f"experts_{rank}.pt"))

@@ -148,8 +148,8 @@ def test_mlm_decoder_is_tied_to_word_embeddings() -> None:
 
 def test_experts_start_different() -> None:
     model = build(moe_cfg())
-    experts = model.encoder.layers[1].ffn.moe.deepspeed_moe.experts.deepspeed_experts
-    assert not torch.equal(experts[0].fc1.weight, experts[1].fc1.weight)
+    experts = model.encoder.layers[1].ffn.moe.deepspeed_moe.experts
+    assert not torch.equal(experts.fc1_weight[0], experts.fc1_weight[1])
 
 
 def test_given_generator_makes_the_step_reproducible() -> None:

@@ -64,7 +64,7 @@ def test_layer_problems_against_the_model_depth() -> None:
         (["moe.layers=[1, 1]"], "moe: layers=[1, 1] repeats an index; list each layer once"),
         (["moe.layers=[-1]"], "moe.layers = [-1]: must be 'all', 'every_other', or a list of layer indices "
                               "(integers >= 0)"),
-        (["moe.gate=topk"], "moe.gate = 'topk': Input should be 'switch', 'gshard' or 'noisy_topk'"),
+        (["moe.gate=topk"], "moe.gate = 'topk': Input should be 'switch', 'gshard', 'noisy_topk', 'expert_choice' or 'aux_free'"),
         (["moe.capacity_factor=0"], "moe.capacity_factor = 0: Input should be greater than 0"),
         (["moe.router_jitter=1.5"], "moe.router_jitter = 1.5: Input should be less than 1"),
         (["moe.dispatch=tutel"], "moe.dispatch = 'tutel': Input should be 'indexed' or 'deepspeed'"),
