@@ -1,41 +1,45 @@
-"""MoE layer speed against a FLOP-matched dense FFN, and dropped tokens on shapes-world batches.
+"""MoE cost as the number of experts grows, old dispatch vs new, and routing on shapes-world images.
 
-Side by side in one run, for top-1 at capacity factor 1.0 / 1.25 / 2.0, top-1 dropless, top-2
-(GShard) and noisy top-2:
-1. ep_size 1, one process, one thread: tokens/s of the MoE layer (forward + backward) divided by
-   tokens/s of a dense FFN with the same FLOPs per token (top-2: a dense FFN twice as wide), for our
-   layer (indexed dispatch) and DeepSpeed's stock layer (TopKGate + MOELayer), measured in
-   alternating rounds in CPU time of the thread (other processes on a shared machine do not count);
-   the ratio is the median over rounds of dense time / MoE time, with its quartiles.
-2. ep_size 2 across two processes (gloo on 127.0.0.1, one thread each): the same ratio in wall
-   time of the slower rank, every rank holding E/2 experts and its own tokens.
-3. Dropped-token fraction on shapes-world batches: the quickstart model trained a few steps per
-   routing, first and last steps; DeepSpeed's gate on the same router logits as the baseline.
+Side by side in one run:
 
-    .venv/bin/python benchmarks/moe.py [--tokens 4096] [--hidden 256] [--ffn 1024] [--experts 8]
-                                       [--rounds 15] [--skip-ep2] [--skip-shapes]
+1. ep_size 1, one process, one thread, at the model's shapes (quickstart: D 128, F 256, a micro-batch
+   of ~2k tokens) for E in {4, 16, 64, 256}: tokens/s of the MoE layer (forward + backward) over
+   tokens/s of a dense FFN with the same FLOPs per token (top-2: a dense FFN twice as wide), for
+   - old: the previous indexed dispatch (a Python loop over DeepSpeed's per-expert modules, two
+     sorts per layer, an fp32 combine buffer, a host sync), kept in this file as it was;
+   - new: stacked expert weights, one grouped GEMM per projection, the dispatch buffer filled from
+     the gate's slots (no sort, no sync);
+   - DeepSpeed's stock layer (TopKGate + MOELayer, capacity-padded buffers).
+   Only computed tokens count: a dropped route is not throughput, so a capacity row's ratio is
+   (kept routes / k) / time against the dense FFN's tokens / time, and its `dropped` column says how
+   many routes were dropped. CPU time of the thread, rounds alternated, median of per-round ratios.
+2. ep_size 2 across two processes (gloo on 127.0.0.1, one thread each): the same ratio (new layer) in
+   wall time of the slower rank.
+3. Routing on shapes-world batches (quickstart model, same batches, same seed and steps for every
+   routing): share of real text and image tokens that no expert processed (step 1 and the last
+   steps), and the loss; for Switch top-1 at capacity factor 1.25, expert choice (capacity factor
+   1.0: the same expert compute as top-1), auxiliary-loss-free bias balancing (top-1, cf 1.25) and
+   dropless top-1.
+
+    .venv/bin/python -m benchmarks.moe [--tokens 2048] [--experts 4 16 64 256] [--rounds 12]
+                                       [--skip-ep2] [--skip-shapes]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# `python benchmarks/moe.py` puts benchmarks/ first on sys.path, where benchmarks/models.py would
-# shadow the `models` package (here and in the spawned ep_size-2 processes, which re-run this file).
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -43,6 +47,7 @@ from torch import Tensor, nn  # noqa: E402
 from models.ffn import FeedForward  # noqa: E402
 from models.moe import MoEFFN, collect_stats  # noqa: E402
 from models.moe.config import MoEConfig  # noqa: E402
+from models.moe.routing import Routing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,41 +61,62 @@ class Row:
 
 
 ROWS = [
-    Row("top-1 switch, cf 1.0", dict(gate="switch", capacity_factor=1.0), dict(k=1, capacity_factor=1.0)),
     Row("top-1 switch, cf 1.25", dict(gate="switch", capacity_factor=1.25), dict(k=1, capacity_factor=1.25)),
-    Row("top-1 switch, cf 2.0", dict(gate="switch", capacity_factor=2.0), dict(k=1, capacity_factor=2.0)),
     Row("top-1 switch, dropless", dict(gate="switch", dropless=True), dict(k=1, drop_tokens=False)),
-    Row("top-2 gshard (2nd always), cf 1.25", dict(gate="gshard", capacity_factor=1.25,
-                                                  second_expert_policy="all"),
+    Row("top-2 gshard (2nd always), cf 1.25", dict(gate="gshard", capacity_factor=1.25, second_expert_policy="all"),
         dict(k=2, capacity_factor=1.25), k=2),
-    Row("top-2 gshard (random 2nd), cf 1.25", dict(gate="gshard", capacity_factor=1.25),
-        dict(k=2, capacity_factor=1.25), k=2),
-    Row("noisy top-2, dropless", dict(gate="noisy_topk", top_k=2, dropless=True), None, k=2),
 ]
 
 
-@dataclass
-class Layers:
-    dense: nn.Module
-    ours: MoEFFN
-    stock: nn.Module | None
-    stock_routes: list[Tensor] = field(default_factory=list)
+# -- the old indexed dispatch, as it was before the grouped GEMM (models/moe/dispatch.py @ d011efc) ----
 
 
-def build(row: Row, D: int, F: int, E: int, ep_size: int) -> Layers:
-    from deepspeed.moe.layer import MoE
+class OldIndexedLayer(nn.Module):
+    """The previous IndexedMoELayer on the same gate and the same expert weights: sort the kept routes
+    by expert (a second sort after the gate's), read the counts on the host, run each expert's module
+    on its slice in a Python loop, add gate * output into an fp32 buffer."""
 
-    torch.manual_seed(0)
-    ours = MoEFFN(D, MoEConfig(num_experts=E, ep_size=ep_size, min_capacity=0, **row.ours), expert_hidden_size=F)
-    stock = None
-    if row.deepspeed is not None:
-        stock = MoE(D, FeedForward(D, F), num_experts=E, ep_size=ep_size, min_capacity=0,
-                    eval_capacity_factor=row.deepspeed.get("capacity_factor", 1.0), **row.deepspeed)
-    layers = Layers(FeedForward(D, row.k * F), ours, stock)
-    if stock is not None:
-        # post-capacity routes (expert -1 = dropped) for the dropped-token fraction
-        stock.deepspeed_moe.gate.register_forward_hook(lambda m, a, out: layers.stock_routes.append(out[3]))
-    return layers
+    def __init__(self, new: MoEFFN) -> None:
+        super().__init__()
+        from deepspeed.moe.experts import Experts
+
+        stacked = new.moe.deepspeed_moe.experts
+        L, Fh, D = stacked.fc1_weight.shape
+        self.gate = new.gate
+        self.experts = Experts(FeedForward(D, Fh), L)
+        with torch.no_grad():
+            for i, e in enumerate(self.experts.deepspeed_experts):
+                e.fc1.weight.copy_(stacked.fc1_weight[i])
+                e.fc1.bias.copy_(stacked.fc1_bias[i])
+                e.fc2.weight.copy_(stacked.fc2_weight[i])
+                e.fc2.bias.copy_(stacked.fc2_bias[i])
+
+    def forward(self, x_BSD: Tensor, mask_BS: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x_ND = x_BSD.reshape(-1, x_BSD.shape[-1])
+        r = self.gate.route(x_ND, mask_BS.reshape(-1).bool())
+        return self._combine(x_ND, r).reshape(x_BSD.shape), r.aux, r.counts_E
+
+    def _local(self, x_RD: Tensor, counts: list[int]) -> Tensor:
+        outs = []
+        for chunk, expert in zip(x_RD.split(counts), self.experts.deepspeed_experts, strict=True):
+            out = expert(chunk)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outs)
+
+    def _combine(self, x_ND: Tensor, r: Routing) -> Tensor:
+        K, N = r.expert_KN.shape
+        expert_R = r.expert_KN.reshape(-1)
+        counts = r.counts_E.tolist()
+        order = torch.argsort(expert_R, stable=True)[expert_R.numel() - sum(counts):]
+        token_R = order % N
+        gate_R = r.gate_KN.reshape(-1).index_select(0, order)
+        y_RD = self._local(x_ND.index_select(0, token_R), counts)
+        out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
+        out = out.index_add(0, token_R, y_RD.float() * gate_R[:, None])
+        return out.to(x_ND.dtype)
+
+
+# -- measuring -----------------------------------------------------------------------------------
 
 
 def step_fn(module: nn.Module, kind: str, x_BSD: Tensor, mask_BS: Tensor) -> Callable[[], None]:
@@ -101,11 +127,11 @@ def step_fn(module: nn.Module, kind: str, x_BSD: Tensor, mask_BS: Tensor) -> Cal
             p.grad = None
         if kind == "dense":
             loss = module(x_BSD).sum()
-        elif kind == "ours":
-            y, aux, _ = module(x_BSD, mask_BS)
+        elif kind == "stock":
+            y, aux, _ = module(x_BSD)
             loss = y.sum() + aux
         else:
-            y, aux, _ = module(x_BSD)
+            y, aux, _ = module(x_BSD, mask_BS)
             loss = y.sum() + aux
         loss.backward()
 
@@ -126,78 +152,98 @@ def measure(steps: dict[str, Callable[[], None]], rounds: int, clock: Callable[[
     return times
 
 
-def ratios(times: dict[str, list[float]], name: str) -> tuple[float, float, float]:
-    """Median and quartiles over rounds of (dense time / MoE time), each round's pair measured back to
-    back: slow drifts of the machine's load cancel within a pair."""
-    paired = sorted(d / m for d, m in zip(times["dense"], times[name], strict=True))
-    q1, med, q3 = statistics.quantiles(paired, n=4)
+def _ratio(times: dict[str, list[float]], name: str, kept_share: float) -> tuple[float, float, float]:
+    """Median and quartiles over rounds of (dense time / MoE time) x kept share of the routes."""
+    paired = sorted(kept_share * d / m for d, m in zip(times["dense"], times[name], strict=True))
+    q1, med, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
     return med, q1, q3
 
 
-def dropped_stock(routes: list[Tensor]) -> float:
-    if not routes:
-        return float("nan")
-    r = routes[-1]
-    return float((r < 0).float().mean())
+def _kept_share(counts: Tensor, real_tokens: int, k: int) -> float:
+    return float(counts.sum()) / (k * real_tokens)
 
 
-def layer_figures(row: Row, layers: Layers, x: Tensor, mask: Tensor, rounds: int, clock: Callable[[], float],
-                  sync: Callable[[float], float] = lambda t: t) -> dict[str, Any]:
-    steps = {"dense": step_fn(layers.dense, "dense", x, mask), "ours": step_fn(layers.ours, "ours", x, mask)}
-    if layers.stock is not None:
-        steps["stock"] = step_fn(layers.stock, "stock", x, mask)
+def build(row: Row, D: int, F: int, E: int, ep_size: int, with_old: bool = True) -> dict[str, nn.Module]:
+    from deepspeed.moe.layer import MoE
+
+    torch.manual_seed(0)
+    new = MoEFFN(D, MoEConfig(num_experts=E, ep_size=ep_size, min_capacity=0, **row.ours), expert_hidden_size=F)
+    layers: dict[str, nn.Module] = {"dense": FeedForward(D, row.k * F), "new": new}
+    if with_old:
+        layers["old"] = OldIndexedLayer(new)
+    if row.deepspeed is not None:
+        layers["stock"] = MoE(D, FeedForward(D, F), num_experts=E, ep_size=ep_size, min_capacity=0,
+                              eval_capacity_factor=row.deepspeed.get("capacity_factor", 1.0), **row.deepspeed)
+    return layers
+
+
+def layer_figures(row: Row, layers: dict[str, nn.Module], x: Tensor, mask: Tensor, rounds: int,
+                  clock: Callable[[], float], sync: Callable[[float], float] = lambda t: t) -> dict[str, Any]:
+    stock_routes: list[Tensor] = []
+    if "stock" in layers:  # post-capacity routes (expert -1 = dropped)
+        layers["stock"].deepspeed_moe.gate.register_forward_hook(lambda m, a, out: stock_routes.append(out[3]))
+    steps = {name: step_fn(module, name if name in ("dense", "stock") else "ours", x, mask)
+             for name, module in layers.items()}
     times = measure(steps, rounds, clock, sync)
-    N = x.shape[0] * x.shape[1]
-    out: dict[str, Any] = {"dense_tps": N / statistics.median(times["dense"])}
-    for name in steps:
-        if name != "dense":
-            out[f"{name}_tps"] = N / statistics.median(times[name])
-            out[f"{name}_ratio"], out[f"{name}_q1"], out[f"{name}_q3"] = ratios(times, name)
-    out["ours_dropped"] = float(layers.ours.last_stats.dropped)
-    out["stock_dropped"] = dropped_stock(layers.stock_routes)
+    N = int(mask.sum())
+    new_counts = layers["new"].last_stats
+    kept_new = 1.0 - float(new_counts.dropped)
+    out: dict[str, Any] = {"dense_tps": N / statistics.median(times["dense"]), "new_dropped": 1 - kept_new}
+    for name in layers:
+        if name == "dense":
+            continue
+        if name == "stock":
+            kept = 1.0 - float((stock_routes[-1] < 0).float().mean()) if stock_routes else float("nan")
+            out["stock_dropped"] = 1 - kept
+        else:
+            kept = kept_new  # old and new: the same gate, the same routes
+        out[f"{name}_ratio"], out[f"{name}_q1"], out[f"{name}_q3"] = _ratio(times, name, kept)
     return out
 
 
-def print_layer_table(title: str, results: dict[str, dict[str, Any]]) -> None:
+def print_layer_table(title: str, results: dict[str, dict[str, Any]], columns: tuple[str, ...]) -> None:
     print(title)
-    print(f"  {'routing':36s} {'dense tok/s':>11s} | {'ours tok/s':>10s} {'ratio [quartiles]':>19s} {'dropped':>7s} | "
-          f"{'DeepSpeed tok/s':>15s} {'ratio [quartiles]':>19s} {'dropped':>7s}")
-
-    def ratio(r: dict[str, Any], who: str) -> str:
-        return f"{r[who + '_ratio']:5.3f} [{r[who + '_q1']:.2f}-{r[who + '_q3']:.2f}]"
-
+    head = "  " + f"{'experts, routing':44s} {'dense tok/s':>11s}"
+    labels = {"old": "old (loop)", "new": "new (grouped)", "stock": "DeepSpeed MOELayer"}
+    for c in columns:
+        head += f" | {labels[c]:>20s}"
+    print(head + f" | {'dropped':>7s} {'DS dropped':>10s}")
     for name, r in results.items():
-        stock = (f"{r['stock_tps']:15.0f} {ratio(r, 'stock'):>19s} {100 * r['stock_dropped']:6.1f}%"
-                 if "stock_tps" in r else f"{'(no such gate)':>15s} {'-':>19s} {'-':>7s}")
-        print(f"  {name:36s} {r['dense_tps']:11.0f} | {r['ours_tps']:10.0f} {ratio(r, 'ours'):>19s} "
-              f"{100 * r['ours_dropped']:6.1f}% | {stock}")
-    print("  ratio = MoE tokens/s / tokens/s of a FLOP-matched dense FFN (top-2 rows: a dense FFN twice as "
-          "wide), median over rounds of the per-round ratio [quartiles]; tok/s from median times")
+        line = f"  {name:44s} {r['dense_tps']:11.0f}"
+        for c in columns:
+            line += (f" | {r[c + '_ratio']:5.3f} [{r[c + '_q1']:.2f}-{r[c + '_q3']:.2f}]" if c + "_ratio" in r
+                     else f" | {'-':>20s}")
+        stock = f"{100 * r['stock_dropped']:9.1f}%" if "stock_dropped" in r else f"{'-':>10s}"
+        print(line + f" | {100 * r['new_dropped']:6.1f}% {stock}")
+    print("  ratio = computed tokens/s of the MoE layer / tokens/s of the FLOP-matched dense FFN, median of the "
+          "per-round ratios [quartiles]; `dropped` = share of routes over capacity (not computed, not counted)")
 
 
-def _inputs(args: argparse.Namespace, seed: int) -> tuple[Tensor, Tensor]:
+def _inputs(tokens: int, hidden: int, seed: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, args.tokens, args.hidden, generator=g)
-    return x, torch.ones(1, args.tokens, dtype=torch.long)
+    return torch.randn(1, tokens, hidden, generator=g), torch.ones(1, tokens, dtype=torch.long)
 
 
-# -- 1. one process ----------------------------------------------------------------------------
+# -- 1. one process, E sweep ---------------------------------------------------------------------
 
 
 def single_process(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    x, mask = _inputs(args, 0)
+    x, mask = _inputs(args.tokens, args.hidden, 0)
     results = {}
-    for row in ROWS:
-        layers = build(row, args.hidden, args.ffn, args.experts, ep_size=1)
-        results[row.name] = layer_figures(row, layers, x, mask, args.rounds, time.thread_time)
+    for E in args.experts:
+        # the old loop costs ~E small kernels per pass: fewer rounds where it is slowest
+        rounds = max(4, args.rounds * 16 // max(E, 16))
+        for row in ROWS:
+            layers = build(row, args.hidden, args.ffn, E, ep_size=1)
+            results[f"E={E:<3d} {row.name}"] = layer_figures(row, layers, x, mask, rounds, time.thread_time)
     print_layer_table(
-        f"\n[1] ep_size 1, one process, 1 thread: MoE layer fwd+bwd vs FLOP-matched dense FFN "
-        f"(D={args.hidden}, F={args.ffn}, E={args.experts}, {args.tokens} tokens, random inputs; "
-        f"CPU time of the thread, {args.rounds} alternating rounds)", results)
+        f"\n[1] ep_size 1, one process, 1 thread: MoE layer fwd+bwd vs FLOP-matched dense FFN (D={args.hidden}, "
+        f"F={args.ffn}, {args.tokens} tokens, random inputs; CPU time of the thread, alternating rounds)",
+        results, ("old", "new", "stock"))
 
 
-# -- 2. two processes --------------------------------------------------------------------------
+# -- 2. two processes ----------------------------------------------------------------------------
 
 
 def _ep_worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -215,14 +261,16 @@ def _ep_worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None
         return float(v)
 
     try:
-        x, mask = _inputs(args, rank)
+        x, mask = _inputs(args.tokens, args.hidden, rank)
         results = {}
-        for row in ROWS:
-            layers = build(row, args.hidden, args.ffn, args.experts, ep_size=2)
-            layers.ours.moe.set_deepspeed_parallelism()
-            if layers.stock is not None:
-                layers.stock.set_deepspeed_parallelism()
-            results[row.name] = layer_figures(row, layers, x, mask, args.rounds, time.perf_counter, slowest)
+        for E in (e for e in args.experts if e >= 2):
+            for row in ROWS:
+                layers = build(row, args.hidden, args.ffn, E, ep_size=2, with_old=False)
+                layers["new"].moe.set_deepspeed_parallelism()
+                if "stock" in layers:
+                    layers["stock"].set_deepspeed_parallelism()
+                results[f"E={E:<3d} {row.name}"] = layer_figures(row, layers, x, mask, max(4, args.rounds // 2),
+                                                                 time.perf_counter, slowest)
         if rank == 0:
             Path(out).write_text(json.dumps(results))
     finally:
@@ -240,12 +288,18 @@ def two_processes(args: argparse.Namespace) -> None:
         mp.spawn(_ep_worker, args=(port, args, out), nprocs=2, join=True)
         results = json.loads(Path(out).read_text())
     print_layer_table(
-        f"\n[2] ep_size 2 across 2 processes (gloo, 1 thread each; {args.experts // 2} experts and "
-        f"{args.tokens} tokens per rank): wall time of the slower rank, {args.rounds} alternating "
-        "rounds", results)
+        f"\n[2] ep_size 2 across 2 processes (gloo, 1 thread each; E/2 experts and {args.tokens} tokens per rank): "
+        "wall time of the slower rank", results, ("new", "stock"))
 
 
-# -- 3. shapes world ---------------------------------------------------------------------------
+# -- 3. shapes world -----------------------------------------------------------------------------
+
+BALANCE_ROWS = [
+    ("switch top-1, cf 1.25", dict(gate="switch", capacity_factor=1.25)),
+    ("expert choice, cf 1.0", dict(gate="expert_choice", capacity_factor=1.0)),
+    ("aux-free bias, top-1, cf 1.25", dict(gate="aux_free", capacity_factor=1.25, aux_loss_weight=0.0)),
+    ("switch top-1, dropless", dict(gate="switch", dropless=True)),
+]
 
 
 def shapes_batches(n: int, image_size: int, max_len: int, batch: int) -> tuple[list[dict[str, Tensor]], Any]:
@@ -273,38 +327,6 @@ def shapes_batches(n: int, image_size: int, max_len: int, batch: int) -> tuple[l
     return out, text_spec(tok, max_len)
 
 
-def _deepspeed_dropped(model: nn.Module, row: Row, batch: dict[str, Tensor]) -> float:
-    """DeepSpeed's gating function on our router's logits for the same hidden states (its capacity
-    counts padding, and its top-2 routes padding too)."""
-    from deepspeed.moe.sharded_moe import top1gating, top2gating
-
-    captured: list[tuple[Tensor, Tensor]] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, a: captured.append((a[0].detach(), a[1])))
-             for m in model.modules() if isinstance(m, MoEFFN)]
-    model.eval()
-    with torch.no_grad():
-        model(batch)
-    model.train()
-    for h in hooks:
-        h.remove()
-    layers = [m for m in model.modules() if isinstance(m, MoEFFN)]
-    drops, routes = 0, 0
-    # each view of the batch (ITM negatives...) passes through every MoE layer in order
-    for (x_BSD, mask_BS), layer in zip(captured, itertools.cycle(layers)):
-        logits = torch.nn.functional.linear(x_BSD.reshape(-1, x_BSD.shape[-1]).float(), layer.gate.wg.weight.float())
-        used = mask_BS.reshape(-1).long()
-        cf = row.deepspeed.get("capacity_factor", 1.0)
-        drop = row.deepspeed.get("drop_tokens", True)
-        if row.k == 1:
-            *_, idx, _, _, _ = top1gating(logits, cf, 0, used, drop_tokens=drop, sparse_routes=True)
-        else:
-            *_, idx, _, _, _ = top2gating(logits, cf, 0, drop_tokens=drop, sparse_routes=True)
-        real = idx[:, used.bool()]  # count routes of real tokens only
-        drops += int((real < 0).sum())
-        routes += real.numel()
-    return drops / max(routes, 1)
-
-
 def shapes_world(args: argparse.Namespace) -> None:
     from models import build_pretrainer
     from models.config import ImageSpec
@@ -314,44 +336,48 @@ def shapes_world(args: argparse.Namespace) -> None:
     base = load_config(ROOT / "jobs/configs/quickstart.yaml")
     batches, text = shapes_batches(args.shape_samples, base.data.image_size, base.data.max_text_len,
                                    base.train.batch_size)
-    print(f"\n[3] dropped share of routes on shapes-world batches: quickstart model ({base.model.num_layers} "
-          f"layers, D={base.model.hidden_size}, E={base.moe.num_experts}, MoE every other layer, batch "
-          f"{base.train.batch_size}), {args.shape_steps} AdamW steps per routing, ep_size 1")
-    print(f"  {'routing':36s} {'step 1':>8s} {f'last {args.shape_last}':>8s} | "
-          f"{'DeepSpeed gate, same logits (step 1 / last)':>44s}")
-    for row in ROWS:
-        moe = base.moe.model_copy(update={"ep_size": 1, **row.ours})
-        moe = MoEConfig.model_validate(moe.model_dump())
+    last = args.shape_last
+    print(f"\n[3] routing on shapes-world batches: quickstart model ({base.model.num_layers} layers, "
+          f"D={base.model.hidden_size}, E={base.moe.num_experts}, MoE every other layer, batch {base.train.batch_size}),"
+          f" {args.shape_steps} AdamW steps per routing, same batches and seed, ep_size 1")
+    print(f"  {'routing':32s} {'skipped text / image, step 1':>30s} {f'last {last} steps':>18s} "
+          f"{f'loss (last {last})':>15s} {'MLM / ITM':>15s}")
+    for name, overrides in BALANCE_ROWS:
+        moe = MoEConfig.model_validate(base.moe.model_copy(update={"ep_size": 1, **overrides}).model_dump())
         torch.manual_seed(0)
         model = build_pretrainer(base.model, moe, base.active_objectives, text, ImageSpec(size=base.data.image_size))
         opt = torch.optim.AdamW(model.parameters(), lr=base.train.lr)
-        history, ds_first, ds_last = [], float("nan"), float("nan")
+        history: list[dict[str, float]] = []
         for step in range(args.shape_steps):
-            batch = batches[step % len(batches)]
-            if row.deepspeed is not None and step == 0:
-                ds_first = _deepspeed_dropped(model, row, batch)
-            out = model(batch)
+            out = model(batches[step % len(batches)])
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
-            history.append(collect_stats(model)["moe/dropped"])
-        if row.deepspeed is not None:
-            ds_last = _deepspeed_dropped(model, row, batches[0])
-        last = statistics.mean(history[-args.shape_last:])
-        ds = f"{100 * ds_first:5.1f}% / {100 * ds_last:5.1f}%" if row.deepspeed is not None else "-"
-        print(f"  {row.name:36s} {100 * history[0]:7.1f}% {100 * last:7.1f}% | {ds:>44s}")
+            stats = collect_stats(model)
+            history.append({"text": stats.get("moe/skipped_text", float("nan")),
+                            "image": stats.get("moe/skipped_image", float("nan")),
+                            "loss": float(out["loss"].detach()), "mlm": float(out["losses"]["mlm"]),
+                            "itm": float(out["losses"]["itm"])})
+        tail = {k: statistics.mean(h[k] for h in history[-last:]) for k in history[0]}
+        first = history[0]
+        print(f"  {name:32s} {100 * first['text']:13.1f}% / {100 * first['image']:5.1f}%      "
+              f"{100 * tail['text']:5.1f}% / {100 * tail['image']:5.1f}% {tail['loss']:15.3f} "
+              f"{tail['mlm']:7.3f} / {tail['itm']:.3f}")
+    print("  skipped = share of real tokens of that modality that no expert processed (they pass on the "
+          "residual); loss = total training loss incl. the router's aux terms")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--ffn", type=int, default=1024)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--shape-samples", type=int, default=256)
-    ap.add_argument("--shape-steps", type=int, default=30)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--ffn", type=int, default=256)
+    ap.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64, 256])
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--shape-samples", type=int, default=512)
+    ap.add_argument("--shape-steps", type=int, default=60)
     ap.add_argument("--shape-last", type=int, default=10)
+    ap.add_argument("--skip-single", action="store_true")
     ap.add_argument("--skip-ep2", action="store_true")
     ap.add_argument("--skip-shapes", action="store_true")
     args = ap.parse_args()
@@ -359,7 +385,8 @@ def main() -> None:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    single_process(args)
+    if not args.skip_single:
+        single_process(args)
     if not args.skip_ep2:
         two_processes(args)
     if not args.skip_shapes:

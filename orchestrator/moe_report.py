@@ -65,6 +65,9 @@ def moe_summary(records: Sequence[Record]) -> dict[str, Any]:
             "aux": float(last.get(key + "aux", math.nan)),
             "z_loss": float(last.get(key + "z_loss", math.nan)),
             "entropy": float(last.get(key + "entropy", math.nan)),
+            # share of the layer's real text / image tokens no expert processed (last report)
+            "skipped_text": float(last.get(key + "skipped_text", math.nan)),
+            "skipped_image": float(last.get(key + "skipped_image", math.nan)),
         })
     return {"layers": out}
 
@@ -78,14 +81,20 @@ def load_table(records: Sequence[Record]) -> Table | None:
     table = Table(title=f"Expert load per MoE layer (step {layers[0]['step']}; uniform = {100 / E:.1f}%)")
     table.add_column("MoE layer", justify="right")
     table.add_column("share of routes per expert")
-    for name in ("max/mean", "dropped (last / run mean)", "balance loss", "z-loss", "entropy / ln E"):
+    for name in ("max/mean", "dropped (last / run mean)", "skipped text / image", "balance loss", "z-loss",
+                 "entropy / ln E"):
         table.add_column(name, justify="right")
+
+    def pct(v: float) -> str:
+        return "-" if math.isnan(v) else f"{100 * v:.1f}%"
+
     for row in layers:
         shares = " ".join(f"{100 * v:4.1f}%" for v in row["load"])
         norm = math.log(len(row["load"])) if len(row["load"]) > 1 else 1.0
         table.add_row(
             str(row["layer"]), shares, f"{row['imbalance']:.2f}",
             f"{100 * row['dropped']:.1f}% / {100 * row['dropped_mean']:.1f}%",
+            f"{pct(row['skipped_text'])} / {pct(row['skipped_image'])}",
             f"{row['aux']:.4g}", f"{row['z_loss']:.4g}", f"{row['entropy'] / norm:.3f}",
         )
     return table

@@ -106,18 +106,28 @@ def _moe_extra_bytes(cfg: RunConfig, b: int, s: int, act_bytes: int) -> float:
     """A MoE FFN over a dense one: the experts see capacity_factor x the tokens, plus the dispatch.
 
     `moe.dispatch: deepspeed` builds GShard's dense dispatch tensors [S, E, C] over all the batch's
-    tokens (fp32 combine weights + bool mask, Lepikhin et al. 2020): quadratic in the tokens. The
-    default `indexed` dispatch keeps int64 slot indices and fp32 gate weights per routed token instead.
+    tokens (fp32 combine weights + bool mask, Lepikhin et al. 2020): quadratic in the tokens, and its
+    buffers have E*C slots. The default `indexed` dispatch has a buffer of a static K*S rows (every
+    route; dropped ones are not computed but have their row: no host sync sizes it), or E*C for expert
+    choice, plus int64 destination/source/expert indices and an fp32 gate weight per route (models/moe/
+    dispatch.py); expert choice's routes are its [E, S] picks (int64 expert and slot, fp32 gate).
     """
     tokens = b * s
     E, cf, h, k = cfg.moe.num_experts, cfg.moe.capacity_factor, cfg.model.hidden_size, cfg.moe.k
-    C = tokens * k if cfg.moe.dropless else max(math.ceil(tokens * k / E * cf), cfg.moe.min_capacity)
     r = (cfg.moe.expert_hidden_size or int(h * cfg.model.mlp_ratio)) / h
-    slots = E * C if not cfg.moe.dropless else tokens * k
-    experts = act_bytes * (1 + 2 * r) * slots * h  # expert MLP activations over the dispatched slots
+    if cfg.moe.dispatch == "deepspeed":
+        C = tokens * k if cfg.moe.dropless else max(math.ceil(tokens * k / E * cf), cfg.moe.min_capacity)
+        slots = E * C if not cfg.moe.dropless else tokens * k
+        routing = 5 * tokens * E * C
+    elif cfg.moe.gate == "expert_choice":
+        slots = E * max(math.ceil(cf * tokens / E), cfg.moe.min_capacity)
+        routing = (8 + 8 + 4) * E * tokens + (3 * 8 + 4) * E * tokens
+    else:
+        slots = tokens * k
+        routing = (3 * 8 + 4) * slots
+    experts = act_bytes * (1 + 2 * r) * slots * h  # expert MLP activations over the buffer rows
     dense = act_bytes * (1 + 2 * cfg.model.mlp_ratio) * tokens * h  # what a dense FFN would have kept
     moved = 2 * act_bytes * slots * h  # dispatched inputs and expert outputs
-    routing = 5 * tokens * E * C if cfg.moe.dispatch == "deepspeed" else (8 + 4) * tokens * k
     return experts - dense + moved + routing
 
 

@@ -76,3 +76,14 @@ def test_heatmap_png(tmp_path: Path) -> None:
         pixels = np.asarray(image.convert("RGB"))
     assert width >= 300 and height >= 200
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # drawn, not blank
+
+
+def test_skipped_tokens_per_modality_reach_the_summary_and_the_table() -> None:
+    records = [record(10, {0: [0.25] * 4}) | {"moe/layer0/skipped_text": 0.125, "moe/layer0/skipped_image": 0.5}]
+    (row,) = moe_summary(records)["layers"]
+    assert (row["skipped_text"], row["skipped_image"]) == (0.125, 0.5)
+    console = Console(width=200, record=True)
+    console.print(load_table(records))
+    assert "12.5% / 50.0%" in console.export_text()
+    (dense_row,) = moe_summary(RECORDS[:1])["layers"][:1]
+    assert math.isnan(dense_row["skipped_text"])  # a run whose encoder gave no modality

@@ -125,10 +125,10 @@ def test_moe_dispatch_memory_is_linear_when_indexed_and_quadratic_with_deepspeed
 
     s, b = 100, 8  # 800 tokens, top-1, capacity 200 per expert (E*C = the tokens)
     indexed, dense = _moe_extra_bytes(cfg("indexed"), b, s, 4), _moe_extra_bytes(cfg("deepspeed"), b, s, 4)
-    # the experts' activations over E*C = 800 slots equal the dense FFN's, the dispatched in/out are
-    # 2 x 4 bytes x 800 x 64; indexed keeps an int64 slot and an fp32 weight per token, DeepSpeed's
-    # dispatch keeps fp32 combine weights + a bool mask over [tokens, E, C]
-    assert indexed == 2 * 4 * 800 * 64 + 12 * 800
+    # the experts' activations over E*C = 800 slots (indexed: its K*S = 800 rows) equal the dense FFN's,
+    # the dispatched in/out are 2 x 4 bytes x 800 x 64; indexed keeps three int64 indices and an fp32
+    # weight per route, DeepSpeed's dispatch keeps fp32 combine weights + a bool mask over [tokens, E, C]
+    assert indexed == 2 * 4 * 800 * 64 + 28 * 800
     assert dense == 2 * 4 * 800 * 64 + 5 * 800 * 4 * 200
     assert _moe_extra_bytes(cfg("indexed"), 2 * b, s, 4) == 2 * indexed  # doubling the batch
     assert _moe_extra_bytes(cfg("deepspeed"), 2 * b, s, 4) > 3.9 * dense - 4 * 2 * 4 * 800 * 64
