@@ -288,13 +288,19 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                   "(--fresh to train again, or raise train.steps to continue)", highlight=False)
         _show(out, done, files.uri)
         return RunResult(run_dir=files.uri, summary=done)
+    from orchestrator.tracking import check_clients, open_tracking
+
+    check_clients(cfg)
     plan = plan_data(cfg, files, out)
-    storage.write_text(files.path("config.yaml"), dump_yaml(cfg), files.opts)
+    config_yaml = dump_yaml(cfg)
+    storage.write_text(files.path("config.yaml"), config_yaml, files.opts)
     log_dir = files.local_log_dir()
     started = time.time()
     records: list[dict[str, Any]] = []
     with capture_output(log_dir / "ray.log") as stream:
         view_console = Console(file=stream, force_terminal=out.is_terminal, width=out.width, quiet=out.quiet)
+        # experiment trackers (tracking: section) mirror what this driver writes; workers never see them
+        tracking = open_tracking(cfg, files.uri, log_dir.parent, config_yaml, files.opts)
         own_ray = _ray_init(cfg, address)
         try:
             import ray
@@ -326,6 +332,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                     record["time"] = time.time()
                     records.append(record)
                     files.append_metrics(record)
+                    tracking.log(record)
                     step = int(record.get("step", 0))
                     first = first or (record["time"], step)
                     rate = (step - first[1]) / max(record["time"] - first[0], 1e-9)
@@ -339,6 +346,9 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                 check_budget(bad, cfg.data.max_bad_fraction)
             except DataBudgetExceeded as exc:
                 raise RunFailed(str(exc), log_dir / "ray.log") from None
+        except BaseException:
+            tracking.finish({}, [log_dir / "ray.log"], failed=True)
+            raise
         finally:
             if own_ray:
                 import ray
@@ -350,10 +360,27 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     if cfg.moe.enabled:
         summary["moe"] = _moe_outputs(records, files, log_dir)
     files.write_json("summary.json", summary)
+    tracking.finish(summary, [log_dir.parent / "moe_load.png", _write_report(files, log_dir)])
     _show(out, summary, files.uri)
     if cfg.moe.enabled and (table := load_table(records)) is not None:
         out.print(table)
     return RunResult(run_dir=files.uri, summary=summary, metrics=records)
+
+
+def _write_report(files: RunFiles, log_dir: Path) -> Path:
+    """runs/<name>/report.html (orchestrator/run_report.py), rendered from the run's files."""
+    from orchestrator.run_report import REPORT_FILE, write_run_report
+
+    if not storage.is_remote(files.uri):
+        return write_run_report(files.uri)
+    local = log_dir.parent / "files"  # the report reads the run's files: fetch the few it needs
+    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+        if storage.exists(files.path(name), files.opts):
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            (local / name).write_text(storage.read_text(files.path(name), files.opts))
+    report = write_run_report(local, log_dir.parent / REPORT_FILE)
+    storage.write_text(files.path(REPORT_FILE), report.read_text(), files.opts)
+    return report
 
 
 def _moe_outputs(records: list[dict[str, Any]], files: RunFiles, log_dir: Path) -> dict[str, Any]:
