@@ -31,6 +31,7 @@ app.command("controller")(jobs_cli.controller)
 app.command("plan")(plan_cmd)
 app.command("sweep")(__import__("orchestrator.sweep", fromlist=["sweep_cmd"]).sweep_cmd)
 app.command("report")(__import__("orchestrator.report", fromlist=["report_cmd"]).report_cmd)
+app.command("export")(__import__("orchestrator.export", fromlist=["export_cmd"]).export_cmd)
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")]
 

@@ -88,7 +88,9 @@ def _find_tokenizer(cfg: RunConfig, train: list[str], files: RunFiles) -> str | 
             raise ConfigError([f"data.tokenizer = {cfg.data.tokenizer!r}: file not found"])
         return cfg.data.tokenizer
     folder = posixpath.dirname(train[0])
-    for candidate in (posixpath.join(folder, "tokenizer.json"),
+    # a text encoder started from a checkpoint reads the tokens it was trained on
+    pretrained = [storage.join(cfg.model.init.text, "tokenizer.json")] if cfg.model.init.text else []
+    for candidate in (*pretrained, posixpath.join(folder, "tokenizer.json"),
                       posixpath.join(posixpath.dirname(folder), "tokenizer.json"), files.path("tokenizer.json")):
         if storage.exists(candidate, opts):
             return candidate
@@ -292,6 +294,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
 
     check_clients(cfg)
     plan = plan_data(cfg, files, out)
+    init = _plan_init(cfg, plan, files, out)
     config_yaml = dump_yaml(cfg)
     storage.write_text(files.path("config.yaml"), config_yaml, files.opts)
     log_dir = files.local_log_dir()
@@ -359,12 +362,31 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                        "samples_checked": bad["samples"], "worst_shards": bad["worst_shards"]}
     if cfg.moe.enabled:
         summary["moe"] = _moe_outputs(records, files, log_dir)
+    if init is not None:
+        summary["init"] = init.summary()
     files.write_json("summary.json", summary)
     tracking.finish(summary, [log_dir.parent / "moe_load.png", _write_report(files, log_dir)])
     _show(out, summary, files.uri)
     if cfg.moe.enabled and (table := load_table(records)) is not None:
         out.print(table)
     return RunResult(run_dir=files.uri, summary=summary, metrics=records)
+
+
+def _plan_init(cfg: RunConfig, plan: DataPlan, files: RunFiles, out: Console) -> Any:
+    """`model.init` checked and planned on the driver (jobs/pretrained/load.py); the workers apply it."""
+    if not cfg.model.init.enabled:
+        return None
+    from jobs.pretrained.load import InitError, plan_for_run
+    from models.config import ImageSpec, TextSpec
+
+    image = ImageSpec(size=cfg.data.image_size, max_objects=cfg.data.max_objects)
+    try:
+        init = plan_for_run(cfg.model, cfg.moe, cfg.active_objectives, TextSpec(**plan.text), image, files.opts)
+    except InitError as exc:
+        raise ConfigError([str(exc)]) from None
+    for line in init.lines():
+        out.print(line, highlight=False, soft_wrap=True)
+    return init
 
 
 def _write_report(files: RunFiles, log_dir: Path) -> Path:
