@@ -117,6 +117,13 @@ def _check(modality: Modality, uri: str, hf: dict[str, Any], cfg: ModelConfig) -
                     "patch_size": "model.patch_size"}[key]
             raise InitError(f"{field_name} = {uri!r}: the checkpoint's {key} is {hf.get(key)}, {mine} is {want}; "
                             f"set {mine}={hf.get(key)} to load it")
+    from models.ffn import ffn_size
+
+    width = ffn_size(cfg.hidden_size, cfg.mlp_ratio)
+    if hf.get("intermediate_size") is not None and hf["intermediate_size"] != width:
+        ratio = hf["intermediate_size"] / cfg.hidden_size
+        raise InitError(f"{field_name} = {uri!r}: the checkpoint's intermediate_size is {hf['intermediate_size']}, "
+                        f"model.mlp_ratio={cfg.mlp_ratio} gives {width}; set model.mlp_ratio={ratio:g} to load it")
     notes = []
     if hf.get("hidden_act", "gelu") != "gelu":
         notes.append(f"hidden_act {hf['hidden_act']!r} in the checkpoint; mmpt's FFN uses exact GELU")
@@ -158,17 +165,21 @@ def plan_init(model: nn.Module, cfg: ModelConfig, opts: storage.StorageOptions |
                 plan.notes.append(f"{TEXT_TOWERS[family].layers} start from model.init.vision (ViLT's recipe); "
                                   "this checkpoint's layers are skipped")
         claimed = {r.target for p in plans for r in p.loaded}
+        reasons: dict[Rule, str | None] = {}
         for rule in rules:
             missing = [s for s in rule.sources if s not in shapes]
-            why = (f"missing in the checkpoint: {missing[0]}" if missing else
-                   "started by another checkpoint" if rule.target in claimed else
-                   source_shape(rule, [shapes[s] for s in rule.sources], params[rule.target]))
-            if why is None:
+            reasons[rule] = (f"missing in the checkpoint: {missing[0]}" if missing else
+                             "started by another checkpoint" if rule.target in claimed else
+                             source_shape(rule, [shapes[s] for s in rule.sources], params[rule.target]))
+        # A module loads whole or not at all: half an FFN from a checkpoint is no one's FFN.
+        failed = {r.unit: f"{r.target}: {why}" for r, why in reasons.items() if why is not None}
+        for rule in rules:
+            if rule.unit not in failed:
                 plan.loaded.append(rule)
-            else:
-                for s in rule.sources:
-                    if s in shapes:
-                        plan.skipped.setdefault(s, f"{rule.target}: {why}")
+                continue
+            for s in rule.sources:
+                if s in shapes:
+                    plan.skipped.setdefault(s, failed[rule.unit])
         used = plan.used
         layers_taken = modality == "text" and cfg.init.vision and family in ("single", "interaction")
         for name in shapes:

@@ -46,6 +46,11 @@ class Rule:
     target: str
     sources: tuple[str, ...]
     kind: Kind = "copy"
+    group: str = ""  # rules that load together or not at all (one FFN: fc1 and fc2); default: the module
+
+    @property
+    def unit(self) -> str:
+        return self.group or self.target.rsplit(".", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ def _ffn(params: set[str], layer: str, fc1: str, fc2: str) -> list[Rule]:
     """The FFN of one target layer: dense, or every local expert of its MoE FFN (upcycled)."""
     heads = [f"{layer}.ffn"] if f"{layer}.ffn.fc1.weight" in params else sorted(
         {p.rsplit(".fc1.weight", 1)[0] for p in params if p.startswith(f"{layer}.{_EXPERTS}.") and p.endswith(".fc1.weight")})
-    return [Rule(f"{h}.{name}.{w}", (f"{src}.{w}",)) for h in heads for name, src in (("fc1", fc1), ("fc2", fc2))
+    return [Rule(f"{h}.{name}.{w}", (f"{src}.{w}",), group=h) for h in heads for name, src in (("fc1", fc1), ("fc2", fc2))
             for w in ("weight", "bias")]
 
 

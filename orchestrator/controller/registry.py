@@ -137,7 +137,7 @@ def _connect(url: str) -> tuple[Any, _Dialect]:
             import psycopg  # type: ignore[import-not-found]
         except ImportError:
             raise RegistryError(f"--db {safe_url(url)}: a PostgreSQL registry needs psycopg: "
-                                "pip install 'psycopg[binary]'") from None
+                                "pip install 'mmpt[postgres]' (psycopg 3)") from None
         try:
             return psycopg.connect(url), _Dialect("postgresql", "%s")
         except psycopg.Error as exc:

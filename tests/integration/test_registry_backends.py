@@ -138,3 +138,14 @@ def test_a_writer_killed_mid_stream_leaves_each_job_whole(db_url: str) -> None:
         assert reg.apply(Transition("after-kill", "PENDING", "RUNNING", "next controller"))
     if db_url.startswith("sqlite"):
         assert _rows(db_url, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_an_unreachable_postgresql_is_a_one_line_error_without_the_password() -> None:
+    from orchestrator.controller.registry import RegistryError
+    from tests.services import free_port
+
+    port = free_port()  # nothing listens there
+    with pytest.raises(RegistryError) as err:
+        Registry(f"postgresql://me:s3cret@127.0.0.1:{port}/jobs?connect_timeout=3")
+    line = str(err.value)
+    assert line.startswith(f"--db postgresql://me:***@127.0.0.1:{port}/jobs") and "\n" not in line and "s3cret" not in line

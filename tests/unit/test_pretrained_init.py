@@ -190,14 +190,25 @@ def test_mismatches_are_one_line_errors_naming_the_field(tmp_path: Path, folders
          "is 32, model.hidden_size is 64; set model.hidden_size=32 to load it"),
         ({"vision": str(folders["vit"])}, {"num_heads": 4}, "model.init.vision = '{p}': the checkpoint's "
          "num_attention_heads is 2, model.num_heads is 4; set model.num_heads=2 to load it"),
+        ({"text": str(folders["bert"])}, {"mlp_ratio": 2.0}, "model.init.text = '{p}': the checkpoint's "
+         "intermediate_size is 128, model.mlp_ratio=2.0 gives 64; set model.mlp_ratio=4 to load it"),
     ]
     for init, sizes, message in cases:
         cfg = ModelConfig(preset="clip", hidden_size=sizes.get("hidden_size", D), num_layers=LAYERS,
-                          num_heads=sizes.get("num_heads", H), init=init)
+                          num_heads=sizes.get("num_heads", H), mlp_ratio=sizes.get("mlp_ratio", 4.0), init=init)
         model = build_pretrainer(cfg, MoEConfig(), {"itc": 1.0}, TEXT, IMAGE)
         with pytest.raises(InitError) as err:
             plan_init(model, cfg)
         assert str(err.value) == message.format(p=next(iter(init.values())))
+    # experts of another width than the checkpoint's FFN: skipped whole (no half FFN), the rest loads
+    cfg = ModelConfig(preset="clip", hidden_size=D, num_layers=LAYERS, num_heads=H, init={"vision": str(folders["vit"])})
+    model = build_pretrainer(cfg, MoEConfig(num_experts=2, ep_size=1, layers=[1], expert_hidden_size=96), {"itc": 1.0},
+                             TEXT, IMAGE)
+    plan = plan_init(model, cfg)
+    experts = "encoder.image_layers.1.ffn.moe.deepspeed_moe.experts.deepspeed_experts"
+    assert not any(r.target.startswith(experts) for r in plan.sources[0].loaded)
+    assert {f"{experts}.{e}.fc2.bias" for e in range(2)} <= set(plan.new)  # shape-compatible, yet not half-loaded
+    assert plan.sources[0].skipped["encoder.layer.1.output.dense.bias"].endswith("(32, 128) from the checkpoint, (32, 96) in the model")
     with pytest.raises(ValueError, match="init.vision='x' needs patch visual input"):
         ModelConfig(preset="uniter", init={"vision": "x"})
 
