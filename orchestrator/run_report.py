@@ -166,6 +166,24 @@ def render(run: RunData) -> str:
             f"<style>{_CSS}pre{{background:#f6f6f6;padding:.5em}}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
+def write_for_run(run_uri: str, opts: Any, local_dir: Path) -> Path:
+    """A finished run's report.html in its run directory (an s3:// one: rendered from local copies of
+    the few files it reads, then uploaded); returns the local file."""
+    from jobs import storage
+
+    if not storage.is_remote(run_uri):
+        return write_run_report(run_uri)
+    copies = local_dir / "files"
+    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+        uri = storage.join(run_uri, name)
+        if storage.exists(uri, opts):
+            (copies / name).parent.mkdir(parents=True, exist_ok=True)
+            (copies / name).write_text(storage.read_text(uri, opts))
+    report = write_run_report(copies, local_dir / REPORT_FILE)
+    storage.write_text(storage.join(run_uri, REPORT_FILE), report.read_text(), opts)
+    return report
+
+
 def write_run_report(run_dir: str | Path, out: Path | None = None) -> Path:
     """Render the run directory's report to `out` (default: RUN_DIR/report.html)."""
     run_dir = Path(run_dir)

@@ -290,6 +290,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                   "(--fresh to train again, or raise train.steps to continue)", highlight=False)
         _show(out, done, files.uri)
         return RunResult(run_dir=files.uri, summary=done)
+    from orchestrator.run_report import write_for_run
     from orchestrator.tracking import check_clients, open_tracking
 
     check_clients(cfg)
@@ -365,7 +366,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     if init is not None:
         summary["init"] = init.summary()
     files.write_json("summary.json", summary)
-    tracking.finish(summary, [log_dir.parent / "moe_load.png", _write_report(files, log_dir)])
+    tracking.finish(summary, [log_dir.parent / "moe_load.png", write_for_run(files.uri, files.opts, log_dir.parent)])
     _show(out, summary, files.uri)
     if cfg.moe.enabled and (table := load_table(records)) is not None:
         out.print(table)
@@ -374,35 +375,16 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
 
 def _plan_init(cfg: RunConfig, plan: DataPlan, files: RunFiles, out: Console) -> Any:
     """`model.init` checked and planned on the driver (jobs/pretrained/load.py); the workers apply it."""
-    if not cfg.model.init.enabled:
-        return None
     from jobs.pretrained.load import InitError, plan_for_run
-    from models.config import ImageSpec, TextSpec
+    from models.config import TextSpec
 
-    image = ImageSpec(size=cfg.data.image_size, max_objects=cfg.data.max_objects)
     try:
-        init = plan_for_run(cfg.model, cfg.moe, cfg.active_objectives, TextSpec(**plan.text), image, files.opts)
+        init = plan_for_run(cfg, TextSpec(**plan.text), files.opts)
     except InitError as exc:
         raise ConfigError([str(exc)]) from None
-    for line in init.lines():
+    for line in init.lines() if init is not None else []:
         out.print(line, highlight=False, soft_wrap=True)
     return init
-
-
-def _write_report(files: RunFiles, log_dir: Path) -> Path:
-    """runs/<name>/report.html (orchestrator/run_report.py), rendered from the run's files."""
-    from orchestrator.run_report import REPORT_FILE, write_run_report
-
-    if not storage.is_remote(files.uri):
-        return write_run_report(files.uri)
-    local = log_dir.parent / "files"  # the report reads the run's files: fetch the few it needs
-    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
-        if storage.exists(files.path(name), files.opts):
-            (local / name).parent.mkdir(parents=True, exist_ok=True)
-            (local / name).write_text(storage.read_text(files.path(name), files.opts))
-    report = write_run_report(local, log_dir.parent / REPORT_FILE)
-    storage.write_text(files.path(REPORT_FILE), report.read_text(), files.opts)
-    return report
 
 
 def _moe_outputs(records: list[dict[str, Any]], files: RunFiles, log_dir: Path) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from jobs import storage
+from jobs.config import RunConfig
 from jobs.pretrained import checkpoint as ckpt
 from jobs.pretrained.mapping import (
     MODEL_TYPES,
@@ -40,7 +41,7 @@ from jobs.pretrained.mapping import (
     transform,
     vit_rules,
 )
-from models.config import ModelConfig
+from models.config import ImageSpec, ModelConfig, TextSpec
 
 log = logging.getLogger(__name__)
 
@@ -222,13 +223,13 @@ def load_pretrained(model: nn.Module, cfg: ModelConfig, opts: storage.StorageOpt
     return plan
 
 
-def plan_for_run(cfg: ModelConfig, moe: Any, objectives: dict[str, float], text: Any, image: Any,
-                 opts: storage.StorageOptions | None = None) -> InitPlan | None:
+def plan_for_run(run: RunConfig, text: TextSpec, opts: storage.StorageOptions | None = None) -> InitPlan | None:
     """The driver's check: the run's model built on the meta device (no memory, no init draws), planned."""
-    if not cfg.init.enabled:
+    if not run.model.init.enabled:
         return None
     from models import build_pretrainer
 
+    image = ImageSpec(size=run.data.image_size, max_objects=run.data.max_objects)
     with torch.device("meta"):
-        model = build_pretrainer(cfg, moe, objectives, text, image)
-    return plan_init(model, cfg, opts)
+        model = build_pretrainer(run.model, run.moe, run.active_objectives, text, image)
+    return plan_init(model, run.model, opts)
