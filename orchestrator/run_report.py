@@ -169,6 +169,17 @@ def render(run: RunData) -> str:
 def write_for_run(run_uri: str, opts: Any, local_dir: Path) -> Path:
     """A finished run's report.html in its run directory (an s3:// one: rendered from local copies of
     the few files it reads, then uploaded); returns the local file."""
+    import logging
+
+    try:
+        return _write_for_run(run_uri, opts, local_dir)
+    except Exception as exc:  # noqa: BLE001 - a report that cannot be drawn never fails a finished run
+        logging.getLogger(__name__).warning("run report not written (%s: %s); mmpt report %s retries",
+                                            type(exc).__name__, exc, run_uri)
+        return local_dir / REPORT_FILE
+
+
+def _write_for_run(run_uri: str, opts: Any, local_dir: Path) -> Path:
     from jobs import storage
 
     if not storage.is_remote(run_uri):
