@@ -40,6 +40,16 @@ def client(section: MLflowTracking) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def _artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store (`mlartifacts/`, as `mlflow
+    server` names it); MLflow's own default there is `./mlruns` in whatever directory the driver runs
+    in. A server or a file store decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (db.absolute().parent / "mlartifacts").as_uri()
+
+
 def experiment_id(mlflow_client: Any, name: str) -> str:
     """The experiment's id, created when missing (two trials creating it at once: one wins, both use it)."""
     from mlflow.exceptions import MlflowException
@@ -48,7 +58,8 @@ def experiment_id(mlflow_client: Any, name: str) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return mlflow_client.create_experiment(name)
+        root = _artifact_root(mlflow_client.tracking_uri)
+        return mlflow_client.create_experiment(name, artifact_location=None if root is None else f"{root}/{name}")
     except MlflowException:
         found = mlflow_client.get_experiment_by_name(name)
         if found is None:

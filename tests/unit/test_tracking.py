@@ -71,6 +71,8 @@ def test_every_tracker_gets_metrics_config_summary_and_artifacts_and_a_resume_co
     assert run.data.metrics["final/eval/i2t_r1"] == 0.5 and run.data.metrics["final/steps"] == 4
     assert run.data.params["train.lr"] == "0.001" and run.data.params["name"] == "trk"
     assert run.data.params["objectives.mlm"] == "1.0" and run.data.tags["mmpt.config_hash"] == cfg.config_hash()
+    assert exp.artifact_location == (tmp_path / "mlartifacts" / "unit").as_uri()  # beside the store, not in the cwd
+    assert (tmp_path / "mlartifacts" / "unit" / run.info.run_id / "artifacts" / "report.html").is_file()
     files = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert files == {"config.yaml", "summary.json", "moe_load.png", "report.html"}
     summary = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path / "dl"))).read_text())
