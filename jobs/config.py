@@ -132,6 +132,39 @@ class EvalConfig(_Strict):
     batch_size: int = Field(16, ge=2, description="also the retrieval candidate set size")
 
 
+class MLflowTracking(_Strict):
+    """An MLflow tracking server or store; every run is one MLflow run in `experiment`."""
+
+    tracking_uri: str = Field(description="sqlite:///mlflow.db, http(s)://server:5000, databricks, or a "
+                              "folder (MLflow's file store)")
+    experiment: str = Field("mmpt", min_length=1, description="experiment name; created when missing")
+
+
+class WandbTracking(_Strict):
+    """A Weights & Biases project; `mode: offline` writes the run to disk for a later `wandb sync`."""
+
+    project: str = Field(min_length=1)
+    mode: Literal["online", "offline", "disabled"] = "online"
+    entity: str | None = Field(None, description="team or user; default: the API key's")
+
+
+class TrackingConfig(_Strict):
+    """Experiment trackers the driver logs every report, the resolved config, the summary and the
+    artifacts to (orchestrator/tracking/); any subset, none by default."""
+
+    mlflow: MLflowTracking | None = None
+    tensorboard: bool = Field(False, description="TensorBoard event files in runs/<name>/tensorboard/")
+    wandb: WandbTracking | None = None
+    group: str | None = Field(None, description="groups tracked runs (W&B group, MLflow parent run); a sweep "
+                              "sets it to its name")
+
+    @property
+    def enabled(self) -> list[str]:
+        """The trackers switched on, by name."""
+        return [name for name, on in (("mlflow", self.mlflow), ("tensorboard", self.tensorboard),
+                                      ("wandb", self.wandb)) if on]
+
+
 class RunConfig(_Strict):
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -143,6 +176,7 @@ class RunConfig(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("objectives", mode="before")
     @classmethod

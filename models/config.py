@@ -18,7 +18,8 @@ from pydantic import Field, model_validator
 from models._schema import _Strict
 from models.moe.config import MoEConfig
 
-__all__ = ["AdversarialConfig", "Family", "ImageSpec", "ModelConfig", "MoEConfig", "RegionSource", "TextSpec", "VisualKind"]
+__all__ = ["AdversarialConfig", "Family", "ImageSpec", "ModelConfig", "MoEConfig", "PretrainedInit", "RegionSource",
+           "TextSpec", "VisualKind"]
 
 # How the encoder combines the modalities (models/encoders/):
 #   single       one transformer over [text; visual] tokens (VisualBERT, UNITER, ViLT, ...)
@@ -48,6 +49,19 @@ VISUAL_FIELDS: dict[str, frozenset[str]] = {
     "pixel": frozenset({"pixel_channels", "pixel_sample"}),
 }
 _OPTIONAL = frozenset().union(*FAMILY_FIELDS.values(), *VISUAL_FIELDS.values())
+
+
+class PretrainedInit(_Strict):
+    """`model.init`: unimodal Hugging Face checkpoints the encoder starts from (jobs/pretrained/)."""
+
+    text: str | None = Field(None, description="BERT-style checkpoint folder (local or s3://): text embeddings, "
+                             "the text tower's layers, pooler and MLM head")
+    vision: str | None = Field(None, description="ViT-style checkpoint folder (local or s3://): patch embeddings, "
+                               "class token, the image tower's layers (patch visual input)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.text or self.vision)
 
 
 class ModelConfig(_Strict):
@@ -86,6 +100,8 @@ class ModelConfig(_Strict):
     cross_layers: int | None = Field(None, ge=1, description="co-attention (ViLBERT) or cross-modality (LXMERT) layers")
     embed_dim: int | None = Field(None, ge=1, description="joint embedding size of the contrastive outputs "
                                   "(itc: CLIP's towers, single-stream unimodal passes); null = hidden_size")
+    init: PretrainedInit = Field(default_factory=PretrainedInit, description="start from pretrained "
+                                 "unimodal weights: {text: BERT folder, vision: ViT folder}; default: random init")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -125,6 +141,9 @@ class ModelConfig(_Strict):
         if visual == "pixel" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             out.append(f"patch_size={self.patch_size} with pixel input: the pixel CNN downsamples by stride-2 "
                        "convolutions, so patch_size must be a power of 2 >= 2")
+        if self.init.vision and visual != "patch":
+            out.append(f"init.vision={self.init.vision!r} needs patch visual input (a ViT starts the patch "
+                       f"embeddings); preset {self.preset!r} takes {visual} input")
         if preset.family == "dual" and 0 in (self.text_layers, self.visual_layers):
             out.append("text_layers/visual_layers=0: a dual encoder needs both towers; allowed: >= 1")
         return out

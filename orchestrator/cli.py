@@ -32,6 +32,7 @@ app.command("plan")(plan_cmd)
 app.command("doctor")(__import__("orchestrator.doctor", fromlist=["doctor_cmd"]).doctor_cmd)
 app.command("sweep")(__import__("orchestrator.sweep", fromlist=["sweep_cmd"]).sweep_cmd)
 app.command("report")(__import__("orchestrator.report", fromlist=["report_cmd"]).report_cmd)
+app.command("export")(__import__("orchestrator.export", fromlist=["export_cmd"]).export_cmd)
 
 
 

@@ -1,4 +1,5 @@
-"""`mmpt report SWEEP_DIR`: one row per configuration of a sweep, mean and spread over its seeds.
+"""`mmpt report SWEEP_DIR`: one row per configuration of a sweep, mean and spread over its seeds
+(`mmpt report RUN_DIR`: one run's report, orchestrator/run_report.py).
 
 Built from files alone: the sweep's `sweep.yaml` (points, seeds) and each trial's run directory
 (`summary.json` when the run finished; otherwise the last lines of `metrics.jsonl`, e.g. a trial
@@ -276,11 +277,17 @@ def show_report(sweep_dir: str | Path, console: Console) -> Report:
     return report
 
 
-def report_cmd(sweep_dir: Annotated[Path, typer.Argument(help="a sweep directory (sweeps/<name>)")]) -> None:
-    """Comparison table (terminal, Markdown, CSV) and HTML report of a sweep, from its files."""
+def report_cmd(path: Annotated[Path, typer.Argument(help="a sweep directory (sweeps/<name>) or a run directory "
+                                                   "(runs/<name>)")]) -> None:
+    """A sweep's comparison table (terminal, Markdown, CSV) and HTML report, or one run's HTML report."""
     from orchestrator.console import console, fail
+    from orchestrator.run_report import is_run_dir, write_run_report
+    from orchestrator.sweep_spec import PLAN_FILE
 
     try:
-        show_report(sweep_dir, console)
+        if not (path / PLAN_FILE).is_file() and is_run_dir(path):
+            console.print(f"report: {write_run_report(path)}", highlight=False, soft_wrap=True)
+            return
+        show_report(path, console)
     except ConfigError as exc:
         fail(exc.problems)

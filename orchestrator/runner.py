@@ -88,7 +88,9 @@ def _find_tokenizer(cfg: RunConfig, train: list[str], files: RunFiles) -> str | 
             raise ConfigError([f"data.tokenizer = {cfg.data.tokenizer!r}: file not found"])
         return cfg.data.tokenizer
     folder = posixpath.dirname(train[0])
-    for candidate in (posixpath.join(folder, "tokenizer.json"),
+    # a text encoder started from a checkpoint reads the tokens it was trained on
+    pretrained = [storage.join(cfg.model.init.text, "tokenizer.json")] if cfg.model.init.text else []
+    for candidate in (*pretrained, posixpath.join(folder, "tokenizer.json"),
                       posixpath.join(posixpath.dirname(folder), "tokenizer.json"), files.path("tokenizer.json")):
         if storage.exists(candidate, opts):
             return candidate
@@ -288,13 +290,21 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                   "(--fresh to train again, or raise train.steps to continue)", highlight=False)
         _show(out, done, files.uri)
         return RunResult(run_dir=files.uri, summary=done)
+    from orchestrator.run_report import write_for_run
+    from orchestrator.tracking import check_clients, open_tracking
+
+    check_clients(cfg)
     plan = plan_data(cfg, files, out)
-    storage.write_text(files.path("config.yaml"), dump_yaml(cfg), files.opts)
+    init = _plan_init(cfg, plan, files, out)
+    config_yaml = dump_yaml(cfg)
+    storage.write_text(files.path("config.yaml"), config_yaml, files.opts)
     log_dir = files.local_log_dir()
     started = time.time()
     records: list[dict[str, Any]] = []
     with capture_output(log_dir / "ray.log") as stream:
         view_console = Console(file=stream, force_terminal=out.is_terminal, width=out.width, quiet=out.quiet)
+        # experiment trackers (tracking: section) mirror what this driver writes; workers never see them
+        tracking = open_tracking(cfg, files.uri, log_dir.parent, config_yaml, files.opts)
         own_ray = _ray_init(cfg, address)
         try:
             import ray
@@ -326,6 +336,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                     record["time"] = time.time()
                     records.append(record)
                     files.append_metrics(record)
+                    tracking.log(record)
                     step = int(record.get("step", 0))
                     first = first or (record["time"], step)
                     rate = (step - first[1]) / max(record["time"] - first[0], 1e-9)
@@ -339,6 +350,9 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                 check_budget(bad, cfg.data.max_bad_fraction)
             except DataBudgetExceeded as exc:
                 raise RunFailed(str(exc), log_dir / "ray.log") from None
+        except BaseException:
+            tracking.finish({}, [log_dir / "ray.log"], failed=True)
+            raise
         finally:
             if own_ray:
                 import ray
@@ -349,11 +363,28 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                        "samples_checked": bad["samples"], "worst_shards": bad["worst_shards"]}
     if cfg.moe.enabled:
         summary["moe"] = _moe_outputs(records, files, log_dir)
+    if init is not None:
+        summary["init"] = init.summary()
     files.write_json("summary.json", summary)
+    tracking.finish(summary, [log_dir.parent / "moe_load.png", write_for_run(files.uri, files.opts, log_dir.parent)])
     _show(out, summary, files.uri)
     if cfg.moe.enabled and (table := load_table(records)) is not None:
         out.print(table)
     return RunResult(run_dir=files.uri, summary=summary, metrics=records)
+
+
+def _plan_init(cfg: RunConfig, plan: DataPlan, files: RunFiles, out: Console) -> Any:
+    """`model.init` checked and planned on the driver (jobs/pretrained/load.py); the workers apply it."""
+    from jobs.pretrained.load import InitError, plan_for_run
+    from models.config import TextSpec
+
+    try:
+        init = plan_for_run(cfg, TextSpec(**plan.text), files.opts)
+    except InitError as exc:
+        raise ConfigError([str(exc)]) from None
+    for line in init.lines() if init is not None else []:
+        out.print(line, highlight=False, soft_wrap=True)
+    return init
 
 
 def _moe_outputs(records: list[dict[str, Any]], files: RunFiles, log_dir: Path) -> dict[str, Any]:

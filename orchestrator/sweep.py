@@ -36,6 +36,7 @@ from rich.console import Console
 
 from orchestrator.config import ConfigError
 from orchestrator.sweep_spec import PLAN_FILE, SweepPlan, load_plan, load_spec, plan_sweep
+from orchestrator.tracking.sweep import SweepTracking
 
 _DATA_CPUS_PER_TRIAL = 1.0  # room for a trial's Ray Data read tasks beside its training workers
 
@@ -232,12 +233,26 @@ def run_sweep(plan: SweepPlan, *, console: Console | None = None, address: str |
             for warning in plan.warnings:
                 view.print(f"note: {warning}", highlight=False, soft_wrap=True)
             board = ProgressBoard(plan, view)
+            tracked = SweepTracking(plan)  # the trials' group (an MLflow parent run), before any trial
             with showing(board):
                 _tuner(plan, resume, callbacks, limit).fit()
         finally:
             if own_ray:
                 ray.shutdown()
-    return _outcome(plan, board.status, board.errors)
+    outcome = _outcome(plan, board.status, board.errors)
+    if tracked.mlflow_parent is not None:
+        _finish_tracking(tracked, outcome)
+    return outcome
+
+
+def _finish_tracking(tracked: Any, outcome: SweepOutcome) -> None:
+    from orchestrator.report import best_row, write_report
+
+    report = write_report(tracked.plan.sweep_dir)
+    best = best_row(report.rows, tracked.plan.metric, tracked.plan.mode)
+    tracked.finish(report.files, best and {"point": best.point, "label": best.label, "metric": tracked.plan.metric,
+                                           "value": best.stats[tracked.plan.metric].mean},
+                   failed=bool(outcome.failed))
 
 
 # -- the command ------------------------------------------------------------------------------

@@ -167,8 +167,11 @@ class SweepPlan:
 
     def trial_overrides(self, point_id: str, seed: int) -> dict[str, Any]:
         p = self.point(point_id)
+        # Tracked trials are grouped under the sweep's name (orchestrator/tracking/sweep.py).
+        tracking = self.base.get("tracking") or {}
+        group = {"tracking.group": self.name} if tracking and not tracking.get("group") else {}
         return {**p.overrides, "train.steps": p.steps, "train.seed": seed,
-                "name": self.trial_name(point_id, seed), "storage.path": self.sweep_dir}
+                "name": self.trial_name(point_id, seed), "storage.path": self.sweep_dir, **group}
 
     def trial_config(self, point_id: str, seed: int) -> RunConfig:
         return validate(apply_overrides(self.base, self.trial_overrides(point_id, seed)))

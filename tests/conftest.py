@@ -55,3 +55,7 @@ def s3_server() -> Iterator[S3Server]:
             mp.setenv(key, value)
         yield S3Server(endpoint_url=f"http://{host}:{port}")
     server.stop()
+
+
+# Real PostgreSQL / Prometheus servers on 127.0.0.1 (tests/services.py).
+from tests.services import postgres_server  # noqa: E402,F401 - a fixture, registered by import

@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from orchestrator.controller.ingest import JobMetrics
-from orchestrator.controller.state import STATES, JobState
+from orchestrator.controller.state import STATES, JobState, can_move
 
 # Caps that keep a malformed record from exploding the series count.
 _MAX_TERMS, _MAX_LAYERS, _MAX_EXPERTS = 64, 128, 512
@@ -67,6 +67,12 @@ class ControllerMetrics:
                                       ["cluster"], registry=self.registry)
         self.transitions = Counter("mmpt_job_transitions", "job state transitions applied",
                                    ["from_state", "to_state"], registry=self.registry)
+        # Every edge starts at 0: a labelled counter born at 1 on its first increment has no earlier
+        # sample, so `increase(...)` (the MmptJobLost alert) would never see the first job lost.
+        for old in STATES:
+            for new in STATES:
+                if can_move(old, new):
+                    self.transitions.labels(from_state=old, to_state=new)
         self._lock = threading.Lock()
         self._snapshot = Snapshot()
         self.registry.register(_JobCollector(self))

@@ -32,6 +32,7 @@ from orchestrator.controller.state import STATES, JobState, Transition
 JobKind = Literal["run", "sweep"]
 DEFAULT_DB = "sqlite:///.mmpt/jobs.db"
 _SCHEMA_VERSION = "1"
+_SCHEMA_LOCK = 0x6D6D7074  # "mmpt": the advisory lock key that serialises schema creation
 # Ray accepts any string as a submission id; ours and Ray's own (raysubmit_...) fit this, and it
 # keeps ids safe in URLs (/jobs/ID), file names and shell commands.
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -136,7 +137,7 @@ def _connect(url: str) -> tuple[Any, _Dialect]:
             import psycopg  # type: ignore[import-not-found]
         except ImportError:
             raise RegistryError(f"--db {safe_url(url)}: a PostgreSQL registry needs psycopg: "
-                                "pip install 'psycopg[binary]'") from None
+                                "pip install 'mmpt[postgres]' (psycopg 3)") from None
         try:
             return psycopg.connect(url), _Dialect("postgresql", "%s")
         except psycopg.Error as exc:
@@ -164,6 +165,10 @@ class Registry:
         self._conn, self._dialect = _connect(url)
         self._lock = threading.RLock()
         with self._tx() as cur:
+            if self._dialect.name == "postgresql":
+                # Concurrent CREATE TABLE IF NOT EXISTS race in PostgreSQL (both pass the check, one
+                # fails on pg_type's unique index): controllers starting together take turns here.
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for stmt in _SCHEMA:
                 cur.execute(stmt)
             cur.execute(self._q("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"),

@@ -22,12 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import QUICKSTART, ROOT, TEST_RAY_TRAIN_ENV, tiny
@@ -238,11 +241,21 @@ def _delete_for_good(client, job_id: str) -> None:  # noqa: ANN001
     raise AssertionError(f"{job_id} keeps coming back after delete_job")
 
 
-def test_registry_survives_sigkill_and_a_vanished_job_becomes_lost(head: Head, tmp_path: Path) -> None:
+def _query(db: str, sql: str) -> list[tuple]:
+    from orchestrator.controller.registry import Registry
+
+    with Registry(db) as reg, reg._tx() as cur:
+        cur.execute(sql)
+        return [tuple(r) for r in cur.fetchall()]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_registry_survives_sigkill_and_a_vanished_job_becomes_lost(head: Head, tmp_path: Path, backend: str,
+                                                                   request: pytest.FixtureRequest) -> None:
     from orchestrator.controller.registry import JobRecord, Registry
 
-    db_path = tmp_path / "jobs.db"
-    db = f"sqlite:///{db_path}"
+    db = (f"sqlite:///{tmp_path / 'jobs.db'}" if backend == "sqlite"
+          else request.getfixturevalue("postgres_server").create_database("ctl"))
     client = head.client()
     commands = {"done": "python -c 'print(42)'", "long": "sleep 300", "vanishes": "sleep 300"}
     ids = {k: f"dur-{k}-{secrets.token_hex(3)}" for k in commands}
@@ -267,10 +280,9 @@ def test_registry_survives_sigkill_and_a_vanished_job_becomes_lost(head: Head, t
     try:
         want[ids["vanishes"]] = "LOST"
         _wait("vanishes LOST", lambda: {j["id"]: j["state"] for j in json.loads(second.get("/jobs"))} == want, timeout=30)
-        with sqlite3.connect(db_path) as conn:
-            rows = conn.execute("SELECT id, COUNT(*) FROM jobs GROUP BY id").fetchall()
-            assert sorted(rows) == sorted((i, 1) for i in ids.values())  # no row lost or duplicated
-            edges = conn.execute("SELECT job_id, from_state, to_state FROM transitions").fetchall()
+        rows = _query(db, "SELECT id, COUNT(*) FROM jobs GROUP BY id")
+        assert sorted(rows) == sorted((i, 1) for i in ids.values())  # no row lost or duplicated
+        edges = _query(db, "SELECT job_id, from_state, to_state FROM transitions")
         assert len(edges) == len(set(edges))  # no transition applied twice across the restart
         assert [(f, t) for j, f, t in edges if j == ids["vanishes"]] == [("PENDING", "RUNNING"), ("RUNNING", "LOST")]
         series = _series(second.get("/metrics"))
@@ -325,3 +337,140 @@ def test_the_run_succeeds_and_the_controller_exports_its_metrics_without_secrets
                  **{p.name: p.read_bytes() for p in submitted.root.glob("jobs.db*")}}
     for secret in (SECRET, head.token):
         assert [name for name, blob in haystacks.items() if secret.encode() in blob] == []
+
+
+def _prom_get(base: str, path: str, **params: str) -> Any:
+    query = urllib.parse.urlencode(params)
+    with urllib.request.urlopen(f"{base}{path}?{query}", timeout=10) as r:
+        body = json.loads(r.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+@contextlib.contextmanager
+def _prometheus(config: dict[str, Any], root: Path) -> Iterator[str]:
+    """Debian's Prometheus on 127.0.0.1 with `config`, its own TSDB under `root`."""
+    from tests.services import require_binary
+
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    log = open(root / "prometheus.log", "wb")  # noqa: SIM115 - the child holds it
+    proc = subprocess.Popen([require_binary("prometheus"), f"--config.file={root / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={root / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, (root / "prometheus.log").read_text()[-2000:]
+        try:
+            with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        _wait("Prometheus", ready, timeout=60)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_prometheus_scrapes_the_controller_and_ray_and_the_queries_and_alerts_answer(submitted: Submitted, head: Head,
+                                                                                       tmp_path: Path) -> None:
+    """infra/prometheus/prometheus.yml and alerts.yml as shipped, only the addresses pointed at this
+    test's controller and Ray head, and 1 s intervals."""
+    from orchestrator.controller.registry import JobRecord, Registry
+    from tests.unit.test_prometheus_files import dashboard_exprs
+
+    job_id, ctl = submitted.job_id, submitted.ctl
+    _wait("the run to finish", lambda: (j := ctl.job(job_id))["state"] == "SUCCEEDED" and j["final_metrics"], timeout=300)
+    summary = json.loads((submitted.root / "store" / "runs" / "ctl-e2e" / "summary.json").read_text())
+    infra = ROOT / "infra" / "prometheus"
+    config = yaml.safe_load((infra / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(infra / "alerts.yml")]
+    scrape = {j["job_name"]: j for j in config["scrape_configs"]}
+    scrape["mmpt-controller"]["static_configs"][0]["targets"] = [urllib.parse.urlsplit(ctl.url).netloc]
+    scrape["ray"]["file_sd_configs"][0]["files"] = [str(head.root / "ray" / "prom_metrics_service_discovery.json")]
+    with _prometheus(config, tmp_path) as prom:
+        def query(expr: str) -> list[dict[str, Any]]:
+            return _prom_get(prom, "/api/v1/query", query=expr)["result"]
+
+        def value(expr: str) -> float | None:
+            found = query(expr)
+            return float(found[0]["value"][1]) if len(found) == 1 else None
+
+        _wait("both scrape jobs up", lambda: {t["labels"]["job"] for t in _prom_get(prom, "/api/v1/targets")["activeTargets"]
+                                               if t["health"] == "up"} == {"mmpt-controller", "ray"}, timeout=60)
+        # the run's training metrics, through the controller
+        assert _wait("the step", lambda: value(f'mmpt_job_step{{job="{job_id}"}}') == 6, timeout=30)
+        loss = value(f'mmpt_job_loss{{job="{job_id}",term="total"}}')
+        assert loss == pytest.approx(summary["final_losses"]["total"], rel=1e-9)
+        assert value(f'count(mmpt_job_moe_expert_load{{job="{job_id}"}})') == 4  # 4 experts x 1 MoE layer
+        # Ray's own metrics, from the head's service-discovery file, as the shipped config says
+        ray_up = query('up{job="ray"}')
+        assert ray_up and {float(r["value"][1]) for r in ray_up} == {1.0}
+        assert (value('count({job="ray", __name__=~"ray_.+"})') or 0) >= 1
+        # every Grafana panel's query returns data (the controller's errors rate: none, and none expected)
+        for expr in dashboard_exprs():
+            if expr.startswith("label_values"):
+                continue
+            found = _wait(f"data for {expr}", lambda e=expr: query(e.replace("$job", ".*")), timeout=20) \
+                if "cluster_errors" not in expr else query(expr)
+            assert bool(found) == ("cluster_errors" not in expr), expr
+        # an alert: a RUNNING job that vanished from its cluster becomes LOST, and MmptJobLost fires
+        rules = yaml.safe_load((infra / "alerts.yml").read_text())
+        lost_expr = next(r["expr"] for g in rules["groups"] for r in g["rules"] if r["alert"] == "MmptJobLost")
+        edge = 'mmpt_job_transitions_total{from_state="RUNNING",to_state="LOST"}'
+        _wait("the LOST edge scraped at 0", lambda: value(edge) == 0 and (value(f"count_over_time({edge}[1m])") or 0) >= 2,
+              timeout=30)
+        assert query(lost_expr) == []
+        with Registry(submitted.db) as reg:
+            reg.add(JobRecord(id=f"vanished-{secrets.token_hex(3)}", kind="run", name="gone", address=head.url,
+                              state="RUNNING", started_at=time.time()))
+        _wait("the LOST edge at 1", lambda: value(edge) == 1, timeout=30)
+        fired = query(lost_expr)
+        assert [(r["metric"]["from_state"], r["metric"]["to_state"]) for r in fired] == [("RUNNING", "LOST")]
+        assert float(fired[0]["value"][1]) > 0
+        alerts = _wait("MmptJobLost firing", lambda: [a for a in _prom_get(prom, "/api/v1/alerts")["alerts"]
+                                                      if a["labels"]["alertname"] == "MmptJobLost" and a["state"] == "firing"],
+                       timeout=30)
+        assert alerts[0]["labels"]["severity"] == "page"  # type: ignore[index]
+        healthy = {r["name"]: r["health"] for g in _prom_get(prom, "/api/v1/rules")["groups"] for r in g["rules"]}
+        assert len(healthy) == 5 and set(healthy.values()) == {"ok"}, healthy
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_controllers_on_one_registry_apply_each_transition_once(head: Head, tmp_path: Path, backend: str,
+                                                                    request: pytest.FixtureRequest) -> None:
+    from orchestrator.controller.registry import JobRecord, Registry
+
+    db = (f"sqlite:///{tmp_path / 'jobs.db'}" if backend == "sqlite"
+          else request.getfixturevalue("postgres_server").create_database("twoctl"))
+    client = head.client()
+    commands = {"quick": "python -c 'print(1)'", "slow": "python -c 'import time; time.sleep(4)'", "long": "sleep 300"}
+    ids = {k: f"two-{k}-{secrets.token_hex(3)}" for k in commands}
+    with Registry(db) as reg:
+        for key, cmd in commands.items():
+            client.submit_job(entrypoint=cmd, submission_id=ids[key])
+            assert reg.add(JobRecord(id=ids[key], kind="run", name=key, address=head.url, entrypoint=cmd))
+    ctls = [start_controller(db, head.env, tmp_path / f"controller{i}.log", interval=0.3) for i in range(2)]
+    want = {ids["quick"]: "SUCCEEDED", ids["slow"]: "SUCCEEDED", ids["long"]: "RUNNING"}
+    try:
+        for ctl in ctls:  # both see the same registry
+            _wait("both short jobs SUCCEEDED", lambda c=ctl: {j["id"]: j["state"] for j in json.loads(c.get("/jobs"))} == want,
+                  timeout=90)
+        client.stop_job(ids["long"])
+        _wait("long STOPPED", lambda: ctls[1].job(ids["long"])["state"] == "STOPPED", timeout=60)
+        edges = _query(db, "SELECT job_id, from_state, to_state FROM transitions")
+        assert len(edges) == len(set(edges))  # two reconcilers racing never apply a transition twice
+        assert sorted((f, t) for j, f, t in edges if j == ids["slow"]) == [("PENDING", "RUNNING"), ("RUNNING", "SUCCEEDED")]
+        assert sorted((f, t) for j, f, t in edges if j == ids["long"]) == [("PENDING", "RUNNING"), ("RUNNING", "STOPPED")]
+        applied = sum(v for c in ctls for (n, _), v in _series(c.get("/metrics")).items() if n == "mmpt_job_transitions_total")
+        assert applied == len(edges)  # each applied transition counted by exactly the controller that won it
+    finally:
+        for ctl in ctls:
+            ctl.proc.terminate()
+            assert ctl.proc.wait(timeout=30) == 0

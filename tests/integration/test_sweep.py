@@ -54,10 +54,40 @@ def _files(sweep_dir: Path, names: list[str]) -> dict[str, tuple[bytes, int]]:
             for n in names}
 
 
+def _assert_tracked_once_per_trial(store: str, sweep_dir: Path, names: list[str]) -> None:
+    """One tracked run per trial, grouped under the sweep, however often the sweep was interrupted."""
+    from mlflow import MlflowClient
+
+    from tests.readers import tensorboard_scalars, wandb_runs
+
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-it").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("mmpt.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mmpt.kind") == "run"]
+    assert sorted(r.info.run_name for r in children) == sorted(names)
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert {r.info.status for r in children} == {"FINISHED"} and parent.info.status == "FINISHED"
+    for r in children:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss/total")][-1] == 2
+    assert {"report.html", "report.csv", "sweep.yaml"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
+    wb = wandb_runs(sweep_dir / "runs")
+    ids = {r["run"]["name"]: set() for r in wb}
+    for r in wb:
+        assert (r["run"]["group"], r["run"]["job_type"]) == ("it", "trial")
+        ids[r["run"]["name"]].add(r["run"]["id"])
+    assert sorted(ids) == sorted(names) and all(len(v) == 1 for v in ids.values())  # a resumed trial continues its run
+    for name in names:
+        assert tensorboard_scalars(sweep_dir / "runs" / name / "tensorboard")["loss/total"][-1][0] == 2
+
+
 def test_sweep_runs_trials_concurrently_resumes_and_reports(ray_session, shapes_data, tmp_path) -> None:
     overrides = dict(parse_override(o) for o in tiny(shapes_data, tmp_path, **{
         "scaling.num_workers": 1, "moe.ep_size": 1, "train.log_every": 1, "train.checkpoint_every": 2,
         "eval.max_samples": 16}))
+    # every trial tracked (orchestrator/tracking/): one MLflow child run per trial under the sweep's parent
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides["tracking"] = {"mlflow": {"tracking_uri": store, "experiment": "sweep-it"}, "tensorboard": True,
+                             "wandb": {"project": "mmpt-it", "mode": "offline"}}
     spec = SweepSpec.model_validate({
         "name": "it", "base": str(QUICKSTART), "overrides": overrides, "out": str(tmp_path / "sweeps"),
         "objective_sets": {"mlm": ["mlm"], "mlm+itm": ["mlm", "itm"]}, "space": {"train.lr": [1e-3, 3e-3]},
@@ -74,6 +104,8 @@ def test_sweep_runs_trials_concurrently_resumes_and_reports(ray_session, shapes_
     second = run_sweep(load_plan(sweep_dir), console=_quiet(), resume=True)
     assert sorted(second.finished) == sorted(names) and not second.failed
     assert _files(sweep_dir, first.finished) == done_before  # finished trials were not run again
+
+    _assert_tracked_once_per_trial(store, sweep_dir, names)
 
     # trials ran side by side: some two trials' [start, end] intervals overlap
     spans = sorted(((sweep_dir / "runs" / n / "config.yaml").stat().st_mtime,
