@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from jobs import storage
 from jobs.config import RunConfig
@@ -140,7 +140,7 @@ def plan_init(model: nn.Module, cfg: ModelConfig, opts: storage.StorageOptions |
     """Which checkpoint tensors go where (names and shapes only); InitError for a setting that cannot work."""
     from models.presets import resolve
 
-    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    params = {n: tuple(p.shape) for n, p in _parameters(model).items()}
     names = set(params)
     family = resolve(cfg).family
     plans: list[SourcePlan] = []
@@ -195,10 +195,18 @@ def plan_init(model: nn.Module, cfg: ModelConfig, opts: storage.StorageOptions |
     return InitPlan(sources=plans, new=sorted(n for n in names if n not in loaded))
 
 
+def _parameters(model: nn.Module) -> dict[str, Tensor]:
+    """The model's parameters by name, a MoE layer's stacked experts as DeepSpeed's per-expert entries
+    (views into the stacked tensors: copying into one sets that expert)."""
+    from models.moe.experts import split_stacked
+
+    return split_stacked(dict(model.named_parameters()))
+
+
 @torch.no_grad()
 def apply_init(model: nn.Module, plan: InitPlan, opts: storage.StorageOptions | None = None) -> int:
     """Copy the planned tensors into the model; returns how many parameters were set."""
-    params = dict(model.named_parameters())
+    params = _parameters(model)
     n = 0
     for source in plan.sources:
         tensors = ckpt.load_tensors(source.uri, opts, names=source.used)

@@ -90,10 +90,12 @@ class StackedExperts(nn.Module):
             return self._loop(x_MD, offsets_L)
         offs = offsets_L.to(torch.int32)
         valid_M1 = (torch.arange(x_MD.shape[0], device=x_MD.device) < offsets_L[-1])[:, None]
+        # The unwritten rows may hold NaN: zero them before anything elementwise touches them, or
+        # their (masked) gradient turns into NaN * 0 in GELU's backward.
         x_MD = torch.where(valid_M1, x_MD, 0)
-        h_MF = F.grouped_mm(x_MD, self.fc1_weight.transpose(-2, -1), offs=offs)
+        h_MF = torch.where(valid_M1, F.grouped_mm(x_MD, self.fc1_weight.transpose(-2, -1), offs=offs), 0)
         h_MF = torch.where(valid_M1, F.gelu(h_MF + self.fc1_bias.index_select(0, row_expert_M)), 0)
-        y_MD = F.grouped_mm(h_MF, self.fc2_weight.transpose(-2, -1), offs=offs)
+        y_MD = torch.where(valid_M1, F.grouped_mm(h_MF, self.fc2_weight.transpose(-2, -1), offs=offs), 0)
         return torch.where(valid_M1, y_MD + self.fc2_bias.index_select(0, row_expert_M), 0)
 
     def _loop(self, x_MD: Tensor, offsets_L: Tensor) -> Tensor:

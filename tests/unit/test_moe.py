@@ -273,3 +273,29 @@ def test_stacked_experts_keep_deepspeeds_per_expert_checkpoint_names() -> None:
     assert all(torch.equal(a, b) for a, b in zip(ex.parameters(), other.parameters(), strict=True))
     assert sorted(split_stacked({"a.fc2_bias": ex.fc2_bias, "a.gate": ex.fc2_bias})) == [
         "a.deepspeed_experts.0.fc2.bias", "a.deepspeed_experts.1.fc2.bias", "a.deepspeed_experts.2.fc2.bias", "a.gate"]
+
+
+def test_rows_the_grouped_gemm_leaves_unwritten_never_reach_outputs_or_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may leave rows past the last offset as garbage (NaN): they must give 0 and no NaN
+    anywhere in the gradients (GELU's backward would otherwise compute NaN * 0)."""
+    import torch.nn.functional as F
+
+    from models.moe import experts as stacked
+
+    real = F.grouped_mm
+
+    def poisoned(a: torch.Tensor, b: torch.Tensor, *, offs: torch.Tensor, **kw: object) -> torch.Tensor:
+        out = real(a, b, offs=offs, **kw)
+        return torch.cat([out[: int(offs[-1])], torch.full_like(out[int(offs[-1]):], float("nan"))])
+
+    monkeypatch.setattr(stacked.F, "grouped_mm", poisoned)
+    monkeypatch.setattr(stacked, "grouped_mm_supported", lambda t: True)
+    torch.manual_seed(0)
+    ex = stacked.StackedExperts(3, D, 12)
+    x = torch.randn(10, D, requires_grad=True)
+    counts = torch.tensor([2, 3, 1])  # 6 rows computed, 4 past the end
+    row_expert = torch.tensor([0, 0, 1, 1, 1, 2, 0, 0, 0, 0])
+    y = ex.grouped(x, torch.cumsum(counts, 0), row_expert)
+    assert torch.equal(y[6:], torch.zeros(4, D)) and torch.isfinite(y).all()
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in ex.parameters())

@@ -14,6 +14,7 @@ from jobs.pretrained.load import InitError, load_pretrained, plan_init
 from models import build_pretrainer
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
 from models.encoders.layers import MoETally, key_mask
+from models.moe.experts import split_stacked
 
 transformers = pytest.importorskip("transformers")
 
@@ -124,11 +125,12 @@ def test_vilt_takes_vit_for_the_joint_stack_bert_for_the_rest_and_upcycles_exper
     torch.testing.assert_close(model.objectives["mlm"].head.decoder.bias, bert.cls.predictions.bias)
     torch.testing.assert_close(model.encoder.pooler.dense.weight, bert.bert.pooler.dense.weight)
     # both experts of the MoE layer start as ViT layer 1's FFN (sparse upcycling); the router is new
-    experts = model.encoder.layers[1].ffn.moe.deepspeed_moe.experts.deepspeed_experts
+    experts = model.encoder.layers[1].ffn.moe.deepspeed_moe.experts
     saved = ckpt.load_tensors(str(folders["vit"]))
-    for expert in experts:
-        torch.testing.assert_close(expert.fc1.weight, saved["encoder.layer.1.intermediate.dense.weight"])
-        torch.testing.assert_close(expert.fc2.bias, saved["encoder.layer.1.output.dense.bias"])
+    assert experts.num_local_experts == 2
+    for e in range(experts.num_local_experts):
+        torch.testing.assert_close(experts.fc1_weight[e], saved["encoder.layer.1.intermediate.dense.weight"])
+        torch.testing.assert_close(experts.fc2_bias[e], saved["encoder.layer.1.output.dense.bias"])
     assert "encoder.layers.1.ffn.moe.deepspeed_moe.gate.wg.weight" in plan.new
     h = torch.randn(2, 17, D)
     keep = torch.ones(2, 17, dtype=torch.bool)
@@ -252,7 +254,7 @@ def test_exported_towers_load_in_transformers_and_back_into_mmpt(tmp_path: Path)
                         text=str(folders["text"]), vision=str(folders["vision"]))
     plan = load_pretrained(fresh, cfg)
     loaded = {r.target for s in plan.sources for r in s.loaded}
-    back = dict(fresh.named_parameters())
+    back = split_stacked(dict(fresh.named_parameters()))
     dense = [n for n in loaded if ".deepspeed_experts." not in n]
     assert len(dense) > 50
     for name in dense:
