@@ -11,9 +11,14 @@ synthetic shards for the same steps on 2 ranks (gloo, 1 CPU thread each):
   does (report windows of `log_every` steps, the report's own work outside the window).
 The machine is noisy, so the two run in turn (alternating which goes first) for several pairs; the
 figure is the median over pairs of (mmpt mean steady step time / plain mean steady step time),
-first report excluded (it holds the start of the data pipeline). Start-up is separate: time from
-launch to the end of the first step, estimated the same way for both as
-(time of the first report) - (log_every - 1) x (steady step time).
+first report excluded (it holds the start of the data pipeline). Report windows are split in two:
+steady ones, and those holding an epoch boundary (the first step of an epoch: steps_per_epoch =
+samples per rank // batch, the same on both sides), each side's mean shown for both kinds. CPU
+cost counts every process of each side (benchmarks/cputime.py: mmpt's driver, Ray's GCS, raylet,
+workers and Ray Data tasks; plain's ranks), as CPU-seconds per steady step. Start-up is measured
+from the same point on both sides (the benchmark hands the config over: `run(...)` / `mp.spawn`)
+to the end of the first step, estimated as (time of the first report) - (log_every - 1) x (steady
+step time).
 
     flock /tmp/mmpt-ray.lock .venv/bin/python benchmarks/overhead.py [--pairs 3] [--steps 60] [--set k=v ...]
 """
@@ -36,7 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # `python benchmarks/overhead.py` puts benchmarks/ first on sys.path, where a sibling script named like
 # a package (benchmarks/models.py) would shadow it: import the repository's packages, never siblings.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.cputime import TreeCPU  # noqa: E402 - after the path fix
+
 WORLD = 2
+SAMPLES = 1024  # 4 shards; 32 steps per epoch at batch 16 per rank
 BENCH = {"data.image_size": 32, "data.max_text_len": 24, "data.eval": "null", "train.batch_size": 16,
          "train.log_every": 10, "train.checkpoint_every": 0, "train.warmup_steps": 5,
          "scaling.num_workers": WORLD, "scaling.cpus_per_worker": 1}
@@ -44,28 +54,61 @@ BENCH = {"data.image_size": 32, "data.max_text_len": 24, "data.eval": "null", "t
 
 @dataclass
 class Timing:
-    steady_step_s: float  # mean step time over the reports after the first
+    steady_step_s: float  # mean step time over the steady reports after the first
+    boundary_step_s: float  # mean step time over the reports whose window holds an epoch boundary (nan: none)
     steady_wait_s: float  # of which waiting for the next batch (mean over ranks)
+    boundary_wait_s: float
+    cpu_per_step_s: float  # CPU-seconds of every process of the side per steady step
     startup_s: float  # launch -> end of the first step (estimated, see the module doc)
+    cpu_by_kind: dict[str, float]  # CPU-seconds per step by process kind, first report to last
 
 
-def _timing(step_times: list[float], waits: list[float], first_report_at: float, log_every: int) -> Timing:
-    steady = statistics.mean(step_times[1:])
-    return Timing(steady, statistics.mean(waits[1:]), first_report_at - (log_every - 1) * steady)
+@dataclass
+class Window:
+    step: int  # the last step of the report window
+    at: float  # wall time (time.time()) the report was seen
+    step_s: float
+    wait_s: float
+
+
+def _holds_boundary(w: Window, log_every: int, steps_per_epoch: int) -> bool:
+    first = w.step - log_every + 1  # the window holds steps first..w.step
+    return any((s - 1) % steps_per_epoch == 0 and s > 1 for s in range(first, w.step + 1))
+
+
+def _mean(xs: list[float]) -> float:
+    return statistics.mean(xs) if xs else float("nan")
+
+
+def _timing(windows: list[Window], t0: float, log_every: int, steps_per_epoch: int, cpu: TreeCPU) -> Timing:
+    later = windows[1:]
+    steady = [w for w in later if not _holds_boundary(w, log_every, steps_per_epoch)]
+    boundary = [w for w in later if _holds_boundary(w, log_every, steps_per_epoch)]
+    step_s = _mean([w.step_s for w in steady])
+    # CPU over consecutive steady windows: from the report before each one to its own report
+    prev = {id(b): a for a, b in zip(windows, windows[1:], strict=False)}
+    cpu_s = sum(cpu.between(prev[id(w)].at, w.at) for w in steady)
+    steps = sum(w.step - prev[id(w)].step for w in steady)
+    span = max(windows[-1].step - windows[0].step, 1)
+    by_kind = {k: v / span for k, v in cpu.parts_between(windows[0].at, windows[-1].at).items()}
+    return Timing(step_s, _mean([w.step_s for w in boundary]), _mean([w.wait_s for w in steady]),
+                  _mean([w.wait_s for w in boundary]), cpu_s / max(steps, 1),
+                  windows[0].at - t0 - (log_every - 1) * step_s, by_kind)
 
 
 # -- mmpt ---------------------------------------------------------------------------------------------
 
-def _mmpt(cfg: Any) -> Timing:
+def _mmpt(cfg: Any, steps_per_epoch: int) -> Timing:
     from rich.console import Console
 
     from orchestrator.runner import run
 
-    t0 = time.time()
-    result = run(cfg, console=Console(quiet=True), fresh=True)
-    reports = [r for r in result.metrics if "step_time_s" in r]
-    return _timing([r["step_time_s"] for r in reports], [r["data_wait_s"] for r in reports], reports[0]["time"] - t0,
-                   cfg.train.log_every)
+    with TreeCPU() as cpu:
+        t0 = time.time()
+        result = run(cfg, console=Console(quiet=True), fresh=True)
+    windows = [Window(r["step"], r["time"], r["step_time_s"], r["data_wait_s"])
+               for r in result.metrics if "step_time_s" in r]
+    return _timing(windows, t0, cfg.train.log_every, steps_per_epoch, cpu)
 
 
 # -- plain torch.distributed ----------------------------------------------------------------------
@@ -121,9 +164,7 @@ def _plain_worker(rank: int, port: int, run: dict[str, Any], text: dict[str, int
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
     batches = _batches(shards[rank::WORLD], spec, cfg.train.batch_size)
 
-    step_times: list[float] = []
-    waits: list[float] = []
-    first_report = 0.0
+    windows: list[list[float]] = []  # [step, wall time, step time, wait]
     t0, loss, wait = time.perf_counter(), 0.0, 0.0
     for step in range(1, cfg.train.steps + 1):
         t_wait = time.perf_counter()
@@ -138,17 +179,14 @@ def _plain_worker(rank: int, port: int, run: dict[str, Any], text: dict[str, int
             elapsed = time.perf_counter() - t0
             means = torch.tensor([loss, wait]) / cfg.train.log_every
             dist.all_reduce(means)  # what a plain loop logs; outside the window, as in the train loop
-            step_times.append(elapsed / cfg.train.log_every)
-            waits.append(float(means[1]) / WORLD)
-            first_report = first_report or time.time()
+            windows.append([step, time.time(), elapsed / cfg.train.log_every, float(means[1]) / WORLD])
             t0, loss, wait = time.perf_counter(), 0.0, 0.0
     if rank == 0:
-        Path(result_file).write_text(json.dumps({"step_times": step_times, "waits": waits,
-                                                 "first_report": first_report}))
+        Path(result_file).write_text(json.dumps(windows))
     dist.destroy_process_group()
 
 
-def _plain(cfg: Any, data: Path, tmp: Path) -> Timing:
+def _plain(cfg: Any, data: Path, tmp: Path, steps_per_epoch: int) -> Timing:
     import torch.multiprocessing as mp
 
     from jobs import storage
@@ -166,10 +204,11 @@ def _plain(cfg: Any, data: Path, tmp: Path) -> Timing:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp / "plain.json"
-    t0 = time.time()
-    mp.spawn(_plain_worker, args=(port, cfg.to_dict(), text, spec, shards, str(out)), nprocs=WORLD, join=True)
-    res = json.loads(out.read_text())
-    return _timing(res["step_times"], res["waits"], res["first_report"] - t0, cfg.train.log_every)
+    with TreeCPU() as cpu:
+        t0 = time.time()
+        mp.spawn(_plain_worker, args=(port, cfg.to_dict(), text, spec, shards, str(out)), nprocs=WORLD, join=True)
+    windows = [Window(int(step), at, step_s, wait) for step, at, step_s, wait in json.loads(out.read_text())]
+    return _timing(windows, t0, cfg.train.log_every, steps_per_epoch, cpu)
 
 
 def main() -> None:
@@ -178,6 +217,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--old-set", dest="old_set", action="append", default=[],
+                    help="overrides that restore an old behaviour: adds an mmpt-old side run with them")
     args = ap.parse_args()
 
     from jobs.data.synth import write_synthetic
@@ -186,7 +227,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mmpt-overhead-") as tmp_name:
         tmp = Path(tmp_name)
         data = tmp / "data"
-        write_synthetic(str(data), samples=1024, shards=4, seed=1, image_size=32, eval_samples=64)
+        write_synthetic(str(data), samples=SAMPLES, shards=4, seed=1, image_size=32, eval_samples=64)
         sets = {**BENCH, "data.train": str(data / "train"), "storage.path": str(tmp), "train.steps": args.steps}
         cfg = load_config(args.config, [f"{k}={v}" for k, v in sets.items()] + args.overrides)
         print(f"overhead: {args.config} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
@@ -194,24 +235,37 @@ def main() -> None:
               f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, batch {cfg.train.batch_size}/rank, "
               f"{args.steps} steps, reports every {cfg.train.log_every} (first excluded), {args.pairs} pairs",
               flush=True)
-        ratios, startups = [], []
+        sides = ["mmpt", "plain"] + (["mmpt-old"] if args.old_set else [])
+        old_cfg = load_config(args.config, [f"{k}={v}" for k, v in sets.items()] + args.overrides + args.old_set)
+        steps_per_epoch = (SAMPLES // WORLD) // cfg.train.batch_size
+        got: dict[str, list[Timing]] = {side: [] for side in sides}
         for pair in range(args.pairs):
-            order = ("mmpt", "plain") if pair % 2 == 0 else ("plain", "mmpt")
-            got: dict[str, Timing] = {}
+            order = sides[pair % len(sides):] + sides[:pair % len(sides)]  # rotate who goes first
             for who in order:
-                pair_cfg = cfg.model_copy(update={"name": f"overhead-{pair}"})
-                got[who] = _mmpt(pair_cfg) if who == "mmpt" else _plain(pair_cfg, data, tmp)
-            m, p = got["mmpt"], got["plain"]
-            ratios.append(m.steady_step_s / p.steady_step_s)
-            startups.append((m.startup_s, p.startup_s))
-            print(f"pair {pair + 1} ({order[0]} first): step mmpt {1000 * m.steady_step_s:.1f} ms "
-                  f"(data wait {1000 * m.steady_wait_s:.1f}), plain {1000 * p.steady_step_s:.1f} ms (data wait "
-                  f"{1000 * p.steady_wait_s:.1f}), ratio {ratios[-1]:.3f}; time to first step "
-                  f"mmpt {m.startup_s:.1f} s, plain {p.startup_s:.1f} s", flush=True)
-    print(f"ratio: {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}; "
-          f"mmpt/plain steady step time, median of {len(ratios)} pairs)")
-    print(f"start-up, median time to first step: mmpt {statistics.median(s[0] for s in startups):.1f} s, "
-          f"plain {statistics.median(s[1] for s in startups):.1f} s")
+                side_cfg = (old_cfg if who == "mmpt-old" else cfg).model_copy(update={"name": f"overhead-{pair}"})
+                got[who].append(_plain(side_cfg, data, tmp, steps_per_epoch) if who == "plain"
+                                else _mmpt(side_cfg, steps_per_epoch))
+            line = [f"pair {pair + 1} ({order[0]} first):"]
+            for who in sides:
+                t = got[who][-1]
+                line.append(f"{who} {1000 * t.steady_step_s:.1f} ms/step (wait {1000 * t.steady_wait_s:.1f}; "
+                            f"epoch-boundary windows {1000 * t.boundary_step_s:.1f}, wait {1000 * t.boundary_wait_s:.1f}), "
+                            f"{t.cpu_per_step_s:.3f} CPU-s/step, first step at {t.startup_s:.1f} s;")
+            print(" ".join(line), flush=True)
+            for who in sides:
+                parts = sorted(got[who][-1].cpu_by_kind.items(), key=lambda kv: -kv[1])
+                print(f"  {who} CPU-s/step by process: " + ", ".join(f"{k} {v:.3f}" for k, v in parts if v >= 0.0005),
+                      flush=True)
+    plain = got["plain"]
+    for who in [s for s in sides if s != "plain"]:
+        ratios = [m.steady_step_s / p.steady_step_s for m, p in zip(got[who], plain, strict=True)]
+        boundary = [m.boundary_step_s / p.boundary_step_s for m, p in zip(got[who], plain, strict=True)]
+        cpu = [m.cpu_per_step_s / p.cpu_per_step_s for m, p in zip(got[who], plain, strict=True)]
+        print(f"{who}/plain steady step time: {statistics.median(ratios):.2f} (min {min(ratios):.2f}, "
+              f"max {max(ratios):.2f}; median of {len(ratios)} interleaved pairs); epoch-boundary windows "
+              f"{statistics.median(boundary):.2f}; CPU-seconds per step {statistics.median(cpu):.2f}")
+    for who in sides:
+        print(f"start-up, median time to first step: {who} {statistics.median(t.startup_s for t in got[who]):.1f} s")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,8 @@ class ScalingConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     data_cpus: float = Field(2.0, ge=0, description="extra CPUs a local Ray gets for Ray Data tasks")
+    limit_data_per_rank: bool = Field(True, description="on a local Ray: each rank's Ray Data executor uses at "
+                                      "most data_cpus / num_workers CPUs (false: each budgets for all of them)")
     resources_per_worker: dict[str, PositiveFloat] = Field(
         default_factory=dict, description="custom Ray resources each training worker asks for, e.g. {train_gpu: 1}")
     accelerator_type: str | None = Field(None, description="GPU kind the workers need (Ray's accelerator_type, e.g. A100)")

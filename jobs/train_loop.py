@@ -48,6 +48,7 @@ class WorkerJob:
     eval_shards: list[str]
     run_dir: str
     data_remote_args: dict[str, Any] = field(default_factory=dict)  # where the Ray Data tasks run
+    data_cpu_limit: float | None = None  # logical CPUs this rank's Ray Data executor may use; None = no limit
     ledger: Any = None  # the bad-sample ledger actor
     crash_while_writing: Any = None  # tests only: jobs.checkpoint.CrashWhileWriting
 
@@ -63,6 +64,20 @@ def _bad_data(ledger: Any, cfg: RunConfig) -> dict[str, float]:
     out = {"data/bad_samples": float(totals["bad"]), "data/bad_fraction": totals["fraction"]}
     out |= {f"data/bad/{reason}": float(n) for reason, n in totals["by_reason"].items()}
     return out
+
+
+def _limit_data_cpus(cpus: float) -> None:
+    """Size this rank's Ray Data executor to its share of the data CPUs.
+
+    Every rank runs its own pipeline, and each executor would otherwise budget for every CPU of the
+    cluster: W executors launching tasks for W times the CPUs there are, queueing in Ray's scheduler
+    and bursting onto the cores the training processes use. Set on the process's DataContext, which
+    every dataset built afterwards copies.
+    """
+    import ray.data
+    from ray.data import ExecutionResources
+
+    ray.data.DataContext.get_current().execution_options.resource_limits = ExecutionResources.for_limits(cpu=cpus)
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -87,6 +102,8 @@ def train_func(config: dict[str, Any]) -> None:
     from models.recompute import set_activation_checkpointing
 
     pin = cfg.scaling.use_gpu  # pinned host batches: asynchronous copies to the GPU
+    if job.data_cpu_limit is not None:
+        _limit_data_cpus(job.data_cpu_limit)
     sources = [RankStream(shards, spec, batch_size=cfg.train.batch_size, rank=rank, world=world,
                           seed=cfg.data.shuffle_seed, ledger=ledger, prefetch_batches=cfg.data.prefetch_batches,
                           read_tasks=cfg.data.read_tasks, ray_remote_args=job.data_remote_args, pin_memory=pin)

@@ -5,7 +5,7 @@ tokenizer), writes the resolved config into `runs/<name>/`, then hands the job t
 turns the workers' reports into progress lines, `metrics.jsonl` and `summary.json`.
 
 Reports travel worker -> Ray Train controller -> `_ReportForwarder` (a Ray Train callback, in the
-controller) -> a Ray queue -> this process, which is the only writer of the run's metric files.
+controller) -> the run's hub actor (orchestrator/hub.py) -> this process, which is the only writer of the run's metric files.
 """
 
 from __future__ import annotations
@@ -196,22 +196,22 @@ class RunFiles:
         return Path(self.uri, "logs")
 
 
-def _make_forwarder(queue: Any) -> Any:
+def _make_forwarder(hub: Any) -> Any:
     from ray.train import UserCallback
 
     class _ReportForwarder(UserCallback):
-        """Runs in the Ray Train controller: forwards rank 0's report to the driver's queue."""
+        """Runs in the Ray Train controller: forwards rank 0's report to the driver's inbox (RunHub)."""
 
-        def __init__(self, q: Any) -> None:
-            self.q = q
+        def __init__(self, hub: Any) -> None:
+            self.hub = hub
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             record = dict(metrics[0])
             if checkpoint is not None:
                 record["checkpoint"] = checkpoint.path
-            self.q.put(record)
+            self.hub.put.remote(record)
 
-    return _ReportForwarder(queue)
+    return _ReportForwarder(hub)
 
 
 def _ray_init(cfg: RunConfig, address: str | None) -> bool:
@@ -233,13 +233,13 @@ def _ray_init(cfg: RunConfig, address: str | None) -> bool:
 
 
 def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, ledger: Any,
-             faults: dict[str, Any]) -> Any:
+             faults: dict[str, Any], own_ray: bool) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from jobs.data.pipeline import PipelineSpec
     from jobs.train_loop import WorkerJob, train_func
-    from orchestrator.scaling import data_remote_args, pin_data_stats_to_driver, train_scaling
+    from orchestrator.scaling import data_cpu_share, data_remote_args, pin_data_stats_to_driver, train_scaling
 
     pin_data_stats_to_driver()  # else Ray Data pins it to a GPU node, which then never scales down
     spec = PipelineSpec(tokenizer_uri=plan.tokenizer, image_size=cfg.data.image_size,
@@ -252,7 +252,8 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, led
     job = WorkerJob(run=cfg.to_dict(), text=plan.text, pipeline=spec, ledger=ledger, train_sources=plan.train,
                     train_weights=plan.weights, eval_shards=plan.eval, run_dir=files.uri,
                     # where the workers' Ray Data tasks run (scaling.data_*: e.g. CPU nodes)
-                    data_remote_args=data_remote_args(cfg.scaling), **faults)
+                    data_remote_args=data_remote_args(cfg.scaling),
+                    data_cpu_limit=data_cpu_share(cfg.scaling) if own_ray else None, **faults)
     return TorchTrainer(
         train_func,
         train_loop_config={"job": job},
@@ -308,13 +309,13 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
         own_ray = _ray_init(cfg, address)
         try:
             import ray
-            from ray.util.queue import Empty, Queue
 
-            from jobs.data.ledger import BadSampleLedger, DataBudgetExceeded, check_budget
+            from jobs.data.ledger import DataBudgetExceeded, check_budget
+            from orchestrator.hub import RunHub
 
-            queue = Queue(actor_options={"num_cpus": 0})
-            ledger = ray.remote(BadSampleLedger).options(num_cpus=0).remote()
-            trainer = _trainer(cfg, plan, files, _make_forwarder(queue), ledger, faults or {})
+            # One actor: the bad-sample ledger the workers write to and the inbox of rank 0's reports.
+            hub = ledger = ray.remote(RunHub).options(num_cpus=0).remote()
+            trainer = _trainer(cfg, plan, files, _make_forwarder(hub), ledger, faults or {}, own_ray)
             box: dict[str, Any] = {}
 
             def fit() -> None:
@@ -328,20 +329,23 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
             with ProgressView(view_console, cfg.train.steps, title) as view:
                 thread.start()
                 first: tuple[float, int] | None = None
-                while thread.is_alive() or not queue.empty():
-                    try:
-                        record = queue.get(timeout=0.5)
-                    except Empty:
-                        continue
-                    record["time"] = time.time()
-                    records.append(record)
-                    files.append_metrics(record)
-                    tracking.log(record)
-                    step = int(record.get("step", 0))
-                    first = first or (record["time"], step)
-                    rate = (step - first[1]) / max(record["time"] - first[0], 1e-9)
-                    eta = (cfg.train.steps - step) / rate if rate > 0 else None
-                    view.update(record, eta)
+                while True:
+                    alive = thread.is_alive()  # read before draining: nothing is put after the fit ends
+                    inbox = ray.get(hub.drain.remote())
+                    if not inbox:
+                        if not alive:
+                            break
+                        time.sleep(0.25)
+                    for record in inbox:
+                        record["time"] = time.time()
+                        records.append(record)
+                        files.append_metrics(record)
+                        tracking.log(record)
+                        step = int(record.get("step", 0))
+                        first = first or (record["time"], step)
+                        rate = (step - first[1]) / max(record["time"] - first[0], 1e-9)
+                        eta = (cfg.train.steps - step) / rate if rate > 0 else None
+                        view.update(record, eta)
                 thread.join()
             if "error" in box:
                 raise RunFailed(_root_cause(box["error"]), log_dir / "ray.log") from box["error"]

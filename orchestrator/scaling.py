@@ -44,6 +44,16 @@ def data_remote_args(s: ScalingConfig) -> dict[str, Any]:
 
 
 
+def data_cpu_share(s: ScalingConfig) -> float | None:
+    """Logical CPUs each rank's Ray Data executor may use on a local Ray this run started: its share
+    of `data_cpus`, never less than one task's worth. None (Ray Data's own budget) when
+    `limit_data_per_rank` is off; on a cluster the runner passes None too, so that the executors
+    can grow onto nodes the autoscaler adds."""
+    if not s.limit_data_per_rank:
+        return None
+    return max(s.data_cpus / s.num_workers, s.data_num_cpus or 1.0)
+
+
 def pin_data_stats_to_driver() -> None:
     """Create Ray Data's cluster-wide stats actor now, from the driver, so that it lives on the head.
 
