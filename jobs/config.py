@@ -37,6 +37,8 @@ class DataConfig(_Strict):
     image_size: int = Field(48, ge=8, description="images are resized to this square size")
     max_text_len: int = Field(32, ge=4, description="captions are truncated/padded to this many tokens")
     max_objects: int = Field(3, ge=0, description="scene objects kept per sample (boxes/labels, padded with -1)")
+    object_vocab: str | None = Field(None, description="object classes, one per line (BUTD's objects_vocab.txt: "
+                                     "synonyms comma-separated); default: the dataset card's")
     shuffle_seed: int | None = Field(0, description="shard-order and within-shard shuffling seed; null = file order")
     read_tasks: int = Field(0, ge=0, description="concurrent shard-reading tasks per worker; 0 = Ray Data decides")
     prefetch_batches: int = Field(2, ge=0, description="batches each worker prefetches")

@@ -7,21 +7,24 @@ Metrics (keys of the returned dict; the train loop prefixes `eval/`):
 - ITM models: `itm_acc`, `i2t_r{1,5,10}` / `t2i_r{1,5,10}` over candidate sets of K, `chance_r1`,
   `candidates` (K).
 - ITC models (CLIP-style embeddings): `itc_i2t_r{1,5,10}` / `itc_t2i_r{1,5,10}` over the WHOLE
-  eval set: every rank embeds its share, the embeddings (and caption ids) are all-gathered, each
-  rank ranks its own queries against all N, and the hit counts are summed; `itc_candidates` (N),
-  `itc_chance_r1`.
+  eval set, COCO's protocol: every rank embeds its share, the embeddings (and image ids) are
+  all-gathered; each distinct image queries all captions (a hit when any of its captions ranks in
+  the top r: all five of COCO's count), each caption queries all distinct images; hit counts are
+  summed over ranks. `itc_candidates` (captions in the pool), `itc_images`, `captions_per_image`,
+  `itc_chance_r1` (= `itc_i2t_chance_r1`), `itc_t2i_chance_r1`.
 - MLM models: with one fixed-seed masking per batch (the same masks with and without the image),
   `mlm_token_acc` (all masked tokens), `mlm_grounded_acc` (masked tokens that are visually grounded
-  words: colours, shapes, sizes, relations; ids given by the caller), and the text-only control
-  `mlm_blind_acc` / `mlm_blind_grounded_acc`: the same masks with the image blanked (pixels zero,
-  every visual token masked, scene labels dropped); `mlm_grounding_gain` = grounded minus blind
-  grounded accuracy, what looking at the image buys.
+  words: the dataset card's `grounded_words`, its object names; ids given by the caller), and the
+  text-only control `mlm_blind_acc` / `mlm_blind_grounded_acc`: the same masks with the image
+  blanked (pixels zero, every visual token masked, scene labels dropped); `mlm_grounding_gain` =
+  grounded minus blind grounded accuracy, what looking at the image buys.
 
 Retrieval ranks, for each image of an eval batch, the K captions of that batch by ITM score
 (image-to-text), and for each caption the K images (text-to-image): R@1 over candidate sets of K,
 the protocol ViLT and UNITER use when full-set ITM scoring is too expensive (K^2 forwards).
-A caption counts as correct when its tokens equal the true caption's: the shapes world repeats
-captions, and an identical caption is as right as the original.
+The ground truth is the image id (`image_id`, else the sample id), never the caption text: a
+caption is right for every row showing its image (COCO: five captions per image all count), and
+an identical caption written for another image is not.
 
 Every rank evaluates its equal share of the split and the counts are summed across ranks, so the
 figures cover the whole held-out subset. All ranks run the same number of forwards, which MoE's
@@ -46,22 +49,36 @@ RECALL_AT = (1, 5, 10)
 MLM_EVAL_SEED = 1234  # fixed masks: runs and the with/without-image passes see the same ones
 
 
-def grounded_token_ids(tokenizer_uri: str, storage: Any = None) -> tuple[int, ...]:
-    """Token ids of the shapes world's visually grounded words (jobs.data.synth.GROUNDED_WORDS),
-    every word piece of each, specials excluded."""
-    from jobs.data.synth import GROUNDED_WORDS
+def grounded_token_ids(tokenizer_uri: str, words: Sequence[str], storage: Any = None) -> tuple[int, ...]:
+    """Token ids of the dataset's visually grounded words (its dataset card's `grounded_words`: the
+    object names, jobs.data.datasets), every word piece of each, specials excluded; () for none."""
     from jobs.data.tokenizer import load_tokenizer
 
+    if not words:
+        return ()
     tok = load_tokenizer(tokenizer_uri, storage)
+    special = {t for t in (tok.token_to_id(n) for n in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")) if t is not None}
     ids: set[int] = set()
-    for word in GROUNDED_WORDS:
+    for word in words:
         ids.update(tok.encode(word, add_special_tokens=False).ids)
-    return tuple(sorted(ids))
+    return tuple(sorted(ids - special))
 
 
-def _same_text(ids_KT: torch.Tensor) -> torch.Tensor:
-    """[K, K] bool: caption i and caption j are token-identical."""
-    return (ids_KT[:, None, :] == ids_KT[None, :, :]).all(-1)
+def _image_ids(batch: dict[str, torch.Tensor], offset: int) -> torch.Tensor:
+    """[K] which image each sample's caption describes: `image_id` (COCO: five captions share one),
+    else the sample's own id; a batch without either gets ids unique to this rank and batch."""
+    for key in ("image_id", "sample_id"):
+        if key in batch:
+            return batch[key].long()
+    K = batch["input_ids"].shape[0]
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    return -1 - (torch.arange(K, device=batch["input_ids"].device) + offset + rank * (1 << 40))
+
+
+def _same_image(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[K, K] bool: sample i's caption describes sample j's image: the retrieval ground truth."""
+    ids_K = _image_ids(batch, 0)
+    return ids_K[:, None] == ids_K[None, :]
 
 
 @torch.no_grad()
@@ -100,7 +117,8 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
             _retrieval(model, batch, add)
         if has_itc:
             out_enc = model.encoder(encoder_inputs(batch), want=CONTRASTIVE)
-            embeds.append((out_enc["image_embed"].float(), out_enc["text_embed"].float(), batch["input_ids"]))
+            ids_K = _image_ids(batch, offset=i * batch["input_ids"].shape[0])
+            embeds.append((out_enc["image_embed"].float(), out_enc["text_embed"].float(), ids_K))
         if has_mlm:
             _mlm_probe(model, batch, grounded, add, seed=MLM_EVAL_SEED + i)
     if has_itc:
@@ -119,24 +137,42 @@ def _recall_counts(hit_QN: torch.Tensor, scores_QN: torch.Tensor, prefix: str, a
 
 
 def _itc_retrieval(embeds: list[tuple[Tensor, Tensor, Tensor]], add: Any, device: torch.device | str) -> None:
-    """Full eval-set retrieval with the joint embeddings: this rank's queries against every rank's items."""
+    """Full eval-set retrieval with the joint embeddings, COCO's protocol (Karpathy & Fei-Fei 2015):
+    every distinct image (by image id) queries all captions and is right when ANY of its captions
+    ranks in the top r; every caption queries all distinct images. Each rank ranks its own queries
+    against every rank's items (all-gathered); an image is queried by the rank holding its first row."""
     if not embeds:
         return
     image_NE = torch.cat([e[0] for e in embeds])
     text_NE = torch.cat([e[1] for e in embeds])
-    ids_NT = torch.cat([e[2] for e in embeds])
-    all_image = collectives.all_gather_rows(image_NE, device)
-    all_text = collectives.all_gather_rows(text_NE, device)
-    all_ids = collectives.all_gather_rows(ids_NT, device)  # right-padded with 0 to the widest rank's T
-    own = torch.nn.functional.pad(ids_NT, (0, all_ids.shape[1] - ids_NT.shape[1]))
-    n = own.shape[0]
-    # same[q, j]: item j's caption is token-identical to query q's (an identical caption is as right)
-    same_QN = (own[:, None, :] == all_ids[None, :, :]).all(-1)
-    _recall_counts(same_QN, image_NE @ all_text.T, "itc_i2t", add)
-    _recall_counts(same_QN, text_NE @ all_image.T, "itc_t2i", add)
-    add("itc_queries", n)
-    add("itc_chance_r1", (same_QN.sum(1).float() / all_ids.shape[0]).sum())
-    add("itc_pool", float(all_ids.shape[0]) * n)  # so the reduced mean pool size is N
+    ids_N = torch.cat([e[2] for e in embeds]).to(image_NE.device)
+    n = ids_N.shape[0]
+    all_image_ME = collectives.all_gather_rows(image_NE, device)
+    all_text_ME = collectives.all_gather_rows(text_NE, device)
+    all_ids_M = collectives.all_gather_rows(ids_N, device)
+    counts = collectives.all_gather_rows(torch.tensor([n], device=device), device)
+    rank = torch.distributed.get_rank() if collectives.world_size() > 1 else 0
+    start = int(counts[:rank].sum())
+    M = all_ids_M.shape[0]
+    _, inverse_M = torch.unique(all_ids_M, return_inverse=True)
+    first_U = torch.full((int(inverse_M.max()) + 1,), M, dtype=torch.long, device=all_ids_M.device).scatter_reduce(
+        0, inverse_M, torch.arange(M, device=all_ids_M.device), reduce="amin")
+    is_first_M = torch.zeros(M, dtype=torch.bool, device=all_ids_M.device)
+    is_first_M[first_U] = True
+    U = first_U.shape[0]
+    # image -> text: this rank's rows that are their image's first, against all M captions
+    query_N = is_first_M[start:start + n]
+    hit_QM = ids_N[query_N][:, None] == all_ids_M[None, :]
+    _recall_counts(hit_QM, image_NE[query_N] @ all_text_ME.T, "itc_i2t", add)
+    add("itc_image_queries", query_N.sum())
+    add("itc_i2t_chance_r1", (hit_QM.sum(1).float() / M).sum())
+    # text -> image: every caption of this rank against the U distinct images
+    hit_NU = ids_N[:, None] == all_ids_M[first_U][None, :]
+    _recall_counts(hit_NU, text_NE @ all_image_ME[first_U].T, "itc_t2i", add)
+    add("itc_text_queries", n)
+    add("itc_t2i_chance_r1", n / U)
+    add("itc_pool_captions", float(M) * n)  # so the reduced means are M and U
+    add("itc_pool_images", float(U) * n)
 
 
 def _blank(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -185,7 +221,7 @@ def _retrieval(model: Any, batch: dict[str, torch.Tensor], add: Any) -> None:
     visual = {c: batch[c].repeat_interleave(k, 0) for c in IMAGE_COLUMNS if c in batch and c != "image"}
     scores_KK = model.itm_logits(image.repeat_interleave(k, 0), ids.repeat(k, 1), mask.repeat(k, 1), visual)
     scores_KK = scores_KK.float().view(k, k)
-    same_KK = _same_text(ids)
+    same_KK = _same_image(batch)
     ranked_i2t = scores_KK.argsort(dim=1, descending=True)
     ranked_t2i = scores_KK.argsort(dim=0, descending=True).T  # row j = images ranked for caption j
     rows = torch.arange(k, device=scores_KK.device)
@@ -205,8 +241,8 @@ def _retrieval(model: Any, batch: dict[str, torch.Tensor], add: Any) -> None:
     add("chance_r1", (same_KK.sum(1).float() / k).sum())
 
 
-_COUNTS = ("batches", "samples", "itm_correct", "itm_pairs", "retrieval_queries", "itc_queries", "itc_pool",
-           "mlm_tokens", "mlm_grounded_tokens")
+_COUNTS = ("batches", "samples", "itm_correct", "itm_pairs", "retrieval_queries", "itc_image_queries",
+           "itc_text_queries", "itc_pool_captions", "itc_pool_images", "mlm_tokens", "mlm_grounded_tokens")
 
 
 def _reduce(raw: dict[str, float | Tensor], device: torch.device | str) -> dict[str, float]:
@@ -228,13 +264,17 @@ def _reduce(raw: dict[str, float | Tensor], device: torch.device | str) -> dict[
         out["chance_r1"] = sums["chance_r1"] / q
         out["itm_acc"] = sums["itm_correct"] / sums["itm_pairs"]
         out["candidates"] = float(round(q / n))
-    iq = sums.get("itc_queries", 0.0)
-    if iq:
+    iq, tq = sums.get("itc_image_queries", 0.0), sums.get("itc_text_queries", 0.0)
+    if tq:
         for k in keys:
-            if k.startswith(("itc_i2t", "itc_t2i")):
-                out[k] = sums[k] / iq
-        out["itc_chance_r1"] = sums["itc_chance_r1"] / iq
-        out["itc_candidates"] = float(round(sums["itc_pool"] / iq))
+            if k.startswith("itc_i2t"):
+                out[k] = sums[k] / max(iq, 1.0)
+            elif k.startswith("itc_t2i"):
+                out[k] = sums[k] / tq
+        out["itc_chance_r1"] = out["itc_i2t_chance_r1"]
+        out["itc_candidates"] = float(round(sums["itc_pool_captions"] / tq))  # captions each image ranks
+        out["itc_images"] = float(round(sums["itc_pool_images"] / tq))
+        out["captions_per_image"] = out["itc_candidates"] / max(out["itc_images"], 1.0)
     m, g = sums.get("mlm_tokens", 0.0), sums.get("mlm_grounded_tokens", 0.0)
     if "mlm_correct" in sums:
         out["mlm_token_acc"] = sums["mlm_correct"] / max(m, 1.0)

@@ -51,6 +51,7 @@ class WorkerJob:
     data_cpu_limit: float | None = None  # logical CPUs this rank's Ray Data executor may use; None = no limit
     ledger: Any = None  # the bad-sample ledger actor
     crash_while_writing: Any = None  # tests only: jobs.checkpoint.CrashWhileWriting
+    grounded_words: tuple[str, ...] = ()  # the dataset's grounded words (jobs.evaluate's MLM probe)
 
 
 def _bad_data(ledger: Any, cfg: RunConfig) -> dict[str, float]:
@@ -152,7 +153,7 @@ def train_func(config: dict[str, Any]) -> None:
         eval_stream = RankStream(job.eval_shards, spec, batch_size=cfg.eval.batch_size, rank=rank, world=world,
                                  seed=None, limit=per_rank, ray_remote_args=job.data_remote_args, pin_memory=pin)
         batches = synchronized_batches(eval_stream, device)
-        grounded = grounded_token_ids(spec.tokenizer_uri, spec.storage)  # MLM accuracy on grounded words
+        grounded = grounded_token_ids(spec.tokenizer_uri, job.grounded_words, spec.storage)  # MLM on grounded words
         return {f"eval/{k}": v for k, v in evaluate(engine.module, batches, device=device, dtype=trainer.dtype,
                                                      grounded_ids=grounded).items()}
 

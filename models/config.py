@@ -87,7 +87,8 @@ class ModelConfig(_Strict):
         "(VL-BERT's masked RoI classification), instead of zeroing the extracted feature; region inputs "
         "computed from pixels only (crop_pool, conv_stem); null = the preset's")
     object_tags: bool | None = Field(None, description="Oscar object-tag tokens from the object labels; null = the preset's")
-    object_classes: int = Field(4, ge=1, description="object label classes (shapes world: 4; BUTD/Visual Genome: 1600)")
+    object_classes: int = Field(4, ge=1, description="object label classes; unset: the run takes the data's "
+                                "(its object vocabulary; 1600 for BUTD/Visual Genome detector labels)")
     # pixel input
     pixel_channels: int | None = Field(None, ge=1, description="pixel CNN width = visual feature size (default 64)")
     pixel_sample: float | None = Field(None, gt=0, le=1, description="share of CNN grid cells kept in training "

@@ -49,28 +49,38 @@ def synth(
 
 @data_app.command("prepare")
 def prepare(
-    images: Annotated[str, typer.Option("--images", help="folder of images")],
-    captions: Annotated[str, typer.Option("--captions", help="CSV or JSON lines: image path + caption")],
     out: Annotated[str, typer.Option("--out", help="folder or s3://bucket/prefix for the shards")],
+    images: Annotated[str, typer.Option("--images", help="folder of images (img2dataset: its output folder)")] = "",
+    captions: Annotated[str, typer.Option("--captions", help="folder: CSV / JSON lines; coco: captions_*.json; "
+                                          "vg: region_descriptions.json; cc3m: the TSV")] = "",
+    layout: Annotated[str, typer.Option("--layout", help="folder, coco, vg, cc3m or img2dataset")] = "folder",
+    instances: Annotated[str, typer.Option("--instances", help="coco: instances_*.json (boxes, categories)")] = "",
+    objects: Annotated[str, typer.Option("--objects", help="vg: objects.json or attributes.json")] = "",
+    relationships: Annotated[str, typer.Option("--relationships", help="vg: relationships.json")] = "",
+    eval_images: Annotated[int, typer.Option("--eval-images", min=0, help="hold out this many images "
+                                             "(all their captions) into OUT/eval; the rest go to OUT/train")] = 0,
     samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", min=1, max=10000)] = 1000,
     vocab_size: Annotated[int, typer.Option("--vocab-size", min=64)] = 8000,
     endpoint_url: EndpointOpt = None,
 ) -> None:
-    """Convert an image folder + captions file into WebDataset shards and a tokenizer."""
-    from jobs.data.prepare import prepare as run_prepare
-    from jobs.data.prepare import read_captions
+    """Convert a dataset on disk (COCO, Visual Genome, CC3M, img2dataset, image folder) into
+    WebDataset shards, a tokenizer and a dataset card (what its samples carry: labels, scene graphs)."""
+    from jobs.data.datasets.layouts import Inputs
+    from jobs.data.datasets.layouts import prepare as run_prepare
     from jobs.storage import StorageOptions
 
+    inputs = Inputs(images=images, captions=captions, instances=instances, objects=objects,
+                    relationships=relationships)
     try:
-        total = sum(1 for _ in read_captions(captions))
-        with _progress(total, "writing shards") as progress:
-            res = run_prepare(images, captions, out, samples_per_shard=samples_per_shard, vocab_size=vocab_size,
-                              options=StorageOptions(endpoint_url=endpoint_url),
+        with _progress(0, "writing shards") as progress:
+            res = run_prepare(layout, inputs, out, samples_per_shard=samples_per_shard, vocab_size=vocab_size,
+                              eval_images=eval_images, options=StorageOptions(endpoint_url=endpoint_url),
                               progress=lambda n: progress.update(0, completed=n))
     except (OSError, ValueError) as exc:
         fail([str(exc)])
-    console.print(f"wrote {res.samples} samples in {len(res.shards)} shards, tokenizer {res.tokenizer}",
-                  soft_wrap=True, highlight=False)
+    held = f", {len(res.eval_shards)} eval shards" if res.eval_shards else ""
+    console.print(f"wrote {res.samples} samples of {res.images} images in {len(res.shards)} shards{held}, "
+                  f"tokenizer {res.tokenizer}, card {res.card}", soft_wrap=True, highlight=False)
     if res.skipped:
         console.print(f"skipped {len(res.skipped)} rows:", highlight=False)
         for path, reason in res.skipped[:20]:

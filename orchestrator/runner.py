@@ -58,6 +58,8 @@ class DataPlan:
     eval: list[str]
     tokenizer: str
     text: dict[str, int]
+    pipeline: dict[str, Any] = field(default_factory=dict)  # PipelineSpec fields the data decides
+    grounded_words: tuple[str, ...] = ()  # the dataset's object names: the MLM grounding probe
 
 
 @dataclass
@@ -131,12 +133,21 @@ def plan_data(cfg: RunConfig, files: RunFiles, console: Console | None = None) -
     tok_uri = _find_tokenizer(cfg, flat, files) or _train_tokenizer(cfg, flat, files, console or Console())
     from dataclasses import asdict
 
-    from jobs.data.synth import SCENE_GRAPH_WORDS
+    from jobs.data.datasets.use import plan_use
     from models import OBJECTIVES  # torch import: only once the shards and tokenizer are found
 
+    # What the data carries (its dataset card + a look at the first samples) decides labels, scene
+    # words and grounded words; an objective it cannot feed is refused here, one line each.
+    use = plan_use(cfg, train, opts)
+    if use.problems:
+        raise ConfigError(use.problems)
+    if use.object_classes is not None:
+        cfg.model.object_classes = use.object_classes  # left unset: the data's class count
+    for note in use.notes:
+        (console or Console()).print(note, highlight=False, soft_wrap=True)
     try:
-        # Scene-graph words: the shapes world's node vocabulary, as the tokenizer spells it (sgp).
-        spec = text_spec(load_tokenizer(tok_uri, opts), cfg.data.max_text_len, scene_words=SCENE_GRAPH_WORDS)
+        # Scene-graph words: the dataset's node vocabulary, as the tokenizer spells it (sgp).
+        spec = text_spec(load_tokenizer(tok_uri, opts), cfg.data.max_text_len, scene_words=use.facts.scene_words)
     except (ValueError, OSError) as exc:
         raise ConfigError([f"data.tokenizer = {tok_uri!r}: {exc}"]) from None
     # What an objective needs from the tokenizer (word pieces, scene words) is checked here, not
@@ -147,7 +158,8 @@ def plan_data(cfg: RunConfig, files: RunFiles, console: Console | None = None) -
     if problems:
         raise ConfigError(problems)
     text = asdict(spec)  # every TextSpec field: the workers rebuild it with TextSpec(**text)
-    return DataPlan(train=train, weights=[src.weight for src in sources], eval=evals, tokenizer=tok_uri, text=text)
+    return DataPlan(train=train, weights=[src.weight for src in sources], eval=evals, tokenizer=tok_uri, text=text,
+                    pipeline=use.pipeline, grounded_words=use.facts.grounded_words)
 
 
 class RunFiles:
@@ -232,25 +244,32 @@ def _ray_init(cfg: RunConfig, address: str | None) -> bool:
     return True
 
 
+def pipeline_spec(cfg: RunConfig, plan: DataPlan, files: RunFiles) -> Any:
+    """What every worker's Ray Data tasks need to turn this run's shards into batches."""
+    from jobs.data.pipeline import PipelineSpec
+
+    return PipelineSpec(tokenizer_uri=plan.tokenizer, image_size=cfg.data.image_size,
+                        max_text_len=cfg.data.max_text_len, max_objects=cfg.data.max_objects,
+                        storage=files.opts, image_column=cfg.data.image_column,
+                        caption_column=cfg.data.caption_column, **plan.pipeline)
+
+
 def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, ledger: Any,
              faults: dict[str, Any], own_ray: bool) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.data.pipeline import PipelineSpec
     from jobs.train_loop import WorkerJob, train_func
     from orchestrator.scaling import data_cpu_share, data_remote_args, pin_data_stats_to_driver, train_scaling
 
     pin_data_stats_to_driver()  # else Ray Data pins it to a GPU node, which then never scales down
-    spec = PipelineSpec(tokenizer_uri=plan.tokenizer, image_size=cfg.data.image_size,
-                        max_text_len=cfg.data.max_text_len, max_objects=cfg.data.max_objects,
-                        storage=files.opts, image_column=cfg.data.image_column,
-                        caption_column=cfg.data.caption_column)
+    spec = pipeline_spec(cfg, plan, files)
     fs, root = storage.filesystem_for(files.root, files.opts)
     # No `datasets=`: each worker builds its own deterministic Ray Data pipeline (jobs.data.stream),
     # so that its position in the data is exact and checkpointable.
     job = WorkerJob(run=cfg.to_dict(), text=plan.text, pipeline=spec, ledger=ledger, train_sources=plan.train,
                     train_weights=plan.weights, eval_shards=plan.eval, run_dir=files.uri,
+                    grounded_words=plan.grounded_words,
                     # where the workers' Ray Data tasks run (scaling.data_*: e.g. CPU nodes)
                     data_remote_args=data_remote_args(cfg.scaling),
                     data_cpu_limit=data_cpu_share(cfg.scaling) if own_ray else None, **faults)

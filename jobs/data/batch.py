@@ -6,12 +6,15 @@ Pipeline rows (numpy, per sample; `iter_torch_batches` stacks them):
     image           uint8   [B, C, H, W]   RGB, resized to data.image_size
     input_ids       int64   [B, T]         [CLS] caption [SEP] [PAD]...
     attention_mask  int64   [B, T]         1 = real token
-    obj_labels      int64   [B, R]         scene object class (jobs.data.synth.SHAPES index), -1 = none
+    obj_labels      int64   [B, R]         scene object class (index into the dataset's object
+                                           vocabulary, jobs.data.datasets), -1 = none / unknown
     obj_boxes       float32 [B, R, 4]      normalised x0, y0, x1, y1
     sample_id       int64   [B]            stable id of the sample key (pipeline.sample_id)
+    image_id        int64   [B]            which image the caption describes (the json's image_id,
+                                           else the sample): the retrieval ground truth
 
-Optional, only when the shards carry precomputed (BUTD-style) region features
-(`pipeline.precomputed_regions`; read by `model.region_source: precomputed`), F feature size:
+Only when the model reads precomputed (BUTD-style) region features (`model.region_source:
+precomputed`; KEY.npz or the json, `jobs.data.regions`), F = model.region_feature_size:
     region_feats    float32 [B, R, F]      detector features per region, zeros = no region
     region_boxes    float32 [B, R, 4]      normalised x0, y0, x1, y1 (zero box = no region)
     region_labels   int64   [B, R]         detector class per region, -1 = none

@@ -24,15 +24,11 @@ from typing import Any
 import numpy as np
 
 from jobs.data.reader import ReadSpec, ShardReport, iter_rows
-from jobs.data.synth import SHAPES
+from jobs.data.regions import region_columns
 from jobs.data.tokenizer import encode, load_tokenizer
 from jobs.storage import StorageOptions
 
 log = logging.getLogger(__name__)
-
-# Scene classes of the shapes world; real shards without a scene get -1 labels.
-_SHAPE_INDEX = {name: i for i, name in enumerate(SHAPES)}
-
 
 @dataclass(frozen=True)
 class PipelineSpec:
@@ -45,6 +41,12 @@ class PipelineSpec:
     storage: StorageOptions
     image_column: str = "jpg"
     caption_column: str = "caption"
+    # F of the precomputed region features the model reads (region_source: precomputed); 0 = none
+    region_feature_size: int = 0
+    # The dataset's object vocabulary (jobs.data.datasets): class name or synonym -> class id, and
+    # the scene-object field that holds the name. Objects whose name is not in it get label -1.
+    object_index: tuple[tuple[str, int], ...] = ()
+    object_key: str = "name"
 
     @property
     def read(self) -> ReadSpec:
@@ -97,83 +99,56 @@ def _tokenizer(uri: str, storage: StorageOptions):  # noqa: ANN202 - tokenizers.
     return load_tokenizer(uri, storage)
 
 
-def _scene(meta: str, max_objects: int) -> tuple[np.ndarray, np.ndarray]:
+def _scene(info: dict[str, Any], max_objects: int, names: dict[str, int], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The scene objects' classes (via the dataset's vocabulary) and normalised boxes."""
     labels = np.full((max_objects,), -1, dtype=np.int64)
     boxes = np.zeros((max_objects, 4), dtype=np.float32)
-    if not meta or max_objects == 0:
-        return labels, boxes
-    try:
-        info = json.loads(meta)
-    except json.JSONDecodeError:
-        return labels, boxes
     scene = info.get("scene") or {}
+    if max_objects == 0 or not scene:
+        return labels, boxes
     w = float(info.get("width") or 1.0)
     h = float(info.get("height") or 1.0)
     for i, obj in enumerate((scene.get("objects") or [])[:max_objects]):
-        labels[i] = _SHAPE_INDEX.get(obj.get("shape", ""), -1)
+        labels[i] = names.get(str(obj.get(key, "")).lower(), -1)
         x0, y0, x1, y1 = obj.get("bbox", (0, 0, 0, 0))
         boxes[i] = (x0 / w, y0 / h, x1 / w, y1 / h)
     return labels, boxes
 
 
-def precomputed_regions(meta: str, max_objects: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """BUTD-style precomputed region features of a sample, or None when it has none.
-
-    Read from the sample's metadata (the tar's KEY.json, or a Parquet shard's extra columns):
-    `features` [N, F], `boxes` [N, 4] x0 y0 x1 y1 (pixels of an image_w x image_h image, or already
-    normalised), optional `labels` [N] (detector classes) and `image_w`/`image_h` (else
-    `width`/`height`). Returns (feats [R, F], boxes [R, 4] normalised, labels [R], -1 = none) with
-    R = max_objects, truncated or zero-padded (a zero box is not a region).
-    """
-    if not meta or '"features"' not in meta:
-        return None
+def _meta(row: dict[str, Any]) -> dict[str, Any]:
     try:
-        info = json.loads(meta)
-        feats = np.asarray(info["features"], dtype=np.float32)
-        n = feats.shape[0]
-        boxes = np.asarray(info.get("boxes", np.zeros((n, 4))), dtype=np.float32).reshape(n, 4)
-        labels = np.asarray(info.get("labels", np.full(n, -1)), dtype=np.int64).reshape(n)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        log.warning("ignoring malformed region features (%s)", exc)
-        return None
-    if feats.ndim != 2:
-        return None
-    if boxes.size and boxes.max() > 1.0:
-        w = float(info.get("image_w") or info.get("width") or 1.0)
-        h = float(info.get("image_h") or info.get("height") or 1.0)
-        boxes = boxes / np.array([w, h, w, h], dtype=np.float32)
-    R = min(n, max_objects)
-    out_f = np.zeros((max_objects, feats.shape[1]), dtype=np.float32)
-    out_b = np.zeros((max_objects, 4), dtype=np.float32)
-    out_l = np.full((max_objects,), -1, dtype=np.int64)
-    out_f[:R], out_b[:R], out_l[:R] = feats[:R], np.clip(boxes[:R], 0.0, 1.0), labels[:R]
-    return out_f, out_b, out_l
-
-
-def _region_columns(metas: list[str], max_objects: int) -> dict[str, np.ndarray]:
-    """`region_feats`/`region_boxes`/`region_labels` when any sample of the batch has precomputed
-    features (rows without them get no real region); {} otherwise. A dataset should have them for
-    all samples or none: Ray Data cannot stack batches with different columns."""
-    found = [precomputed_regions(m, max_objects) for m in metas]
-    first = next((r for r in found if r is not None), None)
-    if first is None:
+        info = json.loads(row["meta"]) if row["meta"] else {}
+    except json.JSONDecodeError:
         return {}
-    n, F = len(metas), first[0].shape[1]
-    cols = {"region_feats": np.zeros((n, max_objects, F), dtype=np.float32),
-            "region_boxes": np.zeros((n, max_objects, 4), dtype=np.float32),
-            "region_labels": np.full((n, max_objects), -1, dtype=np.int64)}
-    for i, r in enumerate(found):
-        if r is not None and r[0].shape[1] == F:
-            cols["region_feats"][i], cols["region_boxes"][i], cols["region_labels"][i] = r
-    return cols
+    return info if isinstance(info, dict) else {}
+
+
+def image_id(info: dict[str, Any], key: str) -> int:
+    """Which image a sample's caption describes: the metadata's `image_id` (COCO: five captions
+    share one), else the sample itself. The retrieval ground truth (jobs.evaluate)."""
+    raw = info.get("image_id")
+    if raw is None:
+        return sample_id(key)
+    if isinstance(raw, int) and 0 <= raw < 1 << 62:
+        return raw
+    return sample_id(f"image:{raw}")
+
+
+@lru_cache(maxsize=4)
+def _names(index: tuple[tuple[str, int], ...]) -> dict[str, int]:
+    return dict(index)
 
 
 def _columns(rows: list[dict[str, Any]], spec: PipelineSpec) -> dict[str, np.ndarray]:
     n = len(rows)
     labels = np.full((n, spec.max_objects), -1, dtype=np.int64)
     boxes = np.zeros((n, spec.max_objects, 4), dtype=np.float32)
+    images = np.zeros((n,), dtype=np.int64)
+    names = _names(spec.object_index)
     for i, row in enumerate(rows):
-        labels[i], boxes[i] = _scene(row["meta"], spec.max_objects)
+        info = _meta(row)
+        labels[i], boxes[i] = _scene(info, spec.max_objects, names, spec.object_key)
+        images[i] = image_id(info, row["key"])
     ids, mask = encode(_tokenizer(spec.tokenizer_uri, spec.storage), [r["caption"] for r in rows], spec.max_text_len)
     return {
         "image": np.stack([r["image"] for r in rows]),
@@ -182,9 +157,10 @@ def _columns(rows: list[dict[str, Any]], spec: PipelineSpec) -> dict[str, np.nda
         "obj_labels": labels,
         "obj_boxes": boxes,
         "sample_id": np.array([sample_id(r["key"]) for r in rows], dtype=np.int64),
+        "image_id": images,
         "shard_pos": np.array([r["shard_pos"] for r in rows], dtype=np.int64),
         "offset": np.array([r["offset"] for r in rows], dtype=np.int64),
-    }
+    } | (region_columns(rows, spec.max_objects, spec.region_feature_size) if spec.region_feature_size else {})
 
 
 def build_dataset(items: list[dict[str, Any]], spec: PipelineSpec, *, seed: int | None, epoch: int,

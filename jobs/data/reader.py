@@ -67,6 +67,7 @@ class _Raw:
     image: bytes | None
     caption: str | None
     meta: str
+    npz: bytes | None = None  # KEY.npz: precomputed region features (jobs.data.regions)
 
 
 def _read_tar(data: bytes, report: ShardReport) -> list[_Raw]:
@@ -99,7 +100,7 @@ def _read_tar(data: bytes, report: ShardReport) -> list[_Raw]:
         image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
         text = parts.get("txt")
         out.append(_Raw(key, image, None if text is None else text.decode("utf-8", "replace"),
-                        parts.get("json", b"").decode("utf-8", "replace")))
+                        parts.get("json", b"").decode("utf-8", "replace"), parts.get("npz")))
     return out
 
 
@@ -213,6 +214,6 @@ def iter_rows(shard: str, spec: ReadSpec, *, seed: int | None = None, start: int
             log.warning("skipping %s in %s: corrupt image (%s)", raw.key, shard, exc)
             continue
         yield {"key": raw.key, "image": image, "caption": raw.caption.strip(),  # type: ignore[union-attr]
-               "meta": raw.meta, "offset": offset}
+               "meta": raw.meta, "npz": raw.npz, "offset": offset}
     if on_report is not None:
         on_report(report)

@@ -10,6 +10,7 @@ Output layout (img2dataset / WebDataset style):
     OUT/eval/00000.tar ...                                 keys numbered AFTER the train shards:
                                                            eval shard e uses shard number shards+e
     OUT/tokenizer.json   trained on all captions (train + eval)
+    OUT/dataset.json     the dataset card (jobs.data.datasets.shapes) + OUT/objects_vocab.txt
     OUT/manifest.json    written last: its presence marks a complete dataset
 """
 
@@ -298,6 +299,10 @@ def write_synthetic(
 
     tokenizer_uri = join(out, "tokenizer.json")
     save_tokenizer(train_tokenizer(captions, vocab_size=vocab_size), tokenizer_uri, options)
+    from jobs.data.datasets import shapes  # the plug-in: this world's card (labels, scene words)
+    from jobs.data.datasets.card import save_card
+
+    save_card(out, shapes.card(), shapes.classes(), options)
     result = SynthResult(
         train_shards=splits["train"],
         eval_shards=splits["eval"],

@@ -65,13 +65,15 @@ def _same_text(ids_BT: Tensor, mask_BT: Tensor) -> Tensor:
 
 def _pairs(batch: Mapping[str, Tensor], source_B: Tensor) -> dict[str, Tensor]:
     """Caption i with the image of sample source_B[i]; `itm_labels` [B] 1 = matched (the same
-    sample, or a sample whose caption is identical)."""
+    sample, the same image (`image_id`), or a sample whose caption is identical)."""
     view = encoder_inputs(batch)
     ids_BT, mask_BT = batch["input_ids"], batch["attention_mask"]
     for key in IMAGE_COLUMNS:  # the image travels with its boxes, classes and region features
         if key in batch:
             view[key] = batch[key][source_B]
     same_text_B = (ids_BT[source_B] == ids_BT).all(dim=1) & (mask_BT[source_B] == mask_BT).all(dim=1)
+    if "image_id" in batch:  # another caption's row showing the same image (COCO: 5 per image) is a match
+        same_text_B = same_text_B | (batch["image_id"][source_B] == batch["image_id"])
     view["itm_labels"] = same_text_B.long()
     return view
 

@@ -13,10 +13,11 @@ the three predictions share one view and one loss term, `sgp`; accuracy is repor
 (`sgp_obj_acc`, `sgp_attr_acc`, `sgp_rel_acc`; 0 for a type with no masked word in the batch).
 
 ERNIE-ViL parses each caption with a scene-graph parser (Anderson et al. 2016's SPICE parser) to
-find its nodes. The shapes world's captions are generated from its scenes, so the node words are
-known: `TextSpec.scene_*_ids` hold the word pieces of its shapes (objects), colours and sizes
-(attributes) and spatial words (relations), filled from the run's tokenizer (jobs/data/synth.py
-SCENE_GRAPH_WORDS). A word is of the type its first piece belongs to (object first, where a piece
+find its nodes. Here the node words come with the data: `TextSpec.scene_*_ids` hold the word
+pieces of the dataset's object names, attribute words and relation words (its dataset card's
+`scene_words`, collected from the scene json: Visual Genome's objects, attributes and
+relationships; the shapes world's shapes, colours and sizes, spatial words), filled from the
+run's tokenizer. A word is of the type its first piece belongs to (object first, where a piece
 is listed twice); other words are never masked by this objective.
 """
 
@@ -110,8 +111,8 @@ class SceneGraphPrediction(MaskedLanguageModeling):
             return []
         return [f"objective {cls.name!r} needs scene-graph words (TextSpec.scene_object_ids / scene_attribute_ids / "
                 "scene_relation_ids: the token ids of object, attribute and relation words), and this TextSpec has "
-                "none; a run fills them from its tokenizer and the shapes world's vocabulary "
-                "(jobs/data/synth.py SCENE_GRAPH_WORDS)"]
+                "none; a run fills them from its tokenizer and the dataset card's scene_words "
+                "(jobs/data/datasets/card.py)"]
 
     def forward(
         self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]

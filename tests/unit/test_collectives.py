@@ -93,7 +93,7 @@ def test_evaluation_reduction_and_gather_use_the_device(handed) -> None:  # noqa
     handed.clear()
     e = torch.zeros(3, 4, device=META)
     with pytest.raises(_Handed):
-        _itc_retrieval([(e, e, torch.zeros(3, 5, dtype=torch.long, device=META))], lambda *a: None, META)
+        _itc_retrieval([(e, e, torch.zeros(3, dtype=torch.long, device=META))], lambda *a: None, META)
     _assert_on_meta(handed)
 
 

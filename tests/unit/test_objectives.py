@@ -126,6 +126,18 @@ def test_itm_swap_with_an_identical_caption_is_labelled_matched() -> None:
     assert (view["itm_labels"] == 1).all()
 
 
+def test_itm_swap_with_another_caption_of_the_same_image_is_labelled_matched() -> None:
+    """COCO: five captions per image; a caption paired with its image from another row is a match."""
+    ids, mask = captions(6)
+    batch = {**image_batch(ids, mask), "image_id": torch.tensor([7, 7, 7, 9, 9, 9])}
+    view = itm_pairs_view(batch, TEXT, torch.Generator().manual_seed(0))
+    source = view["image"][:, 0, 0, 0].long()  # which row's image each caption now has
+    assert (source != torch.arange(6)).sum() == 3
+    same_image = batch["image_id"][source] == batch["image_id"]
+    assert view["itm_labels"].tolist() == same_image.long().tolist()
+    assert (same_image & (source != torch.arange(6))).any() and not same_image.all()  # both kinds of swap
+
+
 def test_itm_single_sample_batch_stays_matched() -> None:
     ids, mask = captions(1)
     view = itm_pairs_view(image_batch(ids, mask), TEXT)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from jobs.evaluate import _itc_retrieval, evaluate
+from jobs.evaluate import _itc_retrieval, _reduce, evaluate
 from models import build_pretrainer
 from models.config import MoEConfig
 from models.objectives.alignment import ipot, ot_distance
@@ -94,10 +94,34 @@ def test_itc_retrieval_of_perfect_embeddings_is_recall_one() -> None:
         sums[k] = sums.get(k, 0.0) + float(v)
 
     eye = torch.eye(12)
-    ids = torch.arange(12)[:, None].repeat(1, 3)  # 12 distinct captions
+    ids = torch.arange(12)  # 12 distinct images, one caption each
     _itc_retrieval([(eye[:6], eye[:6], ids[:6]), (eye[6:], eye[6:], ids[6:])], add, "cpu")
-    assert sums["itc_i2t_r1"] == 12 and sums["itc_t2i_r1"] == 12 and sums["itc_queries"] == 12
-    assert sums["itc_chance_r1"] == pytest.approx(1.0)  # 12 queries x 1/12
+    assert sums["itc_i2t_r1"] == 12 and sums["itc_t2i_r1"] == 12 and sums["itc_text_queries"] == 12
+    assert sums["itc_image_queries"] == 12
+    assert sums["itc_i2t_chance_r1"] == pytest.approx(1.0)  # 12 queries x 1/12
+
+
+def test_itc_retrieval_counts_every_caption_of_an_image() -> None:
+    """COCO: 4 images x 5 captions. An image is one query (not five), right when ANY of its five
+    captions ranks first; each caption queries the 4 distinct images (ground truth: the image id)."""
+    sums: dict[str, float] = {}
+
+    def add(k: str, v: float) -> None:
+        sums[k] = sums.get(k, 0.0) + float(v)
+
+    image_ids = torch.arange(4).repeat_interleave(5)  # rows: (image, caption) pairs, 5 per image
+    images = torch.eye(4)[image_ids]
+    texts = images.clone()
+    texts[0:5] *= 0.5  # image 0's captions match it weakly ...
+    texts[5] = torch.tensor([0.9, 1.0, 0.0, 0.0])  # ... and one of image 1's matches it better
+    _itc_retrieval([(images, texts, image_ids)], add, "cpu")
+    out = _reduce({**sums, "batches": 1.0}, "cpu")
+    assert sums["itc_image_queries"] == 4 and sums["itc_text_queries"] == 20
+    assert out["itc_candidates"] == 20 and out["itc_images"] == 4 and out["captions_per_image"] == 5.0
+    # image 0 ranks image 1's caption first (a miss at R@1), then its own four: a hit at R@5
+    assert out["itc_i2t_r1"] == 0.75 and out["itc_i2t_r5"] == 1.0
+    assert out["itc_t2i_r1"] == 1.0  # every caption, image 1's included, still ranks its image first
+    assert out["itc_i2t_chance_r1"] == pytest.approx(5 / 20) and out["itc_t2i_chance_r1"] == pytest.approx(1 / 4)
 
 
 def test_evaluate_reports_grounded_and_blind_mlm_and_itm_retrieval() -> None:

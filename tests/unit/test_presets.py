@@ -397,7 +397,7 @@ def test_quickstart_with_clip_is_a_config_error_naming_the_fitting_objectives() 
 def test_precomputed_regions_are_parsed_from_sample_metadata() -> None:
     import json
 
-    from jobs.data.pipeline import precomputed_regions
+    from jobs.data.regions import precomputed_regions
 
     meta = json.dumps({"features": [[1.0, 2.0], [3.0, 4.0]], "boxes": [[0, 0, 50, 100], [50, 0, 100, 50]],
                        "labels": [7, 9], "image_w": 100, "image_h": 100})
