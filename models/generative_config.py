@@ -24,7 +24,7 @@ class DVAEConfig(_Strict):
                             "256px -> 32x32 tokens)")
     channels: int = Field(64, ge=4, description="width of the conv encoder and decoder")
     codebook_dim: int = Field(64, ge=2, description="size of each codebook vector the decoder reads")
-    kl_weight: float = Field(1e-3, ge=0, description="beta of reconstruction + beta * KL(q || uniform)")
+    kl_weight: float = Field(0.02, ge=0, description="beta of reconstruction + beta * KL(q || uniform)")
     kl_warmup_steps: int = Field(0, ge=0, description="beta rises linearly from 0 over this many training "
                                  "forwards (DALL-E ramps it over 5000 updates); 0 = constant")
     temperature_start: float = Field(1.0, gt=0, description="Gumbel-softmax temperature at step 0 (DALL-E: 1)")

@@ -53,7 +53,9 @@ def load_run(run_dir: Path, preset: str | None = None) -> LoadedRun:
     # the TextSpec the run's workers built (same tokenizer, same scene words): same vocabulary and ids
     text = text_spec(tok, cfg.data.max_text_len, scene_words=SCENE_GRAPH_WORDS)
     image = ImageSpec(size=cfg.data.image_size, max_objects=cfg.data.max_objects)
-    model = build_pretrainer(cfg.model, cfg.moe, cfg.active_objectives, text, image)
+    # one process holds every expert: the consolidated checkpoint has all E, whatever ep_size trained them
+    moe = cfg.moe.model_copy(update={"ep_size": 1}) if cfg.moe.enabled else cfg.moe
+    model = build_pretrainer(cfg.model, moe, cfg.active_objectives, text, image)
     state = consolidate(str(latest_checkpoint(run_dir)), cfg.deepspeed.zero_stage)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
