@@ -202,3 +202,40 @@ def test_generation_probe_reports_rates_against_references() -> None:
         assert 0.0 <= out[f"{prefix}_match_rate"] <= 1.0
     assert out["real_match_rate"] == 0.0  # random pixels show no red circle
     assert out["dvae_recon_mse"] > 0
+
+
+def test_frozen_dvae_loads_the_dvae_runs_weights(tmp_path) -> None:  # noqa: ANN001
+    from safetensors.torch import save_file
+
+    from jobs.generative.frozen_dvae import dvae_tensors, load_frozen_dvae
+
+    torch.manual_seed(3)
+    stage1 = build_pretrainer(tiny("dvae"), MoEConfig(), None, TEXT, IMAGE)
+    path = tmp_path / "dvae.safetensors"
+    save_file(dvae_tensors(stage1.state_dict()), str(path))
+    model = dalle()
+    cfg = tiny("dalle", dalle={"dvae_weights": str(path)})
+    assert load_frozen_dvae(model, cfg) == len(dvae_tensors(stage1.state_dict()))
+    torch.testing.assert_close(model.encoder.vae.codebook_Ke, stage1.encoder.vae.codebook_Ke)
+    assert not any(p.requires_grad for p in model.encoder.vae.parameters())
+    with pytest.raises(ValueError, match="model.dalle.dvae_weights is not set"):
+        load_frozen_dvae(model, tiny("dalle"))
+
+
+def test_clip_scores_rank_images_by_cosine() -> None:
+    from jobs.config import RunConfig
+    from jobs.data.tokenizer import text_spec, train_tokenizer
+    from orchestrator.generate import LoadedRun, clip_scores
+
+    tok = train_tokenizer(["a small red circle", "a large blue square"] * 20, vocab_size=64)
+    cfg = RunConfig.model_validate({"data": {"image_size": 16, "max_text_len": 8},
+                                    "model": {"preset": "clip", "hidden_size": 16, "num_layers": 1, "num_heads": 2},
+                                    "moe": {"num_experts": 0}, "objectives": {"itc": 1.0}})
+    text = text_spec(tok, 8)
+    model = build_pretrainer(cfg.model, cfg.moe, cfg.active_objectives, text, ImageSpec(size=16)).eval()
+    clip = LoadedRun(cfg=cfg, model=model, tokenizer=tok, text=text)
+    images = torch.rand(4, 3, 32, 32) * 2 - 1  # resized to the CLIP run's 16 px
+    scores = clip_scores(clip, images, "a small red circle")
+    assert len(scores) == 4 and all(-1.0 <= s <= 1.0 for s in scores)
+    same = clip_scores(clip, images[[2, 2]], "a small red circle")
+    assert same[0] == pytest.approx(scores[2], abs=1e-5)
