@@ -50,6 +50,8 @@ def resolve_dalle(cfg: RunConfig, run_uri: str, opts: storage.StorageOptions | N
     if not tensors:
         raise ConfigError([f"model.dalle.dvae = {dalle.dvae!r}: {checkpoint.name} holds no dVAE weights"])
     uri = storage.join(run_uri, WEIGHTS_FILE)
+    if not storage.is_remote(uri):  # the workers run in Ray's own working directory
+        uri = str(Path(uri).absolute())
     data = save({k: v.contiguous() for k, v in tensors.items()},
                 metadata={"mmpt.dvae_run": str(run_dir), "mmpt.checkpoint": checkpoint.name})
     storage.write_bytes(uri, data, opts)
