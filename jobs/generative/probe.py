@@ -8,6 +8,8 @@ batch) and judged by jobs/generative/scene_check.py. The same captions are also 
 three references, each counted the same way:
 - `random`: images decoded from uniformly random dVAE tokens (what an untrained decoder draws);
 - `real`: the eval images themselves (the judge's ceiling on this pipeline's images);
+- `recon`: the frozen dVAE's reconstructions of the eval images (the ceiling of any image the
+  decoder can produce through this dVAE);
 - `shuffled`: real images of other captions of the batch (a model that draws good scenes but ignores
   the text).
 Hits are counted per reference and turned into rates by evaluate's reduction: `gen_match_rate`,
@@ -30,7 +32,7 @@ from jobs.generative.scene_check import check
 GENERATE_TOP_K = 32  # the CLI's defaults too (orchestrator/generate.py)
 GENERATE_TEMPERATURE = 1.0
 PROBE_SEED = 4321
-REFERENCES = ("gen", "random", "real", "shuffled")
+REFERENCES = ("gen", "random", "real", "recon", "shuffled")
 
 
 def to_uint8(image_BCHW: Tensor) -> np.ndarray:
@@ -77,6 +79,7 @@ def generation_probe(model: Any, batch: dict[str, Tensor], captions: Callable[[T
     _judge(real_u8, texts, "real", add)
     _judge(np.roll(real_u8, 1, axis=0), texts, "shuffled", add)
     recon = encoder.decode(encoder.tokenize_image(real))
+    _judge(to_uint8(recon), texts, "recon", add)
     add("gen_dvae_se", torch.nn.functional.mse_loss(recon.float(), real.float(), reduction="sum") / real[0].numel())
     add("gen_samples", float(n))
     return n

@@ -51,7 +51,7 @@ def test_dvae_then_dalle_then_generate(ray_session, shapes_data, tmp_path) -> No
     assert set(summary2["final_losses"]) == {"dalle", "moe_aux", "total"}
     ev = summary2["eval"]
     assert ev["gen_samples"] == 8 and ev["dvae_recon_mse"] > 0
-    for ref in ("gen", "random", "real", "shuffled"):
+    for ref in ("gen", "random", "real", "recon", "shuffled"):
         assert 0.0 <= ev[f"{ref}_match_rate"] <= 1.0 and math.isfinite(ev[f"{ref}_color_match_rate"])
     assert ev["real_match_rate"] >= 0.75  # the judge reads the pipeline's own images
     resolved = yaml.safe_load((dalle_dir / "config.yaml").read_text())["model"]

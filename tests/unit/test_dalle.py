@@ -198,7 +198,7 @@ def test_generation_probe_reports_rates_against_references() -> None:
     assert made == 2 and sums["gen_samples"] == 2
     out: dict[str, float] = {}
     reduce_probe(sums, out)
-    for prefix in ("gen", "random", "real", "shuffled"):
+    for prefix in ("gen", "random", "real", "recon", "shuffled"):
         assert 0.0 <= out[f"{prefix}_match_rate"] <= 1.0
     assert out["real_match_rate"] == 0.0  # random pixels show no red circle
     assert out["dvae_recon_mse"] > 0
