@@ -137,6 +137,8 @@ def main() -> None:
     moe = MoEConfig()
     enc_steps, pre_steps, enc_params, pre_params, tokens = {}, {}, {}, {}, {}
     for name in PRESETS:
+        if PRESETS[name].family in ("dvae", "dalle"):  # no text/image encoder outputs to time
+            continue
         cfg = ModelConfig(preset=name, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                           mlp_ratio=args.mlp_ratio, dropout=0.0)
         enc_steps[name], enc_params[name] = encoder_step(cfg, moe, text, image, batch)
@@ -155,6 +157,8 @@ def main() -> None:
     print("-" * len(head))
     best_pre_vilt = args.batch / min(pre["vilt"])
     for name, preset in PRESETS.items():
+        if name not in enc:
+            continue
         e, p = enc[name], pre[name]
         enc_sps = f"{args.batch / min(e):.0f} ({args.batch / statistics.median(e):.0f})"
         pre_sps = f"{args.batch / min(p):.0f} ({args.batch / statistics.median(p):.0f})"

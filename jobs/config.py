@@ -134,6 +134,8 @@ class EvalConfig(_Strict):
     every: int = Field(0, ge=0, description="steps between held-out evaluations; 0 = only at the end")
     max_samples: int = Field(512, ge=1)
     batch_size: int = Field(16, ge=2, description="also the retrieval candidate set size")
+    generate_samples: int = Field(32, ge=0, description="DALL-E runs: eval captions an image is generated for "
+                                  "and judged against (jobs/generative/probe.py); 0 = none")
 
 
 class MLflowTracking(_Strict):
@@ -241,6 +243,11 @@ def cross_check(cfg: RunConfig) -> list[tuple[str, Any, str]]:
         problems += cfg.moe.layer_problems(resolve(cfg.model).depth)
     else:
         problems += cfg.moe.layer_problems(cfg.model.num_layers)
+    if cfg.model.preset in ("dvae", "dalle"):  # the dVAE's grid must tile the images
+        from models.generative_config import image_problems
+
+        problems += [("model.dvae.downsample", cfg.model.dvae.downsample, p) for p in
+                     image_problems(cfg.model.dvae, cfg.data.image_size)]
     if cfg.data.image_size % cfg.model.patch_size != 0:
         problems.append(("model.patch_size", cfg.model.patch_size,
                          f"must divide data.image_size={cfg.data.image_size}"))

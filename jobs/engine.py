@@ -101,10 +101,13 @@ def build_engine(cfg: RunConfig, model: nn.Module):  # noqa: ANN201 - deepspeed.
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     # model.init: pretrained unimodal weights, before DeepSpeed wraps (and ZeRO-3 partitions) the model
+    from jobs.generative.frozen_dvae import load_frozen_dvae
     from jobs.pretrained.load import load_pretrained
     from jobs.storage import StorageOptions
 
-    load_pretrained(model, cfg.model, StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region))
+    opts = StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    load_pretrained(model, cfg.model, opts)
+    load_frozen_dvae(model, cfg.model, opts)  # preset dalle: the dVAE run's weights, frozen
     groups = param_groups(model, cfg.train.weight_decay)
     if cfg.moe.enabled:
         # Expert parameters must sit in their own groups so ZeRO reduces them over the

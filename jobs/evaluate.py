@@ -18,6 +18,9 @@ Metrics (keys of the returned dict; the train loop prefixes `eval/`):
   text-only control `mlm_blind_acc` / `mlm_blind_grounded_acc`: the same masks with the image
   blanked (pixels zero, every visual token masked, scene labels dropped); `mlm_grounding_gain` =
   grounded minus blind grounded accuracy, what looking at the image buys.
+- DALL-E models, when `captions` decodes token ids and `generate_samples` > 0: images generated for
+  the first eval captions, judged against them on the shapes world (jobs/generative/probe.py:
+  `gen_match_rate` and its random / real / shuffled references, `dvae_recon_mse`).
 
 Retrieval ranks, for each image of an eval batch, the K captions of that batch by ITM score
 (image-to-text), and for each caption the K images (text-to-image): R@1 over candidate sets of K,
@@ -33,7 +36,7 @@ all-to-all requires.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -84,7 +87,8 @@ def _same_image(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32, max_batches: int | None = None,
-             grounded_ids: Sequence[int] = ()) -> dict[str, float]:
+             grounded_ids: Sequence[int] = (), captions: Callable[[Tensor], list[str]] | None = None,
+             generate_samples: int = 0) -> dict[str, float]:
     """Metrics over `batches` (each of K samples), summed over ranks when distributed.
 
     Counts are kept as device tensors and read back once, by the final all-reduce."""
@@ -97,6 +101,9 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
     grounded = torch.tensor(sorted(set(grounded_ids)), dtype=torch.long, device=device)
     embeds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     sums: dict[str, float | Tensor] = {}
+    from jobs.generative.probe import PROBE_SEED, generation_probe, is_generative
+
+    to_generate = generate_samples if captions is not None and is_generative(model) else 0
 
     def add(name: str, value: float | Tensor) -> None:
         if isinstance(value, Tensor):
@@ -121,6 +128,8 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
             embeds.append((out_enc["image_embed"].float(), out_enc["text_embed"].float(), ids_K))
         if has_mlm:
             _mlm_probe(model, batch, grounded, add, seed=MLM_EVAL_SEED + i)
+        if to_generate > 0 and captions is not None:
+            to_generate -= generation_probe(model, batch, captions, add, limit=to_generate, seed=PROBE_SEED + i)
     if has_itc:
         _itc_retrieval(embeds, add, device)
     if was_training:
@@ -251,7 +260,8 @@ def _reduce(raw: dict[str, float | Tensor], device: torch.device | str) -> dict[
     n = max(sums.get("batches", 0.0), 1.0)
     out: dict[str, float] = {}
     for k in keys:
-        if k in _COUNTS or k.startswith(("i2t", "t2i", "chance", "itc_i2t", "itc_t2i", "itc_chance")):
+        if k in _COUNTS or k.startswith(("i2t", "t2i", "chance", "itc_i2t", "itc_t2i", "itc_chance", "gen_")) \
+                or k.endswith("_hits"):
             continue
         if k.startswith("mlm") and (k.endswith("_correct")):
             continue
@@ -284,5 +294,8 @@ def _reduce(raw: dict[str, float | Tensor], device: torch.device | str) -> dict[
             out["mlm_grounded_acc"] = sums["mlm_grounded_correct"] / g
             out["mlm_blind_grounded_acc"] = sums["mlm_blind_grounded_correct"] / g
             out["mlm_grounding_gain"] = out["mlm_grounded_acc"] - out["mlm_blind_grounded_acc"]
+    from jobs.generative.probe import reduce_probe
+
+    reduce_probe(sums, out)
     out["samples"] = sums.get("samples", 0.0)
     return out

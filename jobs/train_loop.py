@@ -154,8 +154,12 @@ def train_func(config: dict[str, Any]) -> None:
                                  seed=None, limit=per_rank, ray_remote_args=job.data_remote_args, pin_memory=pin)
         batches = synchronized_batches(eval_stream, device)
         grounded = grounded_token_ids(spec.tokenizer_uri, job.grounded_words, spec.storage)  # MLM on grounded words
+        from jobs.generative.probe import caption_decoder  # DALL-E: captions judged against generated images
+
+        per_rank_gen = -(-cfg.eval.generate_samples // world)
         return {f"eval/{k}": v for k, v in evaluate(engine.module, batches, device=device, dtype=trainer.dtype,
-                                                     grounded_ids=grounded).items()}
+                                                     grounded_ids=grounded, generate_samples=per_rank_gen,
+                                                     captions=caption_decoder(spec.tokenizer_uri, spec.storage)).items()}
 
     while state.step < cfg.train.steps:
         t_wait = time.perf_counter()

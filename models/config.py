@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from models._schema import _Strict
+from models.generative_config import DalleConfig, DVAEConfig
 from models.moe.config import MoEConfig
 
 __all__ = ["AdversarialConfig", "Family", "ImageSpec", "ModelConfig", "MoEConfig", "PretrainedInit", "RegionSource",
@@ -27,7 +28,9 @@ __all__ = ["AdversarialConfig", "Family", "ImageSpec", "ModelConfig", "MoEConfig
 #   coattention  text-only layers, then co-attention blocks between two streams (ViLBERT)
 #   cross        language + object encoders, then cross-modality layers (LXMERT)
 #   dual         two separate towers meeting only in a contrastive loss (CLIP)
-Family = Literal["single", "interaction", "coattention", "cross", "dual"]
+#   dvae         a discrete VAE: image -> grid of codebook tokens -> image (DALL-E stage 1)
+#   dalle        one causal decoder over [text tokens; dVAE image tokens] (DALL-E stage 2)
+Family = Literal["single", "interaction", "coattention", "cross", "dual", "dvae", "dalle"]
 # What a visual token is (models/visual.py): an image patch, an object region, a CNN grid cell.
 VisualKind = Literal["patch", "region", "pixel"]
 # Where region features come from: pooled pixels of the box crop, a small conv stem trained with
@@ -41,7 +44,11 @@ FAMILY_FIELDS: dict[str, frozenset[str]] = {
     "coattention": frozenset({"text_layers", "cross_layers"}),
     "cross": frozenset({"text_layers", "visual_layers", "cross_layers"}),
     "dual": frozenset({"text_layers", "visual_layers", "embed_dim"}),
+    "dvae": frozenset(),
+    "dalle": frozenset(),
 }
+# Sections only the generative families read (set elsewhere = "does not fit").
+GENERATIVE_SECTIONS: dict[str, frozenset[str]] = {"dvae": frozenset({"dvae"}), "dalle": frozenset({"dvae", "dalle"})}
 # Which optional fields each visual input uses.
 VISUAL_FIELDS: dict[str, frozenset[str]] = {
     "patch": frozenset(),
@@ -103,6 +110,8 @@ class ModelConfig(_Strict):
                                   "(itc: CLIP's towers, single-stream unimodal passes); null = hidden_size")
     init: PretrainedInit = Field(default_factory=PretrainedInit, description="start from pretrained "
                                  "unimodal weights: {text: BERT folder, vision: ViT folder}; default: random init")
+    dvae: DVAEConfig = Field(default_factory=DVAEConfig, description="the discrete VAE (presets dvae, dalle)")
+    dalle: DalleConfig = Field(default_factory=DalleConfig, description="the DALL-E transformer stage (preset dalle)")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -145,6 +154,10 @@ class ModelConfig(_Strict):
         if self.init.vision and visual != "patch":
             out.append(f"init.vision={self.init.vision!r} needs patch visual input (a ViT starts the patch "
                        f"embeddings); preset {self.preset!r} takes {visual} input")
+        for section, default in (("dvae", DVAEConfig()), ("dalle", DalleConfig())):
+            if section not in GENERATIVE_SECTIONS.get(preset.family, ()) and getattr(self, section) != default:
+                out.append(f"model.{section} does not fit preset {self.preset!r} ({preset.family} encoder); "
+                           f"it configures presets {', '.join(p for p, s in GENERATIVE_SECTIONS.items() if section in s)}")
         if preset.family == "dual" and 0 in (self.text_layers, self.visual_layers):
             out.append("text_layers/visual_layers=0: a dual encoder needs both towers; allowed: >= 1")
         return out

@@ -91,15 +91,19 @@ def build_pretrainer(
     needs = frozenset().union(*(cls.requires for cls in classes.values()))
     encoder = encoder_cls(model, blocks, moe, text, image, needs)
     feature_size = encoder.visual_embeddings.feature_size if encoder._visual_name is not None else 0
-    ctx = ObjectiveContext(hidden_size=model.hidden_size, text=text, word_embeddings=encoder.word_embeddings,
+    # The dVAE has no text embeddings (getattr's default: its property raises AttributeError).
+    ctx = ObjectiveContext(hidden_size=model.hidden_size, text=text, word_embeddings=getattr(encoder, "word_embeddings", None),
                            object_classes=model.object_classes, visual_feature_size=feature_size)
     pretrainer = Pretrainer(
         encoder,
-        {name: cls(ctx) for name, cls in classes.items()},
+        # An objective configured by the model section (model.dalle's loss weights) has `from_config`.
+        {name: cls.from_config(ctx, model) if hasattr(cls, "from_config") else cls(ctx) for name, cls in classes.items()},
         weights,
         text,
         preset=preset.name,
-        visual_tokens=visual_tokens(model, blocks, image),
+        # the generative families know their image tokens (the dVAE grid); others count patches/regions
+        visual_tokens=getattr(encoder, "num_image_tokens", None) or getattr(encoder, "tokens_per_sample", None)
+        or visual_tokens(model, blocks, image),
     )
     init_weights(pretrainer)
     return pretrainer

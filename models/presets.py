@@ -33,6 +33,8 @@ FAMILY_NAMES: dict[str, str] = {
     "coattention": "co-attention",
     "cross": "cross-modality",
     "dual": "dual encoder",
+    "dvae": "discrete VAE",
+    "dalle": "causal decoder",
 }
 
 
@@ -94,6 +96,8 @@ class Blocks:
             "coattention": self.text + 2 * self.cross,
             "cross": max(self.text, self.visual_layers) + self.cross,
             "dual": max(self.text, self.visual_layers),
+            "dvae": 0,
+            "dalle": self.joint,
         }[self.family]
 
 
@@ -103,8 +107,10 @@ def _layers(cfg: ModelConfig, family: Family) -> tuple[int, int, int, int]:
     `num_layers` is the depth of the text path; the split follows each paper's proportions.
     """
     L = cfg.num_layers
-    if family == "single":
+    if family in ("single", "dalle"):  # DALL-E: one decoder over [text; image tokens]
         return L, 0, 0, 0
+    if family == "dvae":  # no transformer: a conv encoder and decoder (models/encoders/dvae.py)
+        return 0, 0, 0, 0
     if family == "interaction":
         # InterBERT: a single-stream interaction module, then one extraction stream per modality.
         text = cfg.text_layers if cfg.text_layers is not None else max(1, L // 3)
@@ -285,6 +291,28 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
             "MLM, masked region modelling) and generation (seq2seq: the caption attends causally to "
             "itself and fully to the image, the image never to the caption; our caption objective), "
             f"plus cross-modal contrastive learning (cmcl). {_BUTD}; no text-only or image-only corpora.",
+    ),
+    Preset(
+        name="dvae", paper="Ramesh et al. 2021", family="dvae", visual_inputs=("patch",),
+        objectives=_objectives(dvae=1.0),
+        doc="DALL-E stage 1 (Ramesh et al. 2021, 'Zero-Shot Text-to-Image Generation', §2.1): a discrete "
+            "VAE whose conv encoder gives each cell of an (image/downsample)^2 grid logits over a codebook of "
+            "K entries; training samples the cells with the Gumbel-softmax relaxation (temperature "
+            "annealed by a cosine from 1 to 1/16), the decoder reads the mixed codebook vectors, loss = "
+            "reconstruction + beta * KL(q || uniform prior). Evaluation encodes with argmax (the tokens "
+            "stage 2 sees). MSE stands in for the paper's logit-Laplace likelihood, and a small conv net "
+            "with residual blocks for its ResNet; model.dvae sizes it.",
+    ),
+    Preset(
+        name="dalle", paper="Ramesh et al. 2021", family="dalle", visual_inputs=("patch",),
+        objectives=_objectives(dalle=1.0),
+        doc="DALL-E stage 2 (Ramesh et al. 2021, §2.2): one decoder-only transformer over [caption tokens; "
+            "image tokens of a frozen dVAE checkpoint (model.dalle.dvae)], every token attending causally "
+            "to all before it; text and image cross-entropy weighted 1/8 : 7/8 as in the paper. Padded "
+            "caption positions stay in the sequence, each with its own position embedding (the paper's "
+            "per-position padding tokens); image tokens get row and column embeddings. Separate text and "
+            "image output heads stand in for the paper's one logit layer over both vocabularies. "
+            "`mmpt generate` samples (top-k, temperature) and reranks with a CLIP run.",
     ),
 )}
 

@@ -316,6 +316,9 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     check_clients(cfg)
     plan = plan_data(cfg, files, out)
     init = _plan_init(cfg, plan, files, out)
+    from orchestrator.dalle_plan import resolve_dalle
+
+    cfg = resolve_dalle(cfg, files.uri, files.opts)  # preset dalle: the frozen dVAE's weights and shape
     config_yaml = dump_yaml(cfg)
     storage.write_text(files.path("config.yaml"), config_yaml, files.opts)
     log_dir = files.local_log_dir()

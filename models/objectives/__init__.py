@@ -4,6 +4,8 @@ from models.objectives.alignment import WordPatchAlignment, WordRegionAlignment
 from models.objectives.base import IGNORE_INDEX, Objective, ObjectiveContext, View
 from models.objectives.captioning import Captioning, caption_view
 from models.objectives.contrastive import ImageTextContrastive, clean_view
+from models.objectives.dalle import DalleLoss
+from models.objectives.dvae import DVAELoss
 from models.objectives.masked import (
     MaskedLanguageModeling,
     MaskedSegmentModeling,
@@ -46,6 +48,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
         MaskedRegionClassificationKL,
         WordRegionAlignment,
         WordPatchAlignment,
+        DVAELoss,
+        DalleLoss,
     )
 }
 
@@ -66,6 +70,8 @@ __all__ = [
     "OBJECTIVES",
     "VIEWS",
     "Captioning",
+    "DVAELoss",
+    "DalleLoss",
     "ImageTextContrastive",
     "ImageTextMatching",
     "ImageTextMatchingHard",
