@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,14 +76,14 @@ class CrashWhileWriting:
         os._exit(1)
 
 
-@contextmanager
-def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any],
-           crash: CrashWhileWriting | None = None) -> Iterator[str]:
-    """Write this rank's part of a checkpoint into a temporary folder and yield its path.
+def stage(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any],
+          crash: CrashWhileWriting | None = None) -> str:
+    """Write this rank's part of a checkpoint into a new temporary folder; the caller owns (deletes) it.
 
-    Collective: every rank must enter it at the same step (DeepSpeed's save synchronises).
+    Collective: every rank must call it at the same step (DeepSpeed's save synchronises).
     """
-    with tempfile.TemporaryDirectory(prefix="mmpt-ckpt-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="mmpt-ckpt-")
+    try:
         engine.save_checkpoint(tmp, tag=DS_TAG)
         payload = {"rng": _rng_state(), "data_position": data_position}
         if crash is not None and crash.due(state.step, rank):
@@ -90,7 +91,44 @@ def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str,
         torch.save(payload, os.path.join(tmp, rank_file(rank)))
         if rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def report(metrics: dict[str, Any], engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any], *,
+           background: bool, crash: CrashWhileWriting | None = None) -> None:
+    """`ray.train.report` with this rank's part of a checkpoint of `state.step`.
+
+    background: Ray Train uploads the part from a thread (CheckpointUploadMode.ASYNC) and the step
+    loop goes on; each rank's report reaches the controller only once its upload is done, and the
+    controller registers a checkpoint only when every rank has reported it, so a checkpoint that
+    a resume can pick is always complete. The local folder is deleted after its upload, either way.
+    Only the write to local disk (DeepSpeed's save, the RNG, the data position) stays on the step.
+    """
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    folder = stage(engine, state, rank, data_position, crash)
+    mode = CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                     checkpoint_dir_name=dir_name(state.step), checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True)
+
+
+@contextmanager
+def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any],
+           crash: CrashWhileWriting | None = None) -> Iterator[str]:
+    """Write this rank's part of a checkpoint into a temporary folder and yield its path.
+
+    Collective: every rank must enter it at the same step (DeepSpeed's save synchronises).
+    """
+    tmp = stage(engine, state, rank, data_position, crash)
+    try:
         yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rank_file(rank: int) -> str:
