@@ -137,11 +137,14 @@ class RankStream:
         return self.position.epoch
 
     def describe(self) -> str:
-        """What the next batch waits on, for a hang report: the shard being read."""
+        """What the next batch waits on, for a hang report: the shard being read, or the next one
+        (the position cannot tell whether the current shard has rows left)."""
         pos = self.position
         mine, _ = rank_shards(self.shards, pos.epoch, self.rank, self.world, self.seed)
-        shard = mine[pos.shard_pos] if pos.shard_pos < len(mine) else "(end of epoch)"
-        return f"the data stream (epoch {pos.epoch}, shard {shard}, offset {pos.offset})"
+        if pos.shard_pos >= len(mine):
+            return f"the data stream (epoch {pos.epoch}, past its last shard)"
+        after = f" or the next shard {mine[pos.shard_pos + 1]}" if pos.shard_pos + 1 < len(mine) else ""
+        return f"the data stream (epoch {pos.epoch}, reading {mine[pos.shard_pos]} from offset {pos.offset}{after})"
 
     def state(self) -> dict[str, Any]:
         return self.position.to_dict()
