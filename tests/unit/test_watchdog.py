@@ -71,6 +71,7 @@ def test_a_thread_blocked_outside_python_makes_the_process_exit() -> None:
     finally:
         watchdog.install(None)
     assert exits == [watchdog.HANG_EXIT_CODE]
+    assert isinstance(box["error"], watchdog.HangDetected)  # and it lands once the C call returns
     assert dog.fired is not None and "waiting for the other ranks to agree" in dog.fired
 
 
