@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from jobs.data.formats import IMAGE_EXTENSIONS, _split_name
+from jobs.data.parquet_schema import schema_problem
 from jobs.storage import StorageOptions, filesystem_for
 
 log = logging.getLogger(__name__)
@@ -114,22 +115,6 @@ class _BadShard(Exception):
     """The whole shard is unusable: (reason, detail)."""
 
 
-def _schema_problem(table: Any, spec: ReadSpec) -> str | None:
-    import pyarrow as pa
-
-    names = table.column_names
-    for column, setting in ((spec.image_column, "data.image_column"), (spec.caption_column, "data.caption_column")):
-        if column not in names:
-            return f"no column {column!r} (columns: {', '.join(names)}; set {setting})"
-    kinds = ((spec.image_column, "binary (encoded image bytes)", (pa.types.is_binary, pa.types.is_large_binary)),
-             (spec.caption_column, "string", (pa.types.is_string, pa.types.is_large_string)))
-    for column, expected, checks in kinds:
-        kind = table.schema.field(column).type
-        if not (pa.types.is_null(kind) or any(check(kind) for check in checks)):
-            return f"column {column!r} is {kind}, expected {expected}"
-    return None
-
-
 def _read_parquet(data: bytes, spec: ReadSpec, report: ShardReport) -> list[_Raw]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -138,7 +123,7 @@ def _read_parquet(data: bytes, spec: ReadSpec, report: ShardReport) -> list[_Raw
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise _BadShard("unreadable_shard", f"not a Parquet file ({' '.join(str(exc).split())[:120]})") from None
-    if problem := _schema_problem(table, spec):
+    if problem := schema_problem(table.schema, spec.image_column, spec.caption_column):
         raise _BadShard("bad_schema", problem)
     images = table.column(spec.image_column).to_pylist()
     captions = table.column(spec.caption_column).to_pylist()
