@@ -225,8 +225,9 @@ def synchronized_steps(stream: RankStream | MixtureStream, micro_batches: int,
                 if batch is None:
                     break
                 step.append(batch)
-            with watchdog.waiting("the other ranks to agree on the next step (all-reduce)",
-                                  watchdog.COLLECTIVE_ALLOWANCE):
+            # at an epoch's start the other ranks may still be starting their pipelines
+            with watchdog.waiting("the other ranks to agree on the next step (all-reduce)", watchdog.COLLECTIVE_ALLOWANCE
+                                  * (watchdog.STARTUP_ALLOWANCE if steps == 0 else 1.0)):
                 agreed = all_have(len(step) == micro_batches, device)
             if not agreed:
                 break
