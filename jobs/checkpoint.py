@@ -14,6 +14,7 @@ position (epoch, shard, offset: each rank reads its own deterministic stream).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -26,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 DS_TAG = "ds"
 STATE_FILE = "trainer_state.json"
@@ -142,18 +145,38 @@ class Saved:
 
     state: TrainerState
     part: dict[str, Any] | None  # this rank's {"rng", "data_position"}; None: the world size changed
+    next_epoch: dict[str, Any] | None = None  # world size changed: the start of the epoch after the saved one
 
     @property
     def data_position(self) -> dict[str, Any] | None:
-        return None if self.part is None else self.part["data_position"]
+        return self.next_epoch if self.part is None else self.part["data_position"]
+
+
+def _next_epoch(position: dict[str, Any]) -> dict[str, Any]:
+    """The start of the epoch after `position` (a RankStream's, or a MixtureStream's per source)."""
+    if "sources" in position:
+        return {"drawn": position["drawn"], "sources": [_next_epoch(p) for p in position["sources"]]}
+    return {"epoch": int(position["epoch"]) + 1, "shard_pos": 0, "offset": 0}
 
 
 def read(folder: str, rank: int, world: int) -> Saved:
-    """The trainer state and this rank's part; a part missing at an unchanged world size is an error."""
+    """The trainer state and this rank's part; a part missing at an unchanged world size is an error.
+
+    At a different world size the ranks' parts of the data no longer match theirs: no rank takes
+    an old part (nor its RNG), and every rank starts the epoch after the saved one. No sample of
+    the interrupted epoch is seen twice; its unread rest is skipped (README: resuming on another
+    number of workers).
+    """
     state = read_state(folder)
+    saved_world = state.extra.get("world")
     per_rank = Path(folder, rank_file(rank))
+    if saved_world is not None and saved_world != world:
+        first = Path(folder, rank_file(0))
+        position = torch.load(first, weights_only=False)["data_position"] if first.exists() else None
+        log.warning("checkpoint of %s ranks resumed on %d: the data continues at the next epoch", saved_world, world)
+        return Saved(state, None, None if position is None else _next_epoch(position))
     if not per_rank.exists():
-        if state.extra.get("world") == world:  # every rank wrote its part: a missing one means a torn checkpoint
+        if saved_world == world:  # every rank wrote its part: a missing one means a torn checkpoint
             raise RuntimeError(f"checkpoint {folder!r} lacks {rank_file(rank)}: incomplete, refusing to resume from it")
         return Saved(state, None)
     return Saved(state, torch.load(per_rank, weights_only=False))
