@@ -56,7 +56,7 @@ def test_sigint_mid_run_stops_cleanly_and_the_run_resumes(ray_session, shapes_da
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err
     assert stopped_s < 30
-    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted")
     assert len(seen) >= 3  # Ray's GCS, raylet and workers were children of the driver
     time.sleep(2)
     left = [p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
