@@ -220,3 +220,37 @@ def _shortest_share(shards: list[str], need: int, seed: int | None, world: int, 
         if have < need and (short is None or have < short[1]):
             short = (rank, have)
     return short
+
+
+# -- resuming on another number of workers ----------------------------------------------------------
+
+
+def check_resume(cfg: RunConfig, files: RunFiles) -> None:
+    """A checkpoint written by another number of workers resumes only without ZeRO partitioning.
+
+    DeepSpeed refuses ZeRO 1-3 optimizer state partitioned over another data-parallel size
+    ("Automatic adjustment of ZeRO's optimizer state partitioning with a new world size is not
+    currently supported"), and would say so only inside the workers, after start-up.
+    """
+    import json
+
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, root = storage.filesystem_for(files.uri, files.opts)
+    try:
+        found = fs.get_file_info(FileSelector(root, allow_not_found=True))
+    except OSError:
+        return
+    ckpts = sorted(i.base_name for i in found if i.type == FileType.Directory and i.base_name.startswith("checkpoint_"))
+    if not ckpts:
+        return
+    try:
+        state = json.loads(storage.read_text(storage.join(files.uri, ckpts[-1], "trainer_state.json"), files.opts))
+    except (OSError, ValueError):
+        return
+    saved = state.get("extra", {}).get("world")
+    workers, stage = cfg.scaling.num_workers, cfg.deepspeed.zero_stage
+    if saved is not None and saved != workers and stage > 0:
+        raise ConfigError([f"scaling.num_workers = {workers}: {ckpts[-1]} of runs/{cfg.name} was written by {saved} "
+                           f"workers, and DeepSpeed cannot re-partition ZeRO-{stage} optimizer state over another "
+                           f"number; resume with scaling.num_workers={saved}, or start anew with --fresh"])

@@ -297,6 +297,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                   "(--fresh to train again, or raise train.steps to continue)", highlight=False)
         _show(out, done, files.uri)
         return RunResult(run_dir=files.uri, summary=done)
+    preflight.check_resume(cfg, files)
     from orchestrator.run_report import write_for_run
     from orchestrator.tracking import check_clients, open_tracking
 

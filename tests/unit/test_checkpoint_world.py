@@ -42,3 +42,25 @@ def test_same_world_size_reads_the_ranks_own_part_and_refuses_a_torn_one(tmp_pat
     (folder / ckpt.rank_file(1)).unlink()
     with pytest.raises(RuntimeError, match="lacks rank1.pt: incomplete"):
         ckpt.read(str(folder), 1, 2)
+
+
+def test_resuming_zero_state_on_another_worker_count_is_refused_in_one_line(tmp_path: Path) -> None:
+    from orchestrator import preflight
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.runner import RunFiles
+
+    cfg = load_config(None, [f"storage.path={tmp_path}", "name=ws", "scaling.num_workers=1", "moe.ep_size=1"])
+    (tmp_path / "runs" / "ws").mkdir(parents=True)
+    preflight.check_resume(cfg, RunFiles(cfg))  # no checkpoint: nothing to check
+    _checkpoint(tmp_path / "runs" / "ws" / "checkpoint_0000004", 2, {"epoch": 0, "shard_pos": 0, "offset": 8})
+    with pytest.raises(ConfigError) as info:
+        preflight.check_resume(cfg, RunFiles(cfg))
+    assert info.value.problems == [
+        "scaling.num_workers = 1: checkpoint_0000004 of runs/ws was written by 2 workers, and DeepSpeed cannot "
+        "re-partition ZeRO-2 optimizer state over another number; resume with scaling.num_workers=2, or start "
+        "anew with --fresh"]
+    preflight.check_resume(load_config(None, [f"storage.path={tmp_path}", "name=ws", "scaling.num_workers=2"]),
+                           RunFiles(cfg))
+    dense = load_config(None, [f"storage.path={tmp_path}", "name=ws", "scaling.num_workers=1", "moe.ep_size=1",
+                               "deepspeed.zero_stage=0"])
+    preflight.check_resume(dense, RunFiles(dense))  # no partitioned optimizer state: resumes (next epoch)
