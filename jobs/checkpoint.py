@@ -14,8 +14,10 @@ position (epoch, shard, offset: each rank reads its own deterministic stream).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 DS_TAG = "ds"
 STATE_FILE = "trainer_state.json"
@@ -75,14 +79,14 @@ class CrashWhileWriting:
         os._exit(1)
 
 
-@contextmanager
-def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any],
-           crash: CrashWhileWriting | None = None) -> Iterator[str]:
-    """Write this rank's part of a checkpoint into a temporary folder and yield its path.
+def stage(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any],
+          crash: CrashWhileWriting | None = None) -> str:
+    """Write this rank's part of a checkpoint into a new temporary folder; the caller owns (deletes) it.
 
-    Collective: every rank must enter it at the same step (DeepSpeed's save synchronises).
+    Collective: every rank must call it at the same step (DeepSpeed's save synchronises).
     """
-    with tempfile.TemporaryDirectory(prefix="mmpt-ckpt-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="mmpt-ckpt-")
+    try:
         engine.save_checkpoint(tmp, tag=DS_TAG)
         payload = {"rng": _rng_state(), "data_position": data_position}
         if crash is not None and crash.due(state.step, rank):
@@ -90,7 +94,44 @@ def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str,
         torch.save(payload, os.path.join(tmp, rank_file(rank)))
         if rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def report(metrics: dict[str, Any], engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any], *,
+           background: bool, crash: CrashWhileWriting | None = None) -> None:
+    """`ray.train.report` with this rank's part of a checkpoint of `state.step`.
+
+    background: Ray Train uploads the part from a thread (CheckpointUploadMode.ASYNC) and the step
+    loop goes on; each rank's report reaches the controller only once its upload is done, and the
+    controller registers a checkpoint only when every rank has reported it, so a checkpoint that
+    a resume can pick is always complete. The local folder is deleted after its upload, either way.
+    Only the write to local disk (DeepSpeed's save, the RNG, the data position) stays on the step.
+    """
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    folder = stage(engine, state, rank, data_position, crash)
+    mode = CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                     checkpoint_dir_name=dir_name(state.step), checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True)
+
+
+@contextmanager
+def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any],
+           crash: CrashWhileWriting | None = None) -> Iterator[str]:
+    """Write this rank's part of a checkpoint into a temporary folder and yield its path.
+
+    Collective: every rank must enter it at the same step (DeepSpeed's save synchronises).
+    """
+    tmp = stage(engine, state, rank, data_position, crash)
+    try:
         yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rank_file(rank: int) -> str:
@@ -104,18 +145,38 @@ class Saved:
 
     state: TrainerState
     part: dict[str, Any] | None  # this rank's {"rng", "data_position"}; None: the world size changed
+    next_epoch: dict[str, Any] | None = None  # world size changed: the start of the epoch after the saved one
 
     @property
     def data_position(self) -> dict[str, Any] | None:
-        return None if self.part is None else self.part["data_position"]
+        return self.next_epoch if self.part is None else self.part["data_position"]
+
+
+def _next_epoch(position: dict[str, Any]) -> dict[str, Any]:
+    """The start of the epoch after `position` (a RankStream's, or a MixtureStream's per source)."""
+    if "sources" in position:
+        return {"drawn": position["drawn"], "sources": [_next_epoch(p) for p in position["sources"]]}
+    return {"epoch": int(position["epoch"]) + 1, "shard_pos": 0, "offset": 0}
 
 
 def read(folder: str, rank: int, world: int) -> Saved:
-    """The trainer state and this rank's part; a part missing at an unchanged world size is an error."""
+    """The trainer state and this rank's part; a part missing at an unchanged world size is an error.
+
+    At a different world size the ranks' parts of the data no longer match theirs: no rank takes
+    an old part (nor its RNG), and every rank starts the epoch after the saved one. No sample of
+    the interrupted epoch is seen twice; its unread rest is skipped (README: resuming on another
+    number of workers).
+    """
     state = read_state(folder)
+    saved_world = state.extra.get("world")
     per_rank = Path(folder, rank_file(rank))
+    if saved_world is not None and saved_world != world:
+        first = Path(folder, rank_file(0))
+        position = torch.load(first, weights_only=False)["data_position"] if first.exists() else None
+        log.warning("checkpoint of %s ranks resumed on %d: the data continues at the next epoch", saved_world, world)
+        return Saved(state, None, None if position is None else _next_epoch(position))
     if not per_rank.exists():
-        if state.extra.get("world") == world:  # every rank wrote its part: a missing one means a torn checkpoint
+        if saved_world == world:  # every rank wrote its part: a missing one means a torn checkpoint
             raise RuntimeError(f"checkpoint {folder!r} lacks {rank_file(rank)}: incomplete, refusing to resume from it")
         return Saved(state, None)
     return Saved(state, torch.load(per_rank, weights_only=False))

@@ -76,8 +76,23 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1, description="steps between metric reports")
     checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on storage")
+    checkpoint_upload: Literal["background", "blocking"] = Field(
+        "background", description="background: the step loop goes on while each rank uploads its part (a "
+        "checkpoint counts once every rank's upload is done); blocking: each checkpoint waits for its upload")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts before the run fails; -1 = unlimited")
-    seed: int = 0
+    hang_timeout_s: float = Field(0, ge=0, description="a rank that makes no progress (a collective, the data "
+                                  "stream) for this long fails the step, naming what it waited for; 0 = off")
+    # torch/numpy generators take 64/32-bit seeds, and per-rank seeds are derived as seed * 1000 + rank
+    seed: int = Field(0, ge=0, lt=2**32, description="model-init and masking seed, 0 <= seed < 2**32")
+
+    @field_validator("betas")
+    @classmethod
+    def _adam_betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        # Adam's moment decays (Kingma & Ba 2015): beta = 1 never forgets, beta < 0 oscillates;
+        # torch.optim.AdamW refuses both, but only inside the workers after start-up.
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each Adam beta must be in [0, 1), e.g. [0.9, 0.98]")
+        return v
 
 
 class DeepSpeedConfig(_Strict):
@@ -128,6 +143,15 @@ class StorageConfig(_Strict):
     path: str = Field(".", description="root of runs/<name>/: a local folder or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; default: AWS_ENDPOINT_URL")
     region: str | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_only(cls, v: str | None) -> str | None:
+        from jobs.storage import endpoint_problem
+
+        if v is not None and (problem := endpoint_problem(v)):
+            raise ValueError(problem)
+        return v
 
 
 class EvalConfig(_Strict):

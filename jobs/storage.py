@@ -24,6 +24,8 @@ _FILE = "file://"
 # Large Ray Data reads hit S3 throttling (SlowDown / 503); a few more retries than pyarrow's
 # default of 3 keep a long run from dying on one transient error.
 _S3_MAX_ATTEMPTS = 6
+_S3_CONNECT_TIMEOUT_S = 10.0
+_S3_REQUEST_TIMEOUT_S = 60.0  # per request: a 256 MB shard at a slow 5 MB/s still fits
 
 
 @dataclass(frozen=True)
@@ -65,20 +67,37 @@ def _s3_path(uri: str) -> str:
     return path
 
 
+def endpoint_problem(endpoint_url: str) -> str | None:
+    """Why `endpoint_url` cannot be an S3 endpoint, or None (S3 speaks HTTP; host[:port] means https)."""
+    parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
+    if parsed.scheme not in ("http", "https"):
+        return f"an S3 endpoint must use http:// or https://, not {parsed.scheme}://"
+    if not parsed.hostname:
+        return "names no host; expected e.g. http://127.0.0.1:9000"
+    try:
+        parsed.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "has a port that is not a number"
+    return None
+
+
 @functools.lru_cache(maxsize=16)
 def _s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
     # pyarrow wants the endpoint as "host:port" plus a separate scheme (see S3Options in
     # arrow/filesystem/s3fs.h); boto3 and the AWS env var use a full URL, so split it here.
     kwargs: dict[str, object] = {}
     if endpoint_url:
+        if problem := endpoint_problem(endpoint_url):
+            raise ValueError(f"S3 endpoint {endpoint_url!r}: {problem}")
         parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
-        if parsed.scheme not in ("http", "https"):
-            raise ValueError(f"S3 endpoint {endpoint_url!r} must use http:// or https://")
         kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
         kwargs["scheme"] = parsed.scheme
     return pafs.S3FileSystem(
         region=region,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_MAX_ATTEMPTS),
+        # An endpoint that accepts connections and never answers must fail a request, not hang it:
+        # the AWS SDK's own defaults leave a silent socket waiting for minutes.
+        connect_timeout=_S3_CONNECT_TIMEOUT_S, request_timeout=_S3_REQUEST_TIMEOUT_S,
         **kwargs,
     )
 

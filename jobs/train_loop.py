@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from jobs import checkpoint as ckpt
-from jobs import storage
+from jobs import storage, watchdog
 from jobs.config import RunConfig
 from jobs.data.pipeline import PipelineSpec
 from jobs.data.stream import MixtureStream, RankStream, synchronized_batches, synchronized_steps
@@ -50,6 +50,7 @@ class WorkerJob:
     data_remote_args: dict[str, Any] = field(default_factory=dict)  # where the Ray Data tasks run
     data_cpu_limit: float | None = None  # logical CPUs this rank's Ray Data executor may use; None = no limit
     ledger: Any = None  # the bad-sample ledger actor
+    events: Any = None  # the run's hub actor (orchestrator/hub.py): a hang is told there before the rank fails
     crash_while_writing: Any = None  # tests only: jobs.checkpoint.CrashWhileWriting
     grounded_words: tuple[str, ...] = ()  # the dataset's grounded words (jobs.evaluate's MLM probe)
 
@@ -88,12 +89,34 @@ def train_func(config: dict[str, Any]) -> None:
     _quiet_third_party_logs()
     job: WorkerJob = config["job"]
     cfg = RunConfig.model_validate(job.run)
-    text = TextSpec(**job.text)
-    image = ImageSpec(size=cfg.data.image_size)
-    spec, ledger = job.pipeline, job.ledger
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    if cfg.train.hang_timeout_s:
+        watchdog.install(watchdog.Watchdog(cfg.train.hang_timeout_s, rank, notify=_notifier(job.events, rank)))
+    try:
+        _train(job, cfg, rank, world)
+    finally:
+        watchdog.install(None)
+
+
+def _notifier(events: Any, rank: int) -> Any:
+    import ray
+
+    def notify(message: str) -> None:
+        if events is not None:
+            ray.get(events.put.remote({"event": "hang", "rank": rank, "message": message}), timeout=5)
+
+    return notify
+
+
+def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
+    import ray
+    import ray.train
+
+    text = TextSpec(**job.text)
+    image = ImageSpec(size=cfg.data.image_size)
+    spec, ledger = job.pipeline, job.ledger
 
     from jobs.engine import build_engine, diversify_experts
     from jobs.evaluate import evaluate, grounded_token_ids
@@ -164,7 +187,9 @@ def train_func(config: dict[str, Any]) -> None:
     while state.step < cfg.train.steps:
         t_wait = time.perf_counter()
         micro = next(steps)
-        trainer.train_step(micro, wait_s=time.perf_counter() - t_wait)
+        with watchdog.waiting("the training step's collectives (DeepSpeed's gradient all-reduce)",
+                              watchdog.STARTUP_ALLOWANCE if trainer.memory is None else watchdog.COLLECTIVE_ALLOWANCE):
+            trainer.train_step(micro, wait_s=time.perf_counter() - t_wait)
         if cfg.data.record_samples:
             sample_ids[state.step] = [int(i) for raw in micro for i in raw["sample_id"]]
 
@@ -174,7 +199,8 @@ def train_func(config: dict[str, Any]) -> None:
         if not (do_ckpt or do_eval or state.step % cfg.train.log_every == 0):
             continue
 
-        metrics = trainer.report()
+        with watchdog.waiting("the report's metrics all-reduce", watchdog.COLLECTIVE_ALLOWANCE):
+            metrics = trainer.report()
         metrics["epoch"] = stream.epoch_number
         if rank == 0 and ledger is not None:
             metrics |= _bad_data(ledger, cfg)
@@ -189,9 +215,9 @@ def train_func(config: dict[str, Any]) -> None:
             if rank == 0 and ledger is not None:
                 state.extra["ledger"] = ray.get(ledger.state.remote())
             state.extra["world"] = world
-            with ckpt.staged(engine, state, rank, stream.state(), job.crash_while_writing) as folder:
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=ckpt.dir_name(state.step))
+            ckpt.report(metrics, engine, state, rank, stream.state(), crash=job.crash_while_writing,
+                        background=cfg.train.checkpoint_upload == "background")
             last_ckpt_step = state.step
         else:
-            ray.train.report(metrics)
+            with watchdog.waiting("ray.train.report (a barrier of all ranks)", watchdog.COLLECTIVE_ALLOWANCE):
+                ray.train.report(metrics)

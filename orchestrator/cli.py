@@ -58,6 +58,10 @@ def run(
         fail(exc.problems)
     except RunFailed as exc:
         fail([str(exc)], code=1)
+    except KeyboardInterrupt:  # Ray is shut down by now (runner's finally); checkpoints committed so far stay
+        sys.stderr.write("interrupted: run the same command again to resume from the last checkpoint\n")
+        sys.stderr.flush()
+        raise typer.Exit(130) from None
 
 
 def main() -> None:

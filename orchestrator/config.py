@@ -39,6 +39,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError([f"--set {item!r}: value is not valid YAML ({_short(exc)})"]) from None
+    except RecursionError:
+        raise ConfigError([f"--set {item[:60]!r}...: value nested too deeply"]) from None
     return key, value
 
 
@@ -73,9 +75,16 @@ def load_raw(path: str | Path | None) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError([f"config file not found: {path}"])
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML ({_short(exc)})"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                           "save the config as UTF-8"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to be a run config"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read it ({exc.strerror or exc})"]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -96,7 +105,10 @@ def validate(raw: Mapping[str, Any]) -> RunConfig:
 
 def load_config(path: str | Path | None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> RunConfig:
     """YAML file (or defaults when None) + overrides -> validated RunConfig, or ConfigError."""
-    return validate(apply_overrides(load_raw(path), overrides))
+    try:
+        return validate(apply_overrides(load_raw(path), overrides))
+    except RecursionError:  # a loadable but absurdly deep tree (copying or validating it recurses)
+        raise ConfigError([f"{path}: nested too deeply to be a run config"]) from None
 
 
 def _format_error(err: Mapping[str, Any], raw: Mapping[str, Any]) -> str:

@@ -27,6 +27,7 @@ from jobs import storage
 from jobs.config import RunConfig
 from jobs.data.tokenizer import load_tokenizer, text_spec
 from orchestrator.config import ConfigError, dump_yaml
+from orchestrator.failures import append_event, failure_cause
 from orchestrator.moe_report import load_table, moe_summary, save_heatmap
 from orchestrator.progress import ProgressView, capture_output, summary_tables
 
@@ -75,12 +76,13 @@ def _options(cfg: RunConfig) -> storage.StorageOptions:
 
 def _shards(field_name: str, spec: str | list[str], opts: storage.StorageOptions) -> list[str]:
     from jobs.data.reader import SHARD_SUFFIXES
+    from orchestrator.preflight import storage_error
 
     try:
         return storage.expand_shards(spec, opts, suffixes=SHARD_SUFFIXES)
     except (ValueError, OSError) as exc:
         hint = " (make some with: mmpt data synth --out data/shapes)" if "shapes" in str(spec) else ""
-        raise ConfigError([f"{field_name} = {spec!r}: {exc}{hint}"]) from None
+        raise ConfigError([f"{field_name} = {spec!r}: {storage_error(exc)}{hint}"]) from None
 
 
 def _find_tokenizer(cfg: RunConfig, train: list[str], files: RunFiles) -> str | None:
@@ -267,7 +269,8 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, led
     fs, root = storage.filesystem_for(files.root, files.opts)
     # No `datasets=`: each worker builds its own deterministic Ray Data pipeline (jobs.data.stream),
     # so that its position in the data is exact and checkpointable.
-    job = WorkerJob(run=cfg.to_dict(), text=plan.text, pipeline=spec, ledger=ledger, train_sources=plan.train,
+    job = WorkerJob(run=cfg.to_dict(), text=plan.text, pipeline=spec, ledger=ledger, events=callback.hub,
+                    train_sources=plan.train,
                     train_weights=plan.weights, eval_shards=plan.eval, run_dir=files.uri,
                     grounded_words=plan.grounded_words,
                     # where the workers' Ray Data tasks run (scaling.data_*: e.g. CPU nodes)
@@ -300,8 +303,12 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     `fresh=True` deletes the run directory first. `faults` is for tests: fault-injection objects
     handed to the workers (e.g. {"crash_while_writing": jobs.checkpoint.CrashWhileWriting(...)}).
     """
+    from orchestrator import preflight
+
     files = RunFiles(cfg)
     out = console or Console()
+    preflight.check_endpoint(cfg)
+    preflight.check_storage(cfg, files)
     if fresh:
         files.delete()
     done = files.read_json("summary.json")
@@ -310,20 +317,27 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                   "(--fresh to train again, or raise train.steps to continue)", highlight=False)
         _show(out, done, files.uri)
         return RunResult(run_dir=files.uri, summary=done)
+    preflight.check_resume(cfg, files)
     from orchestrator.run_report import write_for_run
     from orchestrator.tracking import check_clients, open_tracking
 
     check_clients(cfg)
     plan = plan_data(cfg, files, out)
+    preflight.check_data(cfg, plan, files)
     init = _plan_init(cfg, plan, files, out)
     from orchestrator.dalle_plan import resolve_dalle
 
     cfg = resolve_dalle(cfg, files.uri, files.opts)  # preset dalle: the frozen dVAE's weights and shape
     config_yaml = dump_yaml(cfg)
-    storage.write_text(files.path("config.yaml"), config_yaml, files.opts)
+    try:
+        storage.write_text(files.path("config.yaml"), config_yaml, files.opts)
+    except OSError as exc:
+        raise ConfigError([f"storage.path = {cfg.storage.path!r}: cannot write {files.path('config.yaml')} "
+                           f"({preflight.storage_error(exc)})"]) from None
     log_dir = files.local_log_dir()
     started = time.time()
     records: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
     with capture_output(log_dir / "ray.log") as stream:
         view_console = Console(file=stream, force_terminal=out.is_terminal, width=out.width, quiet=out.quiet)
         # experiment trackers (tracking: section) mirror what this driver writes; workers never see them
@@ -360,6 +374,12 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                         time.sleep(0.25)
                     for record in inbox:
                         record["time"] = time.time()
+                        if "event" in record:  # a worker's hang report (jobs/watchdog.py): not a metric
+                            events.append(record)
+                            append_event(files, record)
+                            view_console.print(f"[yellow]{record['message']}[/] (restarting from the latest "
+                                               "checkpoint if train.max_failures allows)", soft_wrap=True)
+                            continue
                         records.append(record)
                         files.append_metrics(record)
                         tracking.log(record)
@@ -370,7 +390,8 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                         view.update(record, eta)
                 thread.join()
             if "error" in box:
-                raise RunFailed(_root_cause(box["error"]), log_dir / "ray.log") from box["error"]
+                cause = failure_cause(_root_cause(box["error"]), ledger, cfg, events)
+                raise RunFailed(cause, log_dir / "ray.log") from box["error"]
             bad = ray.get(ledger.totals.remote())
             try:  # the workers judge the budget at each report; reads that landed after the last one count too
                 check_budget(bad, cfg.data.max_bad_fraction)
@@ -391,6 +412,8 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
         summary["moe"] = _moe_outputs(records, files, log_dir)
     if init is not None:
         summary["init"] = init.summary()
+    if events:
+        summary["events"] = events
     files.write_json("summary.json", summary)
     tracking.finish(summary, [log_dir.parent / "moe_load.png", write_for_run(files.uri, files.opts, log_dir.parent)])
     _show(out, summary, files.uri)

@@ -22,10 +22,13 @@ class BadSampleLedger:
     def __init__(self) -> None:
         self._good: dict[str, int] = {}
         self._bad: dict[str, dict[str, str]] = {}
+        self._detail: dict[str, str] = {}  # shard -> why it is unusable as a whole
 
     def add(self, report: ShardReport) -> None:
         self._good[report.shard] = report.good  # the latest pass knows about images that failed to decode
         self._bad.setdefault(report.shard, {}).update(report.bad)
+        if report.detail:
+            self._detail[report.shard] = report.detail
 
     def totals(self, worst: int = 5) -> dict[str, Any]:
         by_reason = Counter(r for keys in self._bad.values() for r in keys.values())
@@ -37,16 +40,19 @@ class BadSampleLedger:
             "bad": bad,
             "fraction": bad / samples if samples else 0.0,
             "by_reason": {r: by_reason[r] for r in REASONS if by_reason[r]},
-            "worst_shards": [{"shard": s, "bad": n, "samples": n + self._good.get(s, 0)} for n, s in ranked[:worst]],
+            "worst_shards": [{"shard": s, "bad": n, "samples": n + self._good.get(s, 0)}
+                             | ({"why": self._detail[s]} if s in self._detail else {}) for n, s in ranked[:worst]],
             "bad_keys": {s: dict(sorted(k.items())) for s, k in sorted(self._bad.items()) if k},
         }
 
     def state(self) -> dict[str, Any]:
-        return {"good": dict(self._good), "bad": {s: dict(k) for s, k in self._bad.items()}}
+        return {"good": dict(self._good), "bad": {s: dict(k) for s, k in self._bad.items()},
+                "detail": dict(self._detail)}
 
     def load(self, state: dict[str, Any]) -> None:
         self._good = {s: int(n) for s, n in state.get("good", {}).items()}
         self._bad = {s: dict(k) for s, k in state.get("bad", {}).items()}
+        self._detail = dict(state.get("detail", {}))
 
 
 def check_budget(totals: dict[str, Any], max_fraction: float, min_samples: int = 64) -> None:
@@ -57,7 +63,8 @@ def check_budget(totals: dict[str, Any], max_fraction: float, min_samples: int =
     """
     if totals["samples"] < min_samples or totals["fraction"] <= max_fraction:
         return
-    worst = ", ".join(f"{w['shard']} ({w['bad']} of {w['samples']})" for w in totals["worst_shards"])
+    worst = ", ".join(f"{w['shard']} ({w['bad']} of {w['samples']}{': ' + w['why'] if w.get('why') else ''})"
+                      for w in totals["worst_shards"])
     reasons = ", ".join(f"{r}: {n}" for r, n in totals["by_reason"].items())
     raise DataBudgetExceeded(
         f"{totals['bad']} of {totals['samples']} samples are bad ({100 * totals['fraction']:.1f}% > "

@@ -28,14 +28,15 @@ from typing import Any, Literal
 import numpy as np
 
 from jobs.data.formats import IMAGE_EXTENSIONS, _split_name
+from jobs.data.parquet_schema import schema_problem
 from jobs.storage import StorageOptions, filesystem_for
 
 log = logging.getLogger(__name__)
 
 Reason = Literal["corrupt_image", "missing_image", "missing_caption", "empty_caption", "truncated_tar",
-                 "unreadable_shard"]
+                 "unreadable_shard", "bad_schema"]
 REASONS: tuple[Reason, ...] = ("corrupt_image", "missing_image", "missing_caption", "empty_caption",
-                               "truncated_tar", "unreadable_shard")
+                               "truncated_tar", "unreadable_shard", "bad_schema")
 SHARD_SUFFIXES = (".tar", ".parquet")
 _IO_ATTEMPTS = 3
 
@@ -56,6 +57,7 @@ class ShardReport:
     good: int = 0
     bad: dict[str, str] = field(default_factory=dict)  # key -> reason
     ungrouped: bool = False
+    detail: str = ""  # why the whole shard is bad (a Parquet column missing or of the wrong type)
 
     def count(self, reason: str) -> int:
         return sum(1 for r in self.bad.values() if r == reason)
@@ -110,14 +112,20 @@ def zlib_error() -> type[Exception]:
     return zlib.error
 
 
+class _BadShard(Exception):
+    """The whole shard is unusable: (reason, detail)."""
+
+
 def _read_parquet(data: bytes, spec: ReadSpec, report: ShardReport) -> list[_Raw]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(data))
-    missing = [c for c in (spec.image_column, spec.caption_column) if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{report.shard}: no column {missing[0]!r} (columns: {', '.join(table.column_names)}; "
-                         "set data.image_column / data.caption_column)")
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise _BadShard("unreadable_shard", f"not a Parquet file ({' '.join(str(exc).split())[:120]})") from None
+    if problem := schema_problem(table.schema, spec.image_column, spec.caption_column):
+        raise _BadShard("bad_schema", problem)
     images = table.column(spec.image_column).to_pylist()
     captions = table.column(spec.caption_column).to_pylist()
     keys = (table.column("key").to_pylist() if "key" in table.column_names
@@ -177,7 +185,13 @@ def read_shard(shard: str, spec: ReadSpec, *, seed: int | None = None) -> tuple[
         report.bad["<shard>"] = "unreadable_shard"
         log.warning("unreadable shard %s: %s", shard, exc)
         return [], report
-    raws = _read_parquet(data, spec, report) if shard.endswith(".parquet") else _read_tar(data, report)
+    try:
+        raws = _read_parquet(data, spec, report) if shard.endswith(".parquet") else _read_tar(data, report)
+    except _BadShard as exc:  # counted like a bad tar: one bad entry for the shard, named with why
+        reason, report.detail = exc.args
+        report.bad["<shard>"] = reason
+        log.warning("skipping shard %s: %s", shard, report.detail)
+        return [], report
     valid: list[_Raw] = []
     for raw in raws:
         reason = _validate(raw)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from jobs import watchdog
 from jobs.collectives import all_have
 from jobs.data.pipeline import PipelineSpec, build_dataset
 
@@ -135,6 +136,16 @@ class RankStream:
     def epoch_number(self) -> int:
         return self.position.epoch
 
+    def describe(self) -> str:
+        """What the next batch waits on, for a hang report: the shard being read, or the next one
+        (the position cannot tell whether the current shard has rows left)."""
+        pos = self.position
+        mine, _ = rank_shards(self.shards, pos.epoch, self.rank, self.world, self.seed)
+        if pos.shard_pos >= len(mine):
+            return f"the data stream (epoch {pos.epoch}, past its last shard)"
+        after = f" or the next shard {mine[pos.shard_pos + 1]}" if pos.shard_pos + 1 < len(mine) else ""
+        return f"the data stream (epoch {pos.epoch}, reading {mine[pos.shard_pos]} from offset {pos.offset}{after})"
+
     def state(self) -> dict[str, Any]:
         return self.position.to_dict()
 
@@ -182,6 +193,10 @@ class MixtureStream:
         """Full passes made over every source (the least-drawn source's epoch)."""
         return min(s.epoch_number for s in self.sources)
 
+    def describe(self) -> str:
+        i = self.choice(self.drawn)
+        return f"mixture source {i}: {self.sources[i].describe()}"
+
     def state(self) -> dict[str, Any]:
         return {"drawn": self.drawn, "sources": [s.state() for s in self.sources]}
 
@@ -193,20 +208,40 @@ class MixtureStream:
 
 def synchronized_steps(stream: RankStream | MixtureStream, micro_batches: int,
                        device: torch.device | str) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Steps of `micro_batches` batches forever; every rank yields the same number per epoch."""
+    """Steps of `micro_batches` batches forever; every rank yields the same number per epoch.
+
+    An epoch in which the ranks cannot agree on a single step raises: its next epoch would end
+    the same way, forever (a rank's share of the data smaller than one step).
+    """
     while True:
         it = stream.epoch()
+        steps = 0
         while True:
             step = []
             for _ in range(micro_batches):
-                batch = next(it, None)
+                # the first batch of an epoch waits for the pipeline's start-up as well
+                with watchdog.waiting(stream.describe, watchdog.STARTUP_ALLOWANCE if steps == 0 else 1.0):
+                    batch = next(it, None)
                 if batch is None:
                     break
                 step.append(batch)
-            if not all_have(len(step) == micro_batches, device):
+            # at an epoch's start the other ranks may still be starting their pipelines
+            with watchdog.waiting("the other ranks to agree on the next step (all-reduce)", watchdog.COLLECTIVE_ALLOWANCE
+                                  * (watchdog.STARTUP_ALLOWANCE if steps == 0 else 1.0)):
+                agreed = all_have(len(step) == micro_batches, device)
+            if not agreed:
                 break
+            steps += 1
             yield step
+        if steps == 0:
+            raise EmptyEpoch(f"epoch {stream.epoch_number} gave the ranks no full step of {micro_batches} "
+                             "batch(es): a rank's share of the data is smaller than train.batch_size × "
+                             "train.grad_accum samples (or all of it is bad)")
         stream.next_epoch()
+
+
+class EmptyEpoch(RuntimeError):
+    """An epoch without a single step for every rank: the run can never progress."""
 
 
 def synchronized_batches(stream: RankStream, device: torch.device | str,

@@ -60,7 +60,13 @@ def save_tokenizer(tok: Tokenizer, uri: str, options: StorageOptions | None = No
 
 
 def load_tokenizer(uri: str, options: StorageOptions | None = None) -> Tokenizer:
-    return Tokenizer.from_str(read_text(uri, options))
+    """The tokenizer at `uri`; ValueError when the file is not a Hugging Face tokenizer.json."""
+    text = read_text(uri, options)
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as exc:  # noqa: BLE001 - the Rust side raises a bare Exception for any parse error
+        reason = " ".join(str(exc).split())[:120]
+        raise ValueError(f"not a Hugging Face tokenizer.json ({reason})") from None
 
 
 def encode(tok: Tokenizer, texts: Sequence[str], max_len: int, pad_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:

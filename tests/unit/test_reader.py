@@ -111,11 +111,40 @@ def test_parquet_shard_with_null_bytes_and_custom_columns(tmp_path: Path) -> Non
     assert reports[-1].bad == {"b": "missing_image", "c": "missing_caption"}
 
 
-def test_parquet_without_the_configured_column_is_a_clear_error(tmp_path: Path) -> None:
+def test_parquet_without_the_configured_column_is_a_bad_shard_naming_the_column(tmp_path: Path) -> None:
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"jpg": [jpeg()], "txt": ["x"]}), path)
-    with pytest.raises(ValueError, match=r"no column 'caption' \(columns: jpg, txt; set data.image_column"):
-        read_shard(str(path), SPEC)
+    raws, report = read_shard(str(path), SPEC)
+    assert raws == [] and report.bad == {"<shard>": "bad_schema"}
+    assert report.detail == "no column 'caption' (columns: jpg, txt; set data.caption_column)"
+
+
+@pytest.mark.parametrize(("columns", "detail"), [
+    ({"jpg": [1, 2], "caption": ["a", "b"]}, "column 'jpg' is int64, expected binary (encoded image bytes)"),
+    ({"jpg": [jpeg(), jpeg()], "caption": [3, 4]}, "column 'caption' is int64, expected string"),
+    ({"jpg": ["not bytes", "x"], "caption": ["a", "b"]}, "column 'jpg' is string, expected binary"),
+])
+def test_parquet_columns_of_the_wrong_type_are_a_bad_shard(tmp_path: Path, columns: dict, detail: str) -> None:
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table(columns), path)
+    raws, report = read_shard(str(path), SPEC)
+    assert raws == [] and report.bad == {"<shard>": "bad_schema"} and report.detail.startswith(detail)
+
+
+def test_a_garbage_parquet_file_among_good_ones_is_counted_like_a_bad_tar(tmp_path: Path) -> None:
+    good = tmp_path / "00000.parquet"
+    pq.write_table(pa.table({"jpg": [jpeg()] * 3, "caption": ["a red square"] * 3}), good)
+    garbage = tmp_path / "00001.parquet"
+    garbage.write_bytes(b"PAR1 this is not parquet at all")
+    ledger = BadSampleLedger()
+    for shard in (good, garbage):
+        ledger.add(read_shard(str(shard), SPEC)[1])
+    totals = ledger.totals()
+    assert (totals["samples"], totals["bad"], totals["by_reason"]) == (4, 1, {"unreadable_shard": 1})
+    worst = totals["worst_shards"][0]
+    assert worst["shard"] == str(garbage) and worst["why"].startswith("not a Parquet file")
+    with pytest.raises(DataBudgetExceeded, match=r"00001.parquet \(1 of 1: not a Parquet file"):
+        check_budget(totals, 0.1, min_samples=1)
 
 
 def test_seeded_order_is_a_stable_permutation_and_start_skips(tmp_path: Path) -> None:
