@@ -59,10 +59,11 @@ def _bad_data(ledger: Any, cfg: RunConfig) -> dict[str, float]:
     """Rank 0: the ledger's counts as metrics; raises DataBudgetExceeded past the budget."""
     import ray
 
-    from jobs.data.ledger import check_budget
+    from jobs.data.ledger import check_budget, over_budget
 
-    totals = ray.get(ledger.totals.remote())
-    check_budget(totals, cfg.data.max_bad_fraction)
+    totals = ray.get(ledger.counts.remote())  # running counts: O(reasons), no key lists shipped
+    if over_budget(totals, cfg.data.max_bad_fraction):
+        check_budget(ray.get(ledger.totals.remote()), cfg.data.max_bad_fraction)  # names the worst shards
     out = {"data/bad_samples": float(totals["bad"]), "data/bad_fraction": totals["fraction"]}
     out |= {f"data/bad/{reason}": float(n) for reason, n in totals["by_reason"].items()}
     return out

@@ -2,12 +2,17 @@
 
 Read tasks run in many processes and may read a shard more than once (a new epoch, a retried
 task, a resumed run), so the ledger keeps, per shard, the set of bad keys rather than a running
-sum: the counts are of distinct samples. During a run one ledger lives in a Ray actor
-(`ray.remote(BadSampleLedger)`); `mmpt data inspect` uses the class in-process.
+sum: the counts are of distinct samples. The totals the train loop asks for at every report are
+kept as running counts, updated in `add` (O(new keys)), so a report costs O(reasons) whatever
+the number of shards and ships a few numbers, not every bad key; the full list (worst shards,
+every key) is built only where it is read: past the budget, at the end of a run and by
+`mmpt data inspect`. During a run one ledger lives in a Ray actor (`ray.remote(BadSampleLedger)`);
+`mmpt data inspect` uses the class in-process.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from typing import Any
 
@@ -23,25 +28,37 @@ class BadSampleLedger:
         self._good: dict[str, int] = {}
         self._bad: dict[str, dict[str, str]] = {}
         self._detail: dict[str, str] = {}  # shard -> why it is unusable as a whole
+        self._good_total = 0
+        self._by_reason: Counter[str] = Counter()
 
     def add(self, report: ShardReport) -> None:
-        self._good[report.shard] = report.good  # the latest pass knows about images that failed to decode
-        self._bad.setdefault(report.shard, {}).update(report.bad)
+        # the latest pass knows about images that failed to decode
+        self._good_total += report.good - self._good.get(report.shard, 0)
+        self._good[report.shard] = report.good
+        keys = self._bad.setdefault(report.shard, {})
+        for key, reason in report.bad.items():
+            old = keys.get(key)
+            if old != reason:
+                if old is not None:
+                    self._by_reason[old] -= 1
+                self._by_reason[reason] += 1
+                keys[key] = reason
         if report.detail:
             self._detail[report.shard] = report.detail
 
+    def counts(self) -> dict[str, Any]:
+        """What every report needs: samples, bad, fraction and by_reason; O(reasons), no key lists."""
+        bad = sum(self._by_reason.values())
+        samples = self._good_total + bad
+        return {"samples": samples, "bad": bad, "fraction": bad / samples if samples else 0.0,
+                "by_reason": {r: self._by_reason[r] for r in REASONS if self._by_reason[r]}}
+
     def totals(self, worst: int = 5) -> dict[str, Any]:
-        by_reason = Counter(r for keys in self._bad.values() for r in keys.values())
-        bad = sum(by_reason.values())
-        samples = sum(self._good.values()) + bad
-        ranked = sorted(((len(keys), shard) for shard, keys in self._bad.items() if keys), reverse=True)
-        return {
-            "samples": samples,
-            "bad": bad,
-            "fraction": bad / samples if samples else 0.0,
-            "by_reason": {r: by_reason[r] for r in REASONS if by_reason[r]},
+        """`counts()` plus the worst shards and every bad key (the end of a run, past the budget)."""
+        ranked = heapq.nlargest(worst, ((len(keys), shard) for shard, keys in self._bad.items() if keys))
+        return self.counts() | {
             "worst_shards": [{"shard": s, "bad": n, "samples": n + self._good.get(s, 0)}
-                             | ({"why": self._detail[s]} if s in self._detail else {}) for n, s in ranked[:worst]],
+                             | ({"why": self._detail[s]} if s in self._detail else {}) for n, s in ranked],
             "bad_keys": {s: dict(sorted(k.items())) for s, k in sorted(self._bad.items()) if k},
         }
 
@@ -53,15 +70,19 @@ class BadSampleLedger:
         self._good = {s: int(n) for s, n in state.get("good", {}).items()}
         self._bad = {s: dict(k) for s, k in state.get("bad", {}).items()}
         self._detail = dict(state.get("detail", {}))
+        self._good_total = sum(self._good.values())
+        self._by_reason = Counter(r for keys in self._bad.values() for r in keys.values())
+
+
+def over_budget(counts: dict[str, Any], max_fraction: float, min_samples: int = 64) -> bool:
+    """Past the budget? Judged after `min_samples` samples, so one bad sample among the first few
+    does not end a run that is 99.9 % clean."""
+    return counts["samples"] >= min_samples and counts["fraction"] > max_fraction
 
 
 def check_budget(totals: dict[str, Any], max_fraction: float, min_samples: int = 64) -> None:
-    """Raise DataBudgetExceeded naming the worst shards once the bad fraction passes the budget.
-
-    The budget is judged after `min_samples` samples, so one bad sample among the first few does
-    not end a run that is 99.9 % clean.
-    """
-    if totals["samples"] < min_samples or totals["fraction"] <= max_fraction:
+    """Raise DataBudgetExceeded naming the worst shards (`totals()`) once past the budget."""
+    if not over_budget(totals, max_fraction, min_samples):
         return
     worst = ", ".join(f"{w['shard']} ({w['bad']} of {w['samples']}{': ' + w['why'] if w.get('why') else ''})"
                       for w in totals["worst_shards"])

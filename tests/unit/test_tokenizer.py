@@ -139,3 +139,43 @@ def test_save_load_local_and_s3(tok: Tokenizer, tmp_path: Path, s3_server) -> No
     save_tokenizer(tok, f"s3://{bucket}/tokenizer.json", opts)
     loaded = load_tokenizer(f"s3://{bucket}/tokenizer.json", opts)
     assert encode(loaded, CAPTIONS, 16)[0].tolist() == encode(tok, CAPTIONS, 16)[0].tolist()
+
+
+def test_encode_with_a_30k_vocabulary_never_scans_the_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14.5: without a pad id, encode used to build the whole TextSpec per call (its
+    continuation ids walk all 30k entries: 6.8 ms a call). Now the pad id is a name look-up."""
+    import time
+
+    import jobs.data.tokenizer as tokenizer
+    from benchmarks.tokenize import big_tokenizer, captions
+
+    big = big_tokenizer(30000)
+    assert big.get_vocab_size() >= 30000
+    texts = captions(big, 512)
+    scans = []
+    real = tokenizer.continuation_ids
+    monkeypatch.setattr(tokenizer, "continuation_ids", lambda t: scans.append(1) or real(t))
+    ids, mask = encode(big, texts, max_len=16)
+    assert scans == []  # the spec is not built by encode at all
+    assert ids.shape == (512, 16) and (ids[mask == 0] == 0).all() and (ids[:, 0] == 2).all()
+    text_spec(big, 16)
+    assert scans == [1]  # built once, where the caller asks for it
+    # per-row cost: one batch of 8 costs per row about what a batch of 256 does (no per-call scan)
+    small = [texts[i:i + 8] for i in range(0, 256, 8)]
+    t0 = time.perf_counter()
+    for b in small:
+        encode(big, b, 16)
+    per_row_small = (time.perf_counter() - t0) / 256
+    t0 = time.perf_counter()
+    encode(big, texts[:256], 16)
+    per_row_big = (time.perf_counter() - t0) / 256
+    spec_s = min(_timed(lambda: text_spec(big, 16)) for _ in range(3))
+    assert per_row_small < per_row_big + spec_s / 8  # the old cost was a whole scan per 8 rows
+
+
+def _timed(fn) -> float:  # noqa: ANN001
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
