@@ -11,6 +11,10 @@ one device-to-host copy, not K.
 
 With one rank, or no process group (unit tests, a single-GPU check), every helper is the identity
 and touches neither torch.distributed nor the device.
+
+Under tensor parallelism the ranks of one tp group hold the same samples and the same figures, so
+every helper reduces over the data-parallel group that `use_group` sets (jobs/tensor_parallel.py);
+without one, over all ranks.
 """
 
 from __future__ import annotations
@@ -22,11 +26,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 Scalar = float | int | Tensor
+_GROUP: dist.ProcessGroup | None = None  # the data-parallel group; None = the default group
+
+
+def use_group(group: dist.ProcessGroup | None) -> None:
+    """Reduce over `group` from now on (the data-parallel group of a tensor-parallel run), or all ranks."""
+    global _GROUP
+    _GROUP = group
 
 
 def world_size() -> int:
-    """Ranks in the default process group; 1 without one."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """Ranks in the data-parallel group (`use_group`; default: all ranks); 1 without a process group."""
+    return dist.get_world_size(_GROUP) if dist.is_available() and dist.is_initialized() else 1
 
 
 def _stack(values: Mapping[str, Scalar], keys: list[str], device: torch.device | str) -> Tensor:
@@ -50,7 +61,7 @@ def all_reduce_dict(values: Mapping[str, Scalar], device: torch.device | str,
         return {}
     t = _stack(values, keys, device)
     if world_size() > 1:
-        dist.all_reduce(t, op=op)
+        dist.all_reduce(t, op=op, group=_GROUP)
     return dict(zip(keys, t.tolist(), strict=True))
 
 
@@ -99,4 +110,4 @@ def all_gather_rows(rows_NX: Tensor, device: torch.device | str) -> Tensor:
 def _gather_single(out: Tensor, local: Tensor) -> None:
     """Every rank's `local` concatenated along dim 0 into `out` (torch 2.13 renamed the collective)."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, local)
+    gather(out, local, group=_GROUP)

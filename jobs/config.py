@@ -101,6 +101,13 @@ class DeepSpeedConfig(_Strict):
     extra: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config merged on top")
 
 
+class ParallelConfig(_Strict):
+    """Model parallelism besides ZeRO's data parallelism (jobs/tensor_parallel.py)."""
+
+    tp_size: int = Field(1, ge=1, description="Megatron tensor parallelism: each transformer layer's attention "
+                         "and FFN split over tp_size workers; data parallelism over num_workers / tp_size")
+
+
 class ScalingConfig(_Strict):
     """Ray resources of a run; `orchestrator.scaling` turns them into Ray Train / Ray Data arguments.
 
@@ -203,6 +210,7 @@ class RunConfig(_Strict):
     objectives: dict[str, float] = Field(default_factory=lambda: {"mlm": 1.0, "itm": 1.0})
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -272,6 +280,14 @@ def cross_check(cfg: RunConfig) -> list[tuple[str, Any, str]]:
 
         problems += [("model.dvae.downsample", cfg.model.dvae.downsample, p) for p in
                      image_problems(cfg.model.dvae, cfg.data.image_size)]
+    if cfg.parallel.tp_size > 1:
+        from jobs.tensor_parallel import problems as tp_problems
+        from models.ffn import ffn_size
+
+        m = cfg.model
+        problems += tp_problems(cfg.scaling.num_workers, cfg.parallel.tp_size, m.num_heads, m.hidden_size,
+                                ffn_size(m.hidden_size, m.mlp_ratio), cfg.deepspeed.zero_stage,
+                                cfg.moe.num_experts, cfg.moe.ep_size)
     if cfg.data.image_size % cfg.model.patch_size != 0:
         problems.append(("model.patch_size", cfg.model.patch_size,
                          f"must divide data.image_size={cfg.data.image_size}"))

@@ -37,6 +37,10 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if cfg.parallel.tp_size > 1:  # Megatron's split of every layer on DeepSpeed's AutoTP
+        from jobs.tensor_parallel import deepspeed_section
+
+        ds["tensor_parallel"] = deepspeed_section(cfg.parallel.tp_size)
     return _merge(ds, cfg.deepspeed.extra)
 
 
@@ -121,4 +125,8 @@ def build_engine(cfg: RunConfig, model: nn.Module):  # noqa: ANN201 - deepspeed.
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         dist_init_required=False,
     )
+    if cfg.parallel.tp_size > 1:
+        from jobs.tensor_parallel import install_batch_check
+
+        install_batch_check(engine)
     return engine

@@ -6,6 +6,10 @@ K = 12 (fp32 master weights, momentum, variance) and partitions them over N data
 
     stage 0: 16Ψ     stage 1 (P_os): 4Ψ + 12Ψ/N     stage 2 (P_os+g): 2Ψ + 14Ψ/N     stage 3 (P_os+g+p): 16Ψ/N
 
+Tensor parallelism (jobs/tensor_parallel.py) splits the attention and FFN matrices over tp ranks
+first: a rank's Ψ is the replicated parameters plus 1/tp of the split ones, and N is the
+data-parallel size world / tp (ZeRO partitions each rank's shards over its data-parallel peers).
+
 Expert parameters of a MoE layer are first divided over the expert-parallel group (each rank holds
 num_experts/ep experts) and then partitioned over the expert-data-parallel group of N/ep ranks.
 
@@ -33,8 +37,9 @@ Keys of `measure_model_states` (all int; bytes unless named otherwise):
     host memory by optimizer offload; 0 when the engine itself runs on CPU),
     memory/{params,grads,optim}_{dense,expert}_bytes,
     memory/expected_{params,grads,optim}_bytes and memory/expected_bytes (the formula above for this
-    run's stage, precision, world size and ep_size), memory/num_params (dense Ψ),
-    memory/num_expert_params (all experts of all layers), memory/zero_stage, memory/dp, memory/ep,
+    run's stage, precision, data-parallel size and ep_size), memory/num_params (dense Ψ of this rank:
+    with tensor parallelism the replicated parameters plus this rank's 1/tp of the split layers),
+    memory/num_expert_params (all experts of all layers), memory/zero_stage, memory/dp, memory/tp, memory/ep,
     memory/grads_watched (1 when watch_gradients saw a step, else 0: grads_bytes is then what is
     held at the call, usually nothing after a step).
 """
@@ -344,13 +349,15 @@ def measure_model_states(engine: Any) -> dict[str, int]:
     out["memory/total_bytes"] = out["memory/params_bytes"] + out["memory/grads_bytes"] + out["memory/optim_bytes"]
 
     ep = _ep_size(engine.module)
-    dense, experts = count_params(engine.module, ep)
+    dense, experts = count_params(engine.module, ep)  # under tensor parallelism: this rank's shards
     stage = int(engine.zero_optimization_stage())
-    dp = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    tp = max(1, int(engine.autotp_size())) if hasattr(engine, "autotp_size") else 1
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    dp = world // tp  # ZeRO partitions each tp rank's shards over its data-parallel peers
     precision: Precision = "bf16" if engine.bfloat16_enabled() else "fp32"
     expected = expected_model_states(dense, experts, stage, dp, ep, precision)
     out |= {f"memory/expected_{k}_bytes": round(expected[k]) for k in ("params", "grads", "optim")}
     out["memory/expected_bytes"] = round(expected["total"])
     out |= {"memory/num_params": dense, "memory/num_expert_params": experts, "memory/zero_stage": stage,
-            "memory/dp": dp, "memory/ep": ep, "memory/grads_watched": int(watch is not None and watch.calls > 0)}
+            "memory/dp": dp, "memory/tp": tp, "memory/ep": ep, "memory/grads_watched": int(watch is not None and watch.calls > 0)}
     return out

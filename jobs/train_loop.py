@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from jobs import checkpoint as ckpt
-from jobs import storage, watchdog
+from jobs import collectives, storage, watchdog
 from jobs.config import RunConfig
 from jobs.data.pipeline import PipelineSpec
 from jobs.data.stream import MixtureStream, RankStream, synchronized_batches, synchronized_steps
+from jobs.tensor_parallel import Mesh, data_parallel_group
 from jobs.trainer import Trainer
 from models.config import ImageSpec, TextSpec
 
@@ -129,12 +130,15 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
     pin = cfg.scaling.use_gpu  # pinned host batches: asynchronous copies to the GPU
     if job.data_cpu_limit is not None:
         _limit_data_cpus(job.data_cpu_limit)
-    sources = [RankStream(shards, spec, batch_size=cfg.train.batch_size, rank=rank, world=world,
+    # Data (streams, RNG draws, metrics, evaluation) goes by the data-parallel rank: the ranks of one
+    # tensor-parallel group compute the same samples (jobs/tensor_parallel.py).
+    mesh = Mesh(rank, world, cfg.parallel.tp_size)
+    sources = [RankStream(shards, spec, batch_size=cfg.train.batch_size, rank=mesh.dp_rank, world=mesh.dp,
                           seed=cfg.data.shuffle_seed, ledger=ledger, prefetch_batches=cfg.data.prefetch_batches,
                           read_tasks=cfg.data.read_tasks, ray_remote_args=job.data_remote_args, pin_memory=pin)
                for shards in job.train_sources]
     stream: RankStream | MixtureStream = (sources[0] if len(sources) == 1 else MixtureStream(
-        sources, job.train_weights, seed=cfg.data.shuffle_seed, rank=rank))
+        sources, job.train_weights, seed=cfg.data.shuffle_seed, rank=mesh.dp_rank))
 
     state = ckpt.TrainerState()
     resumed = ray.train.get_checkpoint()
@@ -156,8 +160,9 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
         if cfg.moe.enabled:
             diversify_experts(model, cfg.train.seed, ep_rank=rank % cfg.moe.ep_size)
         engine = build_engine(cfg, model)
-        # Masking and negative sampling draw from the global RNG: a different stream per rank.
-        torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
+        collectives.use_group(data_parallel_group(mesh))
+        # Masking and negative sampling draw from the global RNG: a different stream per data-parallel rank.
+        torch.manual_seed(cfg.train.seed * 1000 + mesh.dp_rank + 1)
         if saved is not None:  # model, optimizer, schedule and this rank's RNG
             ckpt.restore(engine, folder, saved)
     watch_gradients(engine)  # per-rank model-state bytes, reported once with the first report
@@ -173,14 +178,14 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
     def run_eval() -> dict[str, float]:
         if not job.eval_shards:
             return {}
-        per_rank = -(-cfg.eval.max_samples // world)
-        eval_stream = RankStream(job.eval_shards, spec, batch_size=cfg.eval.batch_size, rank=rank, world=world,
+        per_rank = -(-cfg.eval.max_samples // mesh.dp)
+        eval_stream = RankStream(job.eval_shards, spec, batch_size=cfg.eval.batch_size, rank=mesh.dp_rank, world=mesh.dp,
                                  seed=None, limit=per_rank, ray_remote_args=job.data_remote_args, pin_memory=pin)
         batches = synchronized_batches(eval_stream, device)
         grounded = grounded_token_ids(spec.tokenizer_uri, job.grounded_words, spec.storage)  # MLM on grounded words
         from jobs.generative.probe import caption_decoder  # DALL-E: captions judged against generated images
 
-        per_rank_gen = -(-cfg.eval.generate_samples // world)
+        per_rank_gen = -(-cfg.eval.generate_samples // mesh.dp)
         return {f"eval/{k}": v for k, v in evaluate(engine.module, batches, device=device, dtype=trainer.dtype,
                                                      grounded_ids=grounded, generate_samples=per_rank_gen,
                                                      captions=caption_decoder(spec.tokenizer_uri, spec.storage)).items()}
@@ -191,7 +196,7 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
         with watchdog.waiting("the training step's collectives (DeepSpeed's gradient all-reduce)",
                               watchdog.STARTUP_ALLOWANCE if trainer.memory is None else watchdog.COLLECTIVE_ALLOWANCE):
             trainer.train_step(micro, wait_s=time.perf_counter() - t_wait)
-        if cfg.data.record_samples:
+        if cfg.data.record_samples and mesh.tp_rank == 0:
             sample_ids[state.step] = [int(i) for raw in micro for i in raw["sample_id"]]
 
         final = state.step == cfg.train.steps

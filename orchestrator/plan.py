@@ -2,13 +2,16 @@
 
 Legend: b micro-batch per GPU, s tokens per sample (text tokens + visual tokens), h hidden size,
 a attention heads, r FFN width / h, L layers, V encoder passes per step (one per objective view),
-E experts, C expert capacity, S = b*s tokens per GPU.
+E experts, C expert capacity, S = b*s tokens per GPU, t tensor-parallel size (`parallel.tp_size`).
 
 Per GPU = model states (ZeRO paper's accounting, `jobs.memory.expected_model_states`)
         + DeepSpeed's reduce bucket (stages 1-3 allocate `reduce_bucket_size` elements up front; measured)
         + activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
           Transformer Models", §4.1: s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, generalised
-          below to any FFN ratio, fp32 and a fused attention kernel).
+          below to any FFN ratio, fp32 and a fused attention kernel; with tensor parallelism, §4.2.2:
+          s*b*h*(10 + 24/t + 5*a*s/(h*t))).
+Tensor parallelism (jobs/tensor_parallel.py) puts 1/t of the split layers' parameters on a GPU and
+leaves world / t GPUs for ZeRO's data-parallel partitioning.
 Parameters are counted exactly by building the run's model on the `meta` device (no memory).
 Activations treat the encoder as num_layers layers over one sequence of text + visual tokens: exact
 for single-stream presets (ViLT, UNITER), an approximation for two-stream and dual encoders.
@@ -39,19 +42,25 @@ _ACT_BYTES = {"bf16": 2, "fp32": 4}
 ZERO3_MOE = ("DeepSpeed's MoE layers cannot run under ZeRO-3: stage 3 partitions every parameter over "
              "all data-parallel ranks and gathers it on use, while expert parallelism needs each rank to "
              "own its experts whole for the all-to-all (deepspeed.initialize refuses it)")
+ZERO3_TP = "ZeRO-3 is not combined with tensor parallelism here (jobs/tensor_parallel.py): use stages 0-2"
 
 
 @dataclass(frozen=True)
 class ModelSize:
     """What the memory model needs to know about one run's model."""
 
-    dense: int  # parameters every rank holds (Ψ)
+    dense: int  # parameters every rank holds (Ψ), the tensor-parallel split layers' whole
     expert: int  # all experts of all MoE layers (each rank holds expert / ep)
     num_layers: int
     num_moe_layers: int
     views: int  # encoder passes per step whose activations are all alive at backward
     text_len: int
     visual_tokens: int  # patches, grid cells or regions per sample (the preset's visual input)
+    split: int = 0  # of `dense`: parameters of the layers tensor parallelism splits (t ranks hold 1/t each)
+
+    def dense_per_rank(self, tp: int) -> float:
+        """Dense parameters one GPU holds at tensor-parallel size `tp` (before ZeRO)."""
+        return self.dense - self.split + self.split / tp
 
     @property
     def seq_len(self) -> int:
@@ -65,6 +74,7 @@ def count_model(cfg: RunConfig, vocab_size: int) -> ModelSize:
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's MoE import otherwise warns about detection
     from jobs.memory import count_params
+    from jobs.tensor_parallel import per_rank_numel
     from models import build_pretrainer
     from models.config import ImageSpec, TextSpec
 
@@ -78,26 +88,32 @@ def count_model(cfg: RunConfig, vocab_size: int) -> ModelSize:
         model: Pretrainer = build_pretrainer(cfg.model, moe, cfg.active_objectives, text,
                                              ImageSpec(size=cfg.data.image_size, max_objects=cfg.data.max_objects))
     dense, expert = count_params(model)
+    _, split = per_rank_numel(model.named_parameters(), 1)
     return ModelSize(dense=dense, expert=expert, num_layers=cfg.model.num_layers,
                      num_moe_layers=model.encoder.num_moe_layers, views=len(model.views),
-                     text_len=cfg.data.max_text_len, visual_tokens=model.num_visual_tokens)
+                     text_len=cfg.data.max_text_len, visual_tokens=model.num_visual_tokens, split=split)
 
 
 def layer_activation_bytes(s: int, b: int, h: int, a: int, ffn_ratio: float, act_bytes: int,
-                           dropout: bool, fused_attention: bool = True) -> float:
+                           dropout: bool, fused_attention: bool = True, tp: int = 1) -> float:
     """Activations one transformer layer keeps for backward (Korthikanti et al. 2022, §4.1).
 
     With 16-bit activations, ffn_ratio 4, dropout and unfused attention this is exactly the paper's
     s*b*h*(34 + 5*a*s/h): attention 11sbh + 5as²b, MLP 19sbh, two LayerNorm inputs 4sbh.
     A fused kernel (PyTorch SDPA: flash / memory-efficient) keeps Q, K, V and its output but never
     the s x s scores, softmax or dropout mask (it regenerates them in backward), so 5as²b drops.
+    Tensor parallelism over `tp` ranks (Korthikanti §4.2.2, no sequence parallelism) splits what lies
+    between a column and a row layer (Q, K, V, the scores, the output projection's input, fc1 and GeLU
+    outputs): s*b*h*(10 + 24/t + 5*a*s/(h*t)) in the paper's setting.
     """
     sbh = s * b * h
     mask = 1 if dropout else 0  # dropout masks are 1 byte per element
-    attention = act_bytes * 5 * sbh + mask * sbh  # QKV input, Q, K, V, output proj input; out dropout
+    # QKV input (replicated); Q, K, V and the output projection's input (split); out dropout (replicated)
+    attention = act_bytes * sbh + act_bytes * 4 * sbh / tp + mask * sbh
     if not fused_attention:
-        attention += (2 * act_bytes + mask) * a * s * s * b  # scores, softmax output, softmax dropout
-    mlp = act_bytes * (1 + 2 * ffn_ratio) * sbh + mask * sbh  # input, fc1 out, GeLU out; dropout
+        attention += (2 * act_bytes + mask) * a * s * s * b / tp  # scores, softmax output, softmax dropout
+    # input (replicated), fc1 out and GeLU out (split), dropout (replicated)
+    mlp = act_bytes * sbh + act_bytes * 2 * ffn_ratio * sbh / tp + mask * sbh
     norms = 2 * act_bytes * sbh
     return attention + mlp + norms
 
@@ -140,7 +156,7 @@ def activation_bytes(cfg: RunConfig, size: ModelSize, checkpointing: bool) -> fl
     act = _ACT_BYTES[cfg.train.precision]
     b, s, h = cfg.train.batch_size, size.seq_len, cfg.model.hidden_size
     dense_layer = layer_activation_bytes(s, b, h, cfg.model.num_heads, cfg.model.mlp_ratio, act,
-                                         dropout=cfg.model.dropout > 0)
+                                         dropout=cfg.model.dropout > 0, tp=cfg.parallel.tp_size)
     moe_layer = dense_layer + (_moe_extra_bytes(cfg, b, s, act) if size.num_moe_layers else 0.0)
     full = (size.num_layers - size.num_moe_layers) * dense_layer + size.num_moe_layers * moe_layer
     if checkpointing:
@@ -188,27 +204,33 @@ def _reduce_bucket(cfg: RunConfig) -> int:
 
 
 def estimate(cfg: RunConfig, size: ModelSize, gpus: int, stage: int, ep: int, gpu_mem: float = 80 * GiB) -> Row:
-    """Per-GPU bytes for one (stage, ep) setting on `gpus` data-parallel GPUs."""
+    """Per-GPU bytes for one (stage, ep) setting on `gpus` GPUs: `cfg.parallel.tp_size` of them per
+    tensor-parallel group, the groups data-parallel."""
     from jobs.memory import expected_model_states
 
-    states = expected_model_states(size.dense, size.expert, stage, gpus, ep, cfg.train.precision)
+    tp = cfg.parallel.tp_size
+    if gpus % tp:
+        raise ValueError(f"parallel.tp_size={tp} must divide the {gpus} GPUs")
+    states = expected_model_states(round(size.dense_per_rank(tp)), size.expert, stage, gpus // tp, ep,
+                                   cfg.train.precision)
     buffers = float(_reduce_bucket(cfg) * _ACT_BYTES[cfg.train.precision]) if stage > 0 else 0.0
     return Row(stage=stage, ep=ep, params=states["params"], grads=states["grads"], optim=states["optim"],
                buffers=buffers, activations=activation_bytes(cfg, size, False),
                activations_ckpt=activation_bytes(cfg, size, True), gpu_mem=gpu_mem,
-               infeasible=ZERO3_MOE if stage == 3 and size.expert else None)
+               infeasible=ZERO3_MOE if stage == 3 and size.expert else ZERO3_TP if stage == 3 and tp > 1 else None)
 
 
-def ep_choices(num_experts: int, gpus: int) -> list[int]:
-    """Expert-parallel sizes: divisors of the GPU count that also divide the number of experts."""
-    if num_experts == 0:
+def ep_choices(num_experts: int, gpus: int, tp: int = 1) -> list[int]:
+    """Expert-parallel sizes: divisors of the GPU count that also divide the number of experts
+    (only 1 under tensor parallelism: jobs/tensor_parallel.py)."""
+    if num_experts == 0 or tp > 1:
         return [1]
     return [d for d in range(1, gpus + 1) if gpus % d == 0 and num_experts % d == 0]
 
 
 def plan(cfg: RunConfig, size: ModelSize, gpus: int, gpu_mem: float) -> list[Row]:
     return [estimate(cfg, size, gpus, stage, ep, gpu_mem)
-            for stage in (0, 1, 2, 3) for ep in ep_choices(cfg.moe.num_experts, gpus)]
+            for stage in (0, 1, 2, 3) for ep in ep_choices(cfg.moe.num_experts, gpus, cfg.parallel.tp_size)]
 
 
 def suggest(rows: list[Row]) -> tuple[Row, bool] | None:
@@ -268,12 +290,15 @@ def render(cfg: RunConfig, size: ModelSize, rows: list[Row], gpus: int, vocab_no
                   f"{cfg.train.precision}, micro-batch {cfg.train.batch_size} x {size.seq_len} tokens "
                   f"({size.text_len} text + {size.visual_tokens} visual), {size.views} encoder passes/step; "
                   f"{gpus} GPUs of {gpu_mem / GiB:g} GiB", highlight=False)
+    if (tp := cfg.parallel.tp_size) > 1:
+        console.print(f"tensor parallel: tp {tp} x dp {gpus // tp}; {size.split:,} parameters split (1/{tp} "
+                      f"per GPU), {size.dense - size.split:,} replicated", highlight=False)
     table = Table(title=f"per-GPU memory, {unit}", title_justify="left")
     for col in ("ZeRO", "ep", "params", "grads", "optim", "buffers", "states", "act", "act ckpt",
                 "total", "total ckpt", "fits"):
         table.add_column(col, justify="left" if col == "fits" else "right")
     for r in rows:
-        fits = "n/a: MoE" if r.infeasible else ("yes" if r.fits else "with ckpt" if r.fits_ckpt else "no")
+        fits = ("n/a: MoE" if r.infeasible == ZERO3_MOE else "n/a: tp") if r.infeasible else ("yes" if r.fits else "with ckpt" if r.fits_ckpt else "no")
         table.add_row(str(r.stage), str(r.ep), gib(r.params), gib(r.grads), gib(r.optim), gib(r.buffers),
                       gib(r.states), gib(r.activations), gib(r.activations_ckpt), gib(r.total),
                       gib(r.total_ckpt), fits)
@@ -288,8 +313,8 @@ def render(cfg: RunConfig, size: ModelSize, rows: list[Row], gpus: int, vocab_no
         sets += ["train.activation_checkpointing=true"] if ckpt else []
         console.print(f"suggested: --set {' --set '.join(sets)}"
                       + f" ({gib(row.total_ckpt if ckpt else row.total)} {unit} of {gpu_mem / GiB:g} GiB)", highlight=False)
-    if any(r.infeasible for r in rows):
-        console.print(f"ZeRO-3 n/a: {ZERO3_MOE}.", highlight=False)
+    for reason in dict.fromkeys(r.infeasible for r in rows if r.infeasible):
+        console.print(f"ZeRO-3 n/a: {reason}.", highlight=False)
     console.print("model states: ZeRO paper (Rajbhandari et al. 2020) for mixed-precision Adam; fp32 as DeepSpeed "
                   "0.19 keeps it (jobs/memory.py). buffers: DeepSpeed's reduce bucket. act: Korthikanti et al. "
                   "2022 per layer, fused attention; embeddings and heads not counted.", highlight=False)
@@ -313,6 +338,10 @@ def plan_cmd(
         for p in exc.problems:
             err.print(f"[red]error:[/red] {p}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    if gpus % cfg.parallel.tp_size:
+        Console(stderr=True).print(f"[red]error:[/red] --gpus {gpus} is not a multiple of parallel.tp_size="
+                                   f"{cfg.parallel.tp_size}", highlight=False)
+        raise typer.Exit(2)
     vocab, source = _vocab(cfg, vocab_size)
     size = count_model(cfg, vocab)
     rows = plan(cfg, size, gpus, gpu_mem * GiB)

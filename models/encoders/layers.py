@@ -105,20 +105,26 @@ def _sdpa(q_BHQd: Tensor, k_BHKd: Tensor, v_BHKd: Tensor, allow: Allow, dropout:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention, fused QKV projection, on PyTorch's SDPA kernel."""
+    """Multi-head self-attention, fused QKV projection, on PyTorch's SDPA kernel.
+
+    The heads a forward runs are read from the projection's output width, not from the config:
+    under Megatron tensor parallelism (jobs/tensor_parallel.py) `qkv` is column-split into this
+    rank's H/tp heads of Q, K and V and `out` row-split, so the same code runs whole or sharded.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads = num_heads  # of the whole layer; a tensor-parallel rank runs num_heads / tp
+        self.head_dim = hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
         self.dropout = dropout
 
     def forward(self, x_BSD: Tensor, allow: Allow) -> Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        B, S, _ = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         y_BHSd = _sdpa(q, k, v, allow, self.dropout if self.training else 0.0)
-        return self.out(y_BHSd.transpose(1, 2).reshape(B, S, D))
+        return self.out(y_BHSd.transpose(1, 2).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -127,19 +133,20 @@ class CrossAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads = num_heads  # of the whole layer; heads per forward from the shapes (SelfAttention)
+        self.head_dim = hidden_size // num_heads
         self.q = nn.Linear(hidden_size, hidden_size)
         self.kv = nn.Linear(hidden_size, 2 * hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
         self.dropout = dropout
 
     def forward(self, x_BQD: Tensor, ctx_BKD: Tensor, allow: Allow) -> Tensor:
-        B, Q, D = x_BQD.shape
-        K, H = ctx_BKD.shape[1], self.num_heads
-        q_BHQd = self.q(x_BQD).view(B, Q, H, D // H).transpose(1, 2)
-        k_BHKd, v_BHKd = self.kv(ctx_BKD).view(B, K, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        B, Q, _ = x_BQD.shape
+        K, d = ctx_BKD.shape[1], self.head_dim
+        q_BHQd = self.q(x_BQD).view(B, Q, -1, d).transpose(1, 2)
+        k_BHKd, v_BHKd = self.kv(ctx_BKD).view(B, K, 2, -1, d).permute(2, 0, 3, 1, 4)
         y_BHQd = _sdpa(q_BHQd, k_BHKd, v_BHKd, allow, self.dropout if self.training else 0.0)
-        return self.out(y_BHQd.transpose(1, 2).reshape(B, Q, D))
+        return self.out(y_BHQd.transpose(1, 2).flatten(2))
 
 
 class _Layer(Recomputable):

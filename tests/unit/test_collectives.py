@@ -75,6 +75,9 @@ class _Stream:
     def next_epoch(self) -> None:
         pass
 
+    def describe(self) -> str:
+        return "a fake stream"
+
 
 def test_data_stream_agreement_uses_the_device(handed) -> None:  # noqa: ANN001
     with pytest.raises(_Handed):
