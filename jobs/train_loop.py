@@ -82,6 +82,7 @@ def train_func(config: dict[str, Any]) -> None:
     from jobs.engine import build_engine, diversify_experts
     from jobs.evaluate import evaluate, grounded_token_ids
     from jobs.memory import watch_gradients
+    from jobs.transfer.zero_shot import transfer_eval
     from models import build_pretrainer
     from models.adversarial import EmbeddingPerturbation
     from models.recompute import set_activation_checkpointing
@@ -136,8 +137,11 @@ def train_func(config: dict[str, Any]) -> None:
                                  seed=None, limit=per_rank, ray_remote_args=job.data_remote_args, pin_memory=pin)
         batches = synchronized_batches(eval_stream, device)
         grounded = grounded_token_ids(spec.tokenizer_uri, spec.storage)  # MLM accuracy on grounded words
-        return {f"eval/{k}": v for k, v in evaluate(engine.module, batches, device=device, dtype=trainer.dtype,
-                                                     grounded_ids=grounded).items()}
+        out = evaluate(engine.module, batches, device=device, dtype=trainer.dtype, grounded_ids=grounded)
+        # downstream: zero-shot classification (ITC encoders) and a linear probe (jobs/transfer/zero_shot.py)
+        out |= transfer_eval(engine.module, cfg.eval.zero_shot, spec, job.eval_shards, rank=rank, world=world,
+                             batch_size=cfg.eval.batch_size, device=device, dtype=trainer.dtype)
+        return {f"eval/{k}": v for k, v in out.items()}
 
     while state.step < cfg.train.steps:
         t_wait = time.perf_counter()

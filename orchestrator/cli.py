@@ -33,6 +33,7 @@ app.command("doctor")(__import__("orchestrator.doctor", fromlist=["doctor_cmd"])
 app.command("sweep")(__import__("orchestrator.sweep", fromlist=["sweep_cmd"]).sweep_cmd)
 app.command("report")(__import__("orchestrator.report", fromlist=["report_cmd"]).report_cmd)
 app.command("export")(__import__("orchestrator.export", fromlist=["export_cmd"]).export_cmd)
+app.command("finetune")(__import__("orchestrator.finetune", fromlist=["finetune_cmd"]).finetune_cmd)
 
 
 

@@ -253,6 +253,8 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, led
                     train_weights=plan.weights, eval_shards=plan.eval, run_dir=files.uri,
                     # where the workers' Ray Data tasks run (scaling.data_*: e.g. CPU nodes)
                     data_remote_args=data_remote_args(cfg.scaling), **faults)
+    if cfg.finetune is not None:
+        from jobs.transfer.finetune_loop import finetune_func as train_func  # same job, a task head's loop
     return TorchTrainer(
         train_func,
         train_loop_config={"job": job},
@@ -280,6 +282,10 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     `fresh=True` deletes the run directory first. `faults` is for tests: fault-injection objects
     handed to the workers (e.g. {"crash_while_writing": jobs.checkpoint.CrashWhileWriting(...)}).
     """
+    if cfg.finetune is not None:  # the pretrained run's architecture and checkpoint (orchestrator/finetune.py)
+        from orchestrator.finetune import resolve
+
+        cfg = resolve(cfg)
     files = RunFiles(cfg)
     out = console or Console()
     if fresh:
@@ -298,6 +304,10 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     init = _plan_init(cfg, plan, files, out)
     config_yaml = dump_yaml(cfg)
     storage.write_text(files.path("config.yaml"), config_yaml, files.opts)
+    if cfg.finetune is not None:
+        from orchestrator.finetune import write_init
+
+        write_init(cfg, files.uri, files.opts)
     log_dir = files.local_log_dir()
     started = time.time()
     records: list[dict[str, Any]] = []
