@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
+from jobs.transfer.config import FinetuneConfig, ZeroShotConfig
 from models._schema import _Strict
 from models.config import AdversarialConfig, ModelConfig, MoEConfig
 
@@ -167,6 +168,8 @@ class EvalConfig(_Strict):
     batch_size: int = Field(16, ge=2, description="also the retrieval candidate set size")
     generate_samples: int = Field(32, ge=0, description="DALL-E runs: eval captions an image is generated for "
                                   "and judged against (jobs/generative/probe.py); 0 = none")
+    zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig, description="zero-shot classification "
+                                      "(ITC encoders) and a linear probe on the held-out split (jobs/transfer/)")
 
 
 class MLflowTracking(_Strict):
@@ -215,6 +218,8 @@ class RunConfig(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    finetune: FinetuneConfig | None = Field(None, description="fine-tune on a labelled task instead of "
+                                            "pretraining (mmpt finetune; jobs/transfer/)")
 
     @field_validator("objectives", mode="before")
     @classmethod

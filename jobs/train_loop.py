@@ -123,6 +123,7 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
     from jobs.engine import build_engine, diversify_experts
     from jobs.evaluate import evaluate, grounded_token_ids
     from jobs.memory import watch_gradients
+    from jobs.transfer.zero_shot import transfer_eval
     from models import build_pretrainer
     from models.adversarial import EmbeddingPerturbation
     from models.recompute import set_activation_checkpointing
@@ -186,9 +187,12 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
         from jobs.generative.probe import caption_decoder  # DALL-E: captions judged against generated images
 
         per_rank_gen = -(-cfg.eval.generate_samples // mesh.dp)
-        return {f"eval/{k}": v for k, v in evaluate(engine.module, batches, device=device, dtype=trainer.dtype,
-                                                     grounded_ids=grounded, generate_samples=per_rank_gen,
-                                                     captions=caption_decoder(spec.tokenizer_uri, spec.storage)).items()}
+        out = evaluate(engine.module, batches, device=device, dtype=trainer.dtype, grounded_ids=grounded,
+                       generate_samples=per_rank_gen, captions=caption_decoder(spec.tokenizer_uri, spec.storage))
+        # downstream: zero-shot classification (ITC encoders) and a linear probe (jobs/transfer/zero_shot.py)
+        out |= transfer_eval(engine.module, cfg.eval.zero_shot, spec, job.eval_shards, rank=mesh.dp_rank,
+                             world=mesh.dp, batch_size=cfg.eval.batch_size, device=device, dtype=trainer.dtype)
+        return {f"eval/{k}": v for k, v in out.items()}
 
     while state.step < cfg.train.steps:
         t_wait = time.perf_counter()

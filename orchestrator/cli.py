@@ -34,6 +34,7 @@ app.command("sweep")(__import__("orchestrator.sweep", fromlist=["sweep_cmd"]).sw
 app.command("report")(__import__("orchestrator.report", fromlist=["report_cmd"]).report_cmd)
 app.command("export")(__import__("orchestrator.export", fromlist=["export_cmd"]).export_cmd)
 app.command("generate")(__import__("orchestrator.generate", fromlist=["generate_cmd"]).generate_cmd)
+app.command("finetune")(__import__("orchestrator.finetune", fromlist=["finetune_cmd"]).finetune_cmd)
 
 
 

@@ -264,6 +264,9 @@ def write_report(sweep_dir: str | Path) -> Report:
     files["csv"].write_text(rows_csv(rows, cols))
     files["trials"].write_text(trials_csv(trials))
     files["html"].write_text(render_html(plan, trials, rows, cols, notes))
+    from orchestrator.transfer_report import write_transfer
+
+    files |= write_transfer(plan, trials)  # fine-tuning sweeps: task x labels x {pretrained, scratch}
     return Report(plan, trials, rows, cols, notes, files)
 
 
@@ -273,6 +276,8 @@ def show_report(sweep_dir: str | Path, console: Console) -> Report:
         console.print(table)
     for note in report.notes:
         console.print(note, highlight=False, soft_wrap=True)
+    if "transfer_markdown" in report.files:
+        console.print(report.files["transfer_markdown"].read_text(), highlight=False, soft_wrap=True, markup=False)
     console.print("report: " + ", ".join(str(p) for p in report.files.values()), highlight=False, soft_wrap=True)
     return report
 

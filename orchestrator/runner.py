@@ -276,6 +276,8 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, led
                     # where the workers' Ray Data tasks run (scaling.data_*: e.g. CPU nodes)
                     data_remote_args=data_remote_args(cfg.scaling),
                     data_cpu_limit=data_cpu_share(cfg.scaling) if own_ray else None, **faults)
+    if cfg.finetune is not None:
+        from jobs.transfer.finetune_loop import finetune_func as train_func  # same job, a task head's loop
     return TorchTrainer(
         train_func,
         train_loop_config={"job": job},
@@ -305,6 +307,10 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     """
     from orchestrator import preflight
 
+    if cfg.finetune is not None:  # the pretrained run's architecture and checkpoint (orchestrator/finetune.py)
+        from orchestrator.finetune import resolve
+
+        cfg = resolve(cfg)
     files = RunFiles(cfg)
     out = console or Console()
     preflight.check_endpoint(cfg)
@@ -334,6 +340,10 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     except OSError as exc:
         raise ConfigError([f"storage.path = {cfg.storage.path!r}: cannot write {files.path('config.yaml')} "
                            f"({preflight.storage_error(exc)})"]) from None
+    if cfg.finetune is not None:
+        from orchestrator.finetune import write_init
+
+        write_init(cfg, files.uri, files.opts)
     log_dir = files.local_log_dir()
     started = time.time()
     records: list[dict[str, Any]] = []

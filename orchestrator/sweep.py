@@ -191,6 +191,18 @@ def _init_ray(address: str | None, cpus: int | None) -> bool:
     return True
 
 
+def _pretrain(plan: SweepPlan, view: Console) -> None:
+    """A transfer sweep's pretraining run, before any trial (only shown again once it has finished)."""
+    cfg = plan.pretrain_config()
+    if cfg is None:
+        return
+    from orchestrator.runner import run
+
+    view.print(f"pretraining {cfg.name} ({cfg.model.preset}, {cfg.train.steps} steps) for the trials to start from",
+               highlight=False)
+    run(cfg, console=Console(file=view.file, quiet=True))
+
+
 def _outcome(plan: SweepPlan, status: dict[str, str], errors: dict[str, str]) -> SweepOutcome:
     out = SweepOutcome(sweep_dir=plan.sweep_dir)
     for point_id, seed in plan.trials:
@@ -232,6 +244,7 @@ def run_sweep(plan: SweepPlan, *, console: Console | None = None, address: str |
                        f"{len(plan.trials)} trials, up to {limit} at once · {sweep_dir}", highlight=False)
             for warning in plan.warnings:
                 view.print(f"note: {warning}", highlight=False, soft_wrap=True)
+            _pretrain(plan, view)
             board = ProgressBoard(plan, view)
             tracked = SweepTracking(plan)  # the trials' group (an MLflow parent run), before any trial
             with showing(board):

@@ -15,6 +15,8 @@ starts. This module is the ONE place that knows where a name comes from. The rul
     loss/<name>                                 objective <name> is active (weight > 0): an objective's
                                                 loss term carries its registry name (`mlm` -> loss/mlm)
     eval/loss, eval/samples                     held-out data (data.eval) is set
+    eval/(val|test)_*, eval/train_examples      a fine-tuning run (finetune:; jobs/transfer/finetune_loop.py)
+    eval/zs_*, eval/probe_*                     held-out data (zero-shot / linear probe, jobs/transfer/zero_shot.py)
     eval/(i2t|t2i)_r<k>, eval/chance_r1,        held-out data and a retrieval scorer among the active
       eval/candidates                           objectives: ITM scores (itm) or ITC embeddings (itc),
                                                 jobs/evaluate.py ranks candidates by them
@@ -93,6 +95,10 @@ def _needs_named_objective(cfg: RunConfig, m: re.Match[str]) -> str | None:
     return _needs_eval(cfg) if m.group("kind") == "eval" else None
 
 
+def _needs_finetune(cfg: RunConfig, _m: re.Match[str]) -> str | None:
+    return None if cfg.finetune is not None else "is reported by fine-tuning runs only (a finetune: section)"
+
+
 @dataclass(frozen=True)
 class _Rule:
     pattern: re.Pattern[str]
@@ -111,6 +117,8 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(re.compile(r"^loss/(?P<name>.+)$"), _needs_objective),
     _Rule(re.compile(r"^eval/(loss|samples)$"), lambda cfg, _m: _needs_eval(cfg)),
     _Rule(re.compile(r"^eval/((i2t|t2i)_r\d+|chance_r1|candidates)$"), _needs_scorer),
+    _Rule(re.compile(r"^eval/((val|test)_.+|train_examples)$"), _needs_finetune),
+    _Rule(re.compile(r"^eval/(zs|probe)_.+$"), lambda cfg, _m: _needs_eval(cfg)),
     _Rule(re.compile(r"^(?P<kind>train|eval)/(?P<metric>.+)$"), _needs_named_objective),
 )
 

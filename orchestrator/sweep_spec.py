@@ -19,6 +19,7 @@
     scheduler: {type: asha, grace_period: 50}     # optional early stopping
     max_concurrent: auto                # trials at once; auto = as the cluster's CPUs/GPUs allow
     out: sweeps                         # the sweep directory is <out>/<name>/
+    pretrain: {config: ../pretrain.yaml}  # transfer sweeps: run this first; the trials fine-tune from it
 
 A *point* is one configuration: the cross product of the grid dimensions (objective sets, grid,
 variants), times `samples` draws of the drawn ones. Values are drawn here, once, with `space_seed`,
@@ -45,6 +46,7 @@ from orchestrator.sweep_metrics import metric_problem
 
 _DRAWN = ("choice", "uniform", "loguniform", "randint")
 PLAN_FILE = "sweep.yaml"  # the resolved plan, in the sweep directory
+PRETRAIN_RUN = "pretrain"  # a transfer sweep's pretraining run: <sweep dir>/runs/pretrain
 
 
 class _Strict(BaseModel):
@@ -107,8 +109,17 @@ class AshaConfig(_Strict):
     brackets: int = Field(1, ge=1)
 
 
+class PretrainSpec(_Strict):
+    """A pretraining run the sweep runs first (skipped once finished); every trial fine-tunes from it
+    (the base gets `finetune.from_run` = its run directory, `<sweep dir>/runs/pretrain`)."""
+
+    config: str | dict[str, Any] = Field(description="run config file (relative to the sweep file) or mapping")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    pretrain: PretrainSpec | None = Field(None, description="transfer sweeps: the pretraining run the trials start from")
     base: str | dict[str, Any] = Field(description="run config file (relative to the sweep file) or mapping")
     overrides: dict[str, Any] = Field(default_factory=dict)
     objective_sets: dict[str, list[str] | dict[str, float]] = Field(default_factory=dict)
@@ -158,6 +169,10 @@ class SweepPlan:
     points: list[Point]
     spec: dict[str, Any]  # the sweep file as given (after --set), for the record
     warnings: list[str] = field(default_factory=list)
+    pretrain: dict[str, Any] | None = None  # the raw run config of the pretraining run (transfer sweeps)
+
+    def pretrain_config(self) -> RunConfig | None:
+        return None if self.pretrain is None else validate(self.pretrain)
 
     def trial_name(self, point_id: str, seed: int) -> str:
         return f"{point_id}-s{seed}"
@@ -170,7 +185,10 @@ class SweepPlan:
         # Tracked trials are grouped under the sweep's name (orchestrator/tracking/sweep.py).
         tracking = self.base.get("tracking") or {}
         group = {"tracking.group": self.name} if tracking and not tracking.get("group") else {}
-        return {**p.overrides, "train.steps": p.steps, "train.seed": seed,
+        # A seed varies the data order too, not only the init (data.shuffle_seed null = file order, kept).
+        data = self.base.get("data") or {}
+        order = {} if "shuffle_seed" in data and data["shuffle_seed"] is None else {"data.shuffle_seed": seed}
+        return {**order, **p.overrides, "train.steps": p.steps, "train.seed": seed,
                 "name": self.trial_name(point_id, seed), "storage.path": self.sweep_dir, **group}
 
     def trial_config(self, point_id: str, seed: int) -> RunConfig:
@@ -372,8 +390,19 @@ def plan_sweep(spec: SweepSpec, spec_dir: Path, sweep_dir: Path | None = None) -
     base = load_raw(spec_dir / spec.base) if isinstance(spec.base, str) else dict(spec.base)
     base = apply_overrides(base, spec.overrides)
     target = (sweep_dir or Path(spec.out) / spec.name).absolute()
+    pretrain = None
+    if spec.pretrain is not None:
+        pre = spec.pretrain
+        pretrain = load_raw(spec_dir / pre.config) if isinstance(pre.config, str) else dict(pre.config)
+        pretrain = apply_overrides(pretrain, {**pre.overrides, "name": PRETRAIN_RUN, "storage.path": str(target)})
+        try:
+            validate(pretrain)
+        except ConfigError as exc:
+            raise ConfigError([f"pretrain: {q}" for q in exc.problems]) from None
+        base = apply_overrides(base, {"finetune.from_run": str(target / "runs" / PRETRAIN_RUN)})
     plan = SweepPlan(name=spec.name, sweep_dir=str(target), metric=spec.metric, mode=spec.mode,
-                     seeds=spec.seed_list, base=base, points=points, spec=spec.model_dump(mode="json"))
+                     seeds=spec.seed_list, base=base, points=points, spec=spec.model_dump(mode="json"),
+                     pretrain=pretrain)
     missing: list[str] = []
     for p in points:
         try:

@@ -104,7 +104,7 @@ def test_several_problems_reported_at_once(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump({"train": {"steps": -1, "lr": 0}, "colour": "red"}))
     problems = sorted(_problems(bad))
     assert len(problems) == 3
-    assert problems[0].startswith("colour: unknown key; allowed keys here: data, deepspeed, eval, model")
+    assert problems[0].startswith("colour: unknown key; allowed keys here: data, deepspeed, eval, finetune, model")
     assert problems[1] == "train.lr = 0: Input should be greater than 0"
     assert problems[2] == "train.steps = -1: Input should be greater than or equal to 1"
 
