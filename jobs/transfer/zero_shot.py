@@ -37,7 +37,7 @@ from jobs.transfer.labelled import (
     size,
 )
 from jobs.transfer.tasks import SHAPES_TASKS, ClassTask, user_task
-from models.heads.features import image_features, image_want
+from models.heads.features import has_image_features, image_features, image_want
 from models.zero_shot import blank_visual, class_embeddings, has_contrastive, topk_correct, zero_shot_logits
 
 PROBE_RIDGE = 1e-2  # ridge strength, relative to the mean squared feature norm (scale-free)
@@ -88,7 +88,7 @@ def transfer_eval(model: Any, zs: ZeroShotConfig, spec: Any, eval_shards: list[s
     """Zero-shot and probe metrics of `model.encoder` on every planned task (collective: all ranks call it)."""
     encoder = model.encoder
     contrastive = has_contrastive(encoder)
-    if zs.max_samples == 0 or not eval_shards or not (contrastive or zs.probe):
+    if zs.max_samples == 0 or not eval_shards or not (contrastive or zs.probe) or not has_image_features(encoder):
         return {}
     was_training = model.training
     model.eval()

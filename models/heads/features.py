@@ -25,6 +25,12 @@ def _provides(encoder: nn.Module) -> frozenset[str]:
     return getattr(encoder, "provides", frozenset())
 
 
+def has_image_features(encoder: nn.Module) -> bool:
+    """Whether `image_features` can read this encoder (not, e.g., a dVAE or a DALL-E decoder)."""
+    provides = _provides(encoder)
+    return CONTRASTIVE <= provides or IMAGE_STATES <= provides
+
+
 def image_want(encoder: nn.Module) -> frozenset[str]:
     return IMAGE_EMBED if CONTRASTIVE <= _provides(encoder) else IMAGE_STATES
 
