@@ -262,7 +262,9 @@ def training_loop(gpu: bool, steps: int, workdir: str) -> list[str]:
             last = loss
     train_s = time.perf_counter() - t0
     assert last is not None and torch.isfinite(torch.tensor(last)), f"loss is not finite: {last}"
-    grounded = grounded_token_ids(data.tokenizer)
+    from jobs.data.datasets.shapes import card  # the synthetic data's own dataset card: its grounded words
+
+    grounded = grounded_token_ids(data.tokenizer, card().grounded_words)
     ev = evaluate(engine.module, local_batches(data.eval_shards, spec, 16, seed=None, pin_memory=gpu),
                   device=engine.device, dtype=trainer.dtype, grounded_ids=grounded)
     lines = [f"{steps} steps in {train_s:.1f} s ({steps * 32 / train_s:.0f} samples/s): loss {first:.3f} -> "
