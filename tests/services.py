@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +103,26 @@ def postgres_server() -> Iterator[Postgres]:
     finally:
         subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def relay(handler: Any, target: Any, body: bytes | None) -> None:
+    """Forward `handler`'s request (an http.server handler) to `target` (a urlsplit of the real server)
+    and copy the answer back: the body of S3 proxies that stall or fail some requests in tests. A HEAD
+    answer keeps the object's real Content-Length: clients size their reads by it."""
+    import http.client
+
+    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+    conn.request(handler.command, handler.path, body=body, headers=dict(handler.headers))
+    resp = conn.getresponse()
+    data = resp.read()
+    handler.send_response(resp.status)
+    for k, v in resp.getheaders():
+        if k.lower() not in ("transfer-encoding", "connection") and (
+                k.lower() != "content-length" or handler.command == "HEAD"):
+            handler.send_header(k, v)
+    if handler.command != "HEAD":
+        handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(data)
+    conn.close()

@@ -3,7 +3,6 @@ SlowDown: the epoch still delivers every sample exactly once."""
 
 from __future__ import annotations
 
-import http.client
 import random
 import threading
 from collections.abc import Iterator
@@ -11,6 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 import pytest
+
+from tests.services import relay
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,22 +47,7 @@ class FaultyProxy:
                     if self.command != "HEAD":
                         self.wfile.write(_SLOW_DOWN)
                     return
-                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    # a HEAD answer keeps the object's real Content-Length: clients size reads by it
-                    if k.lower() not in ("transfer-encoding", "connection") and (
-                            k.lower() != "content-length" or self.command == "HEAD"):
-                        self.send_header(k, v)
-                if self.command != "HEAD":
-                    self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
+                relay(self, target, body)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
