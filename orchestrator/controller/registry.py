@@ -149,12 +149,36 @@ def _connect(url: str) -> tuple[Any, _Dialect]:
     if path != ":memory:":
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
     try:
-        conn = sqlite3.connect(path, check_same_thread=False, timeout=30.0)
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn = sqlite3.connect(path, check_same_thread=False, timeout=_SQLITE_BUSY_S)
+        _wal(conn)
         conn.execute("PRAGMA synchronous=FULL")
     except sqlite3.Error as exc:
         raise RegistryError(f"--db {url}: cannot open the SQLite database ({exc})") from None
     return conn, _Dialect("sqlite", "?")
+
+
+_SQLITE_BUSY_S = 30.0
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, retrying while another process holds the lock.
+
+    Changing the journal mode takes an exclusive lock that SQLite's busy handler does not wait for:
+    controllers opening a new database together get "database is locked" at once. The mode is
+    persistent, so only the first opening switches; the others read WAL and do nothing.
+    """
+    deadline = time.monotonic() + _SQLITE_BUSY_S
+    delay = 0.01
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 class Registry:

@@ -7,10 +7,12 @@ import math
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator.controller import registry
 from orchestrator.controller.cluster import ClusterError, ClusterJob
 from orchestrator.controller.credentials import credential_values, leaks, redact, safe_url
 from orchestrator.controller.reconcile import Controller, refresh, sync
@@ -207,3 +209,41 @@ def test_series_stay_bounded_however_many_steps_are_reported(tmp_path: Path) -> 
     assert len(samples) == 11
     assert all("step" not in s.labels for s in samples)
     assert math.isclose(next(s.value for s in samples if s.labels.get("term") == "total"), 1 / 500)
+
+
+class _LockedThenFree:
+    """A connection whose journal-mode switch meets SQLite's immediate 'database is locked' (two
+    openers both upgrading a read lock: the busy handler is not called) `fails` times."""
+
+    def __init__(self, fails: int, mode: str = "delete") -> None:
+        self.fails, self.mode, self.switches = fails, mode, 0
+
+    def execute(self, sql: str) -> Any:
+        if sql == "PRAGMA journal_mode=WAL":
+            self.switches += 1
+            if self.fails:
+                self.fails -= 1
+                raise sqlite3.OperationalError("database is locked")
+            self.mode = "wal"
+        return self
+
+    def fetchone(self) -> tuple[str]:
+        return (self.mode,)
+
+
+def test_wal_switch_retries_an_immediate_lock_and_skips_a_database_already_in_wal() -> None:
+    conn = _LockedThenFree(fails=3)
+    registry._wal(conn)  # type: ignore[arg-type]
+    assert (conn.mode, conn.switches) == ("wal", 4)
+    done = _LockedThenFree(fails=5, mode="wal")
+    registry._wal(done)  # type: ignore[arg-type]
+    assert done.switches == 0  # already WAL: no exclusive lock taken at all
+
+
+def test_wal_switch_raises_other_errors_at_once() -> None:
+    class Broken(_LockedThenFree):
+        def execute(self, sql: str) -> Any:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        registry._wal(Broken(0))  # type: ignore[arg-type]
