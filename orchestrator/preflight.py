@@ -22,7 +22,6 @@ import http.client
 import logging
 import os
 import ssl
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,25 +156,19 @@ def check_data(cfg: RunConfig, plan: DataPlan, files: RunFiles, budget_s: float 
     if plan.eval:
         checks.append(("data.eval", f"eval.batch_size = {cfg.eval.batch_size}: the retrieval candidate set needs "
                        f"{cfg.eval.batch_size} held-out samples per worker", plan.eval, cfg.eval.batch_size, None))
-    box: dict[str, Any] = {}
+    from jobs.bounded import TookTooLong, call_within
 
-    def work() -> None:
-        try:
-            box["short"] = [(c, short) for c in checks
-                            if (short := _shortest_share(c[2], c[3], c[4], world, files, cfg, ledger)) is not None]
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["error"] = exc
+    def work() -> list[tuple[tuple[str, str, list[str], int, int | None], tuple[int, int]]]:
+        return [(c, short) for c in checks
+                if (short := _shortest_share(c[2], c[3], c[4], world, files, cfg, ledger)) is not None]
 
     started = time.monotonic()
-    thread = threading.Thread(target=work, name="mmpt-preflight-data", daemon=True)  # a stuck read must not pin exit
-    thread.start()
-    thread.join(budget_s)
-    if thread.is_alive():
+    try:
+        shorts = call_within(work, budget_s, "mmpt-preflight-data")
+    except TookTooLong:
         log.warning("data check gave up after %.0f s; the train loop checks each epoch itself", budget_s)
         return
-    if "error" in box:
-        raise box["error"]
-    if not box["short"]:
+    if not shorts:
         return
     totals = ledger.totals()
     if totals["bad"]:  # nothing usable because the data is bad: the error-budget message says why
@@ -183,7 +176,7 @@ def check_data(cfg: RunConfig, plan: DataPlan, files: RunFiles, budget_s: float 
             check_budget(totals, cfg.data.max_bad_fraction, min_samples=1)
         except DataBudgetExceeded as exc:
             raise ConfigError([f"training data: {exc}"]) from None
-    (field, setting, shards, _, _), (rank, count) = box["short"][0]
+    (field, setting, shards, _, _), (rank, count) = shorts[0]
     raise ConfigError([f"{setting}, but worker {rank}'s share of {field} holds {count} "
                        f"({len(shards)} shards over {world} workers, checked in {time.monotonic() - started:.1f} s); "
                        "lower the batch size or use fewer workers"])

@@ -26,11 +26,12 @@ STEPS, HANG_S = 12, 5
 
 
 class StallingProxy:
-    """Forwards to the S3 server; requests for `key` wait (no answer at all) until `release` is set."""
+    """Forwards to the S3 server; once `armed`, requests for `key` wait (no answer at all) until
+    `release` is set."""
 
     def __init__(self, upstream: str, key: str) -> None:
         target = urlparse(upstream)
-        self.release, self.stalled = threading.Event(), 0
+        self.armed, self.release, self.stalled = threading.Event(), threading.Event(), 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,7 +39,7 @@ class StallingProxy:
                 pass
 
             def _forward(self) -> None:
-                if key in self.path and not proxy.release.is_set():
+                if key in self.path and proxy.armed.is_set() and not proxy.release.is_set():
                     proxy.stalled += 1
                     proxy.release.wait()
                 length = int(self.headers.get("Content-Length") or 0)
@@ -88,12 +89,17 @@ def test_a_stalled_data_stream_is_named_and_the_run_restarts_from_its_checkpoint
     run_dir = Path(tmp_path) / "runs" / "hang"
     done = threading.Event()
 
-    def unstall_after_the_hang() -> None:  # the operator's fix: the endpoint answers again
-        while not done.is_set() and not (run_dir / "events.jsonl").exists():
+    def stall_then_unstall() -> None:
+        # armed once the driver's checks are done (config.yaml is written after them, before any
+        # worker starts): the stall is the workers' alone, the driver's checks cost no waiting
+        while not done.is_set() and not (run_dir / "config.yaml").exists():
+            done.wait(0.05)
+        proxy.armed.set()
+        while not done.is_set() and not (run_dir / "events.jsonl").exists():  # the operator's fix:
             done.wait(0.1)
-        proxy.release.set()
+        proxy.release.set()  # the endpoint answers again
 
-    fixer = threading.Thread(target=unstall_after_the_hang, daemon=True)
+    fixer = threading.Thread(target=stall_then_unstall, daemon=True)
     fixer.start()
     overrides = tiny(shapes_data, tmp_path, name="hang", **{
         "data.train": f"s3://{bucket}/train/{{{names[0][:-4]}..{names[-1][:-4]}}}.tar",

@@ -213,3 +213,28 @@ def test_pipeline_labels_objects_through_the_dataset_vocabulary(tmp_path: Path) 
         x0, y0, x1, y1 = objs[0]["bbox"]
         assert np.allclose(batch["obj_boxes"][row, 0], [x0 / 32, y0 / 32, x1 / 32, y1 / 32])
     assert batch["image_id"].tolist() == [1000] * 5 + [1007] * 5  # COCO's ids: five captions each
+
+
+def test_a_first_shard_that_never_answers_costs_the_probe_budget_not_the_s3_retries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A read accepted and never answered blocks for the S3 client's attempts × request timeout (6 min):
+    the look into the first shard gives up after its budget and the card alone describes the data."""
+    import threading
+    import time
+
+    from jobs.data.datasets import needs
+    from jobs.data.synth import write_synthetic
+
+    write_synthetic(str(tmp_path / "s"), samples=8, shards=1, image_size=32, eval_samples=4, vocab_size=200)
+    shards = [str(tmp_path / "s" / "train" / "00000.tar")]
+    full = needs.data_facts([shards])
+    stuck = threading.Event()
+    monkeypatch.setattr(needs, "_probe", lambda *a: stuck.wait())  # the never-answered GET
+    monkeypatch.setattr(needs, "PROBE_BUDGET_S", 0.3)
+    started = time.monotonic()
+    facts = needs.data_facts([shards])
+    stuck.set()
+    assert time.monotonic() - started < 5.0
+    assert f"could not look into {shards[0]} within 0 s" in caplog.text
+    assert facts.fields == full.fields & set(find_card(shards).fields)  # what the card says, nothing probed
+    assert facts.classes == full.classes

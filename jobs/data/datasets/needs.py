@@ -12,14 +12,18 @@ train MRC on nothing, silently).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.bounded import TookTooLong, call_within
 from jobs.data.datasets.card import DatasetCard, find_card
 from jobs.data.datasets.vocab import VISUAL_GENOME_CLASSES, Vocabulary, name_index, read_vocab
 from jobs.data.regions import FEATURE_KEYS, LABEL_KEYS, SOFT_LABEL_KEYS, precomputed_regions
 from jobs.storage import StorageOptions
+
+PROBE_BUDGET_S = 20.0  # the look into the first shard; a stalled read must not hold the run's start
 
 # Objective name -> the data fields it trains on (card.FIELDS); "labels" = the class of each visual
 # token: the detector's (region_labels) for precomputed regions, else the scene objects' classes.
@@ -99,8 +103,6 @@ def _probe(shard: str, options: StorageOptions | None, object_key: str, names: M
             if scene.get("relations") or any(o.get("attributes") for o in objects):
                 found.add("scene_graph")
     except (OSError, ValueError, EOFError) as exc:  # unreadable shards are the reader's to report
-        import logging
-
         logging.getLogger(__name__).warning("could not look into %s: %s", shard, exc)
     return found, feature_size
 
@@ -109,7 +111,14 @@ def _source_facts(shards: Sequence[str], options: StorageOptions | None, vocab_u
     card: DatasetCard | None = find_card(shards, options)
     classes = read_vocab(vocab_uri, options) if vocab_uri else (card.classes if card else ())
     object_key = card.object_key if card else "name"
-    probed, feature_size = _probe(shards[0], options, object_key, name_index(classes))
+    try:
+        probed, feature_size = call_within(lambda: _probe(shards[0], options, object_key, name_index(classes)),
+                                           PROBE_BUDGET_S, "mmpt-data-probe")
+    except TookTooLong:  # an endpoint that accepts and never answers: the stream's watchdog names it later
+        logging.getLogger(__name__).warning("could not look into %s within %.0f s (no answer from storage); "
+                                            "the data's fields come from its dataset card alone",
+                                            shards[0], PROBE_BUDGET_S)
+        probed, feature_size = set(), None
     fields = set(card.fields if card else ()) | probed
     if not classes:
         fields.discard("object_labels")  # names without a vocabulary give no class ids
