@@ -6,7 +6,6 @@ no fault hook in the product."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +18,7 @@ from jobs.data.stream import rank_shards
 from orchestrator.config import load_config
 from orchestrator.runner import run
 from tests.integration.conftest import QUICKSTART, tiny
+from tests.services import relay
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,22 +43,7 @@ class StallingProxy:
                     proxy.stalled += 1
                     proxy.release.wait()
                 length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection") and (
-                            k.lower() != "content-length" or self.command == "HEAD"):
-                        self.send_header(k, v)
-                if self.command != "HEAD":
-                    self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
+                relay(self, target, self.rfile.read(length) if length else None)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
