@@ -53,34 +53,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-@dataclass(frozen=True)
-class CrashWhileWriting:
-    """Fault injection for tests: rank `rank` dies halfway through writing its part of checkpoint `step`.
-
-    Fires once (the `marker` file records that it did), so the restarted group gets past that step.
-    """
-
-    step: int
-    rank: int
-    marker: str
-
-    def due(self, step: int, rank: int) -> bool:
-        return (step, rank) == (self.step, self.rank) and not os.path.exists(self.marker)
-
-    def fire(self, path: str, payload: dict[str, Any]) -> None:
-        import io
-
-        Path(self.marker).write_text(f"crashed writing {path}")
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        with open(path, "wb") as f:  # a torn file, as a power cut or an OOM kill would leave
-            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-            f.flush()
-        os._exit(1)
-
-
-def stage(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any],
-          crash: CrashWhileWriting | None = None) -> str:
+def stage(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any]) -> str:
     """Write this rank's part of a checkpoint into a new temporary folder; the caller owns (deletes) it.
 
     Collective: every rank must call it at the same step (DeepSpeed's save synchronises).
@@ -89,8 +62,6 @@ def stage(engine: Any, state: TrainerState, rank: int, data_position: dict[str, 
     try:
         engine.save_checkpoint(tmp, tag=DS_TAG)
         payload = {"rng": _rng_state(), "data_position": data_position}
-        if crash is not None and crash.due(state.step, rank):
-            crash.fire(os.path.join(tmp, rank_file(rank)), payload)
         torch.save(payload, os.path.join(tmp, rank_file(rank)))
         if rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
@@ -101,7 +72,7 @@ def stage(engine: Any, state: TrainerState, rank: int, data_position: dict[str, 
 
 
 def report(metrics: dict[str, Any], engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any], *,
-           background: bool, crash: CrashWhileWriting | None = None) -> None:
+           background: bool) -> None:
     """`ray.train.report` with this rank's part of a checkpoint of `state.step`.
 
     background: Ray Train uploads the part from a thread (CheckpointUploadMode.ASYNC) and the step
@@ -113,7 +84,7 @@ def report(metrics: dict[str, Any], engine: Any, state: TrainerState, rank: int,
     import ray.train
     from ray.train import CheckpointUploadMode
 
-    folder = stage(engine, state, rank, data_position, crash)
+    folder = stage(engine, state, rank, data_position)
     mode = CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                      checkpoint_dir_name=dir_name(state.step), checkpoint_upload_mode=mode,
@@ -121,13 +92,12 @@ def report(metrics: dict[str, Any], engine: Any, state: TrainerState, rank: int,
 
 
 @contextmanager
-def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any],
-           crash: CrashWhileWriting | None = None) -> Iterator[str]:
+def staged(engine: Any, state: TrainerState, rank: int, data_position: dict[str, Any]) -> Iterator[str]:
     """Write this rank's part of a checkpoint into a temporary folder and yield its path.
 
     Collective: every rank must enter it at the same step (DeepSpeed's save synchronises).
     """
-    tmp = stage(engine, state, rank, data_position, crash)
+    tmp = stage(engine, state, rank, data_position)
     try:
         yield tmp
     finally:

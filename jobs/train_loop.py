@@ -52,7 +52,6 @@ class WorkerJob:
     data_cpu_limit: float | None = None  # logical CPUs this rank's Ray Data executor may use; None = no limit
     ledger: Any = None  # the bad-sample ledger actor
     events: Any = None  # the run's hub actor (orchestrator/hub.py): a hang is told there before the rank fails
-    crash_while_writing: Any = None  # tests only: jobs.checkpoint.CrashWhileWriting
     grounded_words: tuple[str, ...] = ()  # the dataset's grounded words (jobs.evaluate's MLM probe)
 
 
@@ -225,7 +224,7 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
             if rank == 0 and ledger is not None:
                 state.extra["ledger"] = ray.get(ledger.state.remote())
             state.extra["world"] = world
-            ckpt.report(metrics, engine, state, rank, stream.state(), crash=job.crash_while_writing,
+            ckpt.report(metrics, engine, state, rank, stream.state(),
                         background=cfg.train.checkpoint_upload == "background")
             last_ckpt_step = state.step
         else:

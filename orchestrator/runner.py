@@ -256,8 +256,7 @@ def pipeline_spec(cfg: RunConfig, plan: DataPlan, files: RunFiles) -> Any:
                         caption_column=cfg.data.caption_column, **plan.pipeline)
 
 
-def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, ledger: Any,
-             faults: dict[str, Any], own_ray: bool) -> Any:
+def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, ledger: Any, own_ray: bool) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -275,7 +274,7 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, led
                     grounded_words=plan.grounded_words,
                     # where the workers' Ray Data tasks run (scaling.data_*: e.g. CPU nodes)
                     data_remote_args=data_remote_args(cfg.scaling),
-                    data_cpu_limit=data_cpu_share(cfg.scaling) if own_ray else None, **faults)
+                    data_cpu_limit=data_cpu_share(cfg.scaling) if own_ray else None)
     if cfg.finetune is not None:
         from jobs.transfer.finetune_loop import finetune_func as train_func  # same job, a task head's loop
     return TorchTrainer(
@@ -297,13 +296,12 @@ def _show(out: Console, summary: dict[str, Any], run_dir: str) -> None:
 
 
 def run(cfg: RunConfig, *, address: str | None = None, console: Console | None = None,
-        fresh: bool = False, faults: dict[str, Any] | None = None) -> RunResult:
+        fresh: bool = False) -> RunResult:
     """Run `cfg` to completion; raises ConfigError before starting anything for a user mistake.
 
     A run directory that already holds checkpoints of `cfg.name` is resumed from the latest one
     (Ray Train restores it); one whose summary shows all `train.steps` done is only shown again.
-    `fresh=True` deletes the run directory first. `faults` is for tests: fault-injection objects
-    handed to the workers (e.g. {"crash_while_writing": jobs.checkpoint.CrashWhileWriting(...)}).
+    `fresh=True` deletes the run directory first.
     """
     from orchestrator import preflight
 
@@ -361,7 +359,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
 
             # One actor: the bad-sample ledger the workers write to and the inbox of rank 0's reports.
             hub = ledger = ray.remote(RunHub).options(num_cpus=0).remote()
-            trainer = _trainer(cfg, plan, files, _make_forwarder(hub), ledger, faults or {}, own_ray)
+            trainer = _trainer(cfg, plan, files, _make_forwarder(hub), ledger, own_ray)
             box: dict[str, Any] = {}
 
             def fit() -> None:

@@ -25,13 +25,20 @@ for _key, _value in TEST_RAY_TRAIN_ENV.items():
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_server) -> Iterator[None]:  # noqa: ANN001 - fixture
-    """Local Ray, started after the S3 fixture so workers inherit its endpoint and fake keys."""
+def ray_session(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:  # noqa: ANN001 - fixture
+    """Local Ray, started after the S3 fixture so workers inherit its endpoint and fake keys, and
+    with the test-side fault hook in every worker process (tests/faults.py: armed per test)."""
     import logging
 
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    from tests import faults
+
+    os.environ[faults.ENV] = str(tmp_path_factory.mktemp("faults") / "armed.json")
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+             # the hook's module is the repository's tests/ (not installed): on the workers' path
+             runtime_env={"worker_process_setup_hook": faults.HOOK, "env_vars": {"PYTHONPATH": os.pathsep.join(
+                 p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}})
     yield
     ray.shutdown()
 

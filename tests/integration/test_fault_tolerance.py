@@ -14,9 +14,9 @@ import psutil
 import pytest
 import torch
 
-from jobs.checkpoint import CrashWhileWriting
 from orchestrator.config import load_config
 from orchestrator.runner import run
+from tests.faults import CrashWhileWriting, arm
 from tests.integration.conftest import QUICKSTART, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -73,9 +73,8 @@ def test_killed_worker_resumes_at_its_exact_data_position(ray_session, shapes_da
     killer = threading.Thread(target=_kill_a_worker_after, args=(run_dir, KILL_AFTER, done, killed), daemon=True)
     killer.start()
     try:
-        crash = CrashWhileWriting(step=TORN, rank=1, marker=str(tmp_path / "crashed"))
-        result = run(load_config(QUICKSTART, tiny(shapes_data, tmp_path, name="killed", **common)),
-                     faults={"crash_while_writing": crash})
+        with arm(CrashWhileWriting(step=TORN, rank=1, marker=str(tmp_path / "crashed"))):
+            result = run(load_config(QUICKSTART, tiny(shapes_data, tmp_path, name="killed", **common)))
     finally:
         done.set()
         killer.join()
