@@ -30,15 +30,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from orchestrator.controller import cluster, retry
+from orchestrator.controller import cluster, retry, state
 from orchestrator.controller.cluster import ClusterError, ClusterJob, ClusterUnreachable
 from orchestrator.controller.credentials import redact, safe_url
 from orchestrator.controller.ingest import MetricsTail, read_summary, storage_options
 from orchestrator.controller.metrics import ControllerMetrics, LiveJob, Snapshot
 from orchestrator.controller.registry import JobRecord, Registry
 from orchestrator.controller.retry import GiveUp, Resubmit, RetryPolicy
-from orchestrator.controller.state import (ACTIVE, TERMINAL, Died, Event, Observed, Transition, Unreachable, Vanished,
-                                           decide)
+from orchestrator.controller.state import ACTIVE, TERMINAL, Event, Transition, decide
 
 log = logging.getLogger("mmpt.controller")
 
@@ -78,11 +77,11 @@ class Clusters:
 def observe(ray_id: str, listing: Listing) -> Event:
     cj = listing.get(ray_id)
     if cj is None:
-        return Vanished()
+        return state.Vanished()
     cause = retry.classify(cj)
     if cause is not None:
-        return Died(cause, (cj.message.strip().splitlines() or [""])[0])
-    return Observed(cj.status, cj.message)
+        return state.Died(cause, (cj.message.strip().splitlines() or [""])[0])
+    return state.Observed(cj.status, cj.message)
 
 
 def sync(registry: Registry, jobs: Iterable[JobRecord], listing: Listing, now: float | None = None) -> list[tuple[Transition, JobRecord]]:
@@ -112,7 +111,8 @@ def adopt(registry: Registry, address: str, listing: Listing) -> list[str]:
 
 
 def refresh(registry: Registry, jobs: Iterable[JobRecord], clusters: Clusters,
-            adopt_from: Iterable[str] = ()) -> tuple[list[tuple[Transition, JobRecord]], dict[str, str]]:
+            adopt_from: Iterable[str] = (), now: float | None = None,
+            ) -> tuple[list[tuple[Transition, JobRecord]], dict[str, str]]:
     """One pass over the clusters of `jobs` (+ `adopt_from`); returns (transitions, {address: error})."""
     by_address: dict[str, list[JobRecord]] = {a: [] for a in adopt_from}
     for job in jobs:
@@ -132,7 +132,7 @@ def refresh(registry: Registry, jobs: Iterable[JobRecord], clusters: Clusters,
                 rec = registry.get(job_id)
                 if rec is not None:
                     group.append(rec)
-        applied += sync(registry, group, listing)
+        applied += sync(registry, group, listing, now)
     return applied, failed
 
 
@@ -185,7 +185,7 @@ class Controller:
 
     def reconcile_once(self) -> list[Transition]:
         jobs = self.registry.jobs()
-        applied, failed = refresh(self.registry, jobs, self.clusters, self.adopt_from)
+        applied, failed = refresh(self.registry, jobs, self.clusters, self.adopt_from, self.clock())
         for address, problem in failed.items():
             log.warning("cluster %s: %s", safe_url(address), problem)
             self.metrics.cluster_errors.labels(cluster=safe_url(address)).inc()
@@ -220,7 +220,7 @@ class Controller:
             if silent < self.policy.unreachable_grace_s:
                 continue
             for job in jobs:
-                t = decide(job.id, job.state, Unreachable(silent)) if job.address == address else None
+                t = decide(job.id, job.state, state.Unreachable(silent)) if job.address == address else None
                 if t is not None and self.registry.apply(t, at=now, ended_at=now, message=t.reason):
                     applied.append((t, self.registry.get(job.id) or job))
         return applied
