@@ -190,8 +190,18 @@ def errors(address: str) -> Iterator[None]:
     except requests.exceptions.RequestException as exc:
         raise ClusterError(f"{safe_url(address)}: request failed ({type(exc).__name__})") from None
     except RuntimeError as exc:  # Ray's client raises RuntimeError for any other HTTP error
-        first = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        raise ClusterError(f"{safe_url(address)}: {first}") from None
+        raise ClusterError(f"{safe_url(address)}: {redact(_one_line(exc))}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of Ray's error; for a server-side traceback (a 400 carries one: "Request failed
+    with status code 400: Traceback ..."), its status part and the exception's own last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip(" .")]  # Ray appends "." on a line
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and "Traceback (most recent call last)" in lines[0]:
+        return f"{lines[0].split(': Traceback')[0]}: {lines[-1].rstrip('.')}"
+    return lines[0]
 
 
 def submit_job(client: Any, address: str, *, entrypoint: str, submission_id: str, runtime_env: dict[str, Any],

@@ -308,3 +308,17 @@ def test_the_cli_shows_each_runs_attempt_and_their_history(tmp_path: Path, setup
     assert lines[at + 2] == "    2. 1970-01-01 00:16:50 run-1-a2: driver_killed"
     single = CliRunner().invoke(app, ["jobs", "status", "run-2", "--db", db])
     assert "attempts" not in single.stdout
+
+
+def test_a_server_side_traceback_becomes_its_status_and_its_last_line() -> None:
+    from orchestrator.controller import cluster
+
+    text = ("Request failed with status code 400: Traceback (most recent call last):\n  File \"job_head.py\", line 4\n"
+            "ValueError: Job with submission_id run-1-a2 already exists. Please use a different submission_id.\n.")
+    with pytest.raises(ClusterError) as err, cluster.errors(ADDR):
+        raise RuntimeError(text)
+    assert str(err.value) == (f"{ADDR}: Request failed with status code 400: ValueError: Job with submission_id "
+                              "run-1-a2 already exists. Please use a different submission_id")
+    with pytest.raises(ClusterError) as err, cluster.errors(ADDR):
+        raise RuntimeError("Request failed with status code 404: Job x does not exist.\nmore")
+    assert str(err.value) == f"{ADDR}: Request failed with status code 404: Job x does not exist."
