@@ -149,6 +149,20 @@ def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     return params
 
 
+def _drivers_that_die_are_told_apart(head: RayHead) -> None:
+    """What this Ray reports for a driver killed by a signal (retried) and one that exits 2 (not)."""
+    from orchestrator.controller.cluster import Auth, connect, list_jobs
+    from orchestrator.controller.retry import classify
+
+    client = connect(head.url, Auth(head.token, "test"))
+    cases = {"python -c 'import os, signal; os.kill(os.getpid(), signal.SIGKILL)'": "driver_killed",
+             "python -c 'raise SystemExit(2)'": None}
+    ids = {cmd: client.submit_job(entrypoint=cmd) for cmd in cases}
+    jobs = _wait("both drivers to end", lambda: (found := list_jobs(client, head.url)) and all(
+        i in found and found[i].status == "FAILED" for i in ids.values()) and found, timeout=60)
+    assert {cmd: classify(jobs[i]) for cmd, i in ids.items()} == cases, {i: jobs[i] for i in ids.values()}  # type: ignore[index]
+
+
 def test_a_run_survives_the_loss_of_its_ray_head(head: RayHead, shapes_data: Path, tmp_path: Path) -> None:
     db, store = f"sqlite:///{tmp_path}/jobs.db", tmp_path / "store"
     env = head.client_env
@@ -166,6 +180,7 @@ def test_a_run_survives_the_loss_of_its_ray_head(head: RayHead, shapes_data: Pat
     try:
         job_id = submit("headloss")
         run_dir = store / "runs" / "headloss"
+        _drivers_that_die_are_told_apart(head)  # while the run starts
         _wait("the first committed checkpoint", lambda: any("checkpoint" in r for r in _records(run_dir)), timeout=240,
               every=0.2)
         killed = head.kill()
