@@ -337,7 +337,7 @@ def controller(
                              backoff_cap_s=backoff_cap, unreachable_grace_s=unreachable_grace,
                              give_up_after_s=give_up_after)
     except RetryConfigError as exc:
-        _fail([f"retry settings: {exc}"])
+        _fail(str(exc).split("; "))
     with _user_errors():
         registry = Registry(db)
         ctl = Controller(registry, adopt_from=address or [], retention_s=retention, policy=policy)
@@ -349,7 +349,9 @@ def controller(
     signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
     bound_host, bound_port = server.server_address[:2]
     print(f"controller: http://{bound_host}:{bound_port}/metrics and /jobs; registry {registry.display_url}; "
-          f"{len(registry.jobs())} jobs; reconciling every {interval:g} s", flush=True)
+          f"{len(registry.jobs())} jobs; reconciling every {interval:g} s; lost runs resubmitted up to "
+          f"{policy.max_attempts} attempts, backoff {policy.backoff_s:g} s x{policy.backoff_factor:g} "
+          f"(cap {policy.backoff_cap_s:g} s)", flush=True)
     try:
         ctl.run(stop_event, interval)
     except KeyboardInterrupt:

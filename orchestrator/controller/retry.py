@@ -53,13 +53,14 @@ class RetryPolicy:
     give_up_after_s: float = 3600.0
 
     def __post_init__(self) -> None:
-        problems = [f"{name} = {value!r}: {rule}" for name, value, ok, rule in (
-            ("max_attempts", self.max_attempts, self.max_attempts >= 1, "at least 1 (1: never resubmit)"),
-            ("backoff_s", self.backoff_s, self.backoff_s >= 0, "seconds, >= 0"),
-            ("backoff_factor", self.backoff_factor, self.backoff_factor >= 1, ">= 1"),
-            ("backoff_cap_s", self.backoff_cap_s, self.backoff_cap_s >= self.backoff_s, ">= backoff_s"),
-            ("unreachable_grace_s", self.unreachable_grace_s, self.unreachable_grace_s >= 0, "seconds, >= 0"),
-            ("give_up_after_s", self.give_up_after_s, self.give_up_after_s > 0, "seconds, > 0"),
+        # named by the `mmpt controller` flags that set them
+        problems = [f"{flag} {value:g}: {rule}" for flag, value, ok, rule in (
+            ("--max-attempts", self.max_attempts, self.max_attempts >= 1, "at least 1 (1: never resubmit)"),
+            ("--backoff", self.backoff_s, self.backoff_s >= 0, "seconds, >= 0"),
+            ("--backoff-factor", self.backoff_factor, self.backoff_factor >= 1, ">= 1"),
+            ("--backoff-cap", self.backoff_cap_s, self.backoff_cap_s >= self.backoff_s, f"at least --backoff ({self.backoff_s:g})"),
+            ("--unreachable-grace", self.unreachable_grace_s, self.unreachable_grace_s >= 0, "seconds, >= 0"),
+            ("--give-up-after", self.give_up_after_s, self.give_up_after_s > 0, "seconds, > 0"),
         ) if not ok]
         if problems:
             raise RetryConfigError("; ".join(problems))

@@ -96,7 +96,11 @@ def test_backoff_doubles_up_to_its_cap_and_bad_settings_are_one_line() -> None:
     assert RetryPolicy(backoff_s=0, backoff_cap_s=0).delay(5) == 0
     with pytest.raises(RetryConfigError) as err:
         RetryPolicy(max_attempts=0, backoff_s=30, backoff_cap_s=5)
-    assert str(err.value) == ("max_attempts = 0: at least 1 (1: never resubmit); backoff_cap_s = 5: >= backoff_s")
+    assert str(err.value) == "--max-attempts 0: at least 1 (1: never resubmit); --backoff-cap 5: at least --backoff (30)"
+    res = CliRunner().invoke(app, ["controller", "--max-attempts", "0", "--backoff", "50", "--backoff-cap", "10"])
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines() == ["error: --max-attempts 0: at least 1 (1: never resubmit)",
+                                               "error: --backoff-cap 10: at least --backoff (50)"]
 
 
 @pytest.mark.parametrize(("job", "reason"), [
