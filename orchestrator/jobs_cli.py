@@ -282,12 +282,20 @@ async def _follow(client: Any, job_id: str, redact: Callable[[str], str], quiet_
 
 @jobs_app.command("stop")
 def stop(job_id: JobIdArg, db: DbOpt = _DEFAULT_DB, address: AddressOpt = None) -> None:
-    """Ask the cluster to stop a job (it becomes STOPPED)."""
+    """Ask the cluster to stop a job (it becomes STOPPED); a LOST one is stopped in the registry, so no
+    controller resubmits it."""
     from orchestrator.controller import cluster
     from orchestrator.controller.registry import Registry
+    from orchestrator.controller.state import Transition
 
     with _user_errors(), Registry(db) as registry:
         rec = _find(registry, job_id, address)
+        if rec.state == "LOST":
+            reason = "stopped on request while lost: not resubmitted"
+            registry.apply(Transition(job_id, "LOST", "STOPPED", reason), ended_at=time.time(), message=reason)
+            rec = registry.get(job_id)
+            _out.print(f"{job_id} {rec.state}" + (" (was lost: it will not be resubmitted)" if rec.state == "STOPPED" else ""))
+            return
         client = cluster.connect(rec.address)
         with cluster.errors(rec.address):
             stopping = client.stop_job(rec.ray_id)

@@ -257,6 +257,15 @@ class Controller:
             return redact(f"working dir {rec.runtime_env.get('working_dir')}: {str(exc).splitlines()[0]}")
         if self.registry.resubmitted(rec.id, rec.attempt, d.attempt, d.ray_job_id, d.reason, at=self.clock()):
             self._fire(self.resubmit_callbacks, d, self.registry.get(rec.id) or rec)
+            return None
+        now = self.registry.get(rec.id)
+        if now is not None and now.state in TERMINAL:  # stopped (`mmpt jobs stop`) while this was sent
+            log.warning("%s: %s while attempt %d was sent; stopping %s", rec.id, now.state, d.attempt, d.ray_job_id)
+            try:
+                with cluster.errors(rec.address):
+                    self.clusters.client(rec.address).stop_job(d.ray_job_id)
+            except ClusterError as exc:
+                log.warning("%s: cannot stop %s: %s", rec.id, d.ray_job_id, exc)
         return None
 
     def run(self, stop: threading.Event, interval_s: float) -> None:

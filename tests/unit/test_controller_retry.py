@@ -326,3 +326,20 @@ def test_a_server_side_traceback_becomes_its_status_and_its_last_line() -> None:
     with pytest.raises(ClusterError) as err, cluster.errors(ADDR):
         raise RuntimeError("Request failed with status code 404: Job x does not exist.\nmore")
     assert str(err.value) == f"{ADDR}: Request failed with status code 404: Job x does not exist."
+
+
+def test_a_lost_run_stopped_by_its_user_is_not_resubmitted(setup, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from orchestrator.controller import cluster
+
+    reg, fake, clock, ctl = setup
+    reg.add(_rec())
+    fake.jobs = {}
+    ctl.reconcile_once()
+    assert reg.get("run-1").state == "LOST"
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("a lost job's cluster is not asked"))
+    res = CliRunner().invoke(app, ["jobs", "stop", "run-1", "--db", reg.url])
+    assert (res.exit_code, res.stdout.strip()) == (0, "run-1 STOPPED (was lost: it will not be resubmitted)")
+    clock.now += 100.0
+    ctl.reconcile_once()
+    assert (reg.get("run-1").state, fake.sent) == ("STOPPED", [])
+    assert reg.transitions("run-1")[-1]["reason"] == "stopped on request while lost: not resubmitted"
