@@ -196,9 +196,16 @@ class Registry:
                 cur.execute(stmt)
             for name, sql_type in _ADDED_COLUMNS.items():
                 if name not in self._columns(cur):
-                    cur.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
+                    self._add_column(cur, name, sql_type)
             cur.execute(self._q("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
                                 "excluded.value"), ("schema_version", _SCHEMA_VERSION))
+
+    def _add_column(self, cur: Any, name: str, sql_type: str) -> None:
+        try:
+            cur.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
+        except sqlite3.OperationalError as exc:  # another process upgraded it between our check and here
+            if "duplicate column" not in str(exc):
+                raise
 
     def _columns(self, cur: Any) -> set[str]:
         if self._dialect.name == "sqlite":
