@@ -130,7 +130,7 @@ def _find(registry: Any, job_id: str, address: str | None) -> Any:
     raise ConfigError([f"job {job_id!r}: not in the registry {registry.display_url} and not on the cluster at {address}"])
 
 
-def _show(rec: Any) -> None:
+def _show(rec: Any, attempts: Sequence[dict[str, Any]] = ()) -> None:
     _out.print(f"{rec.id} {rec.state}")
     _out.print(f"  {rec.kind} {rec.name!r} (config {rec.config_hash or '-'}) on {rec.address}, submitted "
                f"{_when(rec.submitted_at)} by {rec.submitter or '-'}")
@@ -140,6 +140,10 @@ def _show(rec: Any) -> None:
         _out.print(f"  run dir: {rec.run_dir}")
     if rec.message:
         _out.print(f"  message: {rec.message.splitlines()[0]}")
+    if len(attempts) > 1 or rec.attempt > 1:
+        _out.print(f"  attempts: {rec.attempt} (Ray job {rec.ray_id})")
+        for a in attempts:
+            _out.print(f"    {a['attempt']}. {_when(a['at'])} {a['ray_job_id']}: {a['reason']}")
     for term, value in sorted((rec.final_metrics.get("final_losses") or {}).items()):
         _out.print(f"  final loss/{term}: {value:.4g}")
 
@@ -167,9 +171,9 @@ def list_(
     if as_json:
         _out.print(json.dumps([j.to_json(with_config=False) for j in jobs], default=float))
         return
-    table = Table("id", "name", "kind", "state", "submitted (UTC)", "cluster", box=None)
+    table = Table("id", "name", "kind", "state", "attempt", "submitted (UTC)", "cluster", box=None)
     for j in jobs:
-        table.add_row(j.id, j.name, j.kind, j.state, _when(j.submitted_at), j.address)
+        table.add_row(j.id, j.name, j.kind, j.state, str(j.attempt), _when(j.submitted_at), j.address)
     _out.print(table if jobs else "no jobs")
 
 
@@ -200,11 +204,11 @@ def status(
             rec = new
         if finalize(registry, rec):
             rec = registry.get(job_id)
-        transitions = registry.transitions(job_id)
+        transitions, attempts = registry.transitions(job_id), registry.attempts(job_id)
     if as_json:
-        _out.print(json.dumps(rec.to_json() | {"transitions": transitions}, default=float))
+        _out.print(json.dumps(rec.to_json() | {"transitions": transitions, "attempts": attempts}, default=float))
     else:
-        _show(rec)
+        _show(rec, attempts)
     if wait and rec.state != "SUCCEEDED":
         if rec.state not in _END:
             _err.print(f"{job_id}: still {rec.state} after {timeout:.0f} s")
@@ -229,12 +233,13 @@ def logs(
         with Registry(db) as registry:
             rec = _find(registry, job_id, address)
         client = cluster.connect(rec.address)
+        ray_id = rec.ray_id  # the current attempt's Ray job
         with cluster.errors(rec.address):
-            if not follow or client.get_job_status(job_id).is_terminal():
-                sys.stdout.write(redact(client.get_job_logs(job_id)))
+            if not follow or client.get_job_status(ray_id).is_terminal():
+                sys.stdout.write(redact(client.get_job_logs(ray_id)))
                 return
-            shown = asyncio.run(_follow(client, job_id, redact))
-            rest = client.get_job_logs(job_id)  # whatever the stream had not delivered when the job ended
+            shown = asyncio.run(_follow(client, ray_id, redact))
+            rest = client.get_job_logs(ray_id)  # whatever the stream had not delivered when the job ended
             if rest.startswith(shown):
                 sys.stdout.write(redact(rest[len(shown):]))
 
@@ -277,15 +282,23 @@ async def _follow(client: Any, job_id: str, redact: Callable[[str], str], quiet_
 
 @jobs_app.command("stop")
 def stop(job_id: JobIdArg, db: DbOpt = _DEFAULT_DB, address: AddressOpt = None) -> None:
-    """Ask the cluster to stop a job (it becomes STOPPED)."""
+    """Ask the cluster to stop a job (it becomes STOPPED); a LOST one is stopped in the registry, so no
+    controller resubmits it."""
     from orchestrator.controller import cluster
     from orchestrator.controller.registry import Registry
+    from orchestrator.controller.state import Transition
 
     with _user_errors(), Registry(db) as registry:
         rec = _find(registry, job_id, address)
+        if rec.state == "LOST":
+            reason = "stopped on request while lost: not resubmitted"
+            registry.apply(Transition(job_id, "LOST", "STOPPED", reason), ended_at=time.time(), message=reason)
+            rec = registry.get(job_id)
+            _out.print(f"{job_id} {rec.state}" + (" (was lost: it will not be resubmitted)" if rec.state == "STOPPED" else ""))
+            return
         client = cluster.connect(rec.address)
         with cluster.errors(rec.address):
-            stopping = client.stop_job(job_id)
+            stopping = client.stop_job(rec.ray_id)
         deadline = time.monotonic() + 30.0
         while True:  # a stop takes effect within seconds; show the state it reached
             _refresh(registry, [rec])
@@ -305,6 +318,16 @@ def controller(
                                                       "cluster (repeatable)")] = None,
     retention: Annotated[float, typer.Option("--retention", help="seconds a finished job's series stay on "
                                              "/metrics")] = 600.0,
+    max_attempts: Annotated[int, typer.Option("--max-attempts", help="Ray jobs per run at most, the first included, "
+                                              "when its driver or cluster is lost (1: never resubmit)")] = 3,
+    backoff: Annotated[float, typer.Option("--backoff", help="seconds before the first resubmission; doubles "
+                                           "(--backoff-factor) with each attempt")] = 30.0,
+    backoff_factor: Annotated[float, typer.Option("--backoff-factor", help="backoff growth per attempt")] = 2.0,
+    backoff_cap: Annotated[float, typer.Option("--backoff-cap", help="seconds between attempts at most")] = 600.0,
+    unreachable_grace: Annotated[float, typer.Option("--unreachable-grace", help="seconds a cluster may not answer "
+                                                     "before its jobs count as lost")] = 120.0,
+    give_up_after: Annotated[float, typer.Option("--give-up-after", help="seconds a lost run waits for its "
+                                                 "cluster before it is FAILED")] = 3600.0,
 ) -> None:
     """Keep the job registry in sync with the clusters and export Prometheus metrics (until Ctrl-C / SIGTERM)."""
     import logging
@@ -313,12 +336,19 @@ def controller(
 
     from orchestrator.controller.reconcile import Controller
     from orchestrator.controller.registry import Registry
+    from orchestrator.controller.retry import RetryConfigError, RetryPolicy
     from orchestrator.controller.server import start_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        policy = RetryPolicy(max_attempts=max_attempts, backoff_s=backoff, backoff_factor=backoff_factor,
+                             backoff_cap_s=backoff_cap, unreachable_grace_s=unreachable_grace,
+                             give_up_after_s=give_up_after)
+    except RetryConfigError as exc:
+        _fail(str(exc).split("; "))
     with _user_errors():
         registry = Registry(db)
-        ctl = Controller(registry, adopt_from=address or [], retention_s=retention)
+        ctl = Controller(registry, adopt_from=address or [], retention_s=retention, policy=policy)
     try:
         server = start_server(registry, ctl.metrics, host, port)
     except OSError as exc:
@@ -327,7 +357,9 @@ def controller(
     signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
     bound_host, bound_port = server.server_address[:2]
     print(f"controller: http://{bound_host}:{bound_port}/metrics and /jobs; registry {registry.display_url}; "
-          f"{len(registry.jobs())} jobs; reconciling every {interval:g} s", flush=True)
+          f"{len(registry.jobs())} jobs; reconciling every {interval:g} s; lost runs resubmitted up to "
+          f"{policy.max_attempts} attempts, backoff {policy.backoff_s:g} s x{policy.backoff_factor:g} "
+          f"(cap {policy.backoff_cap_s:g} s)", flush=True)
     try:
         ctl.run(stop_event, interval)
     except KeyboardInterrupt:

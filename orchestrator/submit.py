@@ -172,10 +172,13 @@ def prepare_run(config: str | Path, overrides: Sequence[str] = (), *, address: s
     rel = _inside(Path(config), wd, "CONFIG")
     entrypoint = shlex.join(["mmpt", "run", rel, *[a for o in [*overrides, *fixes] for a in ("--set", o)]])
     run_dir = storage.join(cfg.storage.path, "runs", cfg.name)
+    runtime_env = _runtime_env(wd, env)
+    # The record keeps the runtime env (a local path, not the gcs:// package): a controller that
+    # resubmits the run after its cluster lost it (controller/retry.py) uploads it again.
     record = JobRecord(id=job_id or new_job_id(cfg.name), kind="run", name=cfg.name, address=address,
                        config_hash=cfg.config_hash(), config=cfg.to_dict(), entrypoint=entrypoint,
-                       submitter=_submitter(), run_dir=run_dir)
-    return Prepared(record, _runtime_env(wd, env))
+                       submitter=_submitter(), run_dir=run_dir, runtime_env=runtime_env)
+    return Prepared(record, runtime_env)
 
 
 def _check_sweep(path: Path, raw: Mapping[str, Any], overrides: Sequence[str]) -> None:
@@ -236,9 +239,8 @@ def submit(prepared: Prepared, client: Any, registry: Registry, env: Mapping[str
     check_no_credentials(prepared, env)
     rec = prepared.record
     try:
-        with cluster.errors(rec.address):
-            job_id = client.submit_job(entrypoint=rec.entrypoint, submission_id=rec.id,
-                                       runtime_env=prepared.runtime_env, metadata=prepared.metadata)
+        job_id = cluster.submit_job(client, rec.address, entrypoint=rec.entrypoint, submission_id=rec.id,
+                                    runtime_env=prepared.runtime_env, metadata=prepared.metadata)
     except ValueError as exc:  # Ray's packaging: working dir too large, bad excludes
         raise SubmitError(f"--working-dir {prepared.runtime_env['working_dir']}: {str(exc).splitlines()[0]}") from None
     registry.add(rec)

@@ -32,6 +32,10 @@ class ClusterError(RuntimeError):
     """A problem the user can act on (address, auth, unknown job), as one line."""
 
 
+class ClusterUnreachable(ClusterError):
+    """The dashboard did not answer at all (refused, timed out): the cluster may be down."""
+
+
 @dataclass(frozen=True)
 class Auth:
     token: str | None = field(default=None, repr=False)
@@ -53,6 +57,8 @@ class ClusterJob:
     start_time: float | None = None
     end_time: float | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    driver_exit_code: int | None = None
+    error_type: str = ""  # Ray's JobErrorType of a FAILED job ("" when Ray gives none)
 
 
 def check_address(address: str | None) -> str:
@@ -177,15 +183,38 @@ def errors(address: str) -> Iterator[None]:
     except ClusterError:
         raise
     except requests.exceptions.Timeout:
-        raise ClusterError(f"{safe_url(address)}: the Ray dashboard did not answer within {_TIMEOUT_S[0]:.0f} s") from None
+        raise ClusterUnreachable(f"{safe_url(address)}: the Ray dashboard did not answer within {_TIMEOUT_S[0]:.0f} s") from None
     except (ConnectionError, requests.exceptions.ConnectionError):
-        raise ClusterError(f"{safe_url(address)}: cannot reach a Ray dashboard there (is the head running, and is "
+        raise ClusterUnreachable(f"{safe_url(address)}: cannot reach a Ray dashboard there (is the head running, and is "
                            f"this its dashboard port, default {DEFAULT_PORT}?)") from None
     except requests.exceptions.RequestException as exc:
         raise ClusterError(f"{safe_url(address)}: request failed ({type(exc).__name__})") from None
     except RuntimeError as exc:  # Ray's client raises RuntimeError for any other HTTP error
-        first = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        raise ClusterError(f"{safe_url(address)}: {first}") from None
+        raise ClusterError(f"{safe_url(address)}: {redact(_one_line(exc))}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of Ray's error; for a server-side traceback (a 400 carries one: "Request failed
+    with status code 400: Traceback ..."), its status part and the exception's own last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip(" .")]  # Ray appends "." on a line
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and "Traceback (most recent call last)" in lines[0]:
+        return f"{lines[0].split(': Traceback')[0]}: {lines[-1].rstrip('.')}"
+    return lines[0]
+
+
+def submit_job(client: Any, address: str, *, entrypoint: str, submission_id: str, runtime_env: dict[str, Any],
+               metadata: dict[str, str]) -> str:
+    """Send one job; ClusterError for what `errors` names, ValueError for a working dir Ray cannot pack."""
+    with errors(address):
+        return client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
+                                 metadata=metadata)
+
+
+def _enum_text(value: Any) -> str:
+    """A str Enum's value (str() of one is its qualified name in Python 3.11), else the text."""
+    return str(getattr(value, "value", value) or "")
 
 
 def _seconds(ms: Any) -> float | None:
@@ -203,5 +232,6 @@ def list_jobs(client: Any, address: str) -> dict[str, ClusterJob]:
         status = getattr(d.status, "value", d.status)
         out[d.submission_id] = ClusterJob(
             id=d.submission_id, status=str(status), message=redact(d.message or ""), entrypoint=d.entrypoint or "",
-            start_time=_seconds(d.start_time), end_time=_seconds(d.end_time), metadata=dict(d.metadata or {}))
+            start_time=_seconds(d.start_time), end_time=_seconds(d.end_time), metadata=dict(d.metadata or {}),
+            driver_exit_code=getattr(d, "driver_exit_code", None), error_type=_enum_text(getattr(d, "error_type", None)))
     return out

@@ -19,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from orchestrator.controller.ingest import JobMetrics
+from orchestrator.controller.retry import REASONS
 from orchestrator.controller.state import STATES, JobState, can_move
 
 # Caps that keep a malformed record from exploding the series count.
@@ -73,6 +74,10 @@ class ControllerMetrics:
             for new in STATES:
                 if can_move(old, new):
                     self.transitions.labels(from_state=old, to_state=new)
+        self.resubmissions = Counter("mmpt_job_resubmissions", "runs resubmitted after their driver or cluster "
+                                     "was lost, by reason", ["reason"], registry=self.registry)
+        for reason in REASONS:  # born at 0, like the transitions
+            self.resubmissions.labels(reason=reason)
         self._lock = threading.Lock()
         self._snapshot = Snapshot()
         self.registry.register(_JobCollector(self))

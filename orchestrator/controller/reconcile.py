@@ -12,6 +12,14 @@ that answers without a job we believed active makes it LOST. Jobs sent by `mmpt 
 their record in Ray job metadata, so a controller watching a cluster (`--address`) also registers
 jobs it never saw submitted (another submitter, another registry, a crash between submit and
 register).
+
+Runs whose driver or cluster was lost are resubmitted by the controller (not by one-shot `mmpt
+jobs` commands): a cluster silent for longer than `RetryPolicy.unreachable_grace_s` makes its
+active jobs LOST, and each pass ends by asking `retry.decide` about every LOST run: wait out the
+backoff, resubmit (only to a cluster that answered in this pass), or give up (FAILED). A
+resubmission is sent before it is recorded, under a deterministic Ray id (`<id>-a<N>`): a
+controller killed in between sends the same id again next time and the cluster says it already
+has it, so a run is never sent twice.
 """
 
 from __future__ import annotations
@@ -22,19 +30,21 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from orchestrator.controller import cluster
-from orchestrator.controller.cluster import ClusterError, ClusterJob
-from orchestrator.controller.credentials import safe_url
+from orchestrator.controller import cluster, retry, state
+from orchestrator.controller.cluster import ClusterError, ClusterJob, ClusterUnreachable
+from orchestrator.controller.credentials import redact, safe_url
 from orchestrator.controller.ingest import MetricsTail, read_summary, storage_options
 from orchestrator.controller.metrics import ControllerMetrics, LiveJob, Snapshot
 from orchestrator.controller.registry import JobRecord, Registry
-from orchestrator.controller.state import ACTIVE, TERMINAL, Event, Observed, Transition, Vanished, decide
+from orchestrator.controller.retry import GiveUp, Resubmit, RetryPolicy
+from orchestrator.controller.state import ACTIVE, TERMINAL, Event, Transition, decide
 
 log = logging.getLogger("mmpt.controller")
 
 Listing = dict[str, ClusterJob]
 _FINAL_KEYS = ("steps", "final_losses", "eval", "throughput", "wall_time_s", "checkpoint")
 Callback = Callable[[Transition, JobRecord], None]
+ResubmitCallback = Callable[[Resubmit, JobRecord], None]
 
 
 class Clusters:
@@ -56,10 +66,22 @@ class Clusters:
             self._clients.pop(address, None)
             raise
 
+    def submit(self, address: str, **job: Any) -> str:
+        try:
+            return cluster.submit_job(self.client(address), address, **job)
+        except ClusterError:
+            self._clients.pop(address, None)
+            raise
 
-def observe(job_id: str, listing: Listing) -> Event:
-    cj = listing.get(job_id)
-    return Vanished() if cj is None else Observed(cj.status, cj.message)
+
+def observe(ray_id: str, listing: Listing) -> Event:
+    cj = listing.get(ray_id)
+    if cj is None:
+        return state.Vanished()
+    cause = retry.classify(cj)
+    if cause is not None:
+        return state.Died(cause, (cj.message.strip().splitlines() or [""])[0])
+    return state.Observed(cj.status, cj.message)
 
 
 def sync(registry: Registry, jobs: Iterable[JobRecord], listing: Listing, now: float | None = None) -> list[tuple[Transition, JobRecord]]:
@@ -67,10 +89,10 @@ def sync(registry: Registry, jobs: Iterable[JobRecord], listing: Listing, now: f
     now = time.time() if now is None else now
     applied: list[tuple[Transition, JobRecord]] = []
     for job in jobs:
-        t = decide(job.id, job.state, observe(job.id, listing))
+        t = decide(job.id, job.state, observe(job.ray_id, listing))
         if t is None:
             continue
-        cj = listing.get(job.id)
+        cj = listing.get(job.ray_id)
         ended = (cj.end_time or now) if t.new in TERMINAL and cj else (now if t.new == "LOST" else None)
         if registry.apply(t, at=now, started_at=cj.start_time if cj else None, ended_at=ended,
                           message=cj.message if cj else t.reason):
@@ -83,13 +105,14 @@ def adopt(registry: Registry, address: str, listing: Listing) -> list[str]:
     added = []
     for cj in listing.values():
         rec = JobRecord.from_metadata(cj.id, address, dict(cj.metadata), cj.entrypoint)
-        if rec is not None and registry.get(cj.id) is None and registry.add(rec):
-            added.append(cj.id)
+        if rec is not None and registry.get(rec.id) is None and registry.add(rec):
+            added.append(rec.id)
     return added
 
 
 def refresh(registry: Registry, jobs: Iterable[JobRecord], clusters: Clusters,
-            adopt_from: Iterable[str] = ()) -> tuple[list[tuple[Transition, JobRecord]], dict[str, str]]:
+            adopt_from: Iterable[str] = (), now: float | None = None,
+            ) -> tuple[list[tuple[Transition, JobRecord]], dict[str, str]]:
     """One pass over the clusters of `jobs` (+ `adopt_from`); returns (transitions, {address: error})."""
     by_address: dict[str, list[JobRecord]] = {a: [] for a in adopt_from}
     for job in jobs:
@@ -109,7 +132,7 @@ def refresh(registry: Registry, jobs: Iterable[JobRecord], clusters: Clusters,
                 rec = registry.get(job_id)
                 if rec is not None:
                     group.append(rec)
-        applied += sync(registry, group, listing)
+        applied += sync(registry, group, listing, now)
     return applied, failed
 
 
@@ -145,28 +168,31 @@ class Controller:
 
     def __init__(self, registry: Registry, *, metrics: ControllerMetrics | None = None,
                  adopt_from: Iterable[str] = (), retention_s: float = 600.0,
-                 clusters: Clusters | None = None) -> None:
+                 clusters: Clusters | None = None, policy: RetryPolicy | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.registry = registry
+        self.policy = policy or RetryPolicy()
+        self.clock = clock
+        self._unreachable_since: dict[str, float] = {}
         self.metrics = metrics or ControllerMetrics()
         self.adopt_from = [cluster.check_address(a) for a in adopt_from]
         self.retention_s = retention_s
         self.clusters = clusters or Clusters()
         self._tails: dict[str, MetricsTail] = {}
         self.callbacks: list[Callback] = [self._log, self._count]
+        self.resubmit_callbacks: list[ResubmitCallback] = [self._log_resubmit, self._count_resubmit]
         self._finalized: set[str] = set()  # tried this process; a restart tries again once
 
     def reconcile_once(self) -> list[Transition]:
         jobs = self.registry.jobs()
-        applied, failed = refresh(self.registry, jobs, self.clusters, self.adopt_from)
+        applied, failed = refresh(self.registry, jobs, self.clusters, self.adopt_from, self.clock())
         for address, problem in failed.items():
             log.warning("cluster %s: %s", safe_url(address), problem)
             self.metrics.cluster_errors.labels(cluster=safe_url(address)).inc()
+        applied += self._unreachable(jobs, failed)
+        applied += self._retry(failed)
         for t, rec in applied:
-            for callback in self.callbacks:
-                try:
-                    callback(t, rec)
-                except Exception:  # a failing side effect must not stop reconciliation
-                    log.exception("callback %s failed for %s", getattr(callback, "__name__", callback), t)
+            self._fire(self.callbacks, t, rec)
         for rec in self.registry.jobs(TERMINAL):
             if rec.id not in self._finalized and not rec.final_metrics:
                 self._finalized.add(rec.id)
@@ -174,6 +200,73 @@ class Controller:
         self.metrics.reconciles.inc()
         self._publish()
         return [t for t, _ in applied]
+
+    def _fire(self, callbacks: Iterable[Callable[[Any, JobRecord], None]], event: Any, rec: JobRecord) -> None:
+        for callback in callbacks:
+            try:
+                callback(event, rec)
+            except Exception:  # a failing side effect must not stop reconciliation
+                log.exception("callback %s failed for %s", getattr(callback, "__name__", callback), event)
+
+    def _unreachable(self, jobs: list[JobRecord], failed: dict[str, str]) -> list[tuple[Transition, JobRecord]]:
+        """Active jobs of clusters silent for longer than the grace period become LOST."""
+        now = self.clock()
+        for address in list(self._unreachable_since):
+            if address not in failed:
+                del self._unreachable_since[address]
+        applied = []
+        for address in failed:
+            silent = now - self._unreachable_since.setdefault(address, now)
+            if silent < self.policy.unreachable_grace_s:
+                continue
+            for job in jobs:
+                t = decide(job.id, job.state, state.Unreachable(silent)) if job.address == address else None
+                if t is not None and self.registry.apply(t, at=now, ended_at=now, message=t.reason):
+                    applied.append((t, self.registry.get(job.id) or job))
+        return applied
+
+    def _retry(self, failed: dict[str, str]) -> list[tuple[Transition, JobRecord]]:
+        """Resubmit or give up on the LOST runs whose backoff is over (retry.py decides)."""
+        applied = []
+        for rec in self.registry.jobs(["LOST"]):
+            decision = retry.decide(rec, self.policy, self.clock())
+            if isinstance(decision, Resubmit) and rec.address not in failed:
+                problem = self._resubmit(rec, decision)
+                decision = GiveUp(f"cannot resubmit attempt {decision.attempt}: {problem}") if problem else None
+            if isinstance(decision, GiveUp):
+                t = Transition(rec.id, "LOST", "FAILED", decision.message)
+                now = self.clock()
+                if self.registry.apply(t, at=now, ended_at=now, message=decision.message):
+                    applied.append((t, self.registry.get(rec.id) or rec))
+        return applied
+
+    def _resubmit(self, rec: JobRecord, d: Resubmit) -> str | None:
+        """Send attempt `d` of `rec` and record it; a one-line problem when the cluster refuses it (the
+        run cannot be sent: give up), None when sent or when the cluster is down (try again next pass)."""
+        metadata = rec.metadata() | {"mmpt.job_id": rec.id, "mmpt.attempt": str(d.attempt)}
+        try:
+            self.clusters.submit(rec.address, entrypoint=rec.entrypoint, submission_id=d.ray_job_id,
+                                 runtime_env=rec.runtime_env, metadata=metadata)
+        except ClusterUnreachable as exc:
+            log.warning("%s: attempt %d not sent yet: %s", rec.id, d.attempt, exc)
+            return None
+        except ClusterError as exc:
+            if "already exists" not in str(exc):  # sent by an earlier pass or another controller
+                return str(exc)
+        except (ValueError, OSError) as exc:  # Ray packing the working dir: missing, too large
+            return redact(f"working dir {rec.runtime_env.get('working_dir')}: {str(exc).splitlines()[0]}")
+        if self.registry.resubmitted(rec.id, rec.attempt, d.attempt, d.ray_job_id, d.reason, at=self.clock()):
+            self._fire(self.resubmit_callbacks, d, self.registry.get(rec.id) or rec)
+            return None
+        now = self.registry.get(rec.id)
+        if now is not None and now.state in TERMINAL:  # stopped (`mmpt jobs stop`) while this was sent
+            log.warning("%s: %s while attempt %d was sent; stopping %s", rec.id, now.state, d.attempt, d.ray_job_id)
+            try:
+                with cluster.errors(rec.address):
+                    self.clusters.client(rec.address).stop_job(d.ray_job_id)
+            except ClusterError as exc:
+                log.warning("%s: cannot stop %s: %s", rec.id, d.ray_job_id, exc)
+        return None
 
     def run(self, stop: threading.Event, interval_s: float) -> None:
         while not stop.is_set():
@@ -190,6 +283,13 @@ class Controller:
 
     def _count(self, t: Transition, rec: JobRecord) -> None:
         self.metrics.transitions.labels(from_state=t.old, to_state=t.new).inc()
+
+    def _log_resubmit(self, d: Resubmit, rec: JobRecord) -> None:
+        log.info("%s (%s): resubmitted as %s, attempt %d of %d (%s)", rec.id, rec.name, d.ray_job_id, d.attempt,
+                 self.policy.max_attempts, d.reason)
+
+    def _count_resubmit(self, d: Resubmit, rec: JobRecord) -> None:
+        self.metrics.resubmissions.labels(reason=d.reason).inc()
 
     # -- metrics -------------------------------------------------------------------------------
 

@@ -11,6 +11,11 @@ runs in WAL mode with synchronous=FULL: a committed change survives a crash of t
 the machine.
 
 Every text column is passed through `credentials.redact` before it is written.
+
+A run can be several Ray jobs: when its driver or its cluster is lost the controller resubmits it
+(retry.py). `attempt` is the current attempt (1 for the first submission), `ray_job_id` its Ray
+submission id, and the `attempts` table holds one row per Ray job sent: attempt, Ray job id, reason
+and time. A database made before attempts existed gains the columns when it is opened.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from orchestrator.controller.state import STATES, JobState, Transition
 
 JobKind = Literal["run", "sweep"]
 DEFAULT_DB = "sqlite:///.mmpt/jobs.db"
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"
 _SCHEMA_LOCK = 0x6D6D7074  # "mmpt": the advisory lock key that serialises schema creation
 # Ray accepts any string as a submission id; ours and Ray's own (raysubmit_...) fit this, and it
 # keeps ids safe in URLs (/jobs/ID), file names and shell commands.
@@ -68,6 +73,14 @@ class JobRecord:
     updated_at: float = field(default_factory=time.time)
     message: str = ""
     final_metrics: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 1
+    ray_job_id: str = ""  # the current attempt's Ray submission id ("" means `id`, the first attempt's)
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # what a resubmission sends again
+    lost_reason: str = ""  # why the job became LOST (a retry.RetryReason), "" otherwise
+
+    @property
+    def ray_id(self) -> str:
+        return self.ray_job_id or self.id
 
     def to_json(self, with_config: bool = True) -> dict[str, Any]:
         out = asdict(self)
@@ -93,26 +106,36 @@ class JobRecord:
             submitted = float(metadata.get("mmpt.submitted_at") or time.time())
         except ValueError:
             config, submitted = {}, time.time()
-        return cls(id=job_id, kind=kind, name=metadata.get("mmpt.name", job_id), address=address,
+        # A resubmission (retry.py) carries the run's own id and its attempt number.
+        run_id, attempt = metadata.get("mmpt.job_id") or job_id, metadata.get("mmpt.attempt", "1")
+        return cls(id=run_id, kind=kind, name=metadata.get("mmpt.name", job_id), address=address,
                    submitted_at=submitted, config_hash=metadata.get("mmpt.config_hash", ""),
                    config=config if isinstance(config, dict) else {}, entrypoint=entrypoint,
-                   submitter=metadata.get("mmpt.submitter", ""), run_dir=metadata.get("mmpt.run_dir", ""))
+                   submitter=metadata.get("mmpt.submitter", ""), run_dir=metadata.get("mmpt.run_dir", ""),
+                   attempt=int(attempt) if attempt.isdigit() else 1, ray_job_id="" if run_id == job_id else job_id)
 
 
 _COLUMNS = [f.name for f in fields(JobRecord)]
-_JSON_COLUMNS = {"config", "final_metrics"}
+_JSON_COLUMNS = {"config", "final_metrics", "runtime_env"}
+# Columns added after schema 1, with their SQL type: a schema-1 database gets them on open.
+_ADDED_COLUMNS = {"attempt": "INTEGER NOT NULL DEFAULT 1", "ray_job_id": "TEXT", "runtime_env": "TEXT",
+                  "lost_reason": "TEXT"}
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS jobs (
         id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, address TEXT NOT NULL,
         state TEXT NOT NULL, submitted_at DOUBLE PRECISION NOT NULL, config_hash TEXT, config TEXT,
         entrypoint TEXT, submitter TEXT, run_dir TEXT, started_at DOUBLE PRECISION,
-        ended_at DOUBLE PRECISION, updated_at DOUBLE PRECISION NOT NULL, message TEXT, final_metrics TEXT)""",
+        ended_at DOUBLE PRECISION, updated_at DOUBLE PRECISION NOT NULL, message TEXT, final_metrics TEXT,
+        attempt INTEGER NOT NULL DEFAULT 1, ray_job_id TEXT, runtime_env TEXT, lost_reason TEXT)""",
     "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state)",
     """CREATE TABLE IF NOT EXISTS transitions (
         job_id TEXT NOT NULL, from_state TEXT NOT NULL, to_state TEXT NOT NULL,
         at DOUBLE PRECISION NOT NULL, reason TEXT)""",
     "CREATE INDEX IF NOT EXISTS transitions_job ON transitions (job_id)",
+    """CREATE TABLE IF NOT EXISTS attempts (
+        job_id TEXT NOT NULL, attempt INTEGER NOT NULL, ray_job_id TEXT NOT NULL, reason TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL, PRIMARY KEY (job_id, attempt))""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 ]
 
@@ -195,8 +218,26 @@ class Registry:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for stmt in _SCHEMA:
                 cur.execute(stmt)
-            cur.execute(self._q("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"),
-                        ("schema_version", _SCHEMA_VERSION))
+            for name, sql_type in _ADDED_COLUMNS.items():
+                if name not in self._columns(cur):
+                    self._add_column(cur, name, sql_type)
+            cur.execute(self._q("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
+                                "excluded.value"), ("schema_version", _SCHEMA_VERSION))
+
+    def _add_column(self, cur: Any, name: str, sql_type: str) -> None:
+        try:
+            cur.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
+        except sqlite3.OperationalError as exc:  # another process upgraded it between our check and here
+            if "duplicate column" not in str(exc):
+                raise
+
+    def _columns(self, cur: Any) -> set[str]:
+        if self._dialect.name == "sqlite":
+            cur.execute("PRAGMA table_info(jobs)")
+            return {r[1] for r in cur.fetchall()}
+        cur.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs' "
+                    "AND table_schema = current_schema()")
+        return {r[0] for r in cur.fetchall()}
 
     def __enter__(self) -> Registry:
         return self
@@ -215,23 +256,50 @@ class Registry:
     # -- writes --------------------------------------------------------------------------------
 
     def add(self, rec: JobRecord) -> bool:
-        """Insert `rec`; False (and nothing changed) when a job with its id is already registered."""
+        """Insert `rec` and its attempt; False (and nothing changed) when its id is already registered."""
         row = self._to_row(rec)
         cols = ", ".join(_COLUMNS)
         marks = ", ".join("?" for _ in _COLUMNS)
         with self._tx() as cur:
             cur.execute(self._q(f"INSERT INTO jobs ({cols}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING"), row)
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._add_attempt(cur, rec.id, rec.attempt, rec.ray_id, "submitted", rec.submitted_at)
+            return True
+
+    def resubmitted(self, job_id: str, old_attempt: int, attempt: int, ray_job_id: str, reason: str,
+                    at: float | None = None) -> bool:
+        """Record that attempt `attempt` (Ray job `ray_job_id`) of a LOST job was sent: the job becomes
+        PENDING on it. A compare-and-set on (LOST, `old_attempt`): False when another controller did it."""
+        at = time.time() if at is None else at
+        message = f"attempt {attempt} sent as {ray_job_id} ({reason})"
+        with self._tx() as cur:
+            cur.execute(self._q(
+                "UPDATE jobs SET state = 'PENDING', attempt = ?, ray_job_id = ?, started_at = NULL, ended_at = NULL, "
+                "updated_at = ?, message = ? WHERE id = ? AND state = 'LOST' AND attempt = ?"),
+                (attempt, ray_job_id, at, message, job_id, old_attempt))
+            if cur.rowcount != 1:
+                return False
+            cur.execute(self._q("INSERT INTO transitions (job_id, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?)"),
+                        (job_id, "LOST", "PENDING", at, f"resubmitted: {reason}"))
+            self._add_attempt(cur, job_id, attempt, ray_job_id, reason, at)
+            return True
+
+    def _add_attempt(self, cur: Any, job_id: str, attempt: int, ray_job_id: str, reason: str, at: float) -> None:
+        cur.execute(self._q("INSERT INTO attempts (job_id, attempt, ray_job_id, reason, at) VALUES (?, ?, ?, ?, ?) "
+                            "ON CONFLICT (job_id, attempt) DO NOTHING"), (job_id, attempt, ray_job_id, redact(reason), at))
 
     def apply(self, t: Transition, *, at: float | None = None, started_at: float | None = None,
               ended_at: float | None = None, message: str | None = None) -> bool:
         """Move a job from `t.old` to `t.new` if it still is in `t.old`; record the transition."""
         at = time.time() if at is None else at
+        lost_reason = (t.cause or "head_lost") if t.new == "LOST" else ""
         with self._tx() as cur:
             cur.execute(self._q(
                 "UPDATE jobs SET state = ?, updated_at = ?, started_at = COALESCE(?, started_at), "
-                "ended_at = ?, message = COALESCE(?, message) WHERE id = ? AND state = ?"),
-                (t.new, at, started_at, ended_at, None if message is None else redact(message), t.job_id, t.old))
+                "ended_at = ?, message = COALESCE(?, message), lost_reason = ? WHERE id = ? AND state = ?"),
+                (t.new, at, started_at, ended_at, None if message is None else redact(message), lost_reason,
+                 t.job_id, t.old))
             if cur.rowcount != 1:
                 return False
             cur.execute(self._q("INSERT INTO transitions (job_id, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?)"),
@@ -265,6 +333,13 @@ class Registry:
             cur.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
             found = dict(cur.fetchall())
         return {s: int(found.get(s, 0)) for s in STATES}
+
+    def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        """Every Ray job sent for `job_id`, first attempt first."""
+        with self._tx() as cur:
+            cur.execute(self._q("SELECT attempt, ray_job_id, reason, at FROM attempts WHERE job_id = ? ORDER BY attempt"),
+                        (job_id,))
+            return [dict(zip(("attempt", "ray_job_id", "reason", "at"), r, strict=True)) for r in cur.fetchall()]
 
     def transitions(self, job_id: str) -> list[dict[str, Any]]:
         with self._tx() as cur:
@@ -309,6 +384,7 @@ class Registry:
         values = dict(zip(_COLUMNS, row, strict=True))
         for name in _JSON_COLUMNS:
             values[name] = json.loads(values[name]) if values[name] else {}
-        for name in ("config_hash", "entrypoint", "submitter", "run_dir", "message"):
+        for name in ("config_hash", "entrypoint", "submitter", "run_dir", "message", "ray_job_id", "lost_reason"):
             values[name] = values[name] or ""
+        values["attempt"] = int(values["attempt"] or 1)
         return JobRecord(**values)

@@ -2,7 +2,7 @@
 
   GET /metrics          Prometheus text format (controller counters, jobs by state, live job series)
   GET /jobs             [{job without its config}], oldest first; `?state=RUNNING` filters
-  GET /jobs/<id>        {job with its resolved config and its transitions}, 404 when unknown
+  GET /jobs/<id>        {job with its resolved config, its transitions and its attempts}, 404 when unknown
   GET /healthz          "ok"
 
 Everything else is 404 (unknown path) or 405 (any method but GET/HEAD): the API never changes
@@ -54,7 +54,8 @@ class _Handler(BaseHTTPRequestHandler):
             if rec is None:
                 self._json(404, {"error": f"no job {job_id!r} in the registry"})
             else:
-                self._json(200, rec.to_json() | {"transitions": self.registry.transitions(job_id)})
+                self._json(200, rec.to_json() | {"transitions": self.registry.transitions(job_id),
+                                                 "attempts": self.registry.attempts(job_id)})
         else:
             self._json(404, {"error": f"no such path {path!r}; try /metrics, /jobs, /jobs/ID"})
 

@@ -6,13 +6,18 @@ States and their meaning:
   SUCCEEDED  exited 0                                   (terminal)
   FAILED     exited non-zero, or the cluster failed it   (terminal)
   STOPPED    stopped on request (`mmpt jobs stop`)       (terminal)
-  LOST       the cluster answers but no longer knows the job (head restarted, record deleted)
-             while we believed it PENDING or RUNNING. Not terminal: a head restored with GCS fault
-             tolerance may report the job again, and then its reported state wins.
+  LOST       its driver is gone while we believed it PENDING or RUNNING: the cluster answers but no
+             longer knows the job (head restarted, record deleted), reports it FAILED because its
+             driver died (`Died`), or stayed unreachable past the controller's grace period. Not
+             terminal: a head restored with GCS fault tolerance may report the job again, and then
+             its reported state wins; or the controller resubmits the run (retry.py) and it is
+             PENDING again, on a new Ray job.
 
 Events are what a reconcile pass observes: `Observed(ray_status)` when the cluster lists the job,
-`Vanished()` when the cluster answered and the job was not there. An unreachable cluster is no
-event at all (we know nothing new), so a network blip never marks jobs LOST.
+`Vanished()` when the cluster answered and the job was not there, `Died(cause)` when the cluster
+lists it FAILED for a reason the controller retries (retry.classify), `Unreachable(seconds)` when
+its cluster has not answered for longer than the grace period. A cluster that does not answer for
+less is no event at all (we know nothing new), so a network blip never marks jobs LOST.
 
 `decide` is pure: it returns a `Transition` or None and never touches the registry or Ray, so the
 whole policy is unit-tested without either.
@@ -32,7 +37,7 @@ ACTIVE: frozenset[JobState] = frozenset({"PENDING", "RUNNING"})
 _EDGES: dict[JobState, frozenset[JobState]] = {
     "PENDING": frozenset({"RUNNING", "SUCCEEDED", "FAILED", "STOPPED", "LOST"}),
     "RUNNING": frozenset({"SUCCEEDED", "FAILED", "STOPPED", "LOST"}),
-    "LOST": frozenset({"RUNNING", "SUCCEEDED", "FAILED", "STOPPED"}),
+    "LOST": frozenset({"PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"}),
     "SUCCEEDED": frozenset(),
     "FAILED": frozenset(),
     "STOPPED": frozenset(),
@@ -61,7 +66,22 @@ class Vanished:
     """The cluster answered, and the job is not among its jobs."""
 
 
-Event = Observed | Vanished
+@dataclass(frozen=True)
+class Died:
+    """The cluster lists the job FAILED because its driver died (`cause`: a retry.RetryReason)."""
+
+    cause: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    """The job's cluster has not answered for `seconds`, longer than the grace period."""
+
+    seconds: float
+
+
+Event = Observed | Vanished | Died | Unreachable
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,7 @@ class Transition:
     old: JobState
     new: JobState
     reason: str
+    cause: str = ""  # for a move to LOST, why (a retry.RetryReason)
 
 
 def from_ray(status: str) -> JobState:
@@ -92,7 +113,16 @@ def decide(job_id: str, current: JobState, event: Event) -> Transition | None:
     """
     if isinstance(event, Vanished):
         if current in ACTIVE:
-            return Transition(job_id, current, "LOST", "the cluster no longer knows this job")
+            return Transition(job_id, current, "LOST", "the cluster no longer knows this job", "head_lost")
+        return None
+    if isinstance(event, Unreachable):
+        if current in ACTIVE:
+            return Transition(job_id, current, "LOST", f"the cluster has not answered for {event.seconds:.0f} s",
+                              "cluster_unreachable")
+        return None
+    if isinstance(event, Died):
+        if current in ACTIVE:
+            return Transition(job_id, current, "LOST", f"the driver died: {event.message}".rstrip(": "), event.cause)
         return None
     new = from_ray(event.ray_status)
     if new == current or not can_move(current, new):

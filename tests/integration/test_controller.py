@@ -24,7 +24,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,11 +139,13 @@ class ControllerProc:
         return json.loads(self.get(f"/jobs/{job_id}"))
 
 
-def start_controller(db: str, env: dict[str, str], log: Path, interval: float = 1.0) -> ControllerProc:
+def start_controller(db: str, env: dict[str, str], log: Path, interval: float = 1.0,
+                     extra: Sequence[str] = ()) -> ControllerProc:
     port = _free_port()
     out = open(log, "ab")  # noqa: SIM115 - the child holds it
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "controller", "--db", db, "--port", str(port),
-                             "--interval", str(interval)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                             "--interval", str(interval), *extra], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT)
     out.close()
     ctl = ControllerProc(proc, f"http://127.0.0.1:{port}", log)
 

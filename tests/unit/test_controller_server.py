@@ -20,7 +20,7 @@ from orchestrator.controller.server import start_server
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTROLLER_SERIES = {"mmpt_jobs", "mmpt_controller_reconcile_total", "mmpt_controller_cluster_errors_total",
-                     "mmpt_job_transitions_total"}
+                     "mmpt_job_transitions_total", "mmpt_job_resubmissions_total"}
 
 
 @pytest.fixture
