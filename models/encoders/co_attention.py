@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from models.blocks import Blocks
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
 from models.encoders.base import FUSED, Encoder, EncoderOutputs, text_keep
 from models.encoders.layers import (
@@ -35,7 +36,6 @@ from models.encoders.layers import (
     text_mask,
 )
 from models.moe.stats import IMAGE, TEXT
-from models.presets import Blocks
 
 
 class CoAttentionBlock(nn.Module):

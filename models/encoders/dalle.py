@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.blocks import Blocks
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
 from models.encoders.base import Encoder, EncoderOutputs
 from models.encoders.dvae import DiscreteVAE
@@ -34,7 +35,6 @@ from models.generative_config import image_problems
 from models.moe.stats import IMAGE, TEXT
 from models.objectives.base import IGNORE_INDEX
 from models.objectives.sampling import _where
-from models.presets import Blocks
 
 DALLE_OUTPUTS = frozenset({"text_logits", "text_labels", "image_logits", "image_codes", "moe_aux", "moe_counts"})
 

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from models import OBJECTIVES, PRESETS, build_pretrainer
+from models.blocks import Blocks, resolve
 from models.config import ImageSpec, TextSpec
-from models.presets import Blocks, resolve
 from orchestrator.config import load_config
 from orchestrator.runner import run
 from tests.integration.conftest import QUICKSTART, tiny

@@ -162,7 +162,7 @@ def test_span_masking_rate_and_contiguity() -> None:
 # --------------------------------------------------- VL-BERT pixel masking (model.mask_pixels)
 
 def _region_input(preset: str, **overrides: object):  # noqa: ANN202
-    from models.presets import resolve
+    from models.blocks import resolve
     from models.visual import build_visual
 
     cfg = tiny_model(preset=preset, **overrides)

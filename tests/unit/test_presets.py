@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 
 from models import OBJECTIVES, PRESETS, Pretrainer, build_pretrainer, count_parameters
+from models.blocks import Blocks, resolve
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
-from models.encoders import ENCODERS
+from models.families import FAMILIES
 from models.objectives import VIEWS, Objective
 from models.objectives.base import CAUSAL_TEXT, VISUAL_MASK, encoder_inputs
-from models.presets import Blocks, resolve
 
 TEXT = TextSpec(vocab_size=50, max_len=12)
 IMAGE = ImageSpec(size=16)
@@ -65,7 +65,7 @@ class _Probe(Objective):
 
 def probe_model(preset: str, moe: MoEConfig | None = None, **overrides: object) -> Pretrainer:
     family = resolve(tiny(preset, **overrides)).family
-    probe = type("Probe", (_Probe,), {"requires": ENCODERS[family].CAN_PROVIDE})
+    probe = type("Probe", (_Probe,), {"requires": FAMILIES[family].encoder_class().CAN_PROVIDE})
     OBJECTIVES["probe"] = probe
     try:
         torch.manual_seed(0)
