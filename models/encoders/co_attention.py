@@ -16,25 +16,14 @@ streams' summaries); h_[IMG] is the whole-image region token, which the region i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor, nn
 
 from models.blocks import Blocks
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
-from models.encoders.base import FUSED, Encoder, EncoderOutputs, text_keep
-from models.encoders.layers import (
-    Allow,
-    CrossSublayer,
-    FFNSublayer,
-    MoETally,
-    TransformerLayer,
-    key_mask,
-    run_stack,
-    stack,
-    text_mask,
-)
+from models.encoders.base import EncoderOutputs
+from models.encoders.layers import Allow, CrossSublayer, FFNSublayer, MoETally, TransformerLayer, stack
+from models.encoders.two_stream import TwoStreamEncoder
 from models.moe.stats import IMAGE, TEXT
 
 
@@ -75,49 +64,24 @@ class CoAttentionBlock(nn.Module):
         return t_BTD, v_BPD
 
 
-class CoAttentionEncoder(Encoder):
-    CAN_PROVIDE = FUSED
-
+class CoAttentionEncoder(TwoStreamEncoder):
     def __init__(self, cfg: ModelConfig, blocks: Blocks, moe: MoEConfig, text: TextSpec, image: ImageSpec,
                  needs: frozenset[str]) -> None:
         super().__init__(cfg, blocks, text, image)
-        D = cfg.hidden_size
         self.image_out = bool(needs & {"image_hidden", "pooled"})  # pooled reads the image stream
         self.text_layers = stack(cfg, moe, blocks.text)
+        self.image_layers = stack(cfg, moe, blocks.visual_layers)  # none: regions enter the blocks as embedded
         self.blocks = nn.ModuleList(
             CoAttentionBlock(cfg, moe, blocks.text + 2 * k, image_side=self.image_out or k < blocks.cross - 1)
             for k in range(blocks.cross))
-        self.text_norm = nn.LayerNorm(D)
-        self.image_norm = nn.LayerNorm(D) if self.image_out else None
-        self.pooler = _ProductPooler(D) if "pooled" in needs else None
-        provides = self.CAN_PROVIDE
-        if self.pooler is None:
-            provides = provides - {"pooled"}
-        if not self.image_out:
-            provides = provides - {"image_hidden"}
-        self.provides = provides
+        self._outputs_from(cfg.hidden_size, _ProductPooler(cfg.hidden_size) if "pooled" in needs else None)
 
-    def forward(self, inputs: Mapping[str, Tensor], *, visual_mask_BP: Tensor | None = None,
-                causal_text: bool = False, generator: torch.Generator | None = None,
-                want: frozenset[str] | None = None) -> EncoderOutputs:
-        # `want` is accepted for the common signature (base.py); this family always runs in full.
-        t_BTD = self.text_embeddings(inputs["input_ids"])
-        vis = self.embed_visual(inputs, visual_mask_BP, generator)
-        (keep_BT, text_full), keep_BP = text_keep(inputs), vis.mask_BP
-        text_allow = text_mask(keep_BT, causal_text, text_full)
-        text_keys, image_keys = key_mask(keep_BT, text_full), key_mask(keep_BP, self.visual_embeddings.dense)
-        tally = MoETally(t_BTD)
-        with tally.within(TEXT):
-            t_BTD = run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally)
-        v_BPD = vis.x_BPD
-        for block in self.blocks:
-            t_BTD, v_BPD = block(t_BTD, v_BPD, text_allow, keep_BT, keep_BP, causal_text, tally, text_keys, image_keys)
-        out: EncoderOutputs = vis.outputs() | {"text_hidden": self.text_norm(t_BTD)} | tally.outputs()
-        if self.image_norm is not None:
-            out["image_hidden"] = self.image_norm(v_BPD)
-        if self.pooler is not None:
-            out["pooled"] = self.pooler(out["text_hidden"], out["image_hidden"])
-        return out
+    @property
+    def joint(self) -> nn.ModuleList:
+        return self.blocks
+
+    def pool(self, out: EncoderOutputs) -> Tensor:
+        return self.pooler(out["text_hidden"], out["image_hidden"])
 
 
 class _ProductPooler(nn.Module):

@@ -11,11 +11,9 @@ import torch
 import torch.multiprocessing as mp
 
 from jobs.evaluate import _itc_retrieval, _reduce, evaluate
-from models import build_pretrainer
-from models.config import MoEConfig
 from models.objectives.alignment import ipot, ot_distance
 from models.objectives.contrastive import clip_loss
-from tests.unit.test_models import IMAGE, TEXT, make_batch, tiny_model
+from tests.unit.conftest import build, make_batch
 
 
 def test_itc_of_aligned_embeddings_is_near_zero_and_of_uninformative_ones_log_b() -> None:
@@ -125,7 +123,7 @@ def test_itc_retrieval_counts_every_caption_of_an_image() -> None:
 
 
 def test_evaluate_reports_grounded_and_blind_mlm_and_itm_retrieval() -> None:
-    model = build_pretrainer(tiny_model(), MoEConfig(), {"mlm": 1.0, "itm": 1.0}, TEXT, IMAGE)
+    model = build("vilt", {"mlm": 1.0, "itm": 1.0})
     batches = [{**make_batch(seed=s), "image": (torch.rand(4, 3, 16, 16) * 255).to(torch.uint8)} for s in range(2)]
     ev = evaluate(model, batches, grounded_ids=list(range(5, 30)))
     for key in ("itm_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r10", "mlm_token_acc", "mlm_grounded_acc",
@@ -133,6 +131,6 @@ def test_evaluate_reports_grounded_and_blind_mlm_and_itm_retrieval() -> None:
         assert key in ev and math.isfinite(ev[key]), key
     assert ev["i2t_r10"] == 1.0  # 4 candidates: every true caption is in the top 10
     assert ev["mlm_grounded_tokens"] > 0 and ev["samples"] == 8
-    clip = build_pretrainer(tiny_model(preset="clip"), MoEConfig(), {"itc": 1.0}, TEXT, IMAGE)
+    clip = build("clip", {"itc": 1.0})
     ev = evaluate(clip, batches)
     assert ev["itc_candidates"] == 8 and 0.0 <= ev["itc_i2t_r1"] <= 1.0 and "itm_acc" not in ev
