@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 from jobs.evaluate import _itc_retrieval, _reduce, evaluate
 from models.objectives.alignment import ipot, ot_distance
 from models.objectives.contrastive import clip_loss
-from tests.unit.conftest import build, make_batch
+from tests.unit.conftest import TEXT, build, make_batch
 
 
 def test_itc_of_aligned_embeddings_is_near_zero_and_of_uninformative_ones_log_b() -> None:
@@ -134,3 +135,19 @@ def test_evaluate_reports_grounded_and_blind_mlm_and_itm_retrieval() -> None:
     clip = build("clip", {"itc": 1.0})
     ev = evaluate(clip, batches)
     assert ev["itc_candidates"] == 8 and 0.0 <= ev["itc_i2t_r1"] <= 1.0 and "itm_acc" not in ev
+
+
+def test_the_mlm_probe_serves_every_mlm_variant_with_its_own_head() -> None:
+    text = dataclasses.replace(TEXT, continuation_ids=(40, 41, 42))  # mlm_wwm needs "##" pieces
+    batches = [{**make_batch(seed=s), "image": (torch.rand(4, 3, 16, 16) * 255).to(torch.uint8)} for s in range(2)]
+    probe = ("mlm_token_acc", "mlm_blind_acc", "mlm_grounded_acc", "mlm_blind_grounded_acc", "mlm_grounding_gain",
+             "mlm_grounded_tokens")
+    # the same weights under another name (same build order, same seed): the same probe figures
+    ref = evaluate(build("vilt", {"mlm": 1.0, "itm": 1.0}, text=text), batches, grounded_ids=list(range(5, 30)))
+    for name in ("msm", "mlm_wwm"):
+        model = build("vilt", {name: 1.0, "itm": 1.0}, text=text)
+        ev = evaluate(model, batches, grounded_ids=list(range(5, 30)))
+        assert {k: ev[k] for k in probe} == {k: ref[k] for k in probe}, name
+        assert 0.0 <= ev["mlm_token_acc"] <= 1.0 and ev["mlm_grounded_tokens"] > 0
+    captioner = build("unimo", {"caption": 1.0}, text=text)  # an LM head, but not masked modelling: no probe
+    assert not any(k.startswith("mlm") for k in evaluate(captioner, batches))
