@@ -16,10 +16,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
-
-if TYPE_CHECKING:
-    from models.encoders.base import Encoder
+from typing import Literal, NamedTuple, Protocol
 
 # How the encoder combines the modalities (the entries of FAMILIES below).
 Family = Literal["single", "interaction", "coattention", "cross", "dual", "dvae", "dalle"]
@@ -72,7 +69,9 @@ class FamilySpec:
     fields: frozenset[str] = frozenset()  # optional ModelConfig fields it reads
     sections: frozenset[str] = frozenset()  # ModelConfig sections only it reads (model.dvae, model.dalle)
 
-    def encoder_class(self) -> type[Encoder]:
+    def encoder_class(self) -> type:
+        """The models.encoders.base.Encoder subclass (not imported here: this module stays torch-free and
+        below the encoders, which import the config that imports it)."""
         module, _, cls = self.encoder.partition(":")
         return getattr(importlib.import_module(module), cls)
 
