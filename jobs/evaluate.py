@@ -14,11 +14,12 @@ Metrics (keys of the returned dict; the train loop prefixes `eval/`):
   `itc_chance_r1` (= `itc_i2t_chance_r1`), `itc_t2i_chance_r1`.
 - MLM models (any objective of the MLM family: mlm, msm, mlm_wwm; the probe masks tokens as mlm
   does and decodes with that objective's head): with one fixed-seed masking per batch (the same
-  masks with and without the image), `mlm_token_acc` (all masked tokens), `mlm_grounded_acc` (masked tokens that are visually grounded
-  words: the dataset card's `grounded_words`, its object names; ids given by the caller), and the
-  text-only control `mlm_blind_acc` / `mlm_blind_grounded_acc`: the same masks with the image
-  blanked (pixels zero, every visual token masked, scene labels dropped); `mlm_grounding_gain` =
-  grounded minus blind grounded accuracy, what looking at the image buys.
+  masks with and without the image), `mlm_token_acc` (all masked tokens), `mlm_grounded_acc`
+  (masked tokens that are visually grounded words: the dataset card's `grounded_words`, its object
+  names; ids given by the caller), and the text-only control `mlm_blind_acc` /
+  `mlm_blind_grounded_acc`: the same masks with the image blanked (pixels zero, every visual token
+  masked, scene labels dropped); `mlm_grounding_gain` = grounded minus blind grounded accuracy,
+  what looking at the image buys.
 - DALL-E models, when `captions` decodes token ids and `generate_samples` > 0: images generated for
   the first eval captions, judged against them on the shapes world (jobs/generative/probe.py:
   `gen_match_rate` and its random / real / shuffled references, `dvae_recon_mse`).
