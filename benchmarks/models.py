@@ -40,10 +40,10 @@ from torch import Tensor  # noqa: E402
 
 from jobs.data.synth import SHAPES, make_sample  # noqa: E402
 from models import OBJECTIVES, PRESETS, build_pretrainer, count_parameters  # noqa: E402
+from models.blocks import resolve  # noqa: E402
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec  # noqa: E402
-from models.encoders import ENCODERS  # noqa: E402
 from models.encoders.base import CONTRASTIVE  # noqa: E402
-from models.presets import FAMILY_NAMES, resolve  # noqa: E402
+from models.families import FAMILIES  # noqa: E402
 from models.weights import init_weights  # noqa: E402
 
 FLOAT_OUTPUTS = ("text_hidden", "image_hidden", "pooled", "text_embed", "image_embed", "logit_scale")
@@ -76,7 +76,7 @@ def shapes_batch(n: int, size: int, text: TextSpec, max_objects: int = 3, seed: 
 def encoder_step(cfg: ModelConfig, moe: MoEConfig, text: TextSpec, image: ImageSpec,
                  batch: dict[str, Tensor]) -> tuple[Callable[[], None], int]:
     blocks = resolve(cfg)
-    cls = ENCODERS[blocks.family]
+    cls = FAMILIES[blocks.family].encoder_class()
     needs = cls.CAN_PROVIDE if blocks.family == "dual" else cls.CAN_PROVIDE - CONTRASTIVE
     encoder = cls(cfg, blocks, moe, text, image, needs)
     init_weights(encoder)
@@ -163,7 +163,7 @@ def main() -> None:
         enc_sps = f"{args.batch / min(e):.0f} ({args.batch / statistics.median(e):.0f})"
         pre_sps = f"{args.batch / min(p):.0f} ({args.batch / statistics.median(p):.0f})"
         objectives = "+".join(preset.default_objectives(OBJECTIVES))
-        print(f"{name:<12} {FAMILY_NAMES[preset.family]:<18} {preset.visual_inputs[0]:<7} {tokens[name]:>3} "
+        print(f"{name:<12} {FAMILIES[preset.family].title:<18} {preset.visual_inputs[0]:<7} {tokens[name]:>3} "
               f"{enc_params[name]:>10,} {enc_sps:>18} {pre_params[name]:>9,} {pre_sps:>15} "
               f"{args.batch / min(p) / best_pre_vilt:>6.2f}x  {objectives}")
 

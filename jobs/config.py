@@ -14,20 +14,20 @@ from typing import Any, Literal
 from pydantic import Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
 from jobs.transfer.config import FinetuneConfig, ZeroShotConfig
-from models._schema import _Strict
 from models.config import AdversarialConfig, ModelConfig, MoEConfig
+from models.schema import Strict
 
 Precision = Literal["fp32", "bf16"]
 
 
-class DataSource(_Strict):
+class DataSource(Strict):
     """One dataset of a mixture: its shards and its sampling weight."""
 
     shards: str | list[str] = Field(description="folder, prefix, brace pattern or list (local or s3://)")
     weight: float = Field(1.0, gt=0, description="relative probability that a batch comes from this source")
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Where the shards are and how samples become tensors."""
 
     train: str | list[str] | list[DataSource] = Field(
@@ -59,7 +59,7 @@ class DataConfig(_Strict):
         return [DataSource(shards=self.train)]  # type: ignore[arg-type]
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     steps: int = Field(200, ge=1, description="optimizer steps")
     batch_size: int = Field(32, ge=1, description="micro-batch per worker (samples per forward)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -96,20 +96,20 @@ class TrainConfig(_Strict):
         return v
 
 
-class DeepSpeedConfig(_Strict):
+class DeepSpeedConfig(Strict):
     zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0-3")
     offload_optimizer: bool = Field(False, description="keep optimizer states on CPU (ZeRO-Offload)")
     extra: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config merged on top")
 
 
-class ParallelConfig(_Strict):
+class ParallelConfig(Strict):
     """Model parallelism besides ZeRO's data parallelism (jobs/tensor_parallel.py)."""
 
     tp_size: int = Field(1, ge=1, description="Megatron tensor parallelism: each transformer layer's attention "
                          "and FFN split over tp_size workers; data parallelism over num_workers / tp_size")
 
 
-class ScalingConfig(_Strict):
+class ScalingConfig(Strict):
     """Ray resources of a run; `orchestrator.scaling` turns them into Ray Train / Ray Data arguments.
 
     Custom resources pick node types: a worker asking for `train_gpu` only runs on (and makes the
@@ -147,7 +147,7 @@ class ScalingConfig(_Strict):
         return self
 
 
-class StorageConfig(_Strict):
+class StorageConfig(Strict):
     path: str = Field(".", description="root of runs/<name>/: a local folder or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; default: AWS_ENDPOINT_URL")
     region: str | None = None
@@ -162,7 +162,7 @@ class StorageConfig(_Strict):
         return v
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     every: int = Field(0, ge=0, description="steps between held-out evaluations; 0 = only at the end")
     max_samples: int = Field(512, ge=1)
     batch_size: int = Field(16, ge=2, description="also the retrieval candidate set size")
@@ -172,7 +172,7 @@ class EvalConfig(_Strict):
                                       "(ITC encoders) and a linear probe on the held-out split (jobs/transfer/)")
 
 
-class MLflowTracking(_Strict):
+class MLflowTracking(Strict):
     """An MLflow tracking server or store; every run is one MLflow run in `experiment`."""
 
     tracking_uri: str = Field(description="sqlite:///mlflow.db, http(s)://server:5000, databricks, or a "
@@ -180,7 +180,7 @@ class MLflowTracking(_Strict):
     experiment: str = Field("mmpt", min_length=1, description="experiment name; created when missing")
 
 
-class WandbTracking(_Strict):
+class WandbTracking(Strict):
     """A Weights & Biases project; `mode: offline` writes the run to disk for a later `wandb sync`."""
 
     project: str = Field(min_length=1)
@@ -188,7 +188,7 @@ class WandbTracking(_Strict):
     entity: str | None = Field(None, description="team or user; default: the API key's")
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     """Experiment trackers the driver logs every report, the resolved config, the summary and the
     artifacts to (orchestrator/tracking/); any subset, none by default."""
 
@@ -205,7 +205,7 @@ class TrackingConfig(_Strict):
                                       ("wandb", self.wandb)) if on]
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -227,16 +227,6 @@ class RunConfig(_Strict):
         # `--set objectives.itm=null` switches an objective off, like weight 0
         return {k: w for k, w in v.items() if w is not None} if isinstance(v, dict) else v
 
-    @field_validator("objectives")
-    @classmethod
-    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: w for k, w in v.items() if w < 0}
-        if bad:
-            raise ValueError(f"objective weights must be >= 0, got {bad}")
-        if not any(w > 0 for w in v.values()):
-            raise ValueError("at least one objective needs a weight > 0")
-        return v
-
     @property
     def active_objectives(self) -> dict[str, float]:
         return {k: w for k, w in self.objectives.items() if w > 0}
@@ -251,18 +241,14 @@ class RunConfig(_Strict):
 
 def cross_check(cfg: RunConfig) -> list[tuple[str, Any, str]]:
     """Problems that span sections, as (field, value, what is allowed)."""
-    from models import OBJECTIVES, PRESETS  # torch import; only once the tree parsed
+    from models.factory import objective_problems, weight_problems  # torch import; only once the tree parsed
+    from models.presets import PRESETS
 
     problems: list[tuple[str, Any, str]] = []
     if cfg.model.preset not in PRESETS:
         problems.append(("model.preset", cfg.model.preset, f"allowed: {', '.join(sorted(PRESETS))}"))
-    for name in cfg.objectives:
-        if name not in OBJECTIVES:
-            problems.append((f"objectives.{name}", cfg.objectives[name],
-                             f"unknown objective; allowed: {', '.join(sorted(OBJECTIVES))}"))
+    problems += weight_problems(cfg.objectives)  # unknown names, negative weights, none enabled
     if cfg.model.preset in PRESETS:  # objectives the preset's encoder cannot serve (e.g. itm on clip)
-        from models.factory import objective_problems
-
         problems += objective_problems(cfg.model, cfg.objectives)
     if cfg.moe.enabled and cfg.deepspeed.zero_stage == 3:
         problems.append(("deepspeed.zero_stage", 3,
@@ -272,10 +258,10 @@ def cross_check(cfg: RunConfig) -> list[tuple[str, Any, str]]:
         problems.append(("moe.ep_size", cfg.moe.ep_size,
                          f"must divide scaling.num_workers={cfg.scaling.num_workers} "
                          "(experts are split over groups of ep_size workers)"))
-    # MoE layer indices are FFN depths (models.presets.Blocks.depth): num_layers for single-stream
+    # MoE layer indices are FFN depths (models.blocks.Blocks.depth): num_layers for single-stream
     # presets, more for ViLBERT's co-attention blocks (two FFNs per block) or explicit stack sizes.
     if cfg.model.preset in PRESETS:
-        from models.presets import resolve
+        from models.blocks import resolve
 
         problems += cfg.moe.layer_problems(resolve(cfg.model).depth)
     else:

@@ -12,12 +12,14 @@ Metrics (keys of the returned dict; the train loop prefixes `eval/`):
   the top r: all five of COCO's count), each caption queries all distinct images; hit counts are
   summed over ranks. `itc_candidates` (captions in the pool), `itc_images`, `captions_per_image`,
   `itc_chance_r1` (= `itc_i2t_chance_r1`), `itc_t2i_chance_r1`.
-- MLM models: with one fixed-seed masking per batch (the same masks with and without the image),
-  `mlm_token_acc` (all masked tokens), `mlm_grounded_acc` (masked tokens that are visually grounded
-  words: the dataset card's `grounded_words`, its object names; ids given by the caller), and the
-  text-only control `mlm_blind_acc` / `mlm_blind_grounded_acc`: the same masks with the image
-  blanked (pixels zero, every visual token masked, scene labels dropped); `mlm_grounding_gain` =
-  grounded minus blind grounded accuracy, what looking at the image buys.
+- MLM models (any objective of the MLM family: mlm, msm, mlm_wwm; the probe masks tokens as mlm
+  does and decodes with that objective's head): with one fixed-seed masking per batch (the same
+  masks with and without the image), `mlm_token_acc` (all masked tokens), `mlm_grounded_acc`
+  (masked tokens that are visually grounded words: the dataset card's `grounded_words`, its object
+  names; ids given by the caller), and the text-only control `mlm_blind_acc` /
+  `mlm_blind_grounded_acc`: the same masks with the image blanked (pixels zero, every visual token
+  masked, scene labels dropped); `mlm_grounding_gain` = grounded minus blind grounded accuracy,
+  what looking at the image buys.
 - DALL-E models, when `captions` decodes token ids and `generate_samples` > 0: images generated for
   the first eval captions, judged against them on the shapes world (jobs/generative/probe.py:
   `gen_match_rate` and its random / real / shuffled references, `dvae_recon_mse`).
@@ -45,7 +47,7 @@ from torch import Tensor
 from jobs import collectives
 from jobs.data.batch import to_model_batch
 from models.encoders.base import CONTRASTIVE
-from models.objectives import masked_text_view
+from models.objectives import MaskedLanguageModeling, masked_text_view
 from models.objectives.base import IGNORE_INDEX, IMAGE_COLUMNS, encoder_inputs
 
 RECALL_AT = (1, 5, 10)
@@ -97,7 +99,7 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
     objectives = getattr(model, "objectives", {})
     has_itm = "itm" in objectives
     has_itc = "text_embed" in getattr(getattr(model, "encoder", None), "provides", frozenset())
-    has_mlm = "mlm" in objectives
+    mlm = _mlm_objective(objectives)
     grounded = torch.tensor(sorted(set(grounded_ids)), dtype=torch.long, device=device)
     embeds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     sums: dict[str, float | Tensor] = {}
@@ -126,8 +128,8 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
             out_enc = model.encoder(encoder_inputs(batch), want=CONTRASTIVE)
             ids_K = _image_ids(batch, offset=i * batch["input_ids"].shape[0])
             embeds.append((out_enc["image_embed"].float(), out_enc["text_embed"].float(), ids_K))
-        if has_mlm:
-            _mlm_probe(model, batch, grounded, add, seed=MLM_EVAL_SEED + i)
+        if mlm is not None:
+            _mlm_probe(model, mlm, batch, grounded, add, seed=MLM_EVAL_SEED + i)
         if to_generate > 0 and captions is not None:
             to_generate -= generation_probe(model, batch, captions, add, limit=to_generate, seed=PROBE_SEED + i)
     if has_itc:
@@ -184,6 +186,12 @@ def _itc_retrieval(embeds: list[tuple[Tensor, Tensor, Tensor]], add: Any, device
     add("itc_pool_images", float(U) * n)
 
 
+def _mlm_objective(objectives: Any) -> MaskedLanguageModeling | None:
+    """The objective whose head the MLM probe decodes with: `mlm`, else the first of its family."""
+    family = [o for o in objectives.values() if isinstance(o, MaskedLanguageModeling)]
+    return objectives["mlm"] if "mlm" in objectives else (family[0] if family else None)
+
+
 def _blank(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The text-only control: pixels zero, scene classes dropped (no object tags, no real regions)."""
     out = dict(batch)
@@ -196,7 +204,8 @@ def _blank(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _mlm_predictions(model: Any, view: dict[str, torch.Tensor], blind: bool) -> torch.Tensor:
+def _mlm_predictions(model: Any, mlm: MaskedLanguageModeling, view: dict[str, torch.Tensor],
+                     blind: bool) -> torch.Tensor:
     """[M] predicted ids at the masked positions of `view`."""
     encoder = model.encoder
     visual_mask = None
@@ -205,10 +214,11 @@ def _mlm_predictions(model: Any, view: dict[str, torch.Tensor], blind: bool) -> 
         visual_mask = torch.ones(view["input_ids"].shape[0], P, dtype=torch.bool, device=view["input_ids"].device)
     hidden_BTD = encoder(view, visual_mask_BP=visual_mask, want=frozenset({"text_hidden"}))["text_hidden"]
     selected_BT = view["mlm_labels"] != IGNORE_INDEX
-    return model.objectives["mlm"].head(hidden_BTD[selected_BT]).argmax(-1)
+    return mlm.head(hidden_BTD[selected_BT]).argmax(-1)
 
 
-def _mlm_probe(model: Any, batch: dict[str, torch.Tensor], grounded: torch.Tensor, add: Any, seed: int) -> None:
+def _mlm_probe(model: Any, mlm: MaskedLanguageModeling, batch: dict[str, torch.Tensor], grounded: torch.Tensor,
+               add: Any, seed: int) -> None:
     """MLM accuracy overall / on grounded words, with the image and with it blanked (same masks)."""
     generator = torch.Generator().manual_seed(seed)
     view = masked_text_view(batch, model.text, generator)
@@ -218,7 +228,7 @@ def _mlm_probe(model: Any, batch: dict[str, torch.Tensor], grounded: torch.Tenso
     add("mlm_grounded_tokens", is_grounded_M.sum())
     for prefix, blind in (("mlm", False), ("mlm_blind", True)):
         source = {**_blank(batch), **{k: view[k] for k in ("input_ids", "mlm_labels")}} if blind else view
-        correct_M = _mlm_predictions(model, source, blind) == labels_M
+        correct_M = _mlm_predictions(model, mlm, source, blind) == labels_M
         add(f"{prefix}_correct", correct_M.sum())
         add(f"{prefix}_grounded_correct", (correct_M & is_grounded_M).sum())
 
@@ -231,14 +241,9 @@ def _retrieval(model: Any, batch: dict[str, torch.Tensor], add: Any) -> None:
     scores_KK = model.itm_logits(image.repeat_interleave(k, 0), ids.repeat(k, 1), mask.repeat(k, 1), visual)
     scores_KK = scores_KK.float().view(k, k)
     same_KK = _same_image(batch)
-    ranked_i2t = scores_KK.argsort(dim=1, descending=True)
-    ranked_t2i = scores_KK.argsort(dim=0, descending=True).T  # row j = images ranked for caption j
+    _recall_counts(same_KK, scores_KK, "i2t", add)  # row i: the captions ranked for image i
+    _recall_counts(same_KK.T, scores_KK.T, "t2i", add)  # row j: the images ranked for caption j
     rows = torch.arange(k, device=scores_KK.device)
-    for r in RECALL_AT:
-        hit_i2t = same_KK[rows[:, None], ranked_i2t[:, :r]].any(1)
-        hit_t2i = same_KK[ranked_t2i[:, :r], rows[:, None]].any(1)
-        add(f"i2t_r{r}", hit_i2t.sum())
-        add(f"t2i_r{r}", hit_t2i.sum())
     # ITM accuracy on a balanced set: every true pair, and one shifted (mostly mismatched) pair each
     shifted = (rows + 1) % k
     pos_ok = scores_KK[rows, rows] > 0

@@ -3,7 +3,8 @@
 These are plain pydantic models (no torch, no Ray) so the run config in `jobs/` composes them and
 the model factories in `models/` read them: one schema serves both.
 
-A preset (`model.preset`, see models/presets.py) is a named choice of blocks. Every block field
+A preset (`model.preset`, see models/presets.py) is a named choice of blocks of one encoder family
+(models/families.py). Every block field
 below that is `None` takes the preset's value; a field set explicitly overrides it, and a field
 that the preset's architecture has no use for is an error (a setting must always do something).
 """
@@ -15,50 +16,16 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from models._schema import _Strict
+from models.families import FAMILIES, OPTIONAL_FIELDS, VISUAL_FIELDS, RegionSource, VisualKind
 from models.generative_config import DalleConfig, DVAEConfig
 from models.moe.config import MoEConfig
+from models.presets import PRESETS
+from models.schema import Strict
 
-__all__ = ["AdversarialConfig", "Family", "ImageSpec", "ModelConfig", "MoEConfig", "PretrainedInit", "RegionSource",
-           "TextSpec", "VisualKind"]
-
-# How the encoder combines the modalities (models/encoders/):
-#   single       one transformer over [text; visual] tokens (VisualBERT, UNITER, ViLT, ...)
-#   interaction  single-stream layers, then one stream per modality (InterBERT)
-#   coattention  text-only layers, then co-attention blocks between two streams (ViLBERT)
-#   cross        language + object encoders, then cross-modality layers (LXMERT)
-#   dual         two separate towers meeting only in a contrastive loss (CLIP)
-#   dvae         a discrete VAE: image -> grid of codebook tokens -> image (DALL-E stage 1)
-#   dalle        one causal decoder over [text tokens; dVAE image tokens] (DALL-E stage 2)
-Family = Literal["single", "interaction", "coattention", "cross", "dual", "dvae", "dalle"]
-# What a visual token is (models/visual.py): an image patch, an object region, a CNN grid cell.
-VisualKind = Literal["patch", "region", "pixel"]
-# Where region features come from: pooled pixels of the box crop, a small conv stem trained with
-# the model, or precomputed detector features read from the shards (BUTD-style).
-RegionSource = Literal["crop_pool", "conv_stem", "precomputed"]
-
-# Which optional fields each family uses; setting another one is a "block does not fit" error.
-FAMILY_FIELDS: dict[str, frozenset[str]] = {
-    "single": frozenset({"object_tags", "embed_dim"}),
-    "interaction": frozenset({"text_layers", "visual_layers", "embed_dim"}),
-    "coattention": frozenset({"text_layers", "cross_layers"}),
-    "cross": frozenset({"text_layers", "visual_layers", "cross_layers"}),
-    "dual": frozenset({"text_layers", "visual_layers", "embed_dim"}),
-    "dvae": frozenset(),
-    "dalle": frozenset(),
-}
-# Sections only the generative families read (set elsewhere = "does not fit").
-GENERATIVE_SECTIONS: dict[str, frozenset[str]] = {"dvae": frozenset({"dvae"}), "dalle": frozenset({"dvae", "dalle"})}
-# Which optional fields each visual input uses.
-VISUAL_FIELDS: dict[str, frozenset[str]] = {
-    "patch": frozenset(),
-    "region": frozenset({"region_source", "region_pool", "region_feature_size", "mask_pixels"}),
-    "pixel": frozenset({"pixel_channels", "pixel_sample"}),
-}
-_OPTIONAL = frozenset().union(*FAMILY_FIELDS.values(), *VISUAL_FIELDS.values())
+__all__ = ["AdversarialConfig", "ImageSpec", "ModelConfig", "MoEConfig", "PretrainedInit", "TextSpec"]
 
 
-class PretrainedInit(_Strict):
+class PretrainedInit(Strict):
     """`model.init`: unimodal Hugging Face checkpoints the encoder starts from (jobs/pretrained/)."""
 
     text: str | None = Field(None, description="BERT-style checkpoint folder (local or s3://): text embeddings, "
@@ -71,7 +38,7 @@ class PretrainedInit(_Strict):
         return bool(self.text or self.vision)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """The encoder: which preset, its size, and any block overridden."""
 
     preset: str = Field("vilt", description="architecture preset name (see `mmpt models list`)")
@@ -125,8 +92,6 @@ class ModelConfig(_Strict):
         out: list[str] = []
         if self.hidden_size % self.num_heads != 0:
             out.append(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        from models.presets import PRESETS  # lazily: presets.py reads this module's types
-
         preset = PRESETS.get(self.preset)
         if preset is None:  # reported by the run config's cross-check / the model factory, listing names
             return out
@@ -135,8 +100,9 @@ class ModelConfig(_Strict):
             out.append(f"visual_input={visual!r} does not fit preset {self.preset!r} ({preset.paper}); "
                        f"allowed: {', '.join(preset.visual_inputs)}")
             visual = preset.visual_inputs[0]
-        used = FAMILY_FIELDS[preset.family] | VISUAL_FIELDS[visual]
-        for name in sorted(_OPTIONAL - used):
+        family = FAMILIES[preset.family]
+        used = family.fields | VISUAL_FIELDS[visual]
+        for name in sorted(OPTIONAL_FIELDS - used):
             value = getattr(self, name)
             if value is not None:
                 out.append(f"{name}={value!r} does not fit preset {self.preset!r} ({preset.family} encoder, "
@@ -155,9 +121,10 @@ class ModelConfig(_Strict):
             out.append(f"init.vision={self.init.vision!r} needs patch visual input (a ViT starts the patch "
                        f"embeddings); preset {self.preset!r} takes {visual} input")
         for section, default in (("dvae", DVAEConfig()), ("dalle", DalleConfig())):
-            if section not in GENERATIVE_SECTIONS.get(preset.family, ()) and getattr(self, section) != default:
+            if section not in family.sections and getattr(self, section) != default:
+                takers = ", ".join(f.name for f in FAMILIES.values() if section in f.sections)
                 out.append(f"model.{section} does not fit preset {self.preset!r} ({preset.family} encoder); "
-                           f"it configures presets {', '.join(p for p, s in GENERATIVE_SECTIONS.items() if section in s)}")
+                           f"it configures presets {takers}")
         if preset.family == "dual" and 0 in (self.text_layers, self.visual_layers):
             out.append("text_layers/visual_layers=0: a dual encoder needs both towers; allowed: >= 1")
         return out
@@ -213,7 +180,7 @@ class ImageSpec:
 Modality = Literal["text", "image"]
 
 
-class AdversarialConfig(_Strict):
+class AdversarialConfig(Strict):
     """`train.adversarial`: off unless `steps` > 0."""
 
     steps: int = Field(0, ge=0, description="K ascent steps per micro-batch; 0 = no adversarial training")

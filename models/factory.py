@@ -8,25 +8,42 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from models.blocks import Blocks, resolve
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
-from models.encoders import ENCODERS
+from models.families import FAMILIES
 from models.objectives import OBJECTIVES, ObjectiveContext
-from models.presets import FAMILY_NAMES, Blocks, get_preset, resolve
+from models.presets import get_preset
 from models.pretrainer import Pretrainer, check_requires
 from models.weights import init_weights
 
 
 def fitting_objectives(model: ModelConfig) -> list[str]:
     """Objectives (of those that exist) whose required outputs the preset's encoder can provide."""
-    can = ENCODERS[resolve(model).family].CAN_PROVIDE
+    can = FAMILIES[resolve(model).family].encoder_class().CAN_PROVIDE
     return sorted(name for name, cls in OBJECTIVES.items() if cls.requires <= can)
+
+
+def weight_problems(objectives: Mapping[str, float]) -> list[tuple[str, Any, str]]:
+    """What is wrong with a run's `objectives` weights, as (field, value, what is allowed): names
+    not in the registry, negative weights, none enabled. The one check of them (the run config's
+    cross-check and `build_pretrainer` both call it)."""
+    problems: list[tuple[str, Any, str]] = []
+    for name, weight in objectives.items():
+        if name not in OBJECTIVES:
+            problems.append((f"objectives.{name}", weight, f"unknown objective; allowed: {', '.join(sorted(OBJECTIVES))}"))
+        elif weight < 0:
+            problems.append((f"objectives.{name}", weight, "weights must be >= 0 (0 switches an objective off)"))
+    if not any(weight > 0 for weight in objectives.values()):
+        problems.append(("objectives", dict(objectives), "no objective enabled; enable at least one with a weight > 0"))
+    return problems
 
 
 def objective_problems(model: ModelConfig, objectives: Mapping[str, float]) -> list[tuple[str, Any, str]]:
     """Enabled objectives the preset cannot serve, as (field, value, what is allowed); unknown
     objective names are left to the caller (they are a different mistake)."""
     blocks = resolve(model)
-    can = ENCODERS[blocks.family].CAN_PROVIDE
+    family = FAMILIES[blocks.family]
+    can = family.encoder_class().CAN_PROVIDE
     problems: list[tuple[str, Any, str]] = []
     for name, weight in objectives.items():
         cls = OBJECTIVES.get(name)
@@ -36,7 +53,7 @@ def objective_problems(model: ModelConfig, objectives: Mapping[str, float]) -> l
         if missing:
             problems.append((f"objectives.{name}", weight,
                              f"needs {', '.join(repr(m) for m in missing)}, which preset {model.preset!r} "
-                             f"({FAMILY_NAMES[blocks.family]}) does not provide; objectives that fit it: "
+                             f"({family.title}) does not provide; objectives that fit it: "
                              f"{', '.join(fitting_objectives(model))}"))
     return problems
 
@@ -70,18 +87,12 @@ def build_pretrainer(
                              f"exists yet; list objectives explicitly (known: {sorted(OBJECTIVES)})")
     else:
         requested = dict(objectives)
-    for name, weight in requested.items():
-        if name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {name!r}; known objectives: {sorted(OBJECTIVES)}")
-        if weight < 0:
-            raise ValueError(f"objective {name!r} has weight {weight}; weights must be >= 0")
+    problems = weight_problems(requested)
+    if problems:
+        raise ValueError("; ".join(f"{field} = {value!r}: {allowed}" for field, value, allowed in problems))
     weights = {name: float(w) for name, w in requested.items() if w > 0}
-    if not weights:
-        raise ValueError(
-            f"no objective enabled (weights: {requested}); enable at least one with a weight > 0"
-        )
     blocks = resolve(model)
-    encoder_cls = ENCODERS[blocks.family]
+    encoder_cls = FAMILIES[blocks.family].encoder_class()
     classes = {name: OBJECTIVES[name] for name in weights}
     try:
         check_requires(classes, encoder_cls.CAN_PROVIDE, preset.name)
@@ -109,4 +120,4 @@ def build_pretrainer(
     return pretrainer
 
 
-__all__ = ["build_pretrainer", "fitting_objectives", "objective_problems", "visual_tokens"]
+__all__ = ["build_pretrainer", "fitting_objectives", "objective_problems", "visual_tokens", "weight_problems"]

@@ -61,8 +61,8 @@ def build_finetuner(model: ModelConfig, moe: MoEConfig, objectives: Mapping[str,
                     image: ImageSpec, *, head: str, task: str, classes: int = 0, frozen: bool = False) -> Finetuner:
     """The encoder of `model` as the pretraining run built it (the same objectives decide which parts
     exist, so a pretrained state dict fits), freshly initialised, with head `head` on top."""
+    from models.blocks import resolve
     from models.factory import build_pretrainer
-    from models.presets import resolve
     from models.weights import init_weights
 
     encoder = build_pretrainer(model, moe, objectives, text, image).encoder

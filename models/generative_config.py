@@ -13,10 +13,10 @@ import math
 
 from pydantic import Field, model_validator
 
-from models._schema import _Strict
+from models.schema import Strict
 
 
-class DVAEConfig(_Strict):
+class DVAEConfig(Strict):
     """The discrete VAE (DALL-E §2.1): image -> grid of codebook tokens -> image."""
 
     codebook_size: int = Field(512, ge=2, description="K codebook entries (DALL-E: 8192)")
@@ -53,7 +53,7 @@ class DVAEConfig(_Strict):
         return image_size // self.downsample
 
 
-class DalleConfig(_Strict):
+class DalleConfig(Strict):
     """The transformer stage (DALL-E §2.2): text tokens then image tokens, one causal decoder."""
 
     dvae: str | None = Field(None, description="the dVAE run directory (runs/<name>, local) whose latest "

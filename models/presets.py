@@ -2,10 +2,9 @@
 
 Shapes: none (configuration only; no torch here, so the config schema can consult it).
 
-A preset fixes the encoder family and the visual inputs it takes, and supplies defaults for the
-block fields of `ModelConfig` left at `None`; `resolve(cfg)` turns a config into the concrete
-`Blocks` (layer counts per stack, feature sizes) that the encoders are built from and that
-`mmpt models list` and the parameter-count tests read.
+A preset fixes the encoder family (models/families.py) and the visual inputs it takes, and
+supplies defaults for the block fields of `ModelConfig` left at `None`; models/blocks.py
+`resolve(cfg)` turns a config into the concrete `Blocks` the encoders are built from.
 
 No detector can be trained or downloaded here, so where a paper feeds Faster R-CNN region features
 (BUTD, Anderson et al. 2018) we take the regions from the scene boxes the shards carry and compute
@@ -19,23 +18,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from models.config import Family, ModelConfig, RegionSource, VisualKind
-
-# Defaults of the optional block fields (ModelConfig docs them).
-REGION_POOL = 4
-CONV_STEM_WIDTH = 64
-PIXEL_CHANNELS = 64
-PIXEL_SAMPLE = 0.5
-
-FAMILY_NAMES: dict[str, str] = {
-    "single": "single-stream",
-    "interaction": "single→two-stream",
-    "coattention": "co-attention",
-    "cross": "cross-modality",
-    "dual": "dual encoder",
-    "dvae": "discrete VAE",
-    "dalle": "causal decoder",
-}
+from models.families import Family, RegionSource, VisualKind
 
 
 @dataclass(frozen=True)
@@ -61,100 +44,6 @@ class Preset:
     def pending_objectives(self, known: Collection[str]) -> list[str]:
         """The paper's objectives not implemented yet: left out of the defaults."""
         return [name for name in self.objectives if name not in known]
-
-
-@dataclass(frozen=True)
-class Blocks:
-    """A config resolved against its preset: everything the encoder builders need.
-
-    Layer counts: `joint` single-stream layers; `text`/`visual` modality-only layers; `cross`
-    co-attention or cross-modality blocks. FFNs are numbered by depth for MoE placement
-    (`moe.layers`); `depth` is one past the deepest index.
-    """
-
-    family: Family
-    visual: VisualKind
-    region_source: RegionSource
-    region_pool: int
-    region_feature_size: int  # conv_stem width or precomputed F (crop_pool derives F from the pool)
-    object_tags: bool
-    pixel_channels: int
-    pixel_sample: float
-    joint: int
-    text: int
-    visual_layers: int
-    cross: int
-    embed_dim: int
-    mask_pixels: bool = False  # masked regions zero their box's pixels before feature extraction
-
-    @property
-    def depth(self) -> int:
-        """FFN depth indices the encoder uses (models/encoders/*: `ffn_index`)."""
-        return {
-            "single": self.joint,
-            "interaction": self.joint + max(self.text, self.visual_layers),
-            "coattention": self.text + 2 * self.cross,
-            "cross": max(self.text, self.visual_layers) + self.cross,
-            "dual": max(self.text, self.visual_layers),
-            "dvae": 0,
-            "dalle": self.joint,
-        }[self.family]
-
-
-def _layers(cfg: ModelConfig, family: Family) -> tuple[int, int, int, int]:
-    """(joint, text, visual, cross) from num_layers, honouring explicit overrides.
-
-    `num_layers` is the depth of the text path; the split follows each paper's proportions.
-    """
-    L = cfg.num_layers
-    if family in ("single", "dalle"):  # DALL-E: one decoder over [text; image tokens]
-        return L, 0, 0, 0
-    if family == "dvae":  # no transformer: a conv encoder and decoder (models/encoders/dvae.py)
-        return 0, 0, 0, 0
-    if family == "interaction":
-        # InterBERT: a single-stream interaction module, then one extraction stream per modality.
-        text = cfg.text_layers if cfg.text_layers is not None else max(1, L // 3)
-        visual = cfg.visual_layers if cfg.visual_layers is not None else text
-        return max(1, L - text), text, visual, 0
-    if family == "coattention":
-        # ViLBERT: BERT's text layers, the later half of them paired with co-attention blocks.
-        text = cfg.text_layers if cfg.text_layers is not None else L // 2
-        cross = cfg.cross_layers if cfg.cross_layers is not None else max(1, L - text)
-        return 0, text, 0, cross
-    if family == "cross":
-        # LXMERT: 9 language, 5 object-relationship, 5 cross-modality layers (5/14 of the text path).
-        cross = cfg.cross_layers if cfg.cross_layers is not None else max(1, 5 * L // 14)
-        text = cfg.text_layers if cfg.text_layers is not None else max(1, L - cross)
-        visual = cfg.visual_layers if cfg.visual_layers is not None else cross
-        return 0, text, visual, cross
-    # dual: CLIP's two towers, each num_layers deep unless set.
-    return 0, cfg.text_layers or L, cfg.visual_layers or L, 0
-
-
-def resolve(cfg: ModelConfig) -> Blocks:
-    """The concrete blocks of `cfg` (raises ValueError for an unknown preset)."""
-    preset = get_preset(cfg.preset)
-    visual = cfg.visual_input or preset.visual_inputs[0]
-    source = cfg.region_source or preset.region_source
-    # The preset's default applies where there are pixels to zero (not to precomputed features).
-    mask_pixels = preset.mask_pixels and source != "precomputed" if cfg.mask_pixels is None else cfg.mask_pixels
-    joint, text, visual_layers, cross = _layers(cfg, preset.family)
-    return Blocks(
-        family=preset.family,
-        visual=visual,
-        region_source=source,
-        region_pool=cfg.region_pool or REGION_POOL,
-        region_feature_size=cfg.region_feature_size or CONV_STEM_WIDTH,
-        object_tags=preset.object_tags if cfg.object_tags is None else cfg.object_tags,
-        pixel_channels=cfg.pixel_channels or PIXEL_CHANNELS,
-        pixel_sample=cfg.pixel_sample or PIXEL_SAMPLE,
-        joint=joint,
-        text=text,
-        visual_layers=visual_layers,
-        cross=cross,
-        embed_dim=cfg.embed_dim or cfg.hidden_size,
-        mask_pixels=visual == "region" and mask_pixels,
-    )
 
 
 def get_preset(name: str) -> Preset:
@@ -316,4 +205,4 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     ),
 )}
 
-__all__ = ["FAMILY_NAMES", "PRESETS", "Blocks", "Preset", "get_preset", "resolve"]
+__all__ = ["PRESETS", "Preset", "get_preset"]

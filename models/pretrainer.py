@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from models.config import TextSpec
 from models.encoders import Encoder
-from models.objectives import VIEWS, Objective
-from models.objectives.base import CAUSAL_TEXT, CLEAN_FEATS, NUM_VISUAL_TOKENS, VISUAL_MASK, VISUAL_MASK_VIEWS
+from models.objectives import VIEWS, VISUAL_MASK_VIEWS, Objective
+from models.objectives.base import CAUSAL_TEXT, CLEAN_FEATS, NUM_VISUAL_TOKENS, VISUAL_MASK
 
 # The key of the MoE load-balancing loss in `losses`: a loss term like any other (DESIGN.md).
 MOE_AUX = "moe_aux"

@@ -24,14 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import ImageSpec, ModelConfig, VisualKind
+from models.blocks import Blocks
+from models.config import ImageSpec, ModelConfig
 from models.embeddings import box5, patchify
+from models.families import VisualKind
 from models.objectives.sampling import uniform
-from models.presets import Blocks
-
-# Batch columns an input reads besides `image` (jobs/data/batch.py documents them).
-SCENE_COLUMNS = ("obj_boxes", "obj_labels")
-PRECOMPUTED_COLUMNS = ("region_feats", "region_boxes", "region_labels")
 
 
 class VisualTokens(NamedTuple):

@@ -31,7 +31,7 @@ def list_presets(config: ConfigArg = None, set_: SetOpt = None) -> None:
     """Every preset: family, visual input, default objectives, parameters at the config's size."""
     from models import OBJECTIVES, PRESETS, build_pretrainer, count_parameters
     from models.config import ImageSpec, ModelConfig, TextSpec
-    from models.presets import FAMILY_NAMES
+    from models.families import FAMILIES
 
     try:
         cfg = load_config(config, set_ or [])
@@ -56,7 +56,7 @@ def list_presets(config: ConfigArg = None, set_: SetOpt = None) -> None:
         model = build_pretrainer(model_cfg, cfg.moe, defaults, text, image)
         total, encoder = count_parameters(model), count_parameters(model.encoder)
         visual = "/".join(preset.visual_inputs) + (" + tags" if preset.object_tags else "")
-        table.add_row(name, FAMILY_NAMES[preset.family], visual, objectives, f"{_human(total)} ({_human(encoder)})")
+        table.add_row(name, FAMILIES[preset.family].title, visual, objectives, f"{_human(total)} ({_human(encoder)})")
     console.print(table)
 
 
@@ -64,8 +64,8 @@ def list_presets(config: ConfigArg = None, set_: SetOpt = None) -> None:
 def show(name: Annotated[str, typer.Argument(help="preset name")]) -> None:
     """One preset: its paper, what we substitute, its blocks and objectives."""
     from models import OBJECTIVES, PRESETS
+    from models.blocks import resolve
     from models.config import ModelConfig
-    from models.presets import resolve
 
     if name not in PRESETS:
         fail([f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}"])

@@ -21,7 +21,7 @@ import io
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,39 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.config import ConfigError
+from orchestrator.report_rows import MEMORY, SPEED, Row, Stat, TrialResult, cell, title
 from orchestrator.sweep_spec import SweepPlan, load_plan
 
 _R1 = ("eval/i2t_r1", "eval/t2i_r1")
-_SPEED = ("wall_time_s", "samples_per_s", "tokens_per_s")
-_MEMORY = "memory/total_bytes"
-
-
-@dataclass
-class TrialResult:
-    name: str
-    point: str
-    seed: int
-    status: str  # finished | partial (stopped or interrupted) | not run
-    steps: int
-    values: dict[str, float] = field(default_factory=dict)  # final figures, keyed like metrics.jsonl
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # loss/<term> -> (step, value)
-
-
-@dataclass
-class Stat:
-    mean: float
-    std: float
-    n: int
-
-
-@dataclass
-class Row:
-    point: str
-    label: str
-    seeds: int  # planned
-    finished: int
-    steps: float
-    stats: dict[str, Stat]
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -94,12 +65,12 @@ def load_trial(plan: SweepPlan, point_id: str, seed: int) -> TrialResult:
     t.steps = int((summary or {}).get("steps") or last.get("step", 0))
     t.status = "finished" if summary and t.steps >= plan.point(point_id).steps else "partial"
     evals = next((r for r in reversed(records) if any(k.startswith("eval/") for k in r)), {})
-    values = {k: v for k, v in last.items() if k.startswith(("loss/", "memory/")) or k in _SPEED}
+    values = {k: v for k, v in last.items() if k.startswith(("loss/", "memory/")) or k in SPEED}
     values |= {k: v for k, v in evals.items() if k.startswith("eval/")}
     if summary:
         values |= {f"loss/{k}": v for k, v in summary.get("final_losses", {}).items()}
         values |= {f"eval/{k}": v for k, v in (summary.get("eval") or {}).items()}
-        values |= {k: v for k, v in (summary.get("throughput") or {}).items() if k in _SPEED}
+        values |= {k: v for k, v in (summary.get("throughput") or {}).items() if k in SPEED}
         values["wall_time_s"] = summary.get("wall_time_s")
     elif len(records) > 1 and "time" in last:
         values["wall_time_s"] = last["time"] - records[0]["time"]
@@ -136,33 +107,11 @@ def columns(rows: list[Row], metric: str | None = None) -> list[str]:
     losses = [k for k in ["loss/total", *sorted(keys - {"loss/total"})] if k.startswith("loss/") and k in keys]
     accs = sorted(k for k in keys if k.startswith("eval/") and k.endswith(("_acc", "_gain")))
     cols = losses + [k for k in _R1 if k in keys] + accs
-    cols += [_MEMORY] if _MEMORY in keys else []
-    cols += [k for k in _SPEED if k in keys]
+    cols += [MEMORY] if MEMORY in keys else []
+    cols += [k for k in SPEED if k in keys]
     if metric and metric in keys and metric not in cols:
         cols.insert(len(losses), metric)
     return cols
-
-
-def title(key: str) -> str:
-    named = {"loss/total": "loss", "eval/i2t_r1": "i2t R@1", "eval/t2i_r1": "t2i R@1", _MEMORY: "model states MB",
-             "wall_time_s": "wall s", "samples_per_s": "samples/s", "tokens_per_s": "tokens/s"}
-    if key in named:
-        return named[key]
-    if key.startswith("loss/"):
-        return f"{key[5:]} loss"
-    return key.removeprefix("eval/").replace("_", " ")
-
-
-def _num(v: float) -> str:
-    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
-
-
-def cell(stat: Stat | None, key: str = "") -> str:
-    if stat is None:
-        return "—"
-    scale = 1e-6 if key == _MEMORY else 1.0
-    mean = _num(stat.mean * scale)
-    return f"{mean} ± {_num(stat.std * scale)}" if stat.n > 1 else mean
 
 
 def best_row(rows: list[Row], metric: str, mode: str) -> Row | None:
@@ -250,7 +199,7 @@ class Report:
 
 def write_report(sweep_dir: str | Path) -> Report:
     """Rebuild the comparison from the sweep directory's files and write the report files there."""
-    from orchestrator.report_html import render_html
+    from orchestrator.report_html import render_html  # matplotlib: only when a report is written
 
     plan = load_plan(sweep_dir)
     trials = load_trials(plan)

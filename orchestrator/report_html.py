@@ -15,7 +15,7 @@ import io
 
 from matplotlib.figure import Figure
 
-from orchestrator.report import Row, TrialResult, cell, title
+from orchestrator.report_rows import Row, TrialResult, cell, title
 from orchestrator.sweep_spec import SweepPlan
 
 _STYLES = ("-", "--", ":", "-.")

@@ -21,8 +21,9 @@ from typing import Any
 import yaml
 from matplotlib.figure import Figure
 
-from orchestrator.report import _records, title
+from orchestrator.report import _records
 from orchestrator.report_html import _CSS, _img, _png
+from orchestrator.report_rows import title
 
 REPORT_FILE = "report.html"
 _MEMORY_ROWS = ("params", "grads", "optim")

@@ -45,9 +45,6 @@ EXCLUDES: tuple[str, ...] = (
     ".env", ".env.*", "*.pem", "*.key", ".aws/", ".ray/", ".ssh/",
 )
 _TOP_EXCLUDED = {p.strip("/") for p in EXCLUDES if p.startswith("/")}
-# Keys only a sweep file has (issue 8: "a base run config + a search space"); used when the sweep
-# schema (orchestrator/sweep_spec.py) is not importable.
-_SWEEP_KEYS = ("base", "space", "objective_sets")
 _LOCAL_PATH_FIELDS = ("data.train", "data.eval", "data.tokenizer", "storage.path")
 
 
@@ -186,14 +183,9 @@ def _check_sweep(path: Path, raw: Mapping[str, Any], overrides: Sequence[str]) -
     if set(raw) <= set(RunConfig.model_fields):
         validate(raw)  # a broken run config: say what is wrong with it first
         raise ConfigError([f"{path}: a run config, not a sweep file; submit it without --sweep"])
-    try:
-        from orchestrator.sweep_spec import load_spec  # the sweep file's schema (issue 8)
-    except ImportError:
-        load_spec = None
-    if load_spec is not None:
-        load_spec(path, list(overrides))  # its ConfigError names every problem
-    elif not any(k in raw for k in _SWEEP_KEYS):
-        raise ConfigError([f"{path}: not a sweep file (a sweep has a `base:` run config and a search `space:`)"])
+    from orchestrator.sweep_spec import load_spec  # the sweep file's schema
+
+    load_spec(path, list(overrides))  # its ConfigError names every problem
 
 
 def prepare_sweep(sweep: str | Path, overrides: Sequence[str] = (), *, address: str,

@@ -29,7 +29,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from orchestrator.report import TrialResult
+from orchestrator.report_rows import TrialResult
 from orchestrator.sweep_spec import PRETRAIN_RUN, SweepPlan
 
 SCORE = "eval/test_score"

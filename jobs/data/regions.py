@@ -149,7 +149,7 @@ def npz_bytes(features: np.ndarray, boxes: np.ndarray, labels: np.ndarray | None
 def feature_size_read(model: Any) -> int:
     """F of the precomputed region features a model (a models.config.ModelConfig) reads from the
     shards; 0 when it computes its visual tokens from pixels."""
-    from models.presets import resolve
+    from models.blocks import resolve
 
     blocks = resolve(model)
     return blocks.region_feature_size if blocks.visual == "region" and blocks.region_source == "precomputed" else 0

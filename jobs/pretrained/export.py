@@ -79,7 +79,7 @@ def _merged_experts(rules: list[Rule]) -> list[str]:
 
 def bert_folder(state: dict[str, Tensor], cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Tensor], list[str]] | None:
     """(config.json, tensors, notes) of the model's text tower as a BertModel; None without text embeddings."""
-    from models.presets import resolve
+    from models.blocks import resolve
 
     params = set(state)
     if "encoder.text_embeddings.word.weight" not in params:
@@ -109,7 +109,7 @@ def bert_folder(state: dict[str, Tensor], cfg: RunConfig) -> tuple[dict[str, Any
 
 def vit_folder(state: dict[str, Tensor], cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Tensor], list[str]] | None:
     """(config.json, tensors, notes) of the image tower as a ViTModel; None without patch input."""
-    from models.presets import resolve
+    from models.blocks import resolve
 
     params = set(state)
     if "encoder.patch_embeddings.proj.weight" not in params:

@@ -138,7 +138,7 @@ def _check(modality: Modality, uri: str, hf: dict[str, Any], cfg: ModelConfig) -
 
 def plan_init(model: nn.Module, cfg: ModelConfig, opts: storage.StorageOptions | None = None) -> InitPlan:
     """Which checkpoint tensors go where (names and shapes only); InitError for a setting that cannot work."""
-    from models.presets import resolve
+    from models.blocks import resolve
 
     params = {n: tuple(p.shape) for n, p in _parameters(model).items()}
     names = set(params)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from models._schema import _Strict
+from models.schema import Strict
 
 # The shapes world's classification tasks (jobs/transfer/tasks.py builds them; named here so the
 # schema stays free of image and tokenizer imports).
@@ -23,7 +23,7 @@ CLIP_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.",
 HEAD_TASKS = ("vqa", "retrieval")  # the other tasks are classification: the linear-probe head
 
 
-class UserTaskConfig(_Strict):
+class UserTaskConfig(Strict):
     """A labelled dataset as a classification task."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="names the metrics (zs_<name>_top1_acc)")
@@ -43,7 +43,7 @@ class UserTaskConfig(_Strict):
         return v
 
 
-class ZeroShotConfig(_Strict):
+class ZeroShotConfig(Strict):
     """Zero-shot classification (CLIP) for encoders with an ITC head, and a linear probe for every encoder,
     on the held-out split."""
 
@@ -64,7 +64,7 @@ class ZeroShotConfig(_Strict):
         return v
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(Strict):
     """Fine-tune a pretrained encoder (or the same architecture from scratch) on a labelled task."""
 
     user: UserTaskConfig | None = Field(None, description="the task, when it is a dataset of your own")

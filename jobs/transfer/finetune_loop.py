@@ -149,9 +149,9 @@ def finetune_func(config: dict[str, Any]) -> None:
     from jobs.engine import build_engine
     from jobs.train_loop import WorkerJob, _quiet_third_party_logs
     from jobs.trainer import Trainer
+    from models.blocks import resolve
     from models.factory import visual_tokens
     from models.finetuner import build_finetuner
-    from models.presets import resolve
 
     _quiet_third_party_logs()
     job: WorkerJob = config["job"]

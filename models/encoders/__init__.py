@@ -1,4 +1,4 @@
-"""Encoders of the vision-language families, one module per family, registered by family name.
+"""Encoders of the families, one module per family; models/families.py says which builds which.
 
     single       SingleStreamEncoder   (single_stream.py)  VisualBERT, UNITER, ViLT, Oscar, UNIMO, ...
     interaction  InteractionEncoder    (single_stream.py)  InterBERT
@@ -21,18 +21,7 @@ from models.encoders.dalle import DalleDecoder
 from models.encoders.dvae import DVAEEncoder
 from models.encoders.single_stream import InteractionEncoder, SingleStreamEncoder
 
-ENCODERS: dict[str, type[Encoder]] = {
-    "single": SingleStreamEncoder,
-    "interaction": InteractionEncoder,
-    "coattention": CoAttentionEncoder,
-    "cross": CrossModalityEncoder,
-    "dual": DualEncoder,
-    "dvae": DVAEEncoder,
-    "dalle": DalleDecoder,
-}
-
 __all__ = [
-    "ENCODERS",
     "CoAttentionEncoder",
     "CrossModalityEncoder",
     "DVAEEncoder",

@@ -37,10 +37,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from models.blocks import Blocks
 from models.config import ImageSpec, ModelConfig, TextSpec
 from models.embeddings import TextEmbeddings
 from models.objectives.base import TEXT_FULL
-from models.presets import Blocks
 from models.visual import VisualInput, VisualTokens, build_visual
 
 EncoderOutputs = dict[str, Tensor | None]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.blocks import Blocks
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
 from models.encoders.base import (
     CONTRASTIVE,
@@ -33,7 +34,6 @@ from models.encoders.base import (
 )
 from models.encoders.layers import MoETally, key_mask, run_stack, stack, text_mask
 from models.moe.stats import IMAGE, TEXT
-from models.presets import Blocks
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)

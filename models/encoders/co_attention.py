@@ -16,34 +16,17 @@ streams' summaries); h_[IMG] is the whole-image region token, which the region i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor, nn
 
-from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
-from models.encoders.base import FUSED, Encoder, EncoderOutputs, text_keep
-from models.encoders.layers import (
-    Allow,
-    CrossSublayer,
-    FFNSublayer,
-    MoETally,
-    TransformerLayer,
-    key_mask,
-    run_stack,
-    stack,
-    text_mask,
-)
-from models.moe.stats import IMAGE, TEXT
-from models.presets import Blocks
+from models.blocks import Blocks
+from models.config import ModelConfig, MoEConfig
+from models.encoders.layers import CrossSublayer, FFNSublayer, TransformerLayer
+from models.encoders.two_stream import JointLayer, JointParts, TwoStreamEncoder
 
 
-class CoAttentionBlock(nn.Module):
-    """Co-TRM (co-attention + FFN per stream) then TRM (self-attention + FFN) per stream.
-
-    With `image_side=False` (the last block when no objective reads image states) only the text
-    side is built: the image side's outputs would reach no loss.
-    """
+class CoAttentionBlock(JointLayer):
+    """Co-TRM (co-attention + FFN per stream) then TRM (self-attention + FFN) per stream."""
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, index: int, image_side: bool) -> None:
         super().__init__()
@@ -56,68 +39,21 @@ class CoAttentionBlock(nn.Module):
             self.image_co_ffn = FFNSublayer(cfg, moe, index)
             self.image_trm = TransformerLayer(cfg, moe, index + 1)
 
-    def forward(self, t_BTD: Tensor, v_BPD: Tensor, text_allow: Allow, keep_BT: Tensor, keep_BP: Tensor,
-                causal_text: bool, tally: MoETally, text_keys: Allow, image_keys: Allow) -> tuple[Tensor, Tensor]:
-        """`text_keys` / `image_keys`: attention over all real text / visual tokens as keys."""
-        t_new = self.text_co(t_BTD, v_BPD, image_keys)
-        if self.image_side:
-            # Causal text: the image must not see the caption, or later words leak to earlier ones
-            # through the image stream at the next block.
-            v_BPD = v_BPD if causal_text else self.image_co(v_BPD, t_BTD, text_keys)
-            with tally.within(IMAGE):
-                v_BPD = self.image_co_ffn(v_BPD, keep_BP, tally)
-        with tally.within(TEXT):
-            t_BTD = self.text_co_ffn(t_new, keep_BT, tally)
-            t_BTD = self.text_trm(t_BTD, text_allow, keep_BT, tally)
-        if self.image_side:
-            with tally.within(IMAGE):
-                v_BPD = self.image_trm(v_BPD, image_keys, keep_BP, tally)
-        return t_BTD, v_BPD
+    def parts(self) -> JointParts:
+        image = (self.image_co, self.image_co_ffn, self.image_trm) if self.image_side else (None, None, None)
+        return JointParts(self.text_co, self.text_co_ffn, self.text_trm, *image)
 
 
-class CoAttentionEncoder(Encoder):
-    CAN_PROVIDE = FUSED
+class CoAttentionEncoder(TwoStreamEncoder):
+    JOINT, POOL_READS = "blocks", ("text_hidden", "image_hidden")
+    IMAGE_READERS = frozenset({"image_hidden", "pooled"})  # pooled reads the image stream
 
-    def __init__(self, cfg: ModelConfig, blocks: Blocks, moe: MoEConfig, text: TextSpec, image: ImageSpec,
-                 needs: frozenset[str]) -> None:
-        super().__init__(cfg, blocks, text, image)
-        D = cfg.hidden_size
-        self.image_out = bool(needs & {"image_hidden", "pooled"})  # pooled reads the image stream
-        self.text_layers = stack(cfg, moe, blocks.text)
-        self.blocks = nn.ModuleList(
-            CoAttentionBlock(cfg, moe, blocks.text + 2 * k, image_side=self.image_out or k < blocks.cross - 1)
-            for k in range(blocks.cross))
-        self.text_norm = nn.LayerNorm(D)
-        self.image_norm = nn.LayerNorm(D) if self.image_out else None
-        self.pooler = _ProductPooler(D) if "pooled" in needs else None
-        provides = self.CAN_PROVIDE
-        if self.pooler is None:
-            provides = provides - {"pooled"}
-        if not self.image_out:
-            provides = provides - {"image_hidden"}
-        self.provides = provides
+    def build_joint(self, cfg: ModelConfig, moe: MoEConfig, blocks: Blocks) -> None:
+        self.blocks = nn.ModuleList(CoAttentionBlock(cfg, moe, blocks.text + 2 * k, self.image_side(k, blocks.cross))
+                                    for k in range(blocks.cross))
 
-    def forward(self, inputs: Mapping[str, Tensor], *, visual_mask_BP: Tensor | None = None,
-                causal_text: bool = False, generator: torch.Generator | None = None,
-                want: frozenset[str] | None = None) -> EncoderOutputs:
-        # `want` is accepted for the common signature (base.py); this family always runs in full.
-        t_BTD = self.text_embeddings(inputs["input_ids"])
-        vis = self.embed_visual(inputs, visual_mask_BP, generator)
-        (keep_BT, text_full), keep_BP = text_keep(inputs), vis.mask_BP
-        text_allow = text_mask(keep_BT, causal_text, text_full)
-        text_keys, image_keys = key_mask(keep_BT, text_full), key_mask(keep_BP, self.visual_embeddings.dense)
-        tally = MoETally(t_BTD)
-        with tally.within(TEXT):
-            t_BTD = run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally)
-        v_BPD = vis.x_BPD
-        for block in self.blocks:
-            t_BTD, v_BPD = block(t_BTD, v_BPD, text_allow, keep_BT, keep_BP, causal_text, tally, text_keys, image_keys)
-        out: EncoderOutputs = vis.outputs() | {"text_hidden": self.text_norm(t_BTD)} | tally.outputs()
-        if self.image_norm is not None:
-            out["image_hidden"] = self.image_norm(v_BPD)
-        if self.pooler is not None:
-            out["pooled"] = self.pooler(out["text_hidden"], out["image_hidden"])
-        return out
+    def make_pooler(self, hidden_size: int) -> nn.Module:
+        return _ProductPooler(hidden_size)
 
 
 class _ProductPooler(nn.Module):

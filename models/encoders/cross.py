@@ -14,31 +14,17 @@ Pooled = tanh(W h_[CLS]) of the text stream (LXMERT's pooler feeds the matching 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from torch import nn
 
-import torch
-from torch import Tensor, nn
-
-from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
-from models.encoders.base import FUSED, Encoder, EncoderOutputs, text_keep
-from models.encoders.layers import (
-    Allow,
-    CrossSublayer,
-    MoETally,
-    Pooler,
-    TransformerLayer,
-    key_mask,
-    run_stack,
-    stack,
-    text_mask,
-)
-from models.moe.stats import IMAGE, TEXT
-from models.presets import Blocks
+from models.blocks import Blocks
+from models.config import ModelConfig, MoEConfig
+from models.encoders.layers import CrossSublayer, Pooler, TransformerLayer
+from models.encoders.two_stream import JointLayer, JointParts, TwoStreamEncoder
 
 
-class CrossModalityLayer(nn.Module):
-    """Shared cross-attention, then a self-attention + FFN layer per stream. With
-    `image_side=False` (last layer, no objective reads image states) the image side is not built."""
+class CrossModalityLayer(JointLayer):
+    """Shared cross-attention (one set of weights for both directions), then a self-attention + FFN
+    layer per stream."""
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, index: int, image_side: bool) -> None:
         super().__init__()
@@ -48,64 +34,19 @@ class CrossModalityLayer(nn.Module):
         if image_side:
             self.image_layer = TransformerLayer(cfg, moe, index)
 
-    def forward(self, t_BTD: Tensor, v_BPD: Tensor, text_allow: Allow, keep_BT: Tensor, keep_BP: Tensor,
-                causal_text: bool, tally: MoETally, text_keys: Allow, image_keys: Allow) -> tuple[Tensor, Tensor]:
-        """`text_keys` / `image_keys`: attention over all real text / visual tokens as keys."""
-        t_new = self.cross(t_BTD, v_BPD, image_keys)
-        if self.image_side:
-            # Causal text: the image must not see the caption (no leak from later words).
-            v_BPD = v_BPD if causal_text else self.cross(v_BPD, t_BTD, text_keys)
-        with tally.within(TEXT):
-            t_BTD = self.text_layer(t_new, text_allow, keep_BT, tally)
-        if self.image_side:
-            with tally.within(IMAGE):
-                v_BPD = self.image_layer(v_BPD, image_keys, keep_BP, tally)
-        return t_BTD, v_BPD
+    def parts(self) -> JointParts:
+        image = (self.cross, None, self.image_layer) if self.image_side else (None, None, None)
+        return JointParts(self.cross, None, self.text_layer, *image)
 
 
-class CrossModalityEncoder(Encoder):
-    CAN_PROVIDE = FUSED
+class CrossModalityEncoder(TwoStreamEncoder):
+    JOINT, POOL_READS = "cross_layers", ("text_hidden",)
+    IMAGE_READERS = frozenset({"image_hidden"})
 
-    def __init__(self, cfg: ModelConfig, blocks: Blocks, moe: MoEConfig, text: TextSpec, image: ImageSpec,
-                 needs: frozenset[str]) -> None:
-        super().__init__(cfg, blocks, text, image)
-        D = cfg.hidden_size
-        self.image_out = "image_hidden" in needs
-        self.text_layers = stack(cfg, moe, blocks.text)
-        self.image_layers = stack(cfg, moe, blocks.visual_layers)
+    def build_joint(self, cfg: ModelConfig, moe: MoEConfig, blocks: Blocks) -> None:
         base = max(blocks.text, blocks.visual_layers)
-        self.cross_layers = nn.ModuleList(
-            CrossModalityLayer(cfg, moe, base + k, image_side=self.image_out or k < blocks.cross - 1)
-            for k in range(blocks.cross))
-        self.text_norm = nn.LayerNorm(D)
-        self.image_norm = nn.LayerNorm(D) if self.image_out else None
-        self.pooler = Pooler(D) if "pooled" in needs else None
-        provides = self.CAN_PROVIDE
-        if self.pooler is None:
-            provides = provides - {"pooled"}
-        if not self.image_out:
-            provides = provides - {"image_hidden"}
-        self.provides = provides
+        self.cross_layers = nn.ModuleList(CrossModalityLayer(cfg, moe, base + k, self.image_side(k, blocks.cross))
+                                          for k in range(blocks.cross))
 
-    def forward(self, inputs: Mapping[str, Tensor], *, visual_mask_BP: Tensor | None = None,
-                causal_text: bool = False, generator: torch.Generator | None = None,
-                want: frozenset[str] | None = None) -> EncoderOutputs:
-        # `want` is accepted for the common signature (base.py); this family always runs in full.
-        t_BTD = self.text_embeddings(inputs["input_ids"])
-        vis = self.embed_visual(inputs, visual_mask_BP, generator)
-        (keep_BT, text_full), keep_BP = text_keep(inputs), vis.mask_BP
-        text_allow = text_mask(keep_BT, causal_text, text_full)
-        text_keys, image_keys = key_mask(keep_BT, text_full), key_mask(keep_BP, self.visual_embeddings.dense)
-        tally = MoETally(t_BTD)
-        with tally.within(TEXT):
-            t_BTD = run_stack(self.text_layers, t_BTD, text_allow, keep_BT, tally)
-        with tally.within(IMAGE):
-            v_BPD = run_stack(self.image_layers, vis.x_BPD, image_keys, keep_BP, tally)
-        for layer in self.cross_layers:
-            t_BTD, v_BPD = layer(t_BTD, v_BPD, text_allow, keep_BT, keep_BP, causal_text, tally, text_keys, image_keys)
-        out: EncoderOutputs = vis.outputs() | {"text_hidden": self.text_norm(t_BTD)} | tally.outputs()
-        if self.image_norm is not None:
-            out["image_hidden"] = self.image_norm(v_BPD)
-        if self.pooler is not None:
-            out["pooled"] = self.pooler(out["text_hidden"])
-        return out
+    def make_pooler(self, hidden_size: int) -> nn.Module:
+        return Pooler(hidden_size)

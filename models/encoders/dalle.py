@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.blocks import Blocks
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
 from models.encoders.base import Encoder, EncoderOutputs
 from models.encoders.dvae import DiscreteVAE
@@ -33,8 +34,7 @@ from models.encoders.layers import Allow, MoETally, run_stack, stack
 from models.generative_config import image_problems
 from models.moe.stats import IMAGE, TEXT
 from models.objectives.base import IGNORE_INDEX
-from models.objectives.sampling import _where
-from models.presets import Blocks
+from models.objectives.sampling import multinomial
 
 DALLE_OUTPUTS = frozenset({"text_logits", "text_labels", "image_logits", "image_codes", "moe_aux", "moe_counts"})
 
@@ -142,8 +142,7 @@ class DalleDecoder(Encoder):
                 kth_B1 = logits_BK.topk(top_k, dim=1).values[:, -1:]
                 logits_BK = logits_BK.masked_fill(logits_BK < kth_B1, float("-inf"))
             probs_BK = torch.softmax(logits_BK, dim=1)
-            where = _where(probs_BK.device, generator)
-            next_B1 = torch.multinomial(probs_BK.to(where), 1, generator=generator).to(codes_Bn.device)
+            next_B1 = multinomial(probs_BK, generator).to(codes_Bn.device)
             codes_Bn = torch.cat([codes_Bn, next_B1], dim=1)
         self.train(was_training)
         return codes_Bn

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.blocks import Blocks
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
 from models.encoders.base import Encoder, EncoderOutputs
 from models.generative_config import DVAEConfig, image_problems
 from models.objectives.sampling import uniform
-from models.presets import Blocks
 
 DVAE_OUTPUTS = frozenset({"dvae_logits", "dvae_recon", "dvae_codes", "dvae_tau", "dvae_kl_weight",
                           "moe_aux", "moe_counts"})

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.blocks import Blocks
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
 from models.embeddings import TagEmbeddings
 from models.encoders.base import (
@@ -55,7 +56,6 @@ from models.encoders.base import (
 from models.encoders.clip import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
 from models.encoders.layers import Allow, MoETally, Pooler, causal_mask, key_mask, run_stack, stack, text_mask
 from models.moe.stats import IMAGE, TEXT
-from models.presets import Blocks
 
 
 def seq2seq_mask(keep_BS: Tensor, T: int) -> Allow:

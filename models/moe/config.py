@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from models._schema import _Strict
+from models.schema import Strict
 
 GateName = Literal["switch", "gshard", "noisy_topk", "expert_choice", "aux_free"]
 
@@ -25,7 +25,7 @@ _FIXED_K: dict[str, int] = {"switch": 1, "gshard": 2, "expert_choice": 1}
 _DEFAULT_K = {"noisy_topk": 2, "aux_free": 1}
 
 
-class MoEConfig(_Strict):
+class MoEConfig(Strict):
     """Mixture-of-Experts FFNs. `num_experts: 0` means a dense model."""
 
     num_experts: int = Field(0, ge=0, le=4096, description="experts per MoE layer; 0 = dense model")

@@ -64,11 +64,14 @@ VIEWS: dict[str, View] = {
     "caption": caption_view,
     "masked_regions": masked_regions_view,
 }
+# Views that draw a [B, P] visual mask and so need NUM_VISUAL_TOKENS in their batch (the pretrainer adds it).
+VISUAL_MASK_VIEWS: frozenset[str] = frozenset({"masked_regions"})
 
 __all__ = [
     "IGNORE_INDEX",
     "OBJECTIVES",
     "VIEWS",
+    "VISUAL_MASK_VIEWS",
     "Captioning",
     "DVAELoss",
     "DalleLoss",

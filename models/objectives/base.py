@@ -41,8 +41,6 @@ NUM_VISUAL_TOKENS = "num_visual_tokens"
 # Output key the pretrainer adds for a view with a visual mask: [B,P,F] the visual input features
 # computed WITHOUT the mask (detached), the MRFR target (`image_feats` has the masked ones zeroed).
 CLEAN_FEATS = "image_feats_clean"
-# Views that need NUM_VISUAL_TOKENS in their batch.
-VISUAL_MASK_VIEWS: set[str] = set()
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,16 +18,8 @@ import torch
 from torch import Tensor
 
 from models.config import TextSpec
-from models.objectives.base import (
-    CAUSAL_TEXT,
-    IGNORE_INDEX,
-    Objective,
-    ObjectiveContext,
-    cross_entropy_and_accuracy,
-    encoder_inputs,
-    require,
-)
-from models.objectives.masked import MLMHead
+from models.objectives.base import CAUSAL_TEXT, IGNORE_INDEX, encoder_inputs
+from models.objectives.masked import TokenPrediction
 
 
 def caption_view(batch: Mapping[str, Tensor], text: TextSpec, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -41,21 +33,9 @@ def caption_view(batch: Mapping[str, Tensor], text: TextSpec, generator: torch.G
     return view
 
 
-class Captioning(Objective):
+class Captioning(TokenPrediction):
     name: ClassVar[str] = "caption"
     view: ClassVar[str] = "caption"
+    labels_key: ClassVar[str] = "caption_labels"
     # cross_modal: text states must have seen the image; causal_text: the encoder honours the mask.
     requires: ClassVar[frozenset[str]] = frozenset({"text_hidden", "cross_modal", "causal_text"})
-
-    def __init__(self, ctx: ObjectiveContext) -> None:
-        super().__init__(ctx)
-        self.head = MLMHead(ctx.hidden_size, ctx.word_embeddings)
-
-    def forward(
-        self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        labels_BT = view_batch["caption_labels"]
-        selected_BT = labels_BT != IGNORE_INDEX
-        logits_NV = self.head(require(outputs, "text_hidden")[selected_BT])
-        loss, acc = cross_entropy_and_accuracy(logits_NV, labels_BT[selected_BT])
-        return {"caption": loss}, {"caption_acc": acc}

@@ -121,24 +121,39 @@ class MLMHead(nn.Module):
         return self.decoder(self.norm(self.act(self.transform(h_ND))))
 
 
-class MaskedLanguageModeling(Objective):
-    name: ClassVar[str] = "mlm"
-    view: ClassVar[str] = "masked_text"
+class TokenPrediction(Objective):
+    """Word pieces predicted from the text states by BERT's LM head (`MLMHead`), at the positions
+    `view_batch[labels_key]` labels: masked tokens (MLM and its variants), the next token
+    (captioning), scene-graph words. Loss and accuracy under the objective's name."""
+
+    labels_key: ClassVar[str]
     requires: ClassVar[frozenset[str]] = frozenset({"text_hidden"})
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__(ctx)
         self.head = MLMHead(ctx.hidden_size, ctx.word_embeddings)
 
+    def predict(self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(logits [N, V], labels [N]) at the N labelled positions."""
+        labels_BT = view_batch[self.labels_key]
+        selected_BT = labels_BT != IGNORE_INDEX
+        # Decode the labelled positions only: the [N, V] logits are ~7x smaller than [B, T, V].
+        return self.head(require(outputs, "text_hidden")[selected_BT]), labels_BT[selected_BT]
+
     def forward(
         self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        labels_BT = view_batch["mlm_labels"]
-        selected_BT = labels_BT != IGNORE_INDEX
-        # Decode the masked positions only: the [N, V] logits are ~7x smaller than [B, T, V].
-        logits_NV = self.head(require(outputs, "text_hidden")[selected_BT])
-        loss, acc = cross_entropy_and_accuracy(logits_NV, labels_BT[selected_BT])
-        return {self.name: loss}, {f"{self.name}_acc": acc}  # subclasses (msm, mlm_wwm) report under their name
+        loss, acc = cross_entropy_and_accuracy(*self.predict(outputs, view_batch))
+        return {self.name: loss}, {f"{self.name}_acc": acc}
+
+
+class MaskedLanguageModeling(TokenPrediction):
+    """BERT's MLM on the caption, its image in view. Subclasses (msm, mlm_wwm) mask other units
+    with the same head and loss; evaluation's MLM probe (jobs/evaluate.py) serves all of them."""
+
+    name: ClassVar[str] = "mlm"
+    view: ClassVar[str] = "masked_text"
+    labels_key: ClassVar[str] = "mlm_labels"
 
 
 SPAN_GEOMETRIC_P = 0.2  # SpanBERT's span-length distribution (mean ~3.8 words after clipping)

@@ -42,7 +42,6 @@ from models.objectives.base import (
     CLEAN_FEATS,
     NUM_VISUAL_TOKENS,
     VISUAL_MASK,
-    VISUAL_MASK_VIEWS,
     Objective,
     ObjectiveContext,
     cross_entropy_and_accuracy,
@@ -111,9 +110,6 @@ def masked_regions_view(
     view = encoder_inputs(batch)
     view[VISUAL_MASK] = mask_regions(batch, int(batch[NUM_VISUAL_TOKENS]), generator=generator)
     return view
-
-
-VISUAL_MASK_VIEWS.add("masked_regions")
 
 
 def _selected(outputs: Mapping[str, Tensor | None]) -> Tensor:

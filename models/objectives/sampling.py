@@ -33,6 +33,13 @@ def randperm(n: int, device: torch.device, generator: torch.Generator | None) ->
     return torch.randperm(n, generator=generator, device=_where(device, generator)).to(device)
 
 
+def multinomial(probs_NK: Tensor, generator: torch.Generator | None) -> Tensor:
+    """long [N, 1]: one index per row drawn with probability `probs_NK` (torch.multinomial), on the
+    probabilities' device."""
+    where = _where(probs_NK.device, generator)
+    return torch.multinomial(probs_NK.to(where), 1, generator=generator).to(probs_NK.device)
+
+
 def categorical(logits_NK: Tensor, generator: torch.Generator | None) -> Tensor:
     """long [N]: one index per row drawn with probability softmax(logits) (Gumbel-max: argmax of
     logits + Gumbel noise, Gumbel 1954 / Maddison et al. 2014). -inf logits are never drawn."""

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from models.config import TextSpec
-from models.objectives.base import IGNORE_INDEX, cross_entropy_and_accuracy, encoder_inputs, require
-from models.objectives.masked import MaskedLanguageModeling, corrupt, maskable, word_owner
+from models.objectives.base import IGNORE_INDEX, cross_entropy_and_accuracy, encoder_inputs
+from models.objectives.masked import TokenPrediction, corrupt, maskable, word_owner
 from models.objectives.sampling import uniform
 
 NODE_PROB = 0.3  # ERNIE-ViL: 30 % of the nodes of the chosen type
@@ -96,13 +96,14 @@ def scene_graph_view(
     return view
 
 
-class SceneGraphPrediction(MaskedLanguageModeling):
+class SceneGraphPrediction(TokenPrediction):
     """ERNIE-ViL's object / attribute / relation prediction: MLM's head (tied decoder) on the masked
     node words, one cross-entropy over all of them; needs `cross_modal` (the point is to recover
     the node from the image: on a dual encoder it would be text-only MLM on a few words)."""
 
     name: ClassVar[str] = "sgp"
     view: ClassVar[str] = "scene_graph"
+    labels_key: ClassVar[str] = "sgp_labels"
     requires: ClassVar[frozenset[str]] = frozenset({"text_hidden", "cross_modal"})
 
     @classmethod
@@ -117,12 +118,10 @@ class SceneGraphPrediction(MaskedLanguageModeling):
     def forward(
         self, outputs: Mapping[str, Tensor | None], view_batch: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        labels_BT = view_batch["sgp_labels"]
-        selected_BT = labels_BT != IGNORE_INDEX
-        logits_NV = self.head(require(outputs, "text_hidden")[selected_BT])
-        labels_N = labels_BT[selected_BT]
+        logits_NV, labels_N = self.predict(outputs, view_batch)
         loss, _ = cross_entropy_and_accuracy(logits_NV, labels_N)
-        type_N = view_batch["sgp_node_type"][:, None].expand_as(labels_BT)[selected_BT]
+        labels_BT = view_batch[self.labels_key]
+        type_N = view_batch["sgp_node_type"][:, None].expand_as(labels_BT)[labels_BT != IGNORE_INDEX]
         correct_N = logits_NV.argmax(-1) == labels_N
         metrics = {}
         for k, short in enumerate(NODE_TYPES):

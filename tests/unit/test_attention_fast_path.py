@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from jobs.data.batch import to_model_batch
 from models.encoders import layers
 from models.objectives.base import TEXT_FULL
-from tests.unit.test_models import TEXT, build, make_batch
+from tests.unit.conftest import TEXT, build, make_batch
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from models import build_pretrainer
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
 from models.generative_config import DVAEConfig
 from models.objectives.dvae import code_usage, kl_to_uniform
+from tests.unit.conftest import build, tiny
 
 TEXT = TextSpec(vocab_size=40, max_len=10)
 IMAGE = ImageSpec(size=32)
@@ -20,10 +21,8 @@ B, K = 3, 16
 DVAE = {"codebook_size": K, "downsample": 8, "channels": 8, "codebook_dim": 8, "anneal_steps": 10}
 
 
-def tiny(preset: str, **overrides: object) -> ModelConfig:
-    cfg: dict[str, object] = dict(preset=preset, hidden_size=32, num_layers=2, num_heads=4, mlp_ratio=2.0,
-                                  dropout=0.0, dvae=DVAE)
-    return ModelConfig(**(cfg | overrides))
+# the tiny generative stages: 2 decoder layers, no dropout, a 16-entry codebook over a 4x4 grid
+SIZE = {"num_layers": 2, "dropout": 0.0, "dvae": DVAE}
 
 
 def batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -36,11 +35,11 @@ def batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def dalle(moe: MoEConfig | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_pretrainer(tiny("dalle"), moe or MoEConfig(), None, TEXT, IMAGE)
+    return build("dalle", None, moe, text=TEXT, image=IMAGE, **SIZE)
 
 
 def test_dvae_round_trip_shapes() -> None:
-    model = build_pretrainer(tiny("dvae"), MoEConfig(), None, TEXT, IMAGE)
+    model = build("dvae", text=TEXT, image=IMAGE, **SIZE)
     vae, image = model.encoder.vae, batch()["image"]
     assert vae.encode(image).shape == (B, K, 4, 4)
     codes = vae.codes(image)
@@ -61,14 +60,14 @@ def test_codebook_usage_and_kl_to_the_uniform_prior() -> None:
     peaked[:, 0] = 0
     assert kl_to_uniform(peaked).item() == pytest.approx(math.log(K), rel=1e-4)
     # the model's metric counts the distinct argmax codes of the batch
-    model = build_pretrainer(tiny("dvae"), MoEConfig(), None, TEXT, IMAGE).eval()
+    model = build("dvae", text=TEXT, image=IMAGE, **SIZE).eval()
     out = model(batch())
     distinct = model.encoder.vae.codes(batch()["image"]).unique().numel()
     assert out["metrics"]["dvae_codes_used"].item() == pytest.approx(distinct / K)
 
 
 def test_temperature_anneals_over_training_forwards_only() -> None:
-    model = build_pretrainer(tiny("dvae", dvae=DVAE | {"kl_warmup_steps": 4}), MoEConfig(), None, TEXT, IMAGE)
+    model = build("dvae", text=TEXT, image=IMAGE, **(SIZE | {"dvae": DVAE | {"kl_warmup_steps": 4}}))
     vae = model.encoder.vae
     assert vae.temperature(0).item() == pytest.approx(1.0)
     assert vae.temperature(5).item() == pytest.approx((1 + 1 / 16) / 2)  # cosine midpoint
@@ -159,7 +158,7 @@ def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="downsample=6: .* power of 2"):
         DVAEConfig(downsample=6)
     with pytest.raises(ValueError, match="downsample=8 must divide data.image_size=36"):
-        build_pretrainer(tiny("dvae"), MoEConfig(), None, TEXT, ImageSpec(size=36))
+        build("dvae", text=TEXT, image=ImageSpec(size=36), **SIZE)
 
 
 def test_scene_judge_agrees_with_the_renderer() -> None:
@@ -210,16 +209,16 @@ def test_frozen_dvae_loads_the_dvae_runs_weights(tmp_path) -> None:  # noqa: ANN
     from jobs.generative.frozen_dvae import dvae_tensors, load_frozen_dvae
 
     torch.manual_seed(3)
-    stage1 = build_pretrainer(tiny("dvae"), MoEConfig(), None, TEXT, IMAGE)
+    stage1 = build("dvae", text=TEXT, image=IMAGE, **SIZE)
     path = tmp_path / "dvae.safetensors"
     save_file(dvae_tensors(stage1.state_dict()), str(path))
     model = dalle()
-    cfg = tiny("dalle", dalle={"dvae_weights": str(path)})
+    cfg = tiny("dalle", dalle={"dvae_weights": str(path)}, **SIZE)
     assert load_frozen_dvae(model, cfg) == len(dvae_tensors(stage1.state_dict()))
     torch.testing.assert_close(model.encoder.vae.codebook_Ke, stage1.encoder.vae.codebook_Ke)
     assert not any(p.requires_grad for p in model.encoder.vae.parameters())
     with pytest.raises(ValueError, match="model.dalle.dvae_weights is not set"):
-        load_frozen_dvae(model, tiny("dalle"))
+        load_frozen_dvae(model, tiny("dalle", **SIZE))
 
 
 def test_clip_scores_rank_images_by_cosine() -> None:

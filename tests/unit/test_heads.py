@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from jobs.transfer import labelled as lab
 from models.config import MoEConfig
 from models.finetuner import build_finetuner
-from tests.unit.test_presets import IMAGE, TEXT, B, make_batch, tiny
+from tests.unit.conftest import IMAGE, TEXT, B, make_batch, tiny
 
 D = 32
 

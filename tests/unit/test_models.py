@@ -7,59 +7,21 @@ from typing import ClassVar
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from models import OBJECTIVES, PRESETS, Pretrainer, build_pretrainer, count_parameters
-from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
+from models import OBJECTIVES, PRESETS, count_parameters
+from models.config import MoEConfig
 from models.objectives import Objective
+from tests.unit.conftest import IMAGE, TEXT, B, D, T, build, make_batch, moe_cfg
 
-TEXT = TextSpec(vocab_size=50, max_len=12)
-IMAGE = ImageSpec(size=16)
-B, T, D, P = 4, 12, 32, (16 // 8) ** 2
-
-
-def tiny_model(**overrides: object) -> ModelConfig:
-    cfg = dict(hidden_size=D, num_layers=2, num_heads=4, patch_size=8, dropout=0.1)
-    cfg.update(overrides)
-    return ModelConfig(**cfg)
-
-
-def moe_cfg(**overrides: object) -> MoEConfig:
-    cfg = dict(num_experts=4, layers="every_other", capacity_factor=2.0, min_capacity=0)
-    cfg.update(overrides)
-    return MoEConfig(**cfg)
-
-
-def make_batch(batch_size: int = B, seed: int = 0) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, TEXT.vocab_size, (batch_size, T), generator=g)
-    ids[:, 0] = TEXT.cls_id
-    mask = torch.ones(batch_size, T, dtype=torch.long)
-    lengths = torch.randint(6, T + 1, (batch_size,), generator=g)
-    for i, n in enumerate(lengths.tolist()):
-        ids[i, n - 1] = TEXT.sep_id
-        ids[i, n:] = TEXT.pad_id
-        mask[i, n:] = 0
-    return {
-        "image": torch.randn(batch_size, 3, IMAGE.size, IMAGE.size, generator=g),
-        "input_ids": ids,
-        "attention_mask": mask,
-        # keys the model must ignore
-        "obj_labels": torch.zeros(batch_size, 3, dtype=torch.long),
-        "obj_boxes": torch.zeros(batch_size, 3, 4),
-        "sample_id": torch.arange(batch_size),
-    }
-
-
-def build(
-    moe: MoEConfig | None = None, objectives: dict[str, float] | None = None, **model: object
-) -> Pretrainer:
-    return build_pretrainer(tiny_model(**model), moe or MoEConfig(), objectives, TEXT, IMAGE)
+P = (IMAGE.size // 8) ** 2
+# The ViLT these tests count layers of: 2 layers (every_other MoE = one MoE FFN), BERT's MLP ratio.
+SIZE = {"num_layers": 2, "mlp_ratio": 4.0}
 
 
 @pytest.mark.parametrize("moe", [MoEConfig(), moe_cfg()], ids=["dense", "moe"])
 def test_output_contract(moe: MoEConfig) -> None:
-    model = build(moe, {"mlm": 1.0, "itm": 1.0})
+    model = build(objectives={"mlm": 1.0, "itm": 1.0}, moe=moe, **SIZE)
     out = model(make_batch())
     assert set(out) == {"loss", "losses", "metrics", "moe_counts"}
     assert out["loss"].shape == () and torch.isfinite(out["loss"])
@@ -78,7 +40,7 @@ def test_output_contract(moe: MoEConfig) -> None:
     "moe", [MoEConfig(), moe_cfg(layers="all", capacity_factor=4.0)], ids=["dense", "moe"]
 )
 def test_encoder_outputs_shapes(moe: MoEConfig) -> None:
-    model = build(moe)
+    model = build(moe=moe, **SIZE)
     batch = make_batch()
     out = model.encoder(batch)
     assert out["text_hidden"].shape == (B, T, D)
@@ -98,7 +60,7 @@ def test_encoder_outputs_shapes(moe: MoEConfig) -> None:
 
 def test_total_is_weighted_sum_of_losses() -> None:
     moe = moe_cfg(aux_loss_weight=0.3)
-    model = build(moe, {"mlm": 0.5, "itm": 2.0}).eval()
+    model = build(objectives={"mlm": 0.5, "itm": 2.0}, moe=moe, **SIZE).eval()
     out = model(make_batch())
     losses = out["losses"]
     expected = 0.5 * losses["mlm"] + 2.0 * losses["itm"] + losses["moe_aux"]  # moe_aux comes weighted
@@ -111,7 +73,7 @@ def test_total_is_weighted_sum_of_losses() -> None:
     ids=["dense", "moe", "mlm-only", "moe-itm-only"],
 )
 def test_every_parameter_gets_a_finite_gradient(moe: MoEConfig, objectives: dict[str, float] | None) -> None:
-    model = build(moe, objectives)
+    model = build(objectives=objectives, moe=moe, **SIZE)
     model(make_batch())["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
@@ -120,7 +82,7 @@ def test_every_parameter_gets_a_finite_gradient(moe: MoEConfig, objectives: dict
 
 
 def test_mlm_only_model_has_no_pooler_and_no_itm() -> None:
-    model = build(objectives={"mlm": 1.0, "itm": 0.0})
+    model = build(objectives={"mlm": 1.0, "itm": 0.0}, **SIZE)
     assert model.encoder.pooler is None
     assert set(model.objectives) == {"mlm"}
     batch = make_batch()
@@ -129,7 +91,7 @@ def test_mlm_only_model_has_no_pooler_and_no_itm() -> None:
 
 
 def test_itm_logits_is_match_minus_mismatch_logit() -> None:
-    model = build().eval()
+    model = build(**SIZE).eval()
     batch = make_batch()
     scores = model.itm_logits(batch["image"], batch["input_ids"], batch["attention_mask"])
     assert scores.shape == (B,)
@@ -139,7 +101,7 @@ def test_itm_logits_is_match_minus_mismatch_logit() -> None:
 
 
 def test_mlm_decoder_is_tied_to_word_embeddings() -> None:
-    model = build()
+    model = build(**SIZE)
     assert model.objectives["mlm"].head.decoder.weight is model.encoder.word_embeddings.weight
     # pad row stays zero after init; the tied weight is counted once
     assert model.encoder.word_embeddings.weight[TEXT.pad_id].abs().sum() == 0
@@ -147,13 +109,13 @@ def test_mlm_decoder_is_tied_to_word_embeddings() -> None:
 
 
 def test_experts_start_different() -> None:
-    model = build(moe_cfg())
+    model = build(moe=moe_cfg(), **SIZE)
     experts = model.encoder.layers[1].ffn.moe.deepspeed_moe.experts
     assert not torch.equal(experts.fc1_weight[0], experts.fc1_weight[1])
 
 
 def test_given_generator_makes_the_step_reproducible() -> None:
-    model = build().eval()
+    model = build(**SIZE).eval()
     batch = make_batch()
     a = model(batch, generator=torch.Generator().manual_seed(3))["loss"]
     b = model(batch, generator=torch.Generator().manual_seed(3))["loss"]
@@ -162,19 +124,19 @@ def test_given_generator_makes_the_step_reproducible() -> None:
 
 def test_unknown_preset_lists_known_ones() -> None:
     with pytest.raises(ValueError, match="unknown preset 'nope'.*vilt"):
-        build(preset="nope")
+        build(preset="nope", **SIZE)
 
 
 def test_unknown_objective_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown objective 'xyz'.*\['caption', 'dalle', 'dvae', 'itc', 'itm', 'itm_hard', 'mlm', 'mlm_wwm', 'moc', 'mrc'"):
-        build(objectives={"xyz": 1.0})
+    with pytest.raises(ValueError, match="objectives.xyz = 1.0: unknown objective; allowed: caption, dalle, dvae, itc, itm, itm_hard, mlm, mlm_wwm, moc, mrc"):
+        build(objectives={"xyz": 1.0}, **SIZE)
 
 
 def test_no_enabled_objective_is_an_error() -> None:
     with pytest.raises(ValueError, match="no objective enabled"):
-        build(objectives={"mlm": 0.0})
+        build(objectives={"mlm": 0.0}, **SIZE)
     with pytest.raises(ValueError, match="weights must be >= 0"):
-        build(objectives={"mlm": -1.0})
+        build(objectives={"mlm": -1.0}, **SIZE)
 
 
 def test_objective_needing_missing_output_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,11 +149,11 @@ def test_objective_needing_missing_output_is_rejected(monkeypatch: pytest.Monkey
     with pytest.raises(
         ValueError, match="objective 'needs_regions' needs 'region_hidden', which preset 'vilt'"
     ):
-        build(objectives={"needs_regions": 1.0})
+        build(objectives={"needs_regions": 1.0}, **SIZE)
 
 
 def test_presets_registry_and_defaults() -> None:
     assert PRESETS["vilt"].default_objectives(OBJECTIVES) == {"mlm": 1.0, "itm": 1.0, "wpa": 1.0}
-    model = build()
+    model = build(**SIZE)
     assert model.weights == {"mlm": 1.0, "itm": 1.0, "wpa": 1.0}
     assert isinstance(model, nn.Module) and math.isfinite(count_parameters(model))

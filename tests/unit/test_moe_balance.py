@@ -128,7 +128,7 @@ def test_layer_stats_report_skipped_tokens_per_modality() -> None:
 
 
 def test_encoders_tell_their_moe_layers_which_tokens_are_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.unit.test_models import build, make_batch, moe_cfg
+    from tests.unit.conftest import build, make_batch, moe_cfg
 
     seen: list[object] = []
     real = MoEFFN.forward
@@ -138,10 +138,10 @@ def test_encoders_tell_their_moe_layers_which_tokens_are_text(monkeypatch: pytes
         return real(self, x, mask, modality)
 
     monkeypatch.setattr(MoEFFN, "forward", spy)
-    build(moe_cfg(), {"mlm": 1.0}, preset="vilt")(make_batch())
+    build("vilt", {"mlm": 1.0}, moe_cfg())(make_batch())
     T, P = make_batch()["input_ids"].shape[1], 4
     assert seen and all(m == (TEXT,) * T + (IMAGE,) * P for m in seen)  # the joint sequence
     seen.clear()
-    build(moe_cfg(), {"itc": 1.0}, preset="clip")(make_batch())
+    build("clip", {"itc": 1.0}, moe_cfg())(make_batch())
     assert sorted(set(seen)) == [TEXT, IMAGE]
     assert recomputing() is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -11,11 +12,9 @@ import torch
 import torch.multiprocessing as mp
 
 from jobs.evaluate import _itc_retrieval, _reduce, evaluate
-from models import build_pretrainer
-from models.config import MoEConfig
 from models.objectives.alignment import ipot, ot_distance
 from models.objectives.contrastive import clip_loss
-from tests.unit.test_models import IMAGE, TEXT, make_batch, tiny_model
+from tests.unit.conftest import TEXT, build, make_batch
 
 
 def test_itc_of_aligned_embeddings_is_near_zero_and_of_uninformative_ones_log_b() -> None:
@@ -125,7 +124,7 @@ def test_itc_retrieval_counts_every_caption_of_an_image() -> None:
 
 
 def test_evaluate_reports_grounded_and_blind_mlm_and_itm_retrieval() -> None:
-    model = build_pretrainer(tiny_model(), MoEConfig(), {"mlm": 1.0, "itm": 1.0}, TEXT, IMAGE)
+    model = build("vilt", {"mlm": 1.0, "itm": 1.0})
     batches = [{**make_batch(seed=s), "image": (torch.rand(4, 3, 16, 16) * 255).to(torch.uint8)} for s in range(2)]
     ev = evaluate(model, batches, grounded_ids=list(range(5, 30)))
     for key in ("itm_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r10", "mlm_token_acc", "mlm_grounded_acc",
@@ -133,6 +132,22 @@ def test_evaluate_reports_grounded_and_blind_mlm_and_itm_retrieval() -> None:
         assert key in ev and math.isfinite(ev[key]), key
     assert ev["i2t_r10"] == 1.0  # 4 candidates: every true caption is in the top 10
     assert ev["mlm_grounded_tokens"] > 0 and ev["samples"] == 8
-    clip = build_pretrainer(tiny_model(preset="clip"), MoEConfig(), {"itc": 1.0}, TEXT, IMAGE)
+    clip = build("clip", {"itc": 1.0})
     ev = evaluate(clip, batches)
     assert ev["itc_candidates"] == 8 and 0.0 <= ev["itc_i2t_r1"] <= 1.0 and "itm_acc" not in ev
+
+
+def test_the_mlm_probe_serves_every_mlm_variant_with_its_own_head() -> None:
+    text = dataclasses.replace(TEXT, continuation_ids=(40, 41, 42))  # mlm_wwm needs "##" pieces
+    batches = [{**make_batch(seed=s), "image": (torch.rand(4, 3, 16, 16) * 255).to(torch.uint8)} for s in range(2)]
+    probe = ("mlm_token_acc", "mlm_blind_acc", "mlm_grounded_acc", "mlm_blind_grounded_acc", "mlm_grounding_gain",
+             "mlm_grounded_tokens")
+    # the same weights under another name (same build order, same seed): the same probe figures
+    ref = evaluate(build("vilt", {"mlm": 1.0, "itm": 1.0}, text=text), batches, grounded_ids=list(range(5, 30)))
+    for name in ("msm", "mlm_wwm"):
+        model = build("vilt", {name: 1.0, "itm": 1.0}, text=text)
+        ev = evaluate(model, batches, grounded_ids=list(range(5, 30)))
+        assert {k: ev[k] for k in probe} == {k: ref[k] for k in probe}, name
+        assert 0.0 <= ev["mlm_token_acc"] <= 1.0 and ev["mlm_grounded_tokens"] > 0
+    captioner = build("unimo", {"caption": 1.0}, text=text)  # an LM head, but not masked modelling: no probe
+    assert not any(k.startswith("mlm") for k in evaluate(captioner, batches))

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import build_pretrainer
-from models.config import MoEConfig, TextSpec
+from models.config import TextSpec
 from models.objectives import OBJECTIVES, masked_text_view
 from models.objectives.base import CLEAN_FEATS, IGNORE_INDEX, NUM_VISUAL_TOKENS, VISUAL_MASK, ObjectiveContext
 from models.objectives.masked import mask_spans
@@ -23,7 +22,7 @@ from models.objectives.region import (
     overlap_closure,
     soft_kl,
 )
-from tests.unit.test_models import IMAGE, TEXT, make_batch, tiny_model
+from tests.unit.conftest import IMAGE, TEXT, build, make_batch, tiny
 
 
 def _ctx(hidden: int = 8, classes: int = 4, feats: int = 8) -> ObjectiveContext:
@@ -63,7 +62,7 @@ def test_overlap_rule_also_masks_the_overlapping_box() -> None:
 
 
 def test_conditional_masking_never_masks_both_modalities() -> None:
-    model = build_pretrainer(tiny_model(), MoEConfig(), {"mlm": 1.0, "mrfr": 1.0}, TEXT, IMAGE)
+    model = build("vilt", {"mlm": 1.0, "mrfr": 1.0})
     seen: list[tuple[bool, bool]] = []
     forward = model.encoder.forward
 
@@ -126,12 +125,12 @@ def test_mrc_skips_regions_without_a_class() -> None:
 
 def test_mrfr_on_a_dual_encoder_is_a_config_error_naming_both() -> None:
     with pytest.raises(ValueError, match="objective 'mrfr' needs 'cross_modal', which preset 'clip' does not provide"):
-        build_pretrainer(tiny_model(preset="clip"), MoEConfig(), {"mrfr": 1.0}, TEXT, IMAGE)
+        build("clip", {"mrfr": 1.0})
 
 
 @pytest.mark.parametrize("name", ["mrfr", "mrc", "moc", "mrc_kl"])
 def test_region_objectives_train_every_parameter(name: str) -> None:
-    model = build_pretrainer(tiny_model(preset="uniter"), MoEConfig(), {"mlm": 1.0, name: 1.0}, TEXT, IMAGE)
+    model = build("uniter", {"mlm": 1.0, name: 1.0})
     batch = make_batch()
     batch["obj_boxes"] = torch.tensor([[0.0, 0.0, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9], [0.5, 0.0, 0.9, 0.4]]).expand(4, 3, 4)
     batch["obj_labels"] = torch.tensor([0, 1, 2]).expand(4, 3)
@@ -162,10 +161,10 @@ def test_span_masking_rate_and_contiguity() -> None:
 # --------------------------------------------------- VL-BERT pixel masking (model.mask_pixels)
 
 def _region_input(preset: str, **overrides: object):  # noqa: ANN202
-    from models.presets import resolve
+    from models.blocks import resolve
     from models.visual import build_visual
 
-    cfg = tiny_model(preset=preset, **overrides)
+    cfg = tiny(preset=preset, **overrides)
     torch.manual_seed(0)
     _, visual = build_visual(cfg, resolve(cfg), IMAGE)
     return visual.eval()

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import build_pretrainer
-from models.config import MoEConfig, TextSpec
+from models.config import TextSpec
 from models.factory import objective_problems
 from models.objectives import (
     IGNORE_INDEX,
@@ -26,7 +25,7 @@ from models.objectives import (
 from models.objectives.masked import word_owner
 from models.objectives.matching import caption_similarity, mine_hard_negatives
 from models.objectives.scene_graph import NODE_TYPES, mask_scene_graph
-from tests.unit.test_models import IMAGE, make_batch, tiny_model
+from tests.unit.conftest import build, make_batch, tiny
 from tests.unit.test_objectives import SPECIALS, captions, image_batch
 from tests.unit.test_objectives import TEXT as PLAIN
 
@@ -173,7 +172,7 @@ def test_itm_hard_view_swaps_half_with_mined_images() -> None:
 
 
 def test_itm_hard_runs_next_to_itm_with_its_own_head_and_names() -> None:
-    model = build_pretrainer(tiny_model(), MoEConfig(), {"itm": 1.0, "itm_hard": 1.0}, TEXT, IMAGE)
+    model = build("vilt", {"itm": 1.0, "itm_hard": 1.0}, text=TEXT)
     assert isinstance(model.objectives["itm_hard"], ImageTextMatchingHard)
     assert model.objectives["itm"].head.weight is not model.objectives["itm_hard"].head.weight
     assert set(model.views) == {"itm_pairs", "itm_hard_pairs"}
@@ -243,8 +242,7 @@ def test_scene_graph_loss_and_accuracy_per_node_type() -> None:
 
 
 def test_new_objectives_build_and_train_through_the_factory() -> None:
-    model = build_pretrainer(tiny_model(preset="uniter"), MoEConfig(), {"mlm_wwm": 1.0, "sgp": 1.0, "itm_hard": 1.0},
-                             SCENE, IMAGE)
+    model = build("uniter", {"mlm_wwm": 1.0, "sgp": 1.0, "itm_hard": 1.0}, text=SCENE)
     batch = make_batch()
     batch["input_ids"][:, 1:4] = torch.tensor([10, 20, 30])  # every caption names a scene node of each type
     out = model(batch, torch.Generator().manual_seed(0))
@@ -259,7 +257,7 @@ def test_new_objectives_build_and_train_through_the_factory() -> None:
     ("clip", "itm_hard", "'pooled'"), ("clip", "sgp", "'cross_modal'"), ("vilt", "sgp", None),
     ("clip", "mlm_wwm", None), ("vilbert", "itm_hard", None), ("lxmert", "sgp", None)])
 def test_preset_fit_of_the_new_objectives(preset: str, objective: str, missing: str | None) -> None:
-    problems = objective_problems(tiny_model(preset=preset), {objective: 1.0})
+    problems = objective_problems(tiny(preset=preset), {objective: 1.0})
     if missing is None:
         assert problems == []
     else:

@@ -11,15 +11,13 @@ import torch
 from torch import Tensor
 
 from models import OBJECTIVES, PRESETS, Pretrainer, build_pretrainer, count_parameters
-from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
-from models.encoders import ENCODERS
+from models.blocks import Blocks, resolve
+from models.config import ModelConfig, MoEConfig
+from models.families import FAMILIES
 from models.objectives import VIEWS, Objective
 from models.objectives.base import CAUSAL_TEXT, VISUAL_MASK, encoder_inputs
-from models.presets import Blocks, resolve
+from tests.unit.conftest import IMAGE, TEXT, B, C, D, R, T, make_batch, tiny
 
-TEXT = TextSpec(vocab_size=50, max_len=12)
-IMAGE = ImageSpec(size=16)
-B, T, D, R, C = 4, 12, 32, 3, 3
 CAPABILITIES = frozenset({"cross_modal", "causal_text"})
 FLOAT_OUTPUTS = ("text_hidden", "image_hidden", "pooled", "image_feats", "text_embed", "image_embed", "logit_scale")
 
@@ -27,27 +25,6 @@ FLOAT_OUTPUTS = ("text_hidden", "image_hidden", "pooled", "image_feats", "text_e
 # The vision-language encoders share one output contract; DALL-E's two stages have their own
 # (tests/unit/test_dalle.py) and join only the tests that every preset must pass.
 VL_PRESETS = sorted(p for p in PRESETS if PRESETS[p].family not in ("dvae", "dalle"))
-
-
-def tiny(preset: str, **overrides: object) -> ModelConfig:
-    cfg: dict[str, object] = dict(preset=preset, hidden_size=D, num_layers=3, num_heads=4, mlp_ratio=2.0,
-                                  patch_size=8, dropout=0.1)
-    cfg.update(overrides)
-    return ModelConfig(**cfg)
-
-
-def make_batch(seed: int = 0) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, TEXT.vocab_size, (B, T), generator=g)
-    ids[:, 0] = TEXT.cls_id
-    mask = torch.ones(B, T, dtype=torch.long)
-    for i, n in enumerate([T, 9, 7, 6]):
-        ids[i, n - 1], ids[i, n:], mask[i, n:] = TEXT.sep_id, TEXT.pad_id, 0
-    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]).expand(B, R, 4)
-    labels = torch.tensor([[1, 3, -1], [0, 2, -1], [2, -1, -1], [3, 1, -1]])
-    boxes = boxes * (labels >= 0)[..., None]
-    return {"image": torch.randn(B, C, IMAGE.size, IMAGE.size, generator=g), "input_ids": ids,
-            "attention_mask": mask, "obj_boxes": boxes.clone(), "obj_labels": labels, "sample_id": torch.arange(B)}
 
 
 class _Probe(Objective):
@@ -65,7 +42,7 @@ class _Probe(Objective):
 
 def probe_model(preset: str, moe: MoEConfig | None = None, **overrides: object) -> Pretrainer:
     family = resolve(tiny(preset, **overrides)).family
-    probe = type("Probe", (_Probe,), {"requires": ENCODERS[family].CAN_PROVIDE})
+    probe = type("Probe", (_Probe,), {"requires": FAMILIES[family].encoder_class().CAN_PROVIDE})
     OBJECTIVES["probe"] = probe
     try:
         torch.manual_seed(0)

@@ -8,21 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from models import build_pretrainer
 from models.config import MoEConfig
 from models.encoders.base import CONTRASTIVE
 from models.factory import fitting_objectives, objective_problems
 from models.objectives import OBJECTIVES, ImageTextContrastive
-from tests.unit.test_presets import IMAGE, TEXT, B, T, make_batch, tiny
+from tests.unit.conftest import IMAGE, B, T, build, make_batch, tiny
 
 MLM_ITM_ITC = {"mlm": 1.0, "itm": 1.0, "itc": 1.0}
 CONTRASTIVE_PARAMS = ("encoder.text_proj.weight", "encoder.image_proj.weight", "encoder.logit_scale_log")
-
-
-def build(preset: str = "vilt", objectives: dict[str, float] | None = None, moe: MoEConfig | None = None,
-          **overrides: object):  # noqa: ANN201
-    torch.manual_seed(0)
-    return build_pretrainer(tiny(preset, **overrides), moe or MoEConfig(), objectives or MLM_ITM_ITC, TEXT, IMAGE)
 
 
 def count_calls(module: nn.Module) -> list[int]:
@@ -34,7 +27,7 @@ def count_calls(module: nn.Module) -> list[int]:
 
 @pytest.mark.parametrize("preset", ["vilt", "uniter", "oscar", "pixel-bert", "interbert"])
 def test_mlm_itm_itc_trains_every_parameter(preset: str) -> None:
-    model = build(preset)
+    model = build(preset, MLM_ITM_ITC)
     enc = model.encoder
     assert CONTRASTIVE <= enc.provides
     assert enc.logit_scale_log.item() == pytest.approx(math.log(1 / 0.07))  # CLIP's init survives init_weights
@@ -50,7 +43,7 @@ def test_mlm_itm_itc_trains_every_parameter(preset: str) -> None:
 
 
 def test_itc_alone_reaches_the_shared_transformer() -> None:
-    model = build(objectives={"itc": 1.0})
+    model = build("vilt", {"itc": 1.0})
     assert model.encoder.pooler is None and "pooled" not in model.encoder.provides
     model(make_batch())["loss"].backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -61,7 +54,7 @@ def test_itc_alone_reaches_the_shared_transformer() -> None:
 
 @pytest.mark.parametrize("preset", ["vilt", "uniter", "oscar", "pixel-bert", "interbert"])
 def test_each_embedding_depends_on_its_own_modality_only(preset: str) -> None:
-    enc = build(preset).encoder.eval()
+    enc = build(preset, MLM_ITM_ITC).encoder.eval()
     batch = make_batch()
     other_image = batch | {"image": batch["image"] + torch.randn_like(batch["image"])}
     other_text = batch | {"input_ids": batch["input_ids"].clone()}
@@ -76,7 +69,7 @@ def test_each_embedding_depends_on_its_own_modality_only(preset: str) -> None:
 
 
 def test_oscar_tags_go_with_the_image() -> None:
-    enc = build("oscar").encoder.eval()
+    enc = build("oscar", MLM_ITM_ITC).encoder.eval()
     batch = make_batch()
     relabelled = batch | {"obj_labels": batch["obj_labels"].roll(1, dims=0)}
     a, b = enc(batch), enc(relabelled)
@@ -85,7 +78,7 @@ def test_oscar_tags_go_with_the_image() -> None:
 
 
 def test_text_embedding_ignores_padding() -> None:
-    enc = build().encoder.eval()
+    enc = build("vilt", MLM_ITM_ITC).encoder.eval()
     batch = make_batch()
     ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 9)  # padding slots hold other ids
     assert torch.allclose(enc(batch)["text_embed"], enc(batch | {"input_ids": ids})["text_embed"], atol=1e-6)
@@ -107,7 +100,7 @@ def test_without_itc_nothing_contrastive_is_built_or_run(preset: str) -> None:
 
 
 def test_views_run_only_the_passes_their_objectives_read() -> None:
-    model = build()
+    model = build("vilt", MLM_ITM_ITC)
     assert model.wants == {"masked_text": OBJECTIVES["mlm"].requires, "itm_pairs": OBJECTIVES["itm"].requires,
                            "clean": ImageTextContrastive.requires}
     seen = count_calls(model.encoder.layers[0])
@@ -128,7 +121,7 @@ def test_views_run_only_the_passes_their_objectives_read() -> None:
 ])
 def test_want_picks_the_passes(want: frozenset[str] | None, calls: list[str], present: set[str],
                                absent: set[str]) -> None:
-    enc = build().encoder.eval()
+    enc = build("vilt", MLM_ITM_ITC).encoder.eval()
     seen = count_calls(enc.layers[0])
     out = enc(make_batch(), want=want)
     P = (IMAGE.size // 8) ** 2
@@ -138,7 +131,7 @@ def test_want_picks_the_passes(want: frozenset[str] | None, calls: list[str], pr
 
 
 def test_itm_logits_skips_the_unimodal_passes() -> None:
-    model = build().eval()
+    model = build("vilt", MLM_ITM_ITC).eval()
     seen = count_calls(model.encoder.layers[0])
     batch = make_batch()
     scores = model.itm_logits(batch["image"], batch["input_ids"], batch["attention_mask"])
@@ -149,13 +142,13 @@ def test_moe_counts_add_the_unimodal_passes_per_layer() -> None:
     moe = MoEConfig(num_experts=4, layers="all", capacity_factor=4.0, min_capacity=0)
     batch = make_batch()
     text, P = int(batch["attention_mask"].sum()), (IMAGE.size // 8) ** 2
-    model = build(objectives={"itc": 1.0}, moe=moe)
+    model = build("vilt", {"itc": 1.0}, moe)
     out = model(batch)
     L = model.encoder.num_moe_layers
     assert L == 3 and out["moe_counts"].shape == (L, 4)
     assert out["moe_counts"].sum(1).tolist() == [text + B * P] * L  # text alone + image alone, each layer
     assert out["losses"]["moe_aux"] > 0
-    out = build(objectives={"mlm": 1.0, "itc": 1.0}, moe=moe)(batch)
+    out = build("vilt", {"mlm": 1.0, "itc": 1.0}, moe)(batch)
     assert out["moe_counts"].sum(1).tolist() == [2 * (text + B * P)] * L  # + the joint pass of the MLM view
 
 
@@ -164,7 +157,7 @@ def test_interbert_moe_rows_stay_one_per_layer() -> None:
     batch = make_batch()
     text = int(batch["attention_mask"].sum())
     regions = B + int((batch["obj_labels"] >= 0).sum())  # real region tokens: whole image + the objects
-    model = build("interbert", {"mlm": 1.0, "itc": 1.0}, moe=moe)
+    model = build("interbert", {"mlm": 1.0, "itc": 1.0}, moe)
     enc = model.encoder
     assert enc.tags is None and (len(enc.layers), len(enc.text_layers), len(enc.image_layers)) == (2, 1, 1)
     out = model(batch)
@@ -176,7 +169,7 @@ def test_interbert_moe_rows_stay_one_per_layer() -> None:
 
 
 def test_embed_dim_sizes_the_projections() -> None:
-    enc = build(embed_dim=8).encoder.eval()
+    enc = build("vilt", MLM_ITM_ITC, embed_dim=8).encoder.eval()
     out = enc(make_batch())
     assert out["text_embed"].shape == out["image_embed"].shape == (B, 8)
     assert torch.allclose(out["text_embed"].norm(dim=-1), torch.ones(B), atol=1e-5)
@@ -202,7 +195,7 @@ def test_quickstart_on_vilt_validates_with_mlm_itm_itc() -> None:
 def test_evaluate_reports_itc_and_itm_retrieval_for_vilt() -> None:
     from jobs.evaluate import evaluate
 
-    model = build()
+    model = build("vilt", MLM_ITM_ITC)
     batches = [{**make_batch(seed=s), "image": (torch.rand(B, 3, 16, 16) * 255).to(torch.uint8)} for s in range(2)]
     ev = evaluate(model, batches)
     assert ev["itc_candidates"] == 8 and 0.0 <= ev["itc_i2t_r1"] <= 1.0

@@ -13,40 +13,22 @@ import torch
 import torch.distributed as dist
 
 from jobs.tensor_parallel import Mesh, install_batch_check, per_rank_numel, problems, shard_of, split_of
-from models import build_pretrainer
-from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
+from tests.unit.conftest import B, build, make_batch
 
-TEXT = TextSpec(vocab_size=40, max_len=10)
-IMAGE = ImageSpec(size=16)
-B, T = 4, 10
 # one preset per encoder family: single-stream, co-attention (ViLBERT), cross (LXMERT), dual (CLIP)
 PRESETS = {"vilt": {"mlm": 1.0, "itm": 1.0}, "vilbert": {"mlm": 1.0, "itm": 1.0},
            "lxmert": {"mlm": 1.0, "itm": 1.0}, "clip": {"itc": 1.0}}
 
 
-def tiny(preset: str) -> ModelConfig:
-    # dropout 0: SDPA's attention dropout draws per local head, so a split layer draws other masks
-    return ModelConfig(preset=preset, hidden_size=32, num_layers=2, num_heads=4, mlp_ratio=2.0, patch_size=8,
-                       dropout=0.0)
-
-
-def batch(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, TEXT.vocab_size, (B, T), generator=g)
-    ids[:, 0] = TEXT.cls_id
-    mask = torch.ones(B, T, dtype=torch.long)
-    for i, n in enumerate([T, 8, 7, 6]):
-        ids[i, n - 1], ids[i, n:], mask[i, n:] = TEXT.sep_id, TEXT.pad_id, 0
-    return {"image": torch.randn(B, 3, IMAGE.size, IMAGE.size, generator=g), "input_ids": ids,
-            "attention_mask": mask, "obj_boxes": torch.zeros(B, 0, 4), "obj_labels": torch.zeros(B, 0, dtype=torch.long),
-            "sample_id": torch.arange(B)}
+# dropout 0: SDPA's attention dropout draws per local head, so a split layer draws other masks
+SIZE = {"num_layers": 2, "dropout": 0.0}
 
 
 # -- the split, without processes -------------------------------------------------------------------
 
 def test_split_names_cover_every_family_layer() -> None:
     for preset, objectives in PRESETS.items():
-        model = build_pretrainer(tiny(preset), MoEConfig(), objectives, TEXT, IMAGE)
+        model = build(preset, objectives, **SIZE)
         splits = {name: split_of(name) for name, _ in model.named_parameters()}
         column = [n for n, s in splits.items() if s == "column"]
         row = [n for n, s in splits.items() if s == "row"]
@@ -113,7 +95,7 @@ def _worker(rank: int, port: int) -> None:
     for preset, objectives in PRESETS.items():
         for stage in (0, 2):
             torch.manual_seed(0)
-            ref = build_pretrainer(tiny(preset), MoEConfig(), objectives, TEXT, IMAGE)
+            ref = build(preset, objectives, **SIZE)
             model = copy.deepcopy(ref)
             ref_opt = torch.optim.AdamW(param_groups(ref, 0.01), lr=1e-2)
             opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-2)
@@ -125,10 +107,10 @@ def _worker(rank: int, port: int) -> None:
             assert split and all(local[n].numel() * 2 == dict(ref.named_parameters())[n].numel() for n in split)
             for step in range(3):
                 torch.manual_seed(100 + step)  # masking and negatives draw from the global RNG: same on both
-                want = ref(batch(step))
+                want = ref(make_batch(step))
                 want["loss"].backward()
                 torch.manual_seed(100 + step)
-                got = engine(batch(step))
+                got = engine(make_batch(step))
                 engine.backward(got["loss"])
                 torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6,
                                            msg=lambda m, p=preset, s=step: f"{p} step {s}: {m}")

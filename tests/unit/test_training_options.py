@@ -9,20 +9,14 @@ import torch
 from torch import Tensor
 
 from jobs.config import RunConfig
-from models import build_pretrainer
 from models.adversarial import EmbeddingPerturbation, adversarial_forward
 from models.config import AdversarialConfig, MoEConfig
 from models.moe.layer import MoEFFN
 from models.recompute import set_activation_checkpointing
-from tests.unit.test_presets import IMAGE, TEXT, make_batch, tiny
+from tests.unit.conftest import build, make_batch
 
 # one preset per encoder family: single, interaction, coattention, cross, dual
 FAMILIES = ["vilt", "interbert", "vilbert", "lxmert", "clip"]
-
-
-def _build(preset: str, moe: MoEConfig | None = None, dropout: float = 0.1, **model: object):
-    torch.manual_seed(0)
-    return build_pretrainer(tiny(preset, dropout=dropout, **model), moe or MoEConfig(), None, TEXT, IMAGE)
 
 
 def _loss_and_grads(model, batch: dict[str, Tensor], seed: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
@@ -38,7 +32,7 @@ def _loss_and_grads(model, batch: dict[str, Tensor], seed: int = 1) -> tuple[Ten
 
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_checkpointing_gives_the_same_loss_and_gradients(preset: str) -> None:
-    model = _build(preset)  # dropout on: the recomputation must replay the same masks
+    model = build(preset)  # dropout on: the recomputation must replay the same masks
     batch = make_batch()
     loss, grads = _loss_and_grads(model, batch)
     layers = set_activation_checkpointing(model, True)
@@ -54,14 +48,14 @@ def test_checkpointing_gives_the_same_loss_and_gradients(preset: str) -> None:
 def test_checkpointing_units_never_nest(preset: str) -> None:
     from models.recompute import Recomputable
 
-    model = _build(preset)
+    model = build(preset)
     for unit in (m for m in model.modules() if isinstance(m, Recomputable)):
         inner = [n for n, m in unit.named_modules() if n and isinstance(m, Recomputable)]
         assert inner == [], (type(unit).__name__, inner)  # a nested unit would be recomputed twice
 
 
 def test_checkpointing_counts_one_unit_per_layer_and_switches_off() -> None:
-    model = _build("vilt", num_layers=4)
+    model = build("vilt", num_layers=4)
     assert set_activation_checkpointing(model, True) == 4
     assert all(layer.checkpointing for layer in model.encoder.layers)
     assert set_activation_checkpointing(model, False) == 4
@@ -70,7 +64,7 @@ def test_checkpointing_counts_one_unit_per_layer_and_switches_off() -> None:
 
 def test_checkpointing_with_moe_counts_routing_once_and_matches() -> None:
     moe = MoEConfig(num_experts=4, layers="all", gate="noisy_topk", top_k=2, capacity_factor=2.0)
-    model = _build("vilt", moe)
+    model = build("vilt", None, moe)
     batch = make_batch()
     loss, grads = _loss_and_grads(model, batch)
     set_activation_checkpointing(model, True)
@@ -101,7 +95,7 @@ def _saved_bytes(model, batch: dict[str, Tensor]) -> int:
 
 
 def test_checkpointing_keeps_fewer_activations() -> None:
-    model = _build("vilt", num_layers=6, dropout=0.0)
+    model = build("vilt", num_layers=6, dropout=0.0)
     batch = make_batch()
     full = _saved_bytes(model, batch)
     set_activation_checkpointing(model, True)
@@ -124,7 +118,7 @@ def test_adversarial_config_is_off_by_default_and_validated() -> None:
 
 @pytest.mark.parametrize("preset", ["vilt", "lxmert"])
 def test_adversarial_loss_climbs_within_the_norm_bound(preset: str) -> None:
-    model = _build(preset, dropout=0.0)
+    model = build(preset, dropout=0.0)
     batch = make_batch()
     cfg = AdversarialConfig(steps=3, step_size=0.05, norm_bound=0.08)
     perturb = EmbeddingPerturbation(model.encoder, cfg.modalities)
@@ -144,7 +138,7 @@ def test_adversarial_loss_climbs_within_the_norm_bound(preset: str) -> None:
 
 
 def test_adversarial_replays_the_random_draws_for_every_pass() -> None:
-    model = _build("vilt", dropout=0.1)  # dropout and MLM masks draw from the RNG
+    model = build("vilt", dropout=0.1)  # dropout and MLM masks draw from the RNG
     batch = make_batch()
     cfg = AdversarialConfig(steps=2, step_size=1e-9)  # δ stays ~0: the adversarial pass equals the clean one
     perturb = EmbeddingPerturbation(model.encoder, cfg.modalities)
@@ -159,7 +153,7 @@ def test_adversarial_replays_the_random_draws_for_every_pass() -> None:
 
 
 def test_adversarial_text_only_and_zero_steps() -> None:
-    model = _build("vilt", dropout=0.0)
+    model = build("vilt", dropout=0.0)
     batch = make_batch()
     perturb = EmbeddingPerturbation(model.encoder, ["text"], init_mag=0.01)
     seen: dict[str, int] = {}

@@ -20,7 +20,7 @@ from models.zero_shot import (
     topk_correct,
     zero_shot_logits,
 )
-from tests.unit.test_presets import IMAGE, TEXT, make_batch, tiny
+from tests.unit.conftest import IMAGE, TEXT, make_batch, tiny
 
 
 def test_ensemble_is_the_renormalised_mean_of_normalised_prompts() -> None:

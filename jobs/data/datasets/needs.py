@@ -164,7 +164,8 @@ def _labels_field(blocks: Any) -> str:
 
 def data_problems(objectives: Mapping[str, float], model: Any, facts: DataFacts) -> list[str]:
     """One line per objective or model block whose input the data lacks, naming the missing field."""
-    from models.presets import PRESETS, resolve
+    from models.blocks import resolve
+    from models.presets import PRESETS
 
     if model.preset not in PRESETS:
         return []  # reported by the config check

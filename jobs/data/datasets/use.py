@@ -40,7 +40,8 @@ def plan_use(cfg: Any, sources: Sequence[Sequence[str]], options: StorageOptions
     objectives = cfg.active_objectives
     problems = data_problems(objectives, cfg.model, facts)
     n = object_classes(facts)
-    from models.presets import PRESETS, resolve
+    from models.blocks import resolve
+    from models.presets import PRESETS
 
     tags = cfg.model.preset in PRESETS and resolve(cfg.model).object_tags
     uses_labels = any(o in objectives for o in _LABEL_USERS) or tags
