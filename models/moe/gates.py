@@ -104,7 +104,7 @@ class Gate(nn.Module):
         expert_KN, gate_KN, balance = self._choose(x_ND, logits_NE, probs_NE, used_N)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         routing = finish(
-            expert_KN=expert_KN, gate_KN=gate_KN, probs_NE=probs_NE, lse_N=lse_N, used_N=used_N,
+            expert_KN=expert_KN, gate_KN=gate_KN, logits_NE=logits_NE, probs_NE=probs_NE, lse_N=lse_N, used_N=used_N,
             balance=balance, capacity_factor=None if self.dropless else factor,
             min_capacity=self.min_capacity, policy=self.drop_policy,
             aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
@@ -240,7 +240,7 @@ class ExpertChoiceGate(Gate):
             expert_KN=expert_KN, gate_KN=gate_KN, slot_KN=torch.where(expert_KN >= 0, slot_KN, 0),
             capacity=torch.tensor(C, device=x_ND.device), counts_E=counts_E, wanted_E=counts_E,
             aux=self.z_loss_weight * z, losses={"aux": torch.zeros_like(z), "z_loss": z},
-            entropy=router_entropy(probs_NE.detach(), used_N), tokens=used_N.sum(), used_N=used_N,
+            entropy=router_entropy(probs_NE, logits_NE, lse_N, used_N), tokens=used_N.sum(), used_N=used_N,
         )
         self.last_routing = routing
         return routing
