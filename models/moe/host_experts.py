@@ -9,7 +9,7 @@ after (six `torch.where` over [M, F] and [M, D], forward and backward), and the 
 an index_select whose backward is an index_add. On the host the counts cost nothing to read, so:
 
 - only the T kept rows are computed, no mask anywhere (nothing unwritten exists);
-- with few experts (L <= LOOP_MAX) each projection is one `addmm` per expert into its slice of
+- with few experts (L <= LOOP_MAX), or sizes grouped_mm refuses, each projection is one `addmm` per expert into its slice of
   one output (the bias fused into the GEMM, as nn.Linear's); with many, one `grouped_mm` (PyTorch's
   C++ loop of GEMMs: one Python call instead of L) and the biases added in place;
 - the backward runs the same GEMMs by hand: weight gradients as one grouped GEMM over the row
@@ -31,11 +31,18 @@ from torch import Tensor
 LOOP_MAX = 16
 
 
+def _looped(w_LNK: Tensor) -> bool:
+    """Loop over the experts: few of them, or sizes grouped_mm refuses (strides of 16-byte multiples)."""
+    L, N, K = w_LNK.shape
+    per_16_bytes = 16 // w_LNK.element_size()
+    return L <= LOOP_MAX or N % per_16_bytes != 0 or K % per_16_bytes != 0
+
+
 def _project(x_TK: Tensor, w_LNK: Tensor, b_LN: Tensor, ends: list[int], offs: Tensor,
              row_expert_T: Tensor) -> Tensor:
     """y[rows of l] = x[rows of l] @ w[l]^T + b[l] (nn.Linear per expert) -> [T, N]."""
-    L, N, _ = w_LNK.shape
-    if L > LOOP_MAX:
+    N = w_LNK.shape[1]
+    if not _looped(w_LNK):
         return F.grouped_mm(x_TK, w_LNK.transpose(-2, -1), offs=offs).add_(b_LN.index_select(0, row_expert_T))
     out = x_TK.new_empty((x_TK.shape[0], N))
     start = 0
@@ -48,8 +55,8 @@ def _project(x_TK: Tensor, w_LNK: Tensor, b_LN: Tensor, ends: list[int], offs: T
 
 def _input_grad(g_TN: Tensor, w_LNK: Tensor, ends: list[int], offs: Tensor) -> Tensor:
     """d x[rows of l] = g[rows of l] @ w[l] -> [T, K]."""
-    L, _, K = w_LNK.shape
-    if L > LOOP_MAX:
+    K = w_LNK.shape[2]
+    if not _looped(w_LNK):
         return F.grouped_mm(g_TN, w_LNK, offs=offs)
     out = g_TN.new_empty((g_TN.shape[0], K))
     start = 0
@@ -60,17 +67,17 @@ def _input_grad(g_TN: Tensor, w_LNK: Tensor, ends: list[int], offs: Tensor) -> T
     return out
 
 
-def _param_grads(g_TN: Tensor, x_TK: Tensor, ends: list[int], offs: Tensor, row_expert_T: Tensor
+def _param_grads(g_TN: Tensor, x_TK: Tensor, w_LNK: Tensor, ends: list[int], offs: Tensor, row_expert_T: Tensor
                  ) -> tuple[Tensor, Tensor]:
     """(d w [L, N, K] = per expert g^T x over its rows, d b [L, N] = per expert sum of g); experts
     without rows get 0."""
     L, N = len(ends), g_TN.shape[1]
-    if L > LOOP_MAX:
+    if not _looped(w_LNK):
         # grouped_mm leaves the groups of empty experts unwritten: zero them.
         gw = F.grouped_mm(g_TN.t(), x_TK, offs=offs)
-        counts = torch.tensor(ends).diff(prepend=torch.tensor([0]))
-        if bool((counts == 0).any()):
-            gw[counts == 0] = 0
+        for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+            if end == start:
+                gw[e].zero_()
         return gw, g_TN.new_zeros((L, N)).index_add_(0, row_expert_T, g_TN)
     gw = g_TN.new_zeros((L, N, x_TK.shape[1]))
     gb = g_TN.new_zeros((L, N))
@@ -103,8 +110,8 @@ class HostExpertsFFN(torch.autograd.Function):
         x_TD, row_expert_T, w1_LFD, w2_LDF, h_TF, a_TF = ctx.saved_tensors
         ends, offs = ctx.ends, ctx.offs
         g_TD = g_TD.contiguous()
-        gw2, gb2 = _param_grads(g_TD, a_TF, ends, offs, row_expert_T)
+        gw2, gb2 = _param_grads(g_TD, a_TF, w2_LDF, ends, offs, row_expert_T)
         g_TF = torch.ops.aten.gelu_backward(_input_grad(g_TD, w2_LDF, ends, offs), h_TF)
-        gw1, gb1 = _param_grads(g_TF, x_TD, ends, offs, row_expert_T)
+        gw1, gb1 = _param_grads(g_TF, x_TD, w1_LFD, ends, offs, row_expert_T)
         gx = _input_grad(g_TF, w1_LFD, ends, offs) if ctx.needs_input_grad[0] else None
         return gx, None, None, gw1, gb1, gw2, gb2

@@ -268,6 +268,33 @@ def test_stacked_experts_grouped_matmul_equals_each_expert_alone(monkeypatch: py
     assert torch.equal(results["host"][1]["fc2_bias"][1], torch.zeros(D))
 
 
+@pytest.mark.parametrize("width", [24, 10])  # 10: strides grouped_mm refuses -> the loop
+def test_host_path_with_many_experts_equals_each_expert_alone(width: int) -> None:
+    """20 local experts (> LOOP_MAX: grouped_mm, bias by index_add), some without rows: outputs and
+    gradients equal to running each expert alone."""
+    from models.moe.experts import StackedExperts
+
+    torch.manual_seed(0)
+    ex = StackedExperts(20, D, width)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.5)
+    counts = torch.tensor([2, 0, 3, 1, 0] * 4)
+    row_expert = torch.repeat_interleave(torch.arange(20), counts)
+    x = torch.randn(int(counts.sum()), D, requires_grad=True)
+    y = ex.grouped(x, torch.cumsum(counts, 0), row_expert)
+    y.square().sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in ex.parameters()]
+    ex.zero_grad(set_to_none=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = torch.stack([ex.expert(int(e))(x2[i]) for i, e in enumerate(row_expert.tolist())])
+    torch.testing.assert_close(y, ref)
+    ref.square().sum().backward()
+    for got, want in zip(grads, [x2.grad] + [p.grad for p in ex.parameters()], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # fp32, another summation order
+    assert torch.equal(grads[1][1], torch.zeros(width, D))  # expert 1: no rows, zero gradient
+
+
 def test_stats_module_does_not_import_the_layer() -> None:
     """layer -> stats, one way (issue 18): collect_stats finds the layers by the ReportsMoEStats mixin."""
     import ast
