@@ -19,6 +19,8 @@ and the two floors:
                    the dense FFN's 3 x 2 x D x F x 4 (0.8 MB); at the copy bandwidth measured here
                    (into reused memory, and into fresh memory, as a gradient set to None each step
                    is) that is a time floor, shown as the ratio it allows.
+    GEMM shape     with N/E rows per expert the weight-gradient GEMMs ([F, N/E] x [N/E, D]) get thin:
+                   their speed relative to the dense FFN's one [F, N] x [N, D] at the same FLOPs.
 
     .venv/bin/python -m benchmarks.moe_cost [--experts 4 16 64 256] [--rounds 10]
 """
@@ -51,6 +53,28 @@ def _copy_ms(numel: int, fresh: bool, rounds: int = 5) -> float:
         times.append(time.thread_time() - t0)
         del out
     return 1e3 * statistics.median(times)
+
+
+def _gemm_efficiency(E: int, D: int, F: int, N: int, rounds: int = 5) -> float:
+    """Time of the dense FFN's weight-gradient GEMM [F, N] x [N, D] over the time of E experts' ones
+    [F, N/E] x [N/E, D] (the same FLOPs): below 1 when per-expert GEMMs get too thin to run at speed."""
+    n = max(1, N // E)
+    g_FN, x_ND = torch.randn(F, N), torch.randn(N, D)
+    g_EFn, x_EnD = torch.randn(E, F, n), torch.randn(E, n, D)
+    out, outs = torch.empty(F, D), torch.empty(E, F, D)
+
+    def one() -> float:
+        t0 = time.thread_time()
+        torch.mm(g_FN, x_ND, out=out)
+        return time.thread_time() - t0
+
+    def many() -> float:
+        t0 = time.thread_time()
+        for e in range(E):
+            torch.mm(g_EFn[e], x_EnD[e], out=outs[e])
+        return time.thread_time() - t0
+
+    return statistics.median(one() for _ in range(rounds)) / statistics.median(many() for _ in range(rounds))
 
 
 def _parts(E: int, D: int, F: int, tokens: int) -> dict[str, Callable[[], None]]:
@@ -93,7 +117,7 @@ def main() -> None:
     D, F, N = args.hidden, args.ffn, args.tokens
     print(f"MoE layer cost by part, dropless top-1, D={D} F={F} {N} tokens, 1 thread, CPU time (ms, median)")
     print(f"  {'E':>4s} {'dense':>7s} {'layer':>7s} {'router':>7s} {'experts':>8s} {'rest':>6s} | {'ratio':>5s}"
-          f" {'router floor':>12s} | {'weight MB':>9s} {'floor reused':>12s} {'floor fresh':>11s}")
+          f" {'router floor':>12s} | {'weight MB':>9s} {'floor reused':>12s} {'floor fresh':>11s} {'wgrad GEMM':>10s}")
     for E in args.experts:
         times = measure(_parts(E, D, F, N), args.rounds, time.thread_time)
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
@@ -106,9 +130,11 @@ def main() -> None:
         floor_reused, floor_fresh = 1.5 * copy, fresh + 0.5 * copy
         print(f"  {E:4d} {ms['dense']:7.2f} {ms['layer']:7.2f} {ms['router']:7.2f} {ms['experts']:8.2f} {rest:6.2f} |"
               f" {ms['dense'] / ms['layer']:5.2f} {1 / (1 + E / (2 * F)):12.2f} | {traffic / 2**20:9.1f}"
-              f" {min(1.0, ms['dense'] / floor_reused):12.2f} {min(1.0, ms['dense'] / floor_fresh):11.2f}")
+              f" {min(1.0, ms['dense'] / floor_reused):12.2f} {min(1.0, ms['dense'] / floor_fresh):11.2f}"
+              f" {_gemm_efficiency(E, D, F, N):10.2f}")
     print("  ratio = dense / layer (time); router floor = 1 / (1 + E / 2F); floor reused / fresh = dense time / "
-          "the time to move the experts' weights 3x, timed as copies (gradients into reused / fresh memory)")
+          "the time to move the experts' weights 3x, timed as copies (gradients into reused / fresh memory); "
+          "wgrad GEMM = speed of E weight-gradient GEMMs of N/E rows each relative to one of N rows (same FLOPs)")
 
 
 if __name__ == "__main__":
