@@ -91,13 +91,14 @@ def switch_balance_loss(probs_NE: Tensor, first_N: Tensor, used_N: Tensor) -> Te
     return E * (f_E * P_E).sum()
 
 
-def softmax_and_lse(logits_NE: Tensor) -> tuple[Tensor, Tensor]:
-    """(router probabilities, logsumexp of the logits). One fused softmax (its backward is one pass,
-    where exp(logits - logsumexp) takes three); the logsumexp then costs O(N), not another pass over
-    [N, E]: lse = max - log p_max, which is how logsumexp computes it (p_max >= 1/E: well conditioned)."""
+def softmax_and_lse(logits_NE: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(router probabilities, logsumexp of the logits, argmax of the logits). One fused softmax (its
+    backward is one pass, where exp(logits - logsumexp) takes three); the logsumexp then costs O(N),
+    not another pass over [N, E]: lse = max - log p_max, which is how logsumexp computes it (p_max >=
+    1/E: well conditioned). The argmax comes with the max (top-1 gates take it: no second reduction)."""
     probs_NE = torch.softmax(logits_NE, dim=-1)
     max_N, arg_N = logits_NE.max(dim=-1)
-    return probs_NE, max_N - probs_NE.gather(1, arg_N[:, None]).squeeze(1).log()
+    return probs_NE, max_N - probs_NE.gather(1, arg_N[:, None]).squeeze(1).log(), arg_N
 
 
 def z_loss(lse_N: Tensor, used_N: Tensor) -> Tensor:
