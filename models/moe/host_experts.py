@@ -9,10 +9,9 @@ after (six `torch.where` over [M, F] and [M, D], forward and backward), and the 
 an index_select whose backward is an index_add. On the host the counts cost nothing to read, so:
 
 - only the T kept rows are computed, no mask anywhere (nothing unwritten exists);
-- with few experts (L <= LOOP_MAX), or sizes grouped_mm refuses, blocks of at most CHUNK rows of one
-  expert go through Linear -> GELU -> Linear (and back) one after the other while they are in
-  cache, the bias fused into the GEMM as nn.Linear's; with many experts, one `grouped_mm` per
-  projection (PyTorch's C++ loop of GEMMs: one Python call instead of L) and the biases added in place;
+- with few experts (L <= LOOP_MAX), or sizes grouped_mm refuses, each projection is one `addmm` per expert into its slice of
+  one output (the bias fused into the GEMM, as nn.Linear's); with many, one `grouped_mm` (PyTorch's
+  C++ loop of GEMMs: one Python call instead of L) and the biases added in place;
 - the backward runs the same GEMMs by hand: weight gradients as one grouped GEMM over the row
   ranges (2-D x 2-D with offsets -> [L, ...]), bias gradients as per-expert sums (few experts) or
   one index_add (many), GELU's backward on the saved pre-activation; no autograd graph of ~20 nodes.
@@ -30,9 +29,6 @@ from torch import Tensor
 
 # Up to this many local experts, a Python loop of addmm (bias fused) beats grouped_mm + a bias pass.
 LOOP_MAX = 16
-# Rows per block of that loop: a block's x, h, GELU(h) and its expert's weights (D 128, F 256: ~0.8 MB)
-# stay in a core's L2 from the first projection to the second, and again in the backward.
-CHUNK = 256
 
 
 def _looped(w_LNK: Tensor) -> bool:
@@ -42,61 +38,56 @@ def _looped(w_LNK: Tensor) -> bool:
     return L <= LOOP_MAX or N % per_16_bytes != 0 or K % per_16_bytes != 0
 
 
-def _project(x_TK: Tensor, w_LNK: Tensor, b_LN: Tensor, offs: Tensor, row_expert_T: Tensor) -> Tensor:
-    """y[rows of l] = x[rows of l] @ w[l]^T + b[l] (nn.Linear per expert) -> [T, N], one grouped GEMM."""
-    return F.grouped_mm(x_TK, w_LNK.transpose(-2, -1), offs=offs).add_(b_LN.index_select(0, row_expert_T))
-
-
-def _param_grads(g_TN: Tensor, x_TK: Tensor, ends: list[int], offs: Tensor, row_expert_T: Tensor
-                 ) -> tuple[Tensor, Tensor]:
-    """(d w [L, N, K] = per expert g^T x over its rows, d b [L, N] = per expert sum of g); experts
-    without rows get 0 (grouped_mm may leave their groups unwritten)."""
-    gw = F.grouped_mm(g_TN.t(), x_TK, offs=offs)
-    for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
-        if end == start:
-            gw[e].zero_()
-    return gw, g_TN.new_zeros((len(ends), g_TN.shape[1])).index_add_(0, row_expert_T, g_TN)
-
-
-def _blocks(ends: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, first row, end row) of each block of at most CHUNK rows of one expert."""
-    out, start = [], 0
+def _project(x_TK: Tensor, w_LNK: Tensor, b_LN: Tensor, ends: list[int], offs: Tensor,
+             row_expert_T: Tensor) -> Tensor:
+    """y[rows of l] = x[rows of l] @ w[l]^T + b[l] (nn.Linear per expert) -> [T, N]."""
+    N = w_LNK.shape[1]
+    if not _looped(w_LNK):
+        return F.grouped_mm(x_TK, w_LNK.transpose(-2, -1), offs=offs).add_(b_LN.index_select(0, row_expert_T))
+    out = x_TK.new_empty((x_TK.shape[0], N))
+    start = 0
     for e, end in enumerate(ends):
-        out.extend((e, a, min(a + CHUNK, end)) for a in range(start, end, CHUNK))
+        if end > start:
+            torch.addmm(b_LN[e], x_TK[start:end], w_LNK[e].t(), out=out[start:end])
         start = end
     return out
 
 
-def _forward_blocks(x_TD: Tensor, w1_LFD: Tensor, b1_LF: Tensor, w2_LDF: Tensor, b2_LD: Tensor,
-                    blocks: list[tuple[int, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
-    """(h = pre-activation, a = GELU(h), y) block by block: Linear, GELU, Linear of one block while it
-    is in cache, instead of each step over all T rows."""
-    T, Fh, D = x_TD.shape[0], w1_LFD.shape[1], w2_LDF.shape[1]
-    h_TF, a_TF, y_TD = x_TD.new_empty((T, Fh)), x_TD.new_empty((T, Fh)), x_TD.new_empty((T, D))
-    for e, a, b in blocks:
-        torch.addmm(b1_LF[e], x_TD[a:b], w1_LFD[e].t(), out=h_TF[a:b])
-        torch._C._nn.gelu(h_TF[a:b], out=a_TF[a:b])
-        torch.addmm(b2_LD[e], a_TF[a:b], w2_LDF[e].t(), out=y_TD[a:b])
-    return h_TF, a_TF, y_TD
+def _input_grad(g_TN: Tensor, w_LNK: Tensor, ends: list[int], offs: Tensor) -> Tensor:
+    """d x[rows of l] = g[rows of l] @ w[l] -> [T, K]."""
+    K = w_LNK.shape[2]
+    if not _looped(w_LNK):
+        return F.grouped_mm(g_TN, w_LNK, offs=offs)
+    out = g_TN.new_empty((g_TN.shape[0], K))
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            torch.mm(g_TN[start:end], w_LNK[e], out=out[start:end])
+        start = end
+    return out
 
 
-def _backward_blocks(g_TD: Tensor, x_TD: Tensor, w1_LFD: Tensor, w2_LDF: Tensor, h_TF: Tensor, a_TF: Tensor,
-                     blocks: list[tuple[int, int, int]], input_grad: bool) -> tuple[Tensor | None, ...]:
-    """(dx or None, dw1, db1, dw2, db2), block by block; weight and bias gradients accumulate over an
-    expert's blocks (experts without rows get 0)."""
-    gw1, gb1 = torch.zeros_like(w1_LFD), w1_LFD.new_zeros(w1_LFD.shape[:2])
-    gw2, gb2 = torch.zeros_like(w2_LDF), w2_LDF.new_zeros(w2_LDF.shape[:2])
-    gx = torch.empty_like(x_TD) if input_grad else None
-    for e, a, b in blocks:
-        g_BD = g_TD[a:b]
-        gw2[e].addmm_(g_BD.t(), a_TF[a:b])
-        gb2[e].add_(g_BD.sum(0))
-        g_BF = torch.ops.aten.gelu_backward(g_BD @ w2_LDF[e], h_TF[a:b])
-        gw1[e].addmm_(g_BF.t(), x_TD[a:b])
-        gb1[e].add_(g_BF.sum(0))
-        if gx is not None:
-            torch.mm(g_BF, w1_LFD[e], out=gx[a:b])
-    return gx, gw1, gb1, gw2, gb2
+def _param_grads(g_TN: Tensor, x_TK: Tensor, w_LNK: Tensor, ends: list[int], offs: Tensor, row_expert_T: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+    """(d w [L, N, K] = per expert g^T x over its rows, d b [L, N] = per expert sum of g); experts
+    without rows get 0."""
+    L, N = len(ends), g_TN.shape[1]
+    if not _looped(w_LNK):
+        # grouped_mm leaves the groups of empty experts unwritten: zero them.
+        gw = F.grouped_mm(g_TN.t(), x_TK, offs=offs)
+        for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+            if end == start:
+                gw[e].zero_()
+        return gw, g_TN.new_zeros((L, N)).index_add_(0, row_expert_T, g_TN)
+    gw = g_TN.new_zeros((L, N, x_TK.shape[1]))
+    gb = g_TN.new_zeros((L, N))
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            torch.mm(g_TN[start:end].t(), x_TK[start:end], out=gw[e])
+            torch.sum(g_TN[start:end], 0, out=gb[e])
+        start = end
+    return gw, gb
 
 
 class HostExpertsFFN(torch.autograd.Function):
@@ -107,14 +98,9 @@ class HostExpertsFFN(torch.autograd.Function):
     def forward(ctx: Any, x_TD: Tensor, ends: list[int], row_expert_T: Tensor, w1_LFD: Tensor, b1_LF: Tensor,
                 w2_LDF: Tensor, b2_LD: Tensor) -> Tensor:
         offs = torch.tensor(ends, dtype=torch.int32)
-        if _looped(w1_LFD) or _looped(w2_LDF):
-            ctx.blocks = _blocks(ends)
-            h_TF, a_TF, y_TD = _forward_blocks(x_TD, w1_LFD, b1_LF, w2_LDF, b2_LD, ctx.blocks)
-        else:
-            ctx.blocks = None
-            h_TF = _project(x_TD, w1_LFD, b1_LF, offs, row_expert_T)
-            a_TF = F.gelu(h_TF)
-            y_TD = _project(a_TF, w2_LDF, b2_LD, offs, row_expert_T)
+        h_TF = _project(x_TD, w1_LFD, b1_LF, ends, offs, row_expert_T)
+        a_TF = F.gelu(h_TF)
+        y_TD = _project(a_TF, w2_LDF, b2_LD, ends, offs, row_expert_T)
         ctx.save_for_backward(x_TD, row_expert_T, w1_LFD, w2_LDF, h_TF, a_TF)
         ctx.ends, ctx.offs = ends, offs
         return y_TD
@@ -124,12 +110,8 @@ class HostExpertsFFN(torch.autograd.Function):
         x_TD, row_expert_T, w1_LFD, w2_LDF, h_TF, a_TF = ctx.saved_tensors
         ends, offs = ctx.ends, ctx.offs
         g_TD = g_TD.contiguous()
-        if ctx.blocks is not None:
-            gx, gw1, gb1, gw2, gb2 = _backward_blocks(g_TD, x_TD, w1_LFD, w2_LDF, h_TF, a_TF, ctx.blocks,
-                                                      ctx.needs_input_grad[0])
-            return gx, None, None, gw1, gb1, gw2, gb2
-        gw2, gb2 = _param_grads(g_TD, a_TF, ends, offs, row_expert_T)
-        g_TF = torch.ops.aten.gelu_backward(F.grouped_mm(g_TD, w2_LDF, offs=offs), h_TF)
-        gw1, gb1 = _param_grads(g_TF, x_TD, ends, offs, row_expert_T)
-        gx = F.grouped_mm(g_TF, w1_LFD, offs=offs) if ctx.needs_input_grad[0] else None
+        gw2, gb2 = _param_grads(g_TD, a_TF, w2_LDF, ends, offs, row_expert_T)
+        g_TF = torch.ops.aten.gelu_backward(_input_grad(g_TD, w2_LDF, ends, offs), h_TF)
+        gw1, gb1 = _param_grads(g_TF, x_TD, w1_LFD, ends, offs, row_expert_T)
+        gx = _input_grad(g_TF, w1_LFD, ends, offs) if ctx.needs_input_grad[0] else None
         return gx, None, None, gw1, gb1, gw2, gb2
