@@ -7,8 +7,9 @@ Side by side in one run:
    tokens/s of a dense FFN with the same FLOPs per token (top-2: a dense FFN twice as wide), for
    - old: the previous indexed dispatch (a Python loop over DeepSpeed's per-expert modules, two
      sorts per layer, an fp32 combine buffer, a host sync), kept in this file as it was;
-   - new: stacked expert weights, one grouped GEMM per projection, the dispatch buffer filled from
-     the gate's slots (no sort, no sync);
+   - grouped, masked: stacked expert weights, autograd over one grouped GEMM per projection on all
+     rows, masked (f7e9d96; now the GPU path), the dispatch buffer filled from the gate's slots;
+   - new: the same layer with the CPU path: only the kept rows, one hand-written autograd function;
    - DeepSpeed's stock layer (TopKGate + MOELayer, capacity-padded buffers).
    Only computed tokens count: a dropped route is not throughput, so a capacity row's ratio is
    (kept routes / k) / time against the dense FFN's tokens / time, and its `dropped` column says how
@@ -22,12 +23,13 @@ Side by side in one run:
    dropless top-1.
 
     .venv/bin/python -m benchmarks.moe [--tokens 2048] [--experts 4 16 64 256] [--rounds 12]
-                                       [--skip-ep2] [--skip-shapes]
+                                       [--skip-ep2] [--skip-shapes]   (the parts: benchmarks/moe_cost.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import socket
@@ -44,10 +46,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from benchmarks.moe_old import OldIndexedLayer  # noqa: E402
 from models.ffn import FeedForward  # noqa: E402
 from models.moe import MoEFFN, collect_stats  # noqa: E402
 from models.moe.config import MoEConfig  # noqa: E402
-from models.moe.routing import Routing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,55 +68,6 @@ ROWS = [
     Row("top-2 gshard (2nd always), cf 1.25", dict(gate="gshard", capacity_factor=1.25, second_expert_policy="all"),
         dict(k=2, capacity_factor=1.25), k=2),
 ]
-
-
-# -- the old indexed dispatch, as it was before the grouped GEMM (models/moe/dispatch.py @ d011efc) ----
-
-
-class OldIndexedLayer(nn.Module):
-    """The previous IndexedMoELayer on the same gate and the same expert weights: sort the kept routes
-    by expert (a second sort after the gate's), read the counts on the host, run each expert's module
-    on its slice in a Python loop, add gate * output into an fp32 buffer."""
-
-    def __init__(self, new: MoEFFN) -> None:
-        super().__init__()
-        from deepspeed.moe.experts import Experts
-
-        stacked = new.moe.deepspeed_moe.experts
-        L, Fh, D = stacked.fc1_weight.shape
-        self.gate = new.gate
-        self.experts = Experts(FeedForward(D, Fh), L)
-        with torch.no_grad():
-            for i, e in enumerate(self.experts.deepspeed_experts):
-                e.fc1.weight.copy_(stacked.fc1_weight[i])
-                e.fc1.bias.copy_(stacked.fc1_bias[i])
-                e.fc2.weight.copy_(stacked.fc2_weight[i])
-                e.fc2.bias.copy_(stacked.fc2_bias[i])
-
-    def forward(self, x_BSD: Tensor, mask_BS: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x_ND = x_BSD.reshape(-1, x_BSD.shape[-1])
-        r = self.gate.route(x_ND, mask_BS.reshape(-1).bool())
-        return self._combine(x_ND, r).reshape(x_BSD.shape), r.aux, r.counts_E
-
-    def _local(self, x_RD: Tensor, counts: list[int]) -> Tensor:
-        outs = []
-        for chunk, expert in zip(x_RD.split(counts), self.experts.deepspeed_experts, strict=True):
-            out = expert(chunk)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(outs)
-
-    def _combine(self, x_ND: Tensor, r: Routing) -> Tensor:
-        K, N = r.expert_KN.shape
-        expert_R = r.expert_KN.reshape(-1)
-        counts = r.counts_E.tolist()
-        order = torch.argsort(expert_R, stable=True)[expert_R.numel() - sum(counts):]
-        token_R = order % N
-        gate_R = r.gate_KN.reshape(-1).index_select(0, order)
-        y_RD = self._local(x_ND.index_select(0, token_R), counts)
-        out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
-        out = out.index_add(0, token_R, y_RD.float() * gate_R[:, None])
-        return out.to(x_ND.dtype)
-
 
 # -- measuring -----------------------------------------------------------------------------------
 
@@ -171,6 +124,11 @@ def build(row: Row, D: int, F: int, E: int, ep_size: int, with_old: bool = True)
     layers: dict[str, nn.Module] = {"dense": FeedForward(D, row.k * F), "new": new}
     if with_old:
         layers["old"] = OldIndexedLayer(new)
+        # f7e9d96's experts: autograd over grouped_mm on all rows, masked (now the GPU path only)
+        masked = copy.deepcopy(new)
+        ex = masked.moe.deepspeed_moe.experts
+        ex.grouped = ex._masked
+        layers["masked"] = masked
     if row.deepspeed is not None:
         layers["stock"] = MoE(D, FeedForward(D, F), num_experts=E, ep_size=ep_size, min_capacity=0,
                               eval_capacity_factor=row.deepspeed.get("capacity_factor", 1.0), **row.deepspeed)
@@ -196,7 +154,7 @@ def layer_figures(row: Row, layers: dict[str, nn.Module], x: Tensor, mask: Tenso
             kept = 1.0 - float((stock_routes[-1] < 0).float().mean()) if stock_routes else float("nan")
             out["stock_dropped"] = 1 - kept
         else:
-            kept = kept_new  # old and new: the same gate, the same routes
+            kept = kept_new  # old, masked and new: the same gate, the same routes
         out[f"{name}_ratio"], out[f"{name}_q1"], out[f"{name}_q3"] = _ratio(times, name, kept)
     return out
 
@@ -204,7 +162,7 @@ def layer_figures(row: Row, layers: dict[str, nn.Module], x: Tensor, mask: Tenso
 def print_layer_table(title: str, results: dict[str, dict[str, Any]], columns: tuple[str, ...]) -> None:
     print(title)
     head = "  " + f"{'experts, routing':44s} {'dense tok/s':>11s}"
-    labels = {"old": "old (loop)", "new": "new (grouped)", "stock": "DeepSpeed MOELayer"}
+    labels = {"old": "old (loop)", "masked": "grouped, masked", "new": "new (host fn)", "stock": "DeepSpeed MOELayer"}
     for c in columns:
         head += f" | {labels[c]:>20s}"
     print(head + f" | {'dropped':>7s} {'DS dropped':>10s}")
@@ -240,7 +198,7 @@ def single_process(args: argparse.Namespace) -> None:
     print_layer_table(
         f"\n[1] ep_size 1, one process, 1 thread: MoE layer fwd+bwd vs FLOP-matched dense FFN (D={args.hidden}, "
         f"F={args.ffn}, {args.tokens} tokens, random inputs; CPU time of the thread, alternating rounds)",
-        results, ("old", "new", "stock"))
+        results, ("old", "masked", "new", "stock"))
 
 
 # -- 2. two processes ----------------------------------------------------------------------------

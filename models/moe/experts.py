@@ -10,9 +10,11 @@ torchtitan and DeepSpeed's GroupedExperts store theirs).
 
 - `grouped(x_MD, offsets_L, row_expert_M)`: rows sorted by expert, `offsets_L[l]` = end of expert
   l's rows (on the device: no host sync); rows past offsets_L[-1] are not computed: their output is
-  0 and they get no gradient. One `torch.nn.functional.grouped_mm` per projection (PyTorch's
-  grouped GEMM: CUDA kernels for bf16 on sm80+, a fused loop elsewhere); without it (older PyTorch,
-  fp32 on CUDA) a loop over the experts' slices, which needs the counts on the host.
+  0 and they get no gradient. On CPU, where reading the counts costs nothing, only the kept rows
+  are computed by a hand-written forward and backward (models/moe/host_experts.py). On a GPU, one
+  `torch.nn.functional.grouped_mm` per projection over all rows, masked (CUDA kernels for bf16 on
+  sm80+); without it (older PyTorch, fp32 on CUDA) a loop over the experts' slices, which needs
+  the counts on the host.
 - `forward(x_GLCD)`: DeepSpeed's MOELayer call (capacity-padded [G, L, C, D] buffers,
   `moe.dispatch: deepspeed`): one batched matmul per projection.
 
@@ -30,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.moe.host_experts import HostExpertsFFN
 
 _PER_EXPERT = {"fc1_weight": "fc1.weight", "fc1_bias": "fc1.bias", "fc2_weight": "fc2.weight", "fc2_bias": "fc2.bias"}
 _EXPERTS_KEY = "deepspeed_experts"
@@ -85,9 +89,27 @@ class StackedExperts(nn.Module):
 
     def grouped(self, x_MD: Tensor, offsets_L: Tensor, row_expert_M: Tensor) -> Tensor:
         """[M, D] expert outputs of rows sorted by expert; rows past offsets_L[-1] give 0 and get no
-        gradient (the grouped GEMM leaves them unwritten: masked before and after each projection)."""
+        gradient. On the host (CPU) the counts are free to read: only the kept rows are computed, by
+        one hand-written autograd function (models/moe/host_experts.py); on an accelerator, with no
+        host sync, one grouped GEMM per projection over all M rows, masked (`_masked`)."""
+        if x_MD.device.type == "cpu" and hasattr(F, "grouped_mm"):
+            return self._host(x_MD, offsets_L, row_expert_M)
         if not grouped_mm_supported(x_MD):
             return self._loop(x_MD, offsets_L)
+        return self._masked(x_MD, offsets_L, row_expert_M)
+
+    def _host(self, x_MD: Tensor, offsets_L: Tensor, row_expert_M: Tensor) -> Tensor:
+        ends = offsets_L.tolist()
+        total = ends[-1]
+        y_TD = HostExpertsFFN.apply(x_MD[:total], ends, row_expert_M[:total], self.fc1_weight, self.fc1_bias,
+                                    self.fc2_weight, self.fc2_bias)
+        if total == x_MD.shape[0]:
+            return y_TD
+        return torch.cat([y_TD, y_TD.new_zeros((x_MD.shape[0] - total, y_TD.shape[1]))])
+
+    def _masked(self, x_MD: Tensor, offsets_L: Tensor, row_expert_M: Tensor) -> Tensor:
+        """The grouped GEMM leaves rows past offsets_L[-1] unwritten: masked before and after each
+        projection."""
         offs = offsets_L.to(torch.int32)
         valid_M1 = (torch.arange(x_MD.shape[0], device=x_MD.device) < offsets_L[-1])[:, None]
         # The unwritten rows may hold NaN: zero them before anything elementwise touches them, or

@@ -72,6 +72,8 @@ class Gate(nn.Module):
         self.ep_group: Any = None
         # The routing of the latest forward, for MoEFFN's stats (it takes and clears it).
         self.last_routing: Routing | None = None
+        # The logits' argmax while route() runs (_choose of a top-1 gate reuses it).
+        self._argmax_N: Tensor | None = None
 
     def _set_ep_group(self, ep_group: Any) -> None:
         if self.ep_group is not None and ep_group is not self.ep_group:
@@ -100,11 +102,12 @@ class Gate(nn.Module):
             used_N = torch.ones(x_ND.shape[0], dtype=torch.bool, device=x_ND.device)
         used_N = used_N.reshape(-1).bool()
         logits_NE = router_logits(self._router_input(x_ND), self.wg.weight)
-        probs_NE, lse_N = softmax_and_lse(logits_NE)
+        probs_NE, lse_N, self._argmax_N = softmax_and_lse(logits_NE)
         expert_KN, gate_KN, balance = self._choose(x_ND, logits_NE, probs_NE, used_N)
+        self._argmax_N = None
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         routing = finish(
-            expert_KN=expert_KN, gate_KN=gate_KN, probs_NE=probs_NE, lse_N=lse_N, used_N=used_N,
+            expert_KN=expert_KN, gate_KN=gate_KN, logits_NE=logits_NE, probs_NE=probs_NE, lse_N=lse_N, used_N=used_N,
             balance=balance, capacity_factor=None if self.dropless else factor,
             min_capacity=self.min_capacity, policy=self.drop_policy,
             aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
@@ -133,11 +136,11 @@ class SwitchGate(Gate):
 
     def _choose(self, x_ND: Tensor, logits_NE: Tensor, probs_NE: Tensor, used_N: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        select_NE = logits_NE
         if self.training and self.noisy_gate_policy == "rsample":
             u = torch.rand_like(logits_NE).clamp(min=1e-20, max=1 - 1e-7)
-            select_NE = logits_NE - torch.log(-torch.log(u))
-        expert_N = select_NE.argmax(dim=-1)
+            expert_N = (logits_NE - torch.log(-torch.log(u))).argmax(dim=-1)
+        else:  # the logits' argmax, which route() took with their max
+            expert_N = self._argmax_N if self._argmax_N is not None else logits_NE.argmax(dim=-1)
         gate_N = probs_NE.gather(1, expert_N[:, None]).squeeze(1)
         return expert_N[None], gate_N[None], switch_balance_loss(probs_NE, expert_N, used_N)
 
@@ -222,7 +225,7 @@ class ExpertChoiceGate(Gate):
         N, E = x_ND.shape[0], self.num_experts
         used_N = torch.ones(N, dtype=torch.bool, device=x_ND.device) if used_N is None else used_N.reshape(-1).bool()
         logits_NE = router_logits(self._router_input(x_ND), self.wg.weight)
-        probs_NE, lse_N = softmax_and_lse(logits_NE)
+        probs_NE, lse_N, _ = softmax_and_lse(logits_NE)
         C = self.capacity_for(N)
         # Real tokens score >= 0, padding -1: an expert takes padding only once it has no real token left.
         score_EN = torch.where(used_N[None, :], probs_NE.t(), -1.0)
@@ -240,7 +243,7 @@ class ExpertChoiceGate(Gate):
             expert_KN=expert_KN, gate_KN=gate_KN, slot_KN=torch.where(expert_KN >= 0, slot_KN, 0),
             capacity=torch.tensor(C, device=x_ND.device), counts_E=counts_E, wanted_E=counts_E,
             aux=self.z_loss_weight * z, losses={"aux": torch.zeros_like(z), "z_loss": z},
-            entropy=router_entropy(probs_NE.detach(), used_N), tokens=used_N.sum(), used_N=used_N,
+            entropy=router_entropy(probs_NE, logits_NE, lse_N, used_N), tokens=used_N.sum(), used_N=used_N,
         )
         self.last_routing = routing
         return routing

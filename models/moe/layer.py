@@ -29,11 +29,11 @@ from models.ffn import FeedForward, ffn_size
 from models.moe.config import MoEConfig
 from models.moe.dispatch import DISPATCHES
 from models.moe.gates import MOE_GATES, Gate
-from models.moe.stats import MoEStats
+from models.moe.stats import MoEStats, ReportsMoEStats
 from models.recompute import recomputing
 
 
-class MoEFFN(nn.Module):
+class MoEFFN(ReportsMoEStats, nn.Module):
     """`forward(x_BSD, mask_BS) -> (y_BSD, aux, counts_E)`.
 
     - Tokens where `mask_BS` is 0 (padding) are never routed: they take no expert capacity, appear
@@ -64,9 +64,6 @@ class MoEFFN(nn.Module):
         self.moe = MoE(hidden_size=hidden_size, expert=FeedForward(hidden_size, width),
                        num_experts=moe.num_experts, ep_size=moe.ep_size, k=1, min_capacity=0)
         DISPATCHES[moe.dispatch](self.moe, MOE_GATES[moe.gate](hidden_size, moe))
-        self.last_stats: MoEStats | None = None
-        self._window: MoEStats | None = None
-        self._window_n = 0
 
     @property
     def gate(self) -> Gate:
@@ -86,20 +83,8 @@ class MoEFFN(nn.Module):
         self.gate.last_routing = None
         if recomputing():  # activation checkpointing's second forward: already counted
             return y_BSD, r.aux, r.counts_E
-        self.last_stats = MoEStats.of(r, _per_token(modality, x_BSD.shape[:2], x_BSD.device))
-        if self.training:
-            self._window = self.last_stats if self._window is None else self._window + self.last_stats
-            self._window_n += 1
+        self.record_stats(MoEStats.of(r, _per_token(modality, x_BSD.shape[:2], x_BSD.device)), self.training)
         return y_BSD, r.aux, r.counts_E
-
-    def window_stats(self, reset: bool = True) -> MoEStats | None:
-        """Mean stats of the training forwards since the last reset, else `last_stats`."""
-        if self._window is None:
-            return self.last_stats
-        out = self._window.scaled(1.0 / self._window_n)
-        if reset:
-            self._window, self._window_n = None, 0
-        return out
 
 
 def _per_token(modality: int | Tensor | None, shape: tuple[int, int], device: torch.device) -> Tensor | None:

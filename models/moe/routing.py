@@ -87,14 +87,18 @@ def switch_balance_loss(probs_NE: Tensor, first_N: Tensor, used_N: Tensor) -> Te
     w_N = used_N.to(probs_NE.dtype)
     n = w_N.sum().clamp(min=1)
     f_E = torch.zeros(E, dtype=probs_NE.dtype, device=probs_NE.device).index_add_(0, first_N, w_N) / n
-    P_E = (probs_NE * w_N[:, None]).sum(0) / n
+    P_E = (w_N @ probs_NE) / n
     return E * (f_E * P_E).sum()
 
 
-def softmax_and_lse(logits_NE: Tensor) -> tuple[Tensor, Tensor]:
-    """(router probabilities, logsumexp of the logits): one logsumexp serves the softmax and the z-loss."""
-    lse_N = torch.logsumexp(logits_NE, dim=-1)
-    return torch.exp(logits_NE - lse_N[:, None]), lse_N
+def softmax_and_lse(logits_NE: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(router probabilities, logsumexp of the logits, argmax of the logits). One fused softmax (its
+    backward is one pass, where exp(logits - logsumexp) takes three); the logsumexp then costs O(N),
+    not another pass over [N, E]: lse = max - log p_max, which is how logsumexp computes it (p_max >=
+    1/E: well conditioned). The argmax comes with the max (top-1 gates take it: no second reduction)."""
+    probs_NE = torch.softmax(logits_NE, dim=-1)
+    max_N, arg_N = logits_NE.max(dim=-1)
+    return probs_NE, max_N - probs_NE.gather(1, arg_N[:, None]).squeeze(1).log(), arg_N
 
 
 def z_loss(lse_N: Tensor, used_N: Tensor) -> Tensor:
@@ -111,8 +115,10 @@ def cv_squared(v_E: Tensor, eps: float = 1e-10) -> Tensor:
     return v_E.var(unbiased=False) / (v_E.mean().square() + eps)
 
 
-def router_entropy(probs_NE: Tensor, used_N: Tensor) -> Tensor:
-    ent_N = -(probs_NE * probs_NE.clamp(min=1e-30).log()).sum(-1)
+@torch.no_grad()
+def router_entropy(probs_NE: Tensor, logits_NE: Tensor, lse_N: Tensor, used_N: Tensor) -> Tensor:
+    """Mean over real tokens of -sum_e p log p = lse - sum_e p * logits (no log over [N, E])."""
+    ent_N = lse_N - (probs_NE * logits_NE).sum(-1)
     return masked_mean(ent_N, used_N)
 
 
@@ -163,6 +169,7 @@ def finish(
     *,
     expert_KN: Tensor,
     gate_KN: Tensor,
+    logits_NE: Tensor,
     probs_NE: Tensor,
     lse_N: Tensor,
     used_N: Tensor,
@@ -205,7 +212,7 @@ def finish(
         wanted_E=wanted_E,
         aux=aux_loss_weight * balance + z_loss_weight * z,
         losses={"aux": balance, "z_loss": z},
-        entropy=router_entropy(probs_NE.detach(), used_N),
+        entropy=router_entropy(probs_NE, logits_NE, lse_N, used_N),
         tokens=tokens,
         used_N=used_N,
     )

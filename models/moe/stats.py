@@ -1,8 +1,8 @@
 """What MoE layers report: per-layer expert load, drops, auxiliary losses, router entropy.
 
-Each `MoEFFN` keeps `last_stats` (a `MoEStats` of detached tensors from its latest forward) and
-accumulates the stats of its training-mode forwards until `collect_stats` reads them.
-`collect_stats(model)` walks the model's MoEFFN modules in module order (i = 0, 1, ... counts MoE
+Each `MoEFFN` is a `ReportsMoEStats`: it keeps `last_stats` (a `MoEStats` of detached tensors from its
+latest forward) and accumulates the stats of its training-mode forwards until `collect_stats` reads
+them. `collect_stats(model)` walks the model's ReportsMoEStats modules (the MoE layers) in module order (i = 0, 1, ... counts MoE
 layers only, the same order as the rows of `moe_counts`) and returns, averaged over the training
 forwards since the previous call (several views or micro-batches of one step):
 
@@ -93,16 +93,38 @@ class MoEStats:
         return MoEStats(*(getattr(self, f.name) * factor for f in fields(self)))
 
 
+class ReportsMoEStats:
+    """What a MoE layer (models/moe/layer.py's MoEFFN) mixes in to be found by `collect_stats`:
+    `last_stats`, and the window of its training forwards' stats since the last read."""
+
+    last_stats: MoEStats | None = None
+    _window: MoEStats | None = None
+    _window_n: int = 0
+
+    def record_stats(self, stats: MoEStats, training: bool) -> None:
+        self.last_stats = stats
+        if training:
+            self._window = stats if self._window is None else self._window + stats
+            self._window_n += 1
+
+    def window_stats(self, reset: bool = True) -> MoEStats | None:
+        """Mean stats of the training forwards since the last reset, else `last_stats`."""
+        if self._window is None:
+            return self.last_stats
+        out = self._window.scaled(1.0 / self._window_n)
+        if reset:
+            self._window, self._window_n = None, 0
+        return out
+
+
 def collect_stats(module: nn.Module, reset: bool = True) -> dict[str, float | list[float]]:
-    """Flat `moe/...` metrics of every MoEFFN in `module` (see the module docstring); {} if none.
+    """Flat `moe/...` metrics of every MoE layer in `module` (see the module docstring); {} if none.
 
     Averages each layer's training forwards since the last call (falls back to `last_stats` when
     there were none, e.g. after an eval-only forward) and, with `reset`, starts a new window.
     One host transfer for all layers.
     """
-    from models.moe.layer import MoEFFN  # layer imports this module
-
-    layers = [m for m in module.modules() if isinstance(m, MoEFFN)]
+    layers = [m for m in module.modules() if isinstance(m, ReportsMoEStats)]
     per_layer = [m.window_stats(reset=reset) for m in layers]
     present = [(i, s) for i, s in enumerate(per_layer) if s is not None]
     if not present:

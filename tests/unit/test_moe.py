@@ -227,11 +227,16 @@ def test_data_preprocessing_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
-def test_stacked_experts_grouped_matmul_equals_each_expert_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("loop_max", [16, 0])  # per-expert addmm loop, or grouped_mm + bias pass
+def test_stacked_experts_grouped_matmul_equals_each_expert_alone(monkeypatch: pytest.MonkeyPatch, loop_max: int
+                                                                ) -> None:
     """Rows sorted by expert (one expert gets none), a tail of dropped rows: each row gets its expert's
-    FFN, the tail gets 0 and no gradient, with the grouped GEMM and with the loop fallback alike."""
+    FFN, the tail gets 0 and no gradient, and the outputs and every gradient are the same with the
+    host path (hand-written backward), the masked grouped GEMM (GPU path) and the loop fallback."""
     from models.moe import experts as stacked
+    from models.moe import host_experts
 
+    monkeypatch.setattr(host_experts, "LOOP_MAX", loop_max)
     torch.manual_seed(0)
     ex = stacked.StackedExperts(4, D, 24)
     with torch.no_grad():
@@ -243,20 +248,63 @@ def test_stacked_experts_grouped_matmul_equals_each_expert_alone(monkeypatch: py
     x = torch.randn(rows + tail, D)
     expected = torch.cat([torch.stack([ex.expert(int(e))(x[i]) for i, e in enumerate(row_expert[:rows].tolist())]),
                           torch.zeros(tail, D)])
-    results = []
-    for grouped in (True, False):
-        monkeypatch.setattr(stacked, "grouped_mm_supported", lambda t, g=grouped: g)
+    offsets = torch.cumsum(counts, 0)
+    paths = {"host": lambda xi: ex.grouped(xi, offsets, row_expert),  # CPU: the host path
+             "masked": lambda xi: ex._masked(xi, offsets, row_expert), "loop": lambda xi: ex._loop(xi, offsets)}
+    results = {}
+    for name, run in paths.items():
         xi = x.clone().requires_grad_(True)
-        y = ex.grouped(xi, torch.cumsum(counts, 0), row_expert)
+        y = run(xi)
         torch.testing.assert_close(y, expected)
         y.square().sum().backward()
         assert torch.equal(xi.grad[rows:], torch.zeros(tail, D))
-        results.append((xi.grad.clone(), {n: p.grad.clone() for n, p in ex.named_parameters()}))
+        results[name] = (xi.grad.clone(), {n: p.grad.clone() for n, p in ex.named_parameters()})
         ex.zero_grad(set_to_none=True)
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for name, g in results[0][1].items():
-        torch.testing.assert_close(g, results[1][1][name])
-    assert torch.equal(results[0][1]["fc1_weight"][1], torch.zeros(24, D))  # expert 1 had no rows
+    for name in ("masked", "loop"):
+        torch.testing.assert_close(results["host"][0], results[name][0])
+        for param, g in results["host"][1].items():
+            torch.testing.assert_close(g, results[name][1][param], msg=f"{param} ({name})")
+    assert torch.equal(results["host"][1]["fc1_weight"][1], torch.zeros(24, D))  # expert 1 had no rows
+    assert torch.equal(results["host"][1]["fc2_bias"][1], torch.zeros(D))
+
+
+@pytest.mark.parametrize("width", [24, 10])  # 10: strides grouped_mm refuses -> the loop
+def test_host_path_with_many_experts_equals_each_expert_alone(width: int) -> None:
+    """20 local experts (> LOOP_MAX: grouped_mm, bias by index_add), some without rows: outputs and
+    gradients equal to running each expert alone."""
+    from models.moe.experts import StackedExperts
+
+    torch.manual_seed(0)
+    ex = StackedExperts(20, D, width)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.5)
+    counts = torch.tensor([2, 0, 3, 1, 0] * 4)
+    row_expert = torch.repeat_interleave(torch.arange(20), counts)
+    x = torch.randn(int(counts.sum()), D, requires_grad=True)
+    y = ex.grouped(x, torch.cumsum(counts, 0), row_expert)
+    y.square().sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in ex.parameters()]
+    ex.zero_grad(set_to_none=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = torch.stack([ex.expert(int(e))(x2[i]) for i, e in enumerate(row_expert.tolist())])
+    torch.testing.assert_close(y, ref)
+    ref.square().sum().backward()
+    for got, want in zip(grads, [x2.grad] + [p.grad for p in ex.parameters()], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # fp32, another summation order
+    assert torch.equal(grads[1][1], torch.zeros(width, D))  # expert 1: no rows, zero gradient
+
+
+def test_stats_module_does_not_import_the_layer() -> None:
+    """layer -> stats, one way (issue 18): collect_stats finds the layers by the ReportsMoEStats mixin."""
+    import ast
+
+    from models.moe import layer, stats
+
+    tree = ast.parse(Path(stats.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "models.moe.layer" not in imported and "models.moe.stats" in {
+        n.module for n in ast.walk(ast.parse(Path(layer.__file__).read_text())) if isinstance(n, ast.ImportFrom)}
 
 
 def test_stacked_experts_keep_deepspeeds_per_expert_checkpoint_names() -> None:
@@ -289,13 +337,12 @@ def test_rows_the_grouped_gemm_leaves_unwritten_never_reach_outputs_or_gradients
         return torch.cat([out[: int(offs[-1])], torch.full_like(out[int(offs[-1]):], float("nan"))])
 
     monkeypatch.setattr(stacked.F, "grouped_mm", poisoned)
-    monkeypatch.setattr(stacked, "grouped_mm_supported", lambda t: True)
     torch.manual_seed(0)
     ex = stacked.StackedExperts(3, D, 12)
     x = torch.randn(10, D, requires_grad=True)
     counts = torch.tensor([2, 3, 1])  # 6 rows computed, 4 past the end
     row_expert = torch.tensor([0, 0, 1, 1, 1, 2, 0, 0, 0, 0])
-    y = ex.grouped(x, torch.cumsum(counts, 0), row_expert)
+    y = ex._masked(x, torch.cumsum(counts, 0), row_expert)  # the GPU path
     assert torch.equal(y[6:], torch.zeros(4, D)) and torch.isfinite(y).all()
     y.square().sum().backward()
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in ex.parameters())

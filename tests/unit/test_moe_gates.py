@@ -333,3 +333,23 @@ def test_noisy_topk_noise_only_in_training() -> None:
     g = gate(gate="noisy_topk", top_k=1, dropless=True)
     assert len(_choices(g, x)) > 1
     assert _choices(g.eval(), x) == {(1,) * 16}
+
+
+def test_softmax_and_lse_equal_torch_and_their_gradients() -> None:
+    """lse = max - log p_max (O(N) after the softmax) and the router entropy lse - sum p * logits equal
+    torch.logsumexp and -sum p log p, gradients included; the argmax is the logits' argmax."""
+    from models.moe.routing import router_entropy, softmax_and_lse
+
+    logits = (5 * torch.randn(64, 16, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    probs, lse, arg = softmax_and_lse(logits)
+    ref = logits.detach().clone().requires_grad_(True)
+    torch.testing.assert_close(probs, torch.softmax(ref, -1))
+    torch.testing.assert_close(lse, torch.logsumexp(ref, -1))
+    assert torch.equal(arg, ref.argmax(-1))
+    w = torch.randn(64, 16)
+    ((probs * w).sum() + lse.square().sum()).backward()
+    ((torch.softmax(ref, -1) * w).sum() + torch.logsumexp(ref, -1).square().sum()).backward()
+    torch.testing.assert_close(logits.grad, ref.grad)
+    used = torch.ones(64, dtype=torch.bool)
+    p = torch.softmax(ref.detach(), -1)
+    torch.testing.assert_close(router_entropy(probs, logits, lse, used), -(p * p.log()).sum(-1).mean())

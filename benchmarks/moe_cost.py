@@ -1,0 +1,141 @@
+"""Where the MoE layer's time goes as the experts grow, and the floors no dispatch can remove.
+
+For E in {4, 16, 64, 256} at the model's shapes (D 128, F 256, 2048 tokens), dropless top-1, one
+thread, CPU time of the thread, rounds alternated, medians (fwd + bwd each):
+
+    dense     the FLOP-matched dense FFN (what benchmarks/moe.py divides by)
+    layer     the whole MoE layer (models/moe: gate, dispatch, experts, combine, stats)
+    router    the gate alone: router GEMM, softmax, choice, losses, stats
+    experts   the experts' FFN alone on rows already sorted by expert (the layer's own counts)
+    rest      layer - router - experts: dispatch plan, gathers, combine
+
+and the two floors:
+
+    router FLOPs   the router is a [N, D] x [D, E] GEMM, forward and two backward GEMMs, against the
+                   experts' 2 x [N, D] x [D, F] per token: a dense/MoE bound of 1 / (1 + E / (2 F))
+                   before any other cost (top-1; E = 256, F = 256: 0.67)
+    weight bytes   every step reads the experts' weights in the forward and again in the backward
+                   and writes their gradients: 3 x E x 2 x D x F x 4 bytes (E = 256: 201 MB) against
+                   the dense FFN's 3 x 2 x D x F x 4 (0.8 MB); at the copy bandwidth measured here
+                   (into reused memory, and into fresh memory, as a gradient set to None each step
+                   is) that is a time floor, shown as the ratio it allows.
+    GEMM shape     with N/E rows per expert the weight-gradient GEMMs ([F, N/E] x [N/E, D]) get thin:
+                   their speed relative to the dense FFN's one [F, N] x [N, D] at the same FLOPs.
+
+    .venv/bin/python -m benchmarks.moe_cost [--experts 4 16 64 256] [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+from benchmarks.moe import ROWS, _inputs, build, measure, step_fn  # noqa: E402
+
+
+def _copy_ms(numel: int, fresh: bool, rounds: int = 5) -> float:
+    """Milliseconds to copy `numel` fp32 (one read, one write), one thread; `fresh`: into newly
+    allocated memory (page faults included), as a gradient set to None each step is written."""
+    src = torch.randn(numel)
+    dst = torch.empty(numel)
+    times = []
+    for _ in range(rounds):
+        t0 = time.thread_time()
+        out = torch.empty(numel) if fresh else dst
+        out.copy_(src)
+        times.append(time.thread_time() - t0)
+        del out
+    return 1e3 * statistics.median(times)
+
+
+def _gemm_efficiency(E: int, D: int, F: int, N: int, rounds: int = 5) -> float:
+    """Time of the dense FFN's weight-gradient GEMM [F, N] x [N, D] over the time of E experts' ones
+    [F, N/E] x [N/E, D] (the same FLOPs): below 1 when per-expert GEMMs get too thin to run at speed."""
+    n = max(1, N // E)
+    g_FN, x_ND = torch.randn(F, N), torch.randn(N, D)
+    g_EFn, x_EnD = torch.randn(E, F, n), torch.randn(E, n, D)
+    out, outs = torch.empty(F, D), torch.empty(E, F, D)
+
+    def one() -> float:
+        t0 = time.thread_time()
+        torch.mm(g_FN, x_ND, out=out)
+        return time.thread_time() - t0
+
+    def many() -> float:
+        t0 = time.thread_time()
+        for e in range(E):
+            torch.mm(g_EFn[e], x_EnD[e], out=outs[e])
+        return time.thread_time() - t0
+
+    return statistics.median(one() for _ in range(rounds)) / statistics.median(many() for _ in range(rounds))
+
+
+def _parts(E: int, D: int, F: int, tokens: int) -> dict[str, Callable[[], None]]:
+    layers = build(ROWS[1], D, F, E, ep_size=1, with_old=False)  # dropless top-1
+    layer = layers["new"]
+    x, mask = _inputs(tokens, D, 0)
+    x_ND = x.reshape(-1, D)  # no input gradient, as in the layer and dense steps (benchmarks.moe)
+    used_N = mask.reshape(-1).bool()
+    moe = layer.moe.deepspeed_moe
+    _, _, counts_E = layer(x, mask)
+    offsets_E = torch.cumsum(counts_E, 0)
+    row_expert = torch.repeat_interleave(torch.arange(E), counts_E)
+    x_sorted = torch.randn(tokens, D)
+
+    def router() -> None:
+        moe.gate.zero_grad(set_to_none=True)
+        r = moe.gate.route(x_ND, used_N)
+        (r.gate_KN.sum() + r.aux).backward()
+
+    def experts() -> None:
+        moe.experts.zero_grad(set_to_none=True)
+        moe.experts.grouped(x_sorted, offsets_E, row_expert).sum().backward()
+
+    return {"dense": step_fn(layers["dense"], "dense", x, mask), "layer": step_fn(layer, "ours", x, mask),
+            "router": router, "experts": experts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--ffn", type=int, default=256)
+    ap.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64, 256])
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args()
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    D, F, N = args.hidden, args.ffn, args.tokens
+    print(f"MoE layer cost by part, dropless top-1, D={D} F={F} {N} tokens, 1 thread, CPU time (ms, median)")
+    print(f"  {'E':>4s} {'dense':>7s} {'layer':>7s} {'router':>7s} {'experts':>8s} {'rest':>6s} | {'ratio':>5s}"
+          f" {'router floor':>12s} | {'weight MB':>9s} {'floor reused':>12s} {'floor fresh':>11s} {'wgrad GEMM':>10s}")
+    for E in args.experts:
+        times = measure(_parts(E, D, F, N), args.rounds, time.thread_time)
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        rest = ms["layer"] - ms["router"] - ms["experts"]
+        weight_numel = E * 2 * D * F
+        traffic = 3 * 4 * weight_numel
+        # weights read twice + gradients written once = 1.5 copies; gradients into fresh memory:
+        # reads (one copy's worth) + the fresh copy less its read half
+        copy, fresh = _copy_ms(weight_numel, False), _copy_ms(weight_numel, True)
+        floor_reused, floor_fresh = 1.5 * copy, fresh + 0.5 * copy
+        print(f"  {E:4d} {ms['dense']:7.2f} {ms['layer']:7.2f} {ms['router']:7.2f} {ms['experts']:8.2f} {rest:6.2f} |"
+              f" {ms['dense'] / ms['layer']:5.2f} {1 / (1 + E / (2 * F)):12.2f} | {traffic / 2**20:9.1f}"
+              f" {min(1.0, ms['dense'] / floor_reused):12.2f} {min(1.0, ms['dense'] / floor_fresh):11.2f}"
+              f" {_gemm_efficiency(E, D, F, N):10.2f}")
+    print("  ratio = dense / layer (time); router floor = 1 / (1 + E / 2F); floor reused / fresh = dense time / "
+          "the time to move the experts' weights 3x, timed as copies (gradients into reused / fresh memory); "
+          "wgrad GEMM = speed of E weight-gradient GEMMs of N/E rows each relative to one of N rows (same FLOPs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The stacked experts' FFN where the expert counts are host ints for free (CPU): one autograd
+function, forward and backward written out.
+
+Shapes: T computed rows (sorted by expert), D model dim, F expert hidden dim, L local experts.
+
+Why not autograd over `F.grouped_mm` as on GPU (models/moe/experts.py): there, the rows past the
+last offset must stay on the device (no host sync), so every projection is masked before and
+after (six `torch.where` over [M, F] and [M, D], forward and backward), and the biases go through
+an index_select whose backward is an index_add. On the host the counts cost nothing to read, so:
+
+- only the T kept rows are computed, no mask anywhere (nothing unwritten exists);
+- with few experts (L <= LOOP_MAX), or sizes grouped_mm refuses, each projection is one `addmm` per expert into its slice of
+  one output (the bias fused into the GEMM, as nn.Linear's); with many, one `grouped_mm` (PyTorch's
+  C++ loop of GEMMs: one Python call instead of L) and the biases added in place;
+- the backward runs the same GEMMs by hand: weight gradients as one grouped GEMM over the row
+  ranges (2-D x 2-D with offsets -> [L, ...]), bias gradients as per-expert sums (few experts) or
+  one index_add (many), GELU's backward on the saved pre-activation; no autograd graph of ~20 nodes.
+
+Costs at the quickstart's shapes (D 128, F 256, 2048 tokens, one thread), in benchmarks/moe.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Up to this many local experts, a Python loop of addmm (bias fused) beats grouped_mm + a bias pass.
+LOOP_MAX = 16
+
+
+def _looped(w_LNK: Tensor) -> bool:
+    """Loop over the experts: few of them, or sizes grouped_mm refuses (strides of 16-byte multiples)."""
+    L, N, K = w_LNK.shape
+    per_16_bytes = 16 // w_LNK.element_size()
+    return L <= LOOP_MAX or N % per_16_bytes != 0 or K % per_16_bytes != 0
+
+
+def _project(x_TK: Tensor, w_LNK: Tensor, b_LN: Tensor, ends: list[int], offs: Tensor,
+             row_expert_T: Tensor) -> Tensor:
+    """y[rows of l] = x[rows of l] @ w[l]^T + b[l] (nn.Linear per expert) -> [T, N]."""
+    N = w_LNK.shape[1]
+    if not _looped(w_LNK):
+        return F.grouped_mm(x_TK, w_LNK.transpose(-2, -1), offs=offs).add_(b_LN.index_select(0, row_expert_T))
+    out = x_TK.new_empty((x_TK.shape[0], N))
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            torch.addmm(b_LN[e], x_TK[start:end], w_LNK[e].t(), out=out[start:end])
+        start = end
+    return out
+
+
+def _input_grad(g_TN: Tensor, w_LNK: Tensor, ends: list[int], offs: Tensor) -> Tensor:
+    """d x[rows of l] = g[rows of l] @ w[l] -> [T, K]."""
+    K = w_LNK.shape[2]
+    if not _looped(w_LNK):
+        return F.grouped_mm(g_TN, w_LNK, offs=offs)
+    out = g_TN.new_empty((g_TN.shape[0], K))
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            torch.mm(g_TN[start:end], w_LNK[e], out=out[start:end])
+        start = end
+    return out
+
+
+def _param_grads(g_TN: Tensor, x_TK: Tensor, w_LNK: Tensor, ends: list[int], offs: Tensor, row_expert_T: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+    """(d w [L, N, K] = per expert g^T x over its rows, d b [L, N] = per expert sum of g); experts
+    without rows get 0."""
+    L, N = len(ends), g_TN.shape[1]
+    if not _looped(w_LNK):
+        # grouped_mm leaves the groups of empty experts unwritten: zero them.
+        gw = F.grouped_mm(g_TN.t(), x_TK, offs=offs)
+        for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+            if end == start:
+                gw[e].zero_()
+        return gw, g_TN.new_zeros((L, N)).index_add_(0, row_expert_T, g_TN)
+    gw = g_TN.new_zeros((L, N, x_TK.shape[1]))
+    gb = g_TN.new_zeros((L, N))
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            torch.mm(g_TN[start:end].t(), x_TK[start:end], out=gw[e])
+            torch.sum(g_TN[start:end], 0, out=gb[e])
+        start = end
+    return gw, gb
+
+
+class HostExpertsFFN(torch.autograd.Function):
+    """apply(x_TD, ends, row_expert_T, fc1_weight, fc1_bias, fc2_weight, fc2_bias) -> [T, D]: each
+    row through its expert's Linear -> GELU -> Linear (`ends`: host ints, end row of each expert)."""
+
+    @staticmethod
+    def forward(ctx: Any, x_TD: Tensor, ends: list[int], row_expert_T: Tensor, w1_LFD: Tensor, b1_LF: Tensor,
+                w2_LDF: Tensor, b2_LD: Tensor) -> Tensor:
+        offs = torch.tensor(ends, dtype=torch.int32)
+        h_TF = _project(x_TD, w1_LFD, b1_LF, ends, offs, row_expert_T)
+        a_TF = F.gelu(h_TF)
+        y_TD = _project(a_TF, w2_LDF, b2_LD, ends, offs, row_expert_T)
+        ctx.save_for_backward(x_TD, row_expert_T, w1_LFD, w2_LDF, h_TF, a_TF)
+        ctx.ends, ctx.offs = ends, offs
+        return y_TD
+
+    @staticmethod
+    def backward(ctx: Any, g_TD: Tensor) -> tuple[Tensor | None, ...]:
+        x_TD, row_expert_T, w1_LFD, w2_LDF, h_TF, a_TF = ctx.saved_tensors
+        ends, offs = ctx.ends, ctx.offs
+        g_TD = g_TD.contiguous()
+        gw2, gb2 = _param_grads(g_TD, a_TF, w2_LDF, ends, offs, row_expert_T)
+        g_TF = torch.ops.aten.gelu_backward(_input_grad(g_TD, w2_LDF, ends, offs), h_TF)
+        gw1, gb1 = _param_grads(g_TF, x_TD, w1_LFD, ends, offs, row_expert_T)
+        gx = _input_grad(g_TF, w1_LFD, ends, offs) if ctx.needs_input_grad[0] else None
+        return gx, None, None, gw1, gb1, gw2, gb2
