@@ -30,11 +30,14 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.config import ConfigError
+from orchestrator.report_spread import all_marks
+from orchestrator.report_spread import note as spread_note
 from orchestrator.sweep_spec import SweepPlan, load_plan
 
 _R1 = ("eval/i2t_r1", "eval/t2i_r1")
 _SPEED = ("wall_time_s", "samples_per_s", "tokens_per_s")
 _MEMORY = "memory/total_bytes"
+_DOWNSTREAM = ("eval/zs_", "eval/probe_")
 
 
 @dataclass
@@ -134,13 +137,30 @@ def columns(rows: list[Row], metric: str | None = None) -> list[str]:
     """The table's metric columns, from what the runs reported (see the module docstring)."""
     keys = {k for r in rows for k in r.stats}
     losses = [k for k in ["loss/total", *sorted(keys - {"loss/total"})] if k.startswith("loss/") and k in keys]
-    accs = sorted(k for k in keys if k.startswith("eval/") and k.endswith(("_acc", "_gain")))
-    cols = losses + [k for k in _R1 if k in keys] + accs
+    accs = sorted(k for k in keys if k.startswith("eval/") and k.endswith(("_acc", "_gain")) and not is_downstream(k))
+    cols = losses + [k for k in _R1 if k in keys] + accs + downstream(keys)
     cols += [_MEMORY] if _MEMORY in keys else []
     cols += [k for k in _SPEED if k in keys]
     if metric and metric in keys and metric not in cols:
         cols.insert(len(losses), metric)
     return cols
+
+
+def is_downstream(key: str) -> bool:
+    """Zero-shot classification and linear-probe figures (jobs/transfer/zero_shot.py)."""
+    return key.startswith(_DOWNSTREAM)
+
+
+def downstream(keys: set[str]) -> list[str]:
+    """eval/zs_<task>_top1_acc (then top-5) and eval/probe_<task>_acc, task by task."""
+    def order(key: str) -> tuple[str, int]:
+        zs, probe = _DOWNSTREAM
+        if key.startswith(zs):  # zs_<task>_top<k>_acc
+            task, top = key.removeprefix(zs).removesuffix("_acc").rsplit("_", 1)
+            return task, 0 if top == "top1" else 1
+        return key.removeprefix(probe).removesuffix("_acc"), 2
+
+    return sorted((k for k in keys if is_downstream(k) and k.endswith("_acc")), key=order)
 
 
 def title(key: str) -> str:
@@ -150,6 +170,11 @@ def title(key: str) -> str:
         return named[key]
     if key.startswith("loss/"):
         return f"{key[5:]} loss"
+    if key.startswith(_DOWNSTREAM[0]):  # eval/zs_shape_top1_acc -> zero-shot shape
+        task, top = key.removeprefix(_DOWNSTREAM[0]).removesuffix("_acc").rsplit("_", 1)
+        return f"zero-shot {task}" + ("" if top == "top1" else f" {top[:3]}-{top[3:]}")
+    if key.startswith(_DOWNSTREAM[1]):
+        return f"probe {key.removeprefix(_DOWNSTREAM[1]).removesuffix('_acc')}"
     return key.removeprefix("eval/").replace("_", " ")
 
 
@@ -157,12 +182,14 @@ def _num(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
 
 
-def cell(stat: Stat | None, key: str = "") -> str:
+def cell(stat: Stat | None, key: str = "", mark: str = "") -> str:
+    """mean ± std (mean alone for one seed), then the spread mark (orchestrator/report_spread.py)."""
     if stat is None:
         return "—"
     scale = 1e-6 if key == _MEMORY else 1.0
     mean = _num(stat.mean * scale)
-    return f"{mean} ± {_num(stat.std * scale)}" if stat.n > 1 else mean
+    text = f"{mean} ± {_num(stat.std * scale)}" if stat.n > 1 else mean
+    return f"{text} {mark}" if mark else text
 
 
 def best_row(rows: list[Row], metric: str, mode: str) -> Row | None:
@@ -182,6 +209,7 @@ def _notes(plan: SweepPlan, rows: list[Row], trials: list[TrialResult]) -> list[
     best = best_row(rows, plan.metric, plan.mode)
     if best:
         notes.append(f"best by {plan.metric} ({plan.mode}): {best.label} = {cell(best.stats[plan.metric])}")
+    notes += spread_note(rows, plan.metric)
     partial = [f"{t.name} ({t.status}, step {t.steps})" for t in trials if t.status != "finished"]
     if partial:
         notes.append(f"not finished: {', '.join(partial)}")
@@ -191,9 +219,11 @@ def _notes(plan: SweepPlan, rows: list[Row], trials: list[TrialResult]) -> list[
 def rich_tables(plan: SweepPlan, rows: list[Row], cols: list[str]) -> list[Table]:
     """The columns in three tables (a sweep's table is too wide for one terminal line)."""
     groups = [("final training losses", [k for k in cols if k.startswith("loss/")]),
-              ("held-out evaluation", [k for k in cols if k.startswith("eval/")]),
+              ("held-out evaluation", [k for k in cols if k.startswith("eval/") and not is_downstream(k)]),
+              ("downstream: zero-shot and linear probe", [k for k in cols if is_downstream(k)]),
               ("cost", [k for k in cols if not k.startswith(("loss/", "eval/"))])]
     tables = []
+    mark = all_marks(rows, cols)
     for name, keys in groups:
         if not keys:
             continue
@@ -201,7 +231,8 @@ def rich_tables(plan: SweepPlan, rows: list[Row], cols: list[str]) -> list[Table
         for head in ("config", "seeds", "steps", *map(title, keys)):
             t.add_column(head, justify="left" if head == "config" else "right")
         for r in rows:
-            t.add_row(r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}", *(cell(r.stats.get(k), k) for k in keys))
+            t.add_row(r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}",
+                      *(cell(r.stats.get(k), k, mark[k].get(r.point, "")) for k in keys))
         tables.append(t)
     return tables
 
@@ -209,8 +240,10 @@ def rich_tables(plan: SweepPlan, rows: list[Row], cols: list[str]) -> list[Table
 def markdown(plan: SweepPlan, rows: list[Row], cols: list[str], notes: list[str]) -> str:
     heads = ["config", "seeds", "steps", *map(title, cols)]
     lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
+    mark = all_marks(rows, cols)
     for r in rows:
-        cells = [r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}", *(cell(r.stats.get(k), k) for k in cols)]
+        cells = [r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}",
+                 *(cell(r.stats.get(k), k, mark[k].get(r.point, "")) for k in cols)]
         lines.append("| " + " | ".join(cells) + " |")
     return f"# Sweep {plan.name}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
