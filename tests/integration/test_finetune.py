@@ -40,8 +40,8 @@ def pretrained(ray_session, shapes_data, tmp_path_factory: pytest.TempPathFactor
     return root / "runs" / "pre"
 
 
-def _ft_args(shapes_data: Path, storage: Path, name: str, steps: int) -> list[str]:
-    sets = {"name": name, "data.train": f"{shapes_data}/train", "data.eval": f"{shapes_data}/eval",
+def _ft_args(shapes_data: Path, storage: Path, name: str, steps: int, workers: int = 1) -> list[str]:
+    sets = {"name": name, "scaling.num_workers": workers, "data.train": f"{shapes_data}/train", "data.eval": f"{shapes_data}/eval",
             "storage.path": str(storage), "train.steps": steps, "train.batch_size": 8, "train.log_every": 2,
             "train.checkpoint_every": 2, "train.warmup_steps": 1, "eval.max_samples": 16, "eval.batch_size": 8,
             "finetune.val_samples": 16}
@@ -63,7 +63,7 @@ def test_finetune_from_a_run_with_labels_resumes_and_scratch_baseline(pretrained
                                                                      tmp_path: Path) -> None:
     cli = CliRunner()
     args = ["finetune", str(VQA), "--from", str(pretrained), "--labels", "40"]
-    result = cli.invoke(app, [*args, *_ft_args(shapes_data, tmp_path, "ft", steps=4)])
+    result = cli.invoke(app, [*args, *_ft_args(shapes_data, tmp_path, "ft", steps=4, workers=2)])
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "ft"
     cfg = load_config(run_dir / "config.yaml")
@@ -92,7 +92,7 @@ def test_finetune_from_a_run_with_labels_resumes_and_scratch_baseline(pretrained
     assert state["step"] == 4
 
     # raising train.steps continues from the step-4 checkpoint (model, optimizer, data position)
-    result = cli.invoke(app, [*args, *_ft_args(shapes_data, tmp_path, "ft", steps=6)])
+    result = cli.invoke(app, [*args, *_ft_args(shapes_data, tmp_path, "ft", steps=6, workers=2)])
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in _records(run_dir)] == [2, 4, 6]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
