@@ -143,6 +143,8 @@ def notes(rows: list[TransferRow]) -> list[str]:
     over = [f"{r.task}@{r.budget}" for r in rows if r.verdict == "exceeds spread"]
     within = [f"{r.task}@{r.budget}" for r in rows if r.verdict.startswith("≈")]
     out.append(f"exceed the spread: {', '.join(over) or 'none'}; within it: {', '.join(within) or 'none'}")
+    out.append("a seed draws the label subset, the data order and the head's (a scratch encoder's) init; every "
+               "pretrained trial starts from the one pretraining run, so the spread leaves out pretraining's own")
     return out
 
 
