@@ -172,7 +172,8 @@ def plot(plan: SweepPlan, rows: list[TransferRow]) -> str:
             ax.axhline(zs.cells["scratch"].mean, color="gray", linestyle="--", label="chance")
         ax.set_xticks(xs, [r.budget for r in mine])
         ax.set(xlabel="labelled examples", ylabel="test score", title=task)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # nothing to label when no trial reported
+            ax.legend(fontsize=7)
     fig.suptitle(f"{plan.name}: pretrained vs scratch (mean ± std over {len(plan.seeds)} seeds)", fontsize=9)
     return _png(fig)
 
