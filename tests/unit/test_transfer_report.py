@@ -72,3 +72,19 @@ def test_files_hold_the_table_notes_and_plot(sweep: SweepPlan) -> None:
     page = report.files["transfer_html"].read_text()
     assert page.count("<tr>") == 4 and "≈ within spread" in page
     assert re.search(r'<img alt="test score against label budget" src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', page)
+
+
+def test_the_transfer_sweep_file_plans_task_x_budget_x_init_over_three_seeds(tmp_path: Path) -> None:
+    from orchestrator.sweep_spec import load_spec, plan_sweep
+
+    root = Path(__file__).resolve().parents[2]
+    spec, spec_dir = load_spec(root / "jobs/configs/sweeps/transfer.yaml")
+    plan = plan_sweep(spec, spec_dir, tmp_path / "sw")
+    keys = [(c.finetune.task, c.finetune.labels, c.finetune.init)  # type: ignore[union-attr]
+            for c in (plan.trial_config(p.id, 0) for p in plan.points)]
+    assert keys == [(t, n, i) for t in ("shape", "vqa") for n in (100, 1000, None) for i in ("pretrained", "scratch")]
+    assert plan.seeds == [0, 1, 2] and len(plan.trials) == 36 and {p.steps for p in plan.points} == {120}
+    a, b = plan.trial_config("p00", 0), plan.trial_config("p00", 1)
+    assert (a.train.seed, b.train.seed) == (0, 1) and a.finetune.from_run == str(tmp_path / "sw/runs/pretrain")  # type: ignore[union-attr]
+    pre = plan.pretrain_config()
+    assert pre is not None and pre.name == PRETRAIN_RUN and pre.moe.num_experts == 0 and "itc" in pre.active_objectives
