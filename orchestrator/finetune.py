@@ -50,8 +50,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
     tokenizer = _tokenizer(run_dir, pre)
     if tokenizer is None:
         raise ConfigError([f"finetune.from_run = {ft.from_run!r}: the run's tokenizer.json was not found"])
-    raw["data"]["tokenizer"] = str(tokenizer)
-    raw["finetune"]["checkpoint"] = str(latest_checkpoint(run_dir)) if ft.init == "pretrained" else None
+    # absolute: the workers run in Ray's working directories, not the driver's
+    raw["data"]["tokenizer"] = str(tokenizer.absolute())
+    raw["finetune"]["from_run"] = str(run_dir.absolute())
+    raw["finetune"]["checkpoint"] = str(latest_checkpoint(run_dir).absolute()) if ft.init == "pretrained" else None
     return validate(raw)
 
 

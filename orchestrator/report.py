@@ -30,7 +30,19 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.config import ConfigError
-from orchestrator.report_rows import MEMORY, SPEED, Row, Stat, TrialResult, cell, title
+from orchestrator.report_rows import (
+    MEMORY,
+    SPEED,
+    Row,
+    Stat,
+    TrialResult,
+    cell,
+    downstream,
+    is_downstream,
+    title,
+)
+from orchestrator.report_spread import all_marks
+from orchestrator.report_spread import note as spread_note
 from orchestrator.sweep_spec import SweepPlan, load_plan
 
 _R1 = ("eval/i2t_r1", "eval/t2i_r1")
@@ -105,8 +117,8 @@ def columns(rows: list[Row], metric: str | None = None) -> list[str]:
     """The table's metric columns, from what the runs reported (see the module docstring)."""
     keys = {k for r in rows for k in r.stats}
     losses = [k for k in ["loss/total", *sorted(keys - {"loss/total"})] if k.startswith("loss/") and k in keys]
-    accs = sorted(k for k in keys if k.startswith("eval/") and k.endswith(("_acc", "_gain")))
-    cols = losses + [k for k in _R1 if k in keys] + accs
+    accs = sorted(k for k in keys if k.startswith("eval/") and k.endswith(("_acc", "_gain")) and not is_downstream(k))
+    cols = losses + [k for k in _R1 if k in keys] + accs + downstream(keys)
     cols += [MEMORY] if MEMORY in keys else []
     cols += [k for k in SPEED if k in keys]
     if metric and metric in keys and metric not in cols:
@@ -131,6 +143,7 @@ def _notes(plan: SweepPlan, rows: list[Row], trials: list[TrialResult]) -> list[
     best = best_row(rows, plan.metric, plan.mode)
     if best:
         notes.append(f"best by {plan.metric} ({plan.mode}): {best.label} = {cell(best.stats[plan.metric])}")
+    notes += spread_note(rows, plan.metric)
     partial = [f"{t.name} ({t.status}, step {t.steps})" for t in trials if t.status != "finished"]
     if partial:
         notes.append(f"not finished: {', '.join(partial)}")
@@ -140,9 +153,11 @@ def _notes(plan: SweepPlan, rows: list[Row], trials: list[TrialResult]) -> list[
 def rich_tables(plan: SweepPlan, rows: list[Row], cols: list[str]) -> list[Table]:
     """The columns in three tables (a sweep's table is too wide for one terminal line)."""
     groups = [("final training losses", [k for k in cols if k.startswith("loss/")]),
-              ("held-out evaluation", [k for k in cols if k.startswith("eval/")]),
+              ("held-out evaluation", [k for k in cols if k.startswith("eval/") and not is_downstream(k)]),
+              ("downstream: zero-shot and linear probe", [k for k in cols if is_downstream(k)]),
               ("cost", [k for k in cols if not k.startswith(("loss/", "eval/"))])]
     tables = []
+    mark = all_marks(rows, cols)
     for name, keys in groups:
         if not keys:
             continue
@@ -150,7 +165,8 @@ def rich_tables(plan: SweepPlan, rows: list[Row], cols: list[str]) -> list[Table
         for head in ("config", "seeds", "steps", *map(title, keys)):
             t.add_column(head, justify="left" if head == "config" else "right")
         for r in rows:
-            t.add_row(r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}", *(cell(r.stats.get(k), k) for k in keys))
+            t.add_row(r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}",
+                      *(cell(r.stats.get(k), k, mark[k].get(r.point, "")) for k in keys))
         tables.append(t)
     return tables
 
@@ -158,8 +174,10 @@ def rich_tables(plan: SweepPlan, rows: list[Row], cols: list[str]) -> list[Table
 def markdown(plan: SweepPlan, rows: list[Row], cols: list[str], notes: list[str]) -> str:
     heads = ["config", "seeds", "steps", *map(title, cols)]
     lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
+    mark = all_marks(rows, cols)
     for r in rows:
-        cells = [r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}", *(cell(r.stats.get(k), k) for k in cols)]
+        cells = [r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}",
+                 *(cell(r.stats.get(k), k, mark[k].get(r.point, "")) for k in cols)]
         lines.append("| " + " | ".join(cells) + " |")
     return f"# Sweep {plan.name}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 

@@ -16,6 +16,7 @@ import io
 from matplotlib.figure import Figure
 
 from orchestrator.report_rows import Row, TrialResult, cell, title
+from orchestrator.report_spread import all_marks
 from orchestrator.sweep_spec import SweepPlan
 
 _STYLES = ("-", "--", ":", "-.")
@@ -89,9 +90,11 @@ def _img(b64: str, alt: str) -> str:
 def render_html(plan: SweepPlan, trials: list[TrialResult], rows: list[Row], cols: list[str], notes: list[str]) -> str:
     esc = html.escape
     heads = "".join(f"<th>{esc(h)}</th>" for h in ("config", "seeds", "steps", *map(title, cols)))
+    mark = all_marks(rows, cols)
     body = "".join(
         "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in (r.label, f"{r.finished}/{r.seeds}", f"{r.steps:.0f}",
-                                                         *(cell(r.stats.get(k), k) for k in cols))) + "</tr>"
+                                                         *(cell(r.stats.get(k), k, mark[k].get(r.point, ""))
+                                                           for k in cols))) + "</tr>"
         for r in rows)
     curves = "".join(_img(b, f"{k} per trial") for k, b in loss_curves(plan, trials).items())
     bars = "".join(_img(b, f"{k} per configuration") for k, b in bar_charts(plan, trials, rows, cols).items())

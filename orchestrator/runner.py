@@ -41,6 +41,10 @@ class RunFailed(RuntimeError):
         self.cause, self.log_file = cause, log_file
         super().__init__(f"training failed: {cause} (full traceback: {log_file})")
 
+    def __reduce__(self) -> tuple[type[RunFailed], tuple[str, Path]]:
+        # a sweep's trial raises it in a Tune actor; Tune pickles it back to the driver
+        return RunFailed, (self.cause, self.log_file)
+
 
 def _root_cause(exc: BaseException) -> str:
     """The last line of the innermost traceback: what a user acts on, without Ray's wrapping."""

@@ -143,6 +143,8 @@ def notes(rows: list[TransferRow]) -> list[str]:
     over = [f"{r.task}@{r.budget}" for r in rows if r.verdict == "exceeds spread"]
     within = [f"{r.task}@{r.budget}" for r in rows if r.verdict.startswith("≈")]
     out.append(f"exceed the spread: {', '.join(over) or 'none'}; within it: {', '.join(within) or 'none'}")
+    out.append("a seed draws the label subset, the data order and the head's (a scratch encoder's) init; every "
+               "pretrained trial starts from the one pretraining run, so the spread leaves out pretraining's own")
     return out
 
 
@@ -170,7 +172,8 @@ def plot(plan: SweepPlan, rows: list[TransferRow]) -> str:
             ax.axhline(zs.cells["scratch"].mean, color="gray", linestyle="--", label="chance")
         ax.set_xticks(xs, [r.budget for r in mine])
         ax.set(xlabel="labelled examples", ylabel="test score", title=task)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # nothing to label when no trial reported
+            ax.legend(fontsize=7)
     fig.suptitle(f"{plan.name}: pretrained vs scratch (mean ± std over {len(plan.seeds)} seeds)", fontsize=9)
     return _png(fig)
 

@@ -130,3 +130,54 @@ def test_report_cli_writes_table_csv_and_self_contained_html(sweep_dir: Path, tm
     result = CliRunner().invoke(app, ["report", str(empty)])
     assert result.exit_code == 2
     assert result.output.strip() == f"error: {empty}: not a sweep directory (no sweep.yaml; make one with: mmpt sweep SWEEP.yaml)"
+
+
+def _summary_run(plan: SweepPlan, point: str, seed: int, ev: dict[str, float], loss: float) -> None:
+    run = Path(plan.sweep_dir, "runs", plan.trial_name(point, seed))
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "time": 1.0, "loss/total": loss}) + "\n")
+    (run / "summary.json").write_text(json.dumps({"steps": 4, "wall_time_s": 10.0, "eval": ev,
+                                                  "final_losses": {"total": loss}}))
+
+
+def test_downstream_columns_and_spread_marks(tmp_path: Path) -> None:
+    from orchestrator.report import write_report
+    from orchestrator.report_spread import marks
+
+    plan = SweepPlan(name="abl", sweep_dir=str(tmp_path), metric="eval/probe_shape_acc", mode="max", seeds=[0, 1, 2],
+                     base={}, spec={}, points=[Point(f"p0{i}", f"cfg{i}", {}, steps=4) for i in range(3)])
+    (tmp_path / "sweep.yaml").write_text(plan.to_yaml())
+    # probe_shape_acc per point: p00 0.80 ± 0.10 (best), p01 0.70 ± 0.05 (|Δ| 0.10 <= 0.15: within),
+    # p02 0.40 ± 0.01 (|Δ| 0.40 > 0.11: exceeds). loss/total: p02 lowest (best) and alone within nothing.
+    probe = {"p00": [0.7, 0.8, 0.9], "p01": [0.65, 0.7, 0.75], "p02": [0.39, 0.4, 0.41]}
+    for point, values in probe.items():
+        for seed, v in enumerate(values):
+            ev = {"probe_shape_acc": v, "zs_shape_top1_acc": 0.5, "zs_color_top1_acc": 0.3, "zs_color_top5_acc": 0.9,
+                  "probe_color_acc": 0.6, "mlm_acc": 0.2}
+            _summary_run(plan, point, seed, ev, loss={"p00": 3.0, "p01": 2.0, "p02": 1.0}[point] + seed * 0.01)
+    report = write_report(tmp_path)
+    # the downstream figures the pretraining runs' summaries carry, after the other held-out columns, by task
+    assert [c for c in report.columns if c.startswith("eval/")] == [
+        "eval/mlm_acc", "eval/zs_color_top1_acc", "eval/zs_color_top5_acc", "eval/probe_color_acc",
+        "eval/zs_shape_top1_acc", "eval/probe_shape_acc"]
+    md = report.files["markdown"].read_text()
+    head = next(ln for ln in md.splitlines() if ln.startswith("| config"))
+    assert "| zero-shot color | zero-shot color top-5 | probe color | zero-shot shape | probe shape |" in head
+    assert marks(report.rows, "eval/probe_shape_acc") == {"p00": "*", "p01": "≈", "p02": ""}
+    assert marks(report.rows, "loss/total") == {"p00": "", "p01": "", "p02": "*"}  # lower is better
+    # equal values in every row: all within the spread of the best (a zero-spread tie)
+    assert marks(report.rows, "eval/zs_shape_top1_acc") == {"p00": "*", "p01": "≈", "p02": "≈"}
+    rows = {ln.split(" | ")[0][2:]: ln for ln in md.splitlines() if ln.startswith("| cfg")}
+    assert "0.800 ± 0.100 *" in rows["cfg0"] and "0.700 ± 0.050 ≈" in rows["cfg1"]
+    assert "0.400 ± 0.010 |" in rows["cfg2"]
+    assert "eval/probe_shape_acc: within the spread of the best (cfg0): cfg1" in md
+    assert "0.800 ± 0.100 *" in report.files["html"].read_text()
+    one = SweepPlan(name="one", sweep_dir=str(tmp_path / "one"), metric="eval/mlm_acc", mode="max", seeds=[0],
+                    base={}, spec={}, points=[Point("p00", "a", {}, steps=4), Point("p01", "b", {}, steps=4)])
+    Path(one.sweep_dir).mkdir()
+    Path(one.sweep_dir, "sweep.yaml").write_text(one.to_yaml())
+    for point in ("p00", "p01"):
+        _summary_run(one, point, 0, {"mlm_acc": 0.5}, 1.0)
+    single = write_report(one.sweep_dir)
+    assert marks(single.rows, "eval/mlm_acc") == {}
+    assert any(n.startswith("one seed per configuration: no spread") for n in single.notes)
