@@ -336,6 +336,10 @@ def synchronized_steps(stream: RankStream | MixtureStream, micro_batches: int,
                     with watchdog.waiting(stream.describe, watchdog.STARTUP_ALLOWANCE if first else 1.0):
                         batch = next(it, None)
                         if batch is None:  # bad samples: this rank's part is short of the agreed steps
+                            if not short:
+                                log.warning("rank %d: bad samples left its part of epoch %d short of the %d agreed "
+                                            "steps at step %d; repeating its first batches of the epoch",
+                                            stream.rank, stream.epoch_number, agreed, stream.steps_done + 1)
                             short += 1
                             batch = stream.filler()
                     step.append(batch)
@@ -344,8 +348,7 @@ def synchronized_steps(stream: RankStream | MixtureStream, micro_batches: int,
         finally:
             it.close()  # type: ignore[attr-defined]
         if short:
-            log.warning("rank %d: bad samples left its part of epoch %d %d batch(es) short of the %d agreed steps; "
-                        "repeated its first batches of the epoch", stream.rank, stream.epoch_number, short, agreed)
+            log.warning("rank %d: %d batch(es) of epoch %d repeated", stream.rank, short, stream.epoch_number)
         stream.next_epoch()
 
 
