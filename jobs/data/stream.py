@@ -113,7 +113,7 @@ class RankStream:
                  seed: int | None, position: DataPosition | None = None, ledger: Any = None,
                  prefetch_batches: int = 2, read_tasks: int = 0, limit: int | None = None,
                  ray_remote_args: dict[str, Any] | None = None, pin_memory: bool = False,
-                 unit_samples: int = 512, next_epoch_ahead: bool = True) -> None:
+                 unit_samples: int = 512, next_epoch_ahead: bool = False) -> None:
         self.shards, self.spec = shards, spec
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.position = position or DataPosition()

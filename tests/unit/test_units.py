@@ -181,7 +181,7 @@ def _agree_over(monkeypatch: pytest.MonkeyPatch, ranks: list[RankStream], micro:
 def test_every_rank_takes_the_agreed_steps_and_the_next_epoch_starts_ahead(tmp_path: Path, tokenizer: str,
                                                                           no_ray: type[_FakeDataset],
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    ranks = _two_ranks(tmp_path, tokenizer)
+    ranks = _two_ranks(tmp_path, tokenizer, next_epoch_ahead=True)
     _agree_over(monkeypatch, ranks, 2)
     plans = [s.planned_batches() for s in ranks]
     assert plans == [12, 10]  # epoch 0: shards {22, 26} and {30, 12} samples (by the seeded order), batches of 4
@@ -221,7 +221,8 @@ def test_bad_samples_leave_a_rank_short_and_it_fills_instead_of_hanging(tmp_path
     spec = _spec(tokenizer)
     clean = _shard(tmp_path / "clean.tar", 16, prefix="c")
     dirty = _shard(tmp_path / "dirty.tar", 16, bad=tuple(range(10)), prefix="d")  # 6 good, by the index 16
-    ranks = [RankStream([clean, dirty], spec, batch_size=2, rank=r, world=2, seed=None, unit_samples=8)
+    ranks = [RankStream([clean, dirty], spec, batch_size=2, rank=r, world=2, seed=None, unit_samples=8,
+                        next_epoch_ahead=True)
              for r in range(2)]
     _agree_over(monkeypatch, ranks, 1)
     per_rank = []
