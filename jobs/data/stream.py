@@ -315,7 +315,8 @@ def synchronized_steps(stream: RankStream | MixtureStream, micro_batches: int,
         it = stream.epoch()
         while True:
             with watchdog.waiting(stream.describe):
-                yield [next(it) for _ in range(micro_batches)]
+                step = [next(it) for _ in range(micro_batches)]
+            yield step
     while True:
         with watchdog.waiting(stream.describe, watchdog.STARTUP_ALLOWANCE):
             have = stream.planned_batches() // micro_batches
