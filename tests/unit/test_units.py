@@ -251,3 +251,22 @@ def test_an_older_position_moves_on_to_the_next_epoch_and_describe_names_the_uni
     assert s.describe() == (f"the data stream (epoch 3, reading {units[0]} from offset 0 or the next unit "
                             f"{units[1]})")
     assert isinstance(units[0], Unit) and str(units[0]).endswith(f"[{units[0].start}:{units[0].stop}]")
+
+
+def test_a_parquet_unit_reads_only_its_row_groups_rows(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (10, 200, 10)).save(buf, format="JPEG")
+    n = 10
+    table = pa.table({"jpg": [buf.getvalue()] * n, "caption": [f"caption {i}" if i != 5 else "" for i in range(n)]})
+    path = tmp_path / "p.parquet"
+    pq.write_table(table, path, row_group_size=3)
+    index = shard_index.shard_index(str(path), StorageOptions())
+    assert index.samples == n and index.offsets is None
+    reports: list[reader.ShardReport] = []
+    rows = list(reader.iter_unit_rows(str(path), reader.ReadSpec(image_size=16), 4, 8, on_report=reports.append))
+    assert [r["key"] for r in rows] == ["000000004", "000000006", "000000007"]  # 5's caption is empty
+    assert reports[-1].unit == "4:8" and reports[-1].good == 3 and reports[-1].bad == {"000000005": "empty_caption"}
