@@ -10,7 +10,7 @@ first alternating with W; CPU-seconds are of every process of this benchmark's t
 (benchmarks/cputime.py; it starts none). Printed: per-rank CPU-seconds (mean over ranks), samples per
 rank, and the total over ranks, for each side, and old/new.
 
-    flock /tmp/mmpt_heavy.lock .venv/bin/python -m benchmarks.units [--samples 512] [--shards 2]
+    flock /tmp/mmpt_heavy.lock .venv/bin/python -m benchmarks.units [--samples 2048] [--shards 2]
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _measure(batches: Iterator[dict[str, np.ndarray]]) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=512, help="samples in all")
+    ap.add_argument("--samples", type=int, default=2048, help="samples in all")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--image-size", type=int, default=48)
     ap.add_argument("--worlds", default="1,2,4,8")
