@@ -76,7 +76,7 @@ def _train(config: dict[str, Any]) -> None:
         if step % config["every"] == 0:
             index = step // config["every"] - 1
             background = index % 2 == 1
-            ckpt.report(metrics, engine, state, rank, {"epoch": 0, "shard_pos": 0, "offset": step},
+            ckpt.report(metrics, engine, state, rank, {"epoch": 0, "unit": 0, "offset": step},
                         background=background)
         else:
             ray.train.report(metrics)

@@ -272,7 +272,7 @@ def training_loop(gpu: bool, steps: int, workdir: str) -> list[str]:
              f"i2t R@1 {ev['i2t_r1']:.3f} (chance {ev['chance_r1']:.3f}), MLM acc {ev['mlm_token_acc']:.3f}"]
 
     saved_dir = os.path.join(workdir, "checkpoint")
-    with ckpt.staged(engine, trainer.state, 0, {"epoch": 0, "shard_pos": 0, "offset": 0}) as folder:
+    with ckpt.staged(engine, trainer.state, 0, {"epoch": 0, "unit": 0, "offset": 0}) as folder:
         shutil.copytree(folder, saved_dir)
     probe = next(stream)
     torch.manual_seed(123)

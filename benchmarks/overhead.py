@@ -6,7 +6,7 @@ synthetic shards for the same steps on 2 ranks (gloo, 1 CPU thread each):
 - mmpt: `orchestrator.runner.run`, a fresh local Ray per run; its per-report `step_time_s`.
 - plain: 2 processes (torch.multiprocessing + gloo), `jobs.engine.build_engine` on the same config,
   each rank reading its shards (rank::world) in-process with the function the pipeline's Ray Data
-  tasks run (`jobs.data.pipeline._shard_batches`: read, decode, tokenize) and the same
+  tasks run (`jobs.data.pipeline._unit_batches`: read, decode, tokenize) and the same
   `jobs.data.batch.to_model_batch`, no prefetching; step time measured exactly as the train loop
   does (report windows of `log_every` steps, the report's own work outside the window).
 The machine is noisy, so the two run in turn (alternating which goes first) for several pairs; the
@@ -119,13 +119,13 @@ def _batches(shards: list[str], spec: Any, batch_size: int):  # noqa: ANN202 - I
     import numpy as np
     import torch
 
-    from jobs.data.pipeline import _shard_batches
+    from jobs.data.local import local_items
+    from jobs.data.pipeline import _unit_batches
 
     pending: dict[str, Any] | None = None
     while True:
-        for pos, shard in enumerate(shards):
-            item = {"shard": np.array([shard]), "shard_pos": np.array([pos]), "start": np.array([0])}
-            for cols in _shard_batches(item, spec, seed=None, epoch=0, stride=None, ledger=None):
+        for shard in shards:
+            for cols in _unit_batches(local_items([shard], spec), spec, seed=None, epoch=0, ledger=None):
                 pending = cols if pending is None else {k: np.concatenate([pending[k], cols[k]]) for k in cols}
                 while len(pending["input_ids"]) >= batch_size:
                     yield {k: torch.from_numpy(v[:batch_size]) for k, v in pending.items()}

@@ -8,7 +8,7 @@ S3). DeepSpeed names its files by rank (ZeRO optimizer shards `zero_pp_rank_R_*`
 Besides DeepSpeed's model/optimizer/LR-schedule state, a checkpoint holds `trainer_state.json`
 (step, samples seen, bad-data ledger; rank 0) and `rank{R}.pt` per rank: its RNG states (masking
 and negative sampling draw from them, and a resumed run must draw what it would have) and its data
-position (epoch, shard, offset: each rank reads its own deterministic stream).
+position (epoch, unit, offset and the epoch's steps: each rank reads its own deterministic stream).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def _next_epoch(position: dict[str, Any]) -> dict[str, Any]:
     """The start of the epoch after `position` (a RankStream's, or a MixtureStream's per source)."""
     if "sources" in position:
         return {"drawn": position["drawn"], "sources": [_next_epoch(p) for p in position["sources"]]}
-    return {"epoch": int(position["epoch"]) + 1, "shard_pos": 0, "offset": 0}
+    return {"epoch": int(position["epoch"]) + 1, "unit": 0, "offset": 0, "steps": 0}
 
 
 def read(folder: str, rank: int, world: int) -> Saved:

@@ -43,6 +43,10 @@ class DataConfig(Strict):
     shuffle_seed: int | None = Field(0, description="shard-order and within-shard shuffling seed; null = file order")
     read_tasks: int = Field(0, ge=0, description="concurrent shard-reading tasks per worker; 0 = Ray Data decides")
     prefetch_batches: int = Field(2, ge=0, description="batches each worker prefetches")
+    unit_samples: int = Field(512, ge=1, description="samples per read task: shards are cut into units of this "
+                              "many, and a worker fetches and decodes only its own units")
+    next_epoch_ahead: bool = Field(True, description="start the next epoch's pipeline while the current one is half "
+                                   "read, so the epoch boundary does not wait for its start-up (false: after it ends)")
     max_bad_fraction: float = Field(0.05, ge=0, le=1, description="error budget: bad samples / samples read")
     image_column: str = Field("jpg", description="Parquet shards: column with the encoded image bytes")
     caption_column: str = Field("caption", description="Parquet shards: column with the caption")

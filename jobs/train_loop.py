@@ -1,7 +1,7 @@
 """The per-worker training function that Ray Train runs on every rank.
 
 One step = `grad_accum` micro-batches through the DeepSpeed engine. Every rank takes the same
-number of steps (before each step the ranks agree that all have data: jobs.data.stream), reports
+number of steps (at each epoch's start the ranks agree on its steps: jobs.data.stream), reports
 at the same steps (Ray Train's report is a barrier) and checkpoints at the same steps (DeepSpeed's
 save is collective). Each rank streams its own deterministic part of the shards, and its position
 in it is part of every checkpoint.
@@ -135,7 +135,8 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
     mesh = Mesh(rank, world, cfg.parallel.tp_size)
     sources = [RankStream(shards, spec, batch_size=cfg.train.batch_size, rank=mesh.dp_rank, world=mesh.dp,
                           seed=cfg.data.shuffle_seed, ledger=ledger, prefetch_batches=cfg.data.prefetch_batches,
-                          read_tasks=cfg.data.read_tasks, ray_remote_args=job.data_remote_args, pin_memory=pin)
+                          read_tasks=cfg.data.read_tasks, ray_remote_args=job.data_remote_args, pin_memory=pin,
+                          unit_samples=cfg.data.unit_samples, next_epoch_ahead=cfg.data.next_epoch_ahead)
                for shards in job.train_sources]
     stream: RankStream | MixtureStream = (sources[0] if len(sources) == 1 else MixtureStream(
         sources, job.train_weights, seed=cfg.data.shuffle_seed, rank=mesh.dp_rank))
@@ -180,8 +181,9 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
             return {}
         per_rank = -(-cfg.eval.max_samples // mesh.dp)
         eval_stream = RankStream(job.eval_shards, spec, batch_size=cfg.eval.batch_size, rank=mesh.dp_rank, world=mesh.dp,
-                                 seed=None, limit=per_rank, ray_remote_args=job.data_remote_args, pin_memory=pin)
-        batches = synchronized_batches(eval_stream, device)
+                                 seed=None, limit=per_rank, ray_remote_args=job.data_remote_args, pin_memory=pin,
+                                 unit_samples=cfg.data.unit_samples, next_epoch_ahead=False)
+        batches = synchronized_batches(eval_stream, device)  # closes its pipeline when done
         grounded = grounded_token_ids(spec.tokenizer_uri, job.grounded_words, spec.storage)  # MLM on grounded words
         from jobs.generative.probe import caption_decoder  # DALL-E: captions judged against generated images
 
@@ -193,40 +195,44 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
                              world=mesh.dp, batch_size=cfg.eval.batch_size, device=device, dtype=trainer.dtype)
         return {f"eval/{k}": v for k, v in out.items()}
 
-    while state.step < cfg.train.steps:
-        t_wait = time.perf_counter()
-        micro = next(steps)
-        with watchdog.waiting("the training step's collectives (DeepSpeed's gradient all-reduce)",
-                              watchdog.STARTUP_ALLOWANCE if trainer.memory is None else watchdog.COLLECTIVE_ALLOWANCE):
-            trainer.train_step(micro, wait_s=time.perf_counter() - t_wait)
-        if cfg.data.record_samples and mesh.tp_rank == 0:
-            sample_ids[state.step] = [int(i) for raw in micro for i in raw["sample_id"]]
+    try:
+        while state.step < cfg.train.steps:
+            t_wait = time.perf_counter()
+            micro = next(steps)
+            with watchdog.waiting("the training step's collectives (DeepSpeed's gradient all-reduce)",
+                                  watchdog.STARTUP_ALLOWANCE if trainer.memory is None else watchdog.COLLECTIVE_ALLOWANCE):
+                trainer.train_step(micro, wait_s=time.perf_counter() - t_wait)
+            if cfg.data.record_samples and mesh.tp_rank == 0:
+                sample_ids[state.step] = [int(i) for raw in micro for i in raw["sample_id"]]
 
-        final = state.step == cfg.train.steps
-        do_ckpt = final or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0)
-        do_eval = final or (cfg.eval.every and state.step % cfg.eval.every == 0)
-        if not (do_ckpt or do_eval or state.step % cfg.train.log_every == 0):
-            continue
+            final = state.step == cfg.train.steps
+            do_ckpt = final or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0)
+            do_eval = final or (cfg.eval.every and state.step % cfg.eval.every == 0)
+            if not (do_ckpt or do_eval or state.step % cfg.train.log_every == 0):
+                continue
 
-        with watchdog.waiting("the report's metrics all-reduce", watchdog.COLLECTIVE_ALLOWANCE):
-            metrics = trainer.report()
-        metrics["epoch"] = stream.epoch_number
-        if rank == 0 and ledger is not None:
-            metrics |= _bad_data(ledger, cfg)
-        if sample_ids:
-            first = min(sample_ids)
-            storage.write_text(storage.join(job.run_dir, "samples", f"rank{rank}_{first:07d}.json"),
-                               json.dumps(sample_ids), spec.storage)
-            sample_ids = {}
-        if do_eval:
-            metrics |= run_eval()
-        if do_ckpt and state.step != last_ckpt_step:
+            with watchdog.waiting("the report's metrics all-reduce", watchdog.COLLECTIVE_ALLOWANCE):
+                metrics = trainer.report()
+            metrics["epoch"] = stream.epoch_number
             if rank == 0 and ledger is not None:
-                state.extra["ledger"] = ray.get(ledger.state.remote())
-            state.extra["world"] = world
-            ckpt.report(metrics, engine, state, rank, stream.state(),
-                        background=cfg.train.checkpoint_upload == "background")
-            last_ckpt_step = state.step
-        else:
-            with watchdog.waiting("ray.train.report (a barrier of all ranks)", watchdog.COLLECTIVE_ALLOWANCE):
-                ray.train.report(metrics)
+                metrics |= _bad_data(ledger, cfg)
+            if sample_ids:
+                first = min(sample_ids)
+                storage.write_text(storage.join(job.run_dir, "samples", f"rank{rank}_{first:07d}.json"),
+                                   json.dumps(sample_ids), spec.storage)
+                sample_ids = {}
+            if do_eval:
+                metrics |= run_eval()
+            if do_ckpt and state.step != last_ckpt_step:
+                if rank == 0 and ledger is not None:
+                    state.extra["ledger"] = ray.get(ledger.state.remote())
+                state.extra["world"] = world
+                ckpt.report(metrics, engine, state, rank, stream.state(),
+                            background=cfg.train.checkpoint_upload == "background")
+                last_ckpt_step = state.step
+            else:
+                with watchdog.waiting("ray.train.report (a barrier of all ranks)", watchdog.COLLECTIVE_ALLOWANCE):
+                    ray.train.report(metrics)
+    finally:  # the pipelines (and their threads) of this run end with it, also on a failure
+        steps.close()
+        stream.close()

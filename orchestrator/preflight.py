@@ -10,7 +10,7 @@ Three kinds, run by `mmpt run` on the driver before Ray starts:
   (`train.batch_size × train.grad_accum` samples), and of the held-out set one retrieval
   candidate set (`eval.batch_size`). Without this a rank with no full batch ends every epoch at
   once and the run loops forever (`--set train.batch_size=1000000`). Shards are read whole but
-  not decoded (reader.read_shard: the structural checks), each rank's only until its step is
+  not decoded (reader.sample_flags: the structural checks), each rank's only until its step is
   full, and for at most `DATA_CHECK_S` seconds: past that the train loop's own check (an epoch
   without a step is an error, jobs/data/stream.py) is the guard. Data whose every sample is bad
   ends here with the error-budget message.
@@ -187,27 +187,30 @@ def _shortest_share(shards: list[str], need: int, seed: int | None, world: int, 
     """(rank, samples) of the rank whose epoch-0 share holds the fewest, when some rank holds fewer
     than `need`; None if all hold enough. Past the first short rank the others are counted too: the
     bad-sample counts then cover the whole data, for the error-budget message."""
-    from jobs.data.reader import ReadSpec, read_shard
-    from jobs.data.stream import rank_shards
+    from jobs.data.reader import ReadSpec, sample_flags
+    from jobs.data.units import rank_shards, rank_units
 
     spec = ReadSpec(image_size=cfg.data.image_size, storage=files.opts, image_column=cfg.data.image_column,
                     caption_column=cfg.data.caption_column)
-    counted: dict[str, int] = {}
+    flags: dict[str, list[bool]] = {}
 
-    def valid(shard: str) -> int:
-        if shard not in counted:
-            raws, report = read_shard(shard, spec)
+    def valid(shard: str) -> list[bool]:
+        if shard not in flags:
+            flags[shard], report = sample_flags(shard, spec)
             ledger.add(report)
-            counted[shard] = len(raws)
-        return counted[shard]
+        return flags[shard]
 
     short: tuple[int, int] | None = None
     for rank in range(world):
-        mine, stride = rank_shards(shards, 0, rank, world, seed)
         have = 0
-        for shard in mine:
-            n = valid(shard)
-            have += len(range(rank, n, world)) if stride else n  # stride: every world-th sample of each shard
+        mine, shared = rank_shards(shards, 0, rank, world, seed)
+        # the samples the rank's stream reads: whole shards (read one by one, until the step is full),
+        # or with fewer shards than ranks its units of them all
+        parts = ((u.shard, u.start, u.stop) for u in rank_units(shards, lambda s: len(valid(s)), 0, rank, world,
+                                                                  seed, cfg.data.unit_samples)) if shared else (
+            (s, 0, None) for s in mine)
+        for shard, start, stop in parts:
+            have += sum(valid(shard)[start:stop])
             if have >= need and short is None:
                 break
         if have < need and (short is None or have < short[1]):

@@ -17,13 +17,15 @@ from typing import BinaryIO
 from jobs.storage import StorageOptions, filesystem_for, is_remote
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+INDEX_SUFFIX = ".index.json"  # beside each shard written here: its sample offsets (jobs.data.index)
 
 
 class ShardWriter:
     """Write one tar shard to any URI; use as a context manager.
 
     Headers carry no time or owner (mtime 0, uid/gid 0, empty names, mode 0o644), so the bytes
-    depend only on the samples written.
+    depend only on the samples written. Closing writes `<uri>.index.json` too: the samples' byte
+    offsets, so that a reader can fetch and decode only a range of them (jobs.data.index).
     """
 
     def __init__(self, uri: str, options: StorageOptions | None = None) -> None:
@@ -36,6 +38,7 @@ class ShardWriter:
             filesystem.create_dir(posixpath.dirname(path) or "/", recursive=True)
         self._stream = filesystem.open_output_stream(path, compression=None)
         self._tar = tarfile.open(fileobj=self._stream, mode="w|", format=tarfile.PAX_FORMAT)
+        self._offsets: list[int] = []  # where each sample starts: <shard>.index.json (jobs.data.index)
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         """Append one sample; `members` maps extension (no dot) -> bytes, e.g. {"jpg": ..., "txt": ...}."""
@@ -50,6 +53,7 @@ class ShardWriter:
         for ext in members:  # validate all before writing any: no half-written sample
             if not ext or ext.startswith(".") or "/" in ext:
                 raise ValueError(f"sample {key!r}: bad extension {ext!r} (expected e.g. 'jpg')")
+        self._offsets.append(self._tar.offset)
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
@@ -62,8 +66,13 @@ class ShardWriter:
         self.count += 1
 
     def close(self) -> None:
+        from jobs.data.index import encode_index
+
+        end = self._tar.offset
         self._tar.close()  # writes the end-of-archive blocks; does not close a given fileobj
         self._stream.close()
+        with self._filesystem.open_output_stream(self._path + INDEX_SUFFIX, compression=None) as f:
+            f.write(encode_index([*self._offsets, end]).encode())
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -77,10 +86,11 @@ class ShardWriter:
         self.close()
         if exc_type is not None:
             # A half-written shard would be read later as a valid but short one: remove it.
-            try:
-                self._filesystem.delete_file(self._path)
-            except OSError:
-                pass
+            for path in (self._path, self._path + INDEX_SUFFIX):
+                try:
+                    self._filesystem.delete_file(path)
+                except OSError:
+                    pass
 
 
 @dataclass

@@ -25,16 +25,18 @@ class DataBudgetExceeded(RuntimeError):
 
 class BadSampleLedger:
     def __init__(self) -> None:
-        self._good: dict[str, int] = {}
+        self._good: dict[str, dict[str, int]] = {}  # shard -> unit ("start:stop", "" = whole) -> good
         self._bad: dict[str, dict[str, str]] = {}
         self._detail: dict[str, str] = {}  # shard -> why it is unusable as a whole
         self._good_total = 0
         self._by_reason: Counter[str] = Counter()
 
     def add(self, report: ShardReport) -> None:
-        # the latest pass knows about images that failed to decode
-        self._good_total += report.good - self._good.get(report.shard, 0)
-        self._good[report.shard] = report.good
+        # the latest pass knows about images that failed to decode; a shard read in units
+        # (jobs.data.units) reports per unit
+        units = self._good.setdefault(report.shard, {})
+        self._good_total += report.good - units.get(report.unit, 0)
+        units[report.unit] = report.good
         keys = self._bad.setdefault(report.shard, {})
         for key, reason in report.bad.items():
             old = keys.get(key)
@@ -57,20 +59,22 @@ class BadSampleLedger:
         """`counts()` plus the worst shards and every bad key (the end of a run, past the budget)."""
         ranked = heapq.nlargest(worst, ((len(keys), shard) for shard, keys in self._bad.items() if keys))
         return self.counts() | {
-            "worst_shards": [{"shard": s, "bad": n, "samples": n + self._good.get(s, 0)}
+            "worst_shards": [{"shard": s, "bad": n, "samples": n + sum(self._good.get(s, {}).values())}
                              | ({"why": self._detail[s]} if s in self._detail else {}) for n, s in ranked],
             "bad_keys": {s: dict(sorted(k.items())) for s, k in sorted(self._bad.items()) if k},
         }
 
     def state(self) -> dict[str, Any]:
-        return {"good": dict(self._good), "bad": {s: dict(k) for s, k in self._bad.items()},
+        return {"good": {s: dict(u) for s, u in self._good.items()}, "bad": {s: dict(k) for s, k in self._bad.items()},
                 "detail": dict(self._detail)}
 
     def load(self, state: dict[str, Any]) -> None:
-        self._good = {s: int(n) for s, n in state.get("good", {}).items()}
+        # an older state holds one count per shard
+        self._good = {s: {k: int(v) for k, v in n.items()} if isinstance(n, dict) else {"": int(n)}
+                      for s, n in state.get("good", {}).items()}
         self._bad = {s: dict(k) for s, k in state.get("bad", {}).items()}
         self._detail = dict(state.get("detail", {}))
-        self._good_total = sum(self._good.values())
+        self._good_total = sum(sum(u.values()) for u in self._good.values())
         self._by_reason = Counter(r for keys in self._bad.values() for r in keys.values())
 
 

@@ -13,17 +13,27 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from jobs.data.pipeline import PipelineSpec, _shard_batches
+from jobs.data.index import shard_index
+from jobs.data.pipeline import PipelineSpec, _unit_batches, unit_item
+from jobs.data.units import Unit
+
+
+def local_items(shards: list[str], spec: PipelineSpec) -> dict[str, np.ndarray]:
+    """Every shard as one unit, in order, as the columns a read task gets."""
+    rows = []
+    for pos, shard in enumerate(shards):
+        index = shard_index(shard, spec.storage, spec.image_column, spec.caption_column)
+        rows.append(unit_item(Unit(shard, 0, index.samples), index, pos))
+    return {k: np.array([r[k] for r in rows], dtype=object if k in ("shard", "truncated") else np.int64)
+            for k in ("shard", "unit_pos", "start", "stop", "begin", "lo", "hi", "truncated")}
 
 
 def local_batches(shards: list[str], spec: PipelineSpec, batch_size: int, *, seed: int | None = 0,
                   epoch: int = 0, pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Full batches over `shards` in order (the remainder is dropped, as the train streams do)."""
-    items = {"shard": np.array(shards, dtype=object), "shard_pos": np.arange(len(shards)),
-             "start": np.zeros(len(shards), dtype=np.int64)}
     pending: list[dict[str, np.ndarray]] = []
     rows = 0
-    for cols in _shard_batches(items, spec, seed, epoch, stride=None, ledger=None):
+    for cols in _unit_batches(local_items(shards, spec), spec, seed, epoch, ledger=None):
         pending.append(cols)
         rows += len(cols["input_ids"])
         while rows >= batch_size:

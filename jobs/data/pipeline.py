@@ -1,12 +1,12 @@
-"""The Ray Data input pipeline of one rank: its shards -> decoded samples -> model-ready rows.
+"""The Ray Data input pipeline of one rank: its units of shards -> decoded samples -> model-ready rows.
 
-    [{shard, shard_pos, start}] ──map_batches (one CPU task per shard)──▶ read (reader.iter_rows),
+    [unit_item] ──map_batches (one CPU task per unit)──▶ read (reader.iter_unit_rows),
                                 decode + resize images, tokenize + pad captions, scene boxes/labels,
                                 yielded as columnar batches
                                 ──iter_torch_batches (order preserved) ─▶ the rank's train loop
 
 Each rank streams its own deterministic sequence (see `jobs.data.stream`), so a position in it is
-(epoch, shard_pos, offset) and a resumed run continues exactly where it stopped. Images travel as
+(epoch, unit, offset) and a resumed run continues exactly where it stopped. Images travel as
 uint8 (4x smaller in the object store than float32); `jobs.data.batch` normalises them on the
 worker.
 """
@@ -23,9 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from jobs.data.reader import ReadSpec, ShardReport, iter_rows
+from jobs.data.index import ShardIndex
+from jobs.data.reader import ReadSpec, ShardReport, iter_unit_rows
 from jobs.data.regions import region_columns
 from jobs.data.tokenizer import encode, load_tokenizer
+from jobs.data.units import Unit
 from jobs.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -59,17 +61,25 @@ def sample_id(key: str) -> int:
     return (zlib.crc32(key.encode()) << 31) ^ zlib.adler32(key.encode())
 
 
-def shard_seed(seed: int | None, epoch: int, shard: str) -> int | None:
-    """The within-shard permutation seed: stable across processes (no Python hash randomisation)."""
-    return None if seed is None else zlib.crc32(f"{seed}:{epoch}:{shard}".encode())
-
-
 _ROWS_PER_BATCH = 256
 
 
-def _shard_batches(items: dict[str, np.ndarray], spec: PipelineSpec, seed: int | None, epoch: int,
-                   stride: tuple[int, int] | None, ledger: Any) -> Iterator[dict[str, np.ndarray]]:
-    """One task per shard: read, decode, tokenize, and yield columnar batches of model-ready rows.
+def unit_seed(seed: int | None, epoch: int, shard: str, start: int) -> int | None:
+    """A unit's within-unit permutation seed: stable across processes (no Python hash randomisation)."""
+    return None if seed is None else zlib.crc32(f"{seed}:{epoch}:{shard}:{start}".encode())
+
+
+def unit_item(unit: Unit, index: ShardIndex, unit_pos: int, begin: int = 0) -> dict[str, Any]:
+    """What a read task needs for one unit: its samples, where to start, its bytes (-1: unknown)."""
+    ranged = index.offsets is not None
+    return {"shard": unit.shard, "unit_pos": unit_pos, "start": unit.start, "stop": unit.stop, "begin": begin,
+            "lo": index.offsets[unit.start] if ranged else -1, "hi": index.offsets[unit.stop] if ranged else -1,
+            "truncated": index.truncated_key or "" if unit.stop == index.samples else ""}
+
+
+def _unit_batches(items: dict[str, np.ndarray], spec: PipelineSpec, seed: int | None, epoch: int,
+                  ledger: Any) -> Iterator[dict[str, np.ndarray]]:
+    """One task per unit: fetch, decode and tokenize its samples only, as columnar batches of rows.
 
     Columnar output (one numpy array per column) instead of a dict per row: Ray Data then moves
     whole arrays, not Python objects, and decode + tokenize happen in one task with no second
@@ -79,13 +89,14 @@ def _shard_batches(items: dict[str, np.ndarray], spec: PipelineSpec, seed: int |
         if ledger is not None:
             ledger.add.remote(r)
 
-    for shard, shard_pos, start in zip(items["shard"], items["shard_pos"], items["start"], strict=True):
+    for i in range(len(items["shard"])):
+        shard, start, lo = str(items["shard"][i]), int(items["start"][i]), int(items["lo"][i])
         rows: list[dict[str, Any]] = []
-        for row in iter_rows(str(shard), spec.read, seed=shard_seed(seed, epoch, str(shard)), start=int(start),
-                             on_report=report):
-            if stride is not None and row["offset"] % stride[1] != stride[0]:
-                continue
-            row["shard_pos"] = int(shard_pos)
+        for row in iter_unit_rows(shard, spec.read, start, int(items["stop"][i]),
+                                  seed=unit_seed(seed, epoch, shard, start), begin=int(items["begin"][i]),
+                                  byte_range=None if lo < 0 else (lo, int(items["hi"][i])),
+                                  truncated_key=str(items["truncated"][i]) or None, on_report=report):
+            row["unit_pos"] = int(items["unit_pos"][i])
             rows.append(row)
             if len(rows) == _ROWS_PER_BATCH:
                 yield _columns(rows, spec)
@@ -158,19 +169,16 @@ def _columns(rows: list[dict[str, Any]], spec: PipelineSpec) -> dict[str, np.nda
         "obj_boxes": boxes,
         "sample_id": np.array([sample_id(r["key"]) for r in rows], dtype=np.int64),
         "image_id": images,
-        "shard_pos": np.array([r["shard_pos"] for r in rows], dtype=np.int64),
+        "unit_pos": np.array([r["unit_pos"] for r in rows], dtype=np.int64),
         "offset": np.array([r["offset"] for r in rows], dtype=np.int64),
     } | (region_columns(rows, spec.max_objects, spec.region_feature_size) if spec.region_feature_size else {})
 
 
 def build_dataset(items: list[dict[str, Any]], spec: PipelineSpec, *, seed: int | None, epoch: int,
-                  stride: tuple[int, int] | None = None, ledger: Any = None, read_tasks: int = 0,
+                  ledger: Any = None, read_tasks: int = 0,
                   ray_remote_args: dict[str, Any] | None = None):  # noqa: ANN201 - ray.data.Dataset
-    """A lazy Ray Dataset over `items` ({shard, shard_pos, start}), in item order.
-
-    `stride=(rank, world)` keeps every world-th sample of each shard (when there are fewer shards
-    than ranks); `ledger` (a BadSampleLedger actor) receives each shard's report.
-    """
+    """A lazy Ray Dataset over `items` (`unit_item`s), in item order; `ledger` (a BadSampleLedger
+    actor) receives each unit's report."""
     import ray.data
 
     # Positions are (shard, offset) of the last row consumed: only exact if rows keep their order.
@@ -180,8 +188,8 @@ def build_dataset(items: list[dict[str, Any]], spec: PipelineSpec, *, seed: int 
     current.enable_progress_bars = False
     remote = dict(ray_remote_args or {})
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(_shard_batches, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"spec": spec, "seed": seed, "epoch": epoch, "stride": stride, "ledger": ledger},
+    ds = ds.map_batches(_unit_batches, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"spec": spec, "seed": seed, "epoch": epoch, "ledger": ledger},
                         **({"concurrency": read_tasks} if read_tasks else {}), **remote)
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False

@@ -58,6 +58,7 @@ class ShardReport:
     bad: dict[str, str] = field(default_factory=dict)  # key -> reason
     ungrouped: bool = False
     detail: str = ""  # why the whole shard is bad (a Parquet column missing or of the wrong type)
+    unit: str = ""  # "start:stop" when the report covers one unit of the shard (jobs.data.units); "" = all of it
 
     def count(self, reason: str) -> int:
         return sum(1 for r in self.bad.values() if r == reason)
@@ -126,21 +127,30 @@ def _read_parquet(data: bytes, spec: ReadSpec, report: ShardReport) -> list[_Raw
         raise _BadShard("unreadable_shard", f"not a Parquet file ({' '.join(str(exc).split())[:120]})") from None
     if problem := schema_problem(table.schema, spec.image_column, spec.caption_column):
         raise _BadShard("bad_schema", problem)
+    return _parquet_raws(table, spec, 0)
+
+
+def _parquet_raws(table: Any, spec: ReadSpec, first: int) -> list[_Raw]:
+    """The rows of `table` (a pyarrow Table whose first row is row `first` of its shard)."""
     images = table.column(spec.image_column).to_pylist()
     captions = table.column(spec.caption_column).to_pylist()
     keys = (table.column("key").to_pylist() if "key" in table.column_names
-            else [f"{i:09d}" for i in range(table.num_rows)])
+            else [f"{first + i:09d}" for i in range(table.num_rows)])
     extra = [c for c in table.column_names if c not in (spec.image_column, spec.caption_column)]
     rows = table.select(extra).to_pylist() if extra else [{}] * table.num_rows
     return [_Raw(str(k), img, cap, json.dumps(meta, default=str)) for k, img, cap, meta
             in zip(keys, images, captions, rows, strict=True)]
 
 
-def _fetch(shard: str, storage: StorageOptions) -> bytes:
-    """The shard's bytes, retrying transient I/O errors with exponential backoff."""
+def _fetch(shard: str, storage: StorageOptions, byte_range: tuple[int, int] | None = None) -> bytes:
+    """The shard's bytes (or the range [lo, hi) of them), retrying transient I/O errors with
+    exponential backoff."""
     fs, path = filesystem_for(shard, storage)
     for attempt in range(_IO_ATTEMPTS):
         try:
+            if byte_range is not None:
+                with fs.open_input_file(path) as f:
+                    return f.read_at(byte_range[1] - byte_range[0], byte_range[0])
             with fs.open_input_stream(path, compression=None) as f:
                 return f.read()
         except FileNotFoundError:
@@ -175,9 +185,16 @@ def _validate(raw: _Raw) -> Reason | None:
     return None
 
 
-def read_shard(shard: str, spec: ReadSpec, *, seed: int | None = None) -> tuple[list[_Raw], ShardReport]:
-    """The structurally valid samples of `shard` (not yet decoded), in file order or a `seed`ed
-    permutation, and the report of what was bad so far (images are checked when decoded)."""
+def sample_flags(shard: str, spec: ReadSpec) -> tuple[list[bool], ShardReport]:
+    """Per sample of `shard`, in the key order units count (jobs.data.units): structurally valid?
+    With the report of what is bad (images are checked only when decoded)."""
+    raws, report = _structural(shard, spec)
+    flags = [raw.key not in report.bad for raw in raws]
+    return flags, report
+
+
+def _structural(shard: str, spec: ReadSpec) -> tuple[list[_Raw], ShardReport]:
+    """Every sample of `shard` (key order), bad ones named in the report, and the count of good ones."""
     report = ShardReport(shard=shard)
     try:
         data = _fetch(shard, spec.storage)
@@ -192,15 +209,20 @@ def read_shard(shard: str, spec: ReadSpec, *, seed: int | None = None) -> tuple[
         report.bad["<shard>"] = reason
         log.warning("skipping shard %s: %s", shard, report.detail)
         return [], report
-    valid: list[_Raw] = []
     for raw in raws:
         reason = _validate(raw)
-        if reason is None:
-            valid.append(raw)
-        else:
+        if reason is not None:
             report.bad[raw.key] = reason
             log.warning("skipping %s in %s: %s", raw.key, shard, reason.replace("_", " "))
-    report.good = len(valid)
+    report.good = sum(1 for raw in raws if raw.key not in report.bad)
+    return raws, report
+
+
+def read_shard(shard: str, spec: ReadSpec, *, seed: int | None = None) -> tuple[list[_Raw], ShardReport]:
+    """The structurally valid samples of `shard` (not yet decoded), in file order or a `seed`ed
+    permutation, and the report of what was bad so far (images are checked when decoded)."""
+    raws, report = _structural(shard, spec)
+    valid = [raw for raw in raws if raw.key not in report.bad]
     if seed is not None:
         random.Random(seed).shuffle(valid)
     return valid, report
@@ -220,6 +242,82 @@ def iter_rows(shard: str, spec: ReadSpec, *, seed: int | None = None, start: int
         on_report(report)  # the structural problems now: a budget check need not wait for the shard's end
     for offset in range(start, len(raws)):
         raw = raws[offset]
+        try:
+            image = decode_image(raw.image, spec.image_size)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+            report.bad[raw.key] = "corrupt_image"
+            report.good -= 1
+            log.warning("skipping %s in %s: corrupt image (%s)", raw.key, shard, exc)
+            continue
+        yield {"key": raw.key, "image": image, "caption": raw.caption.strip(),  # type: ignore[union-attr]
+               "meta": raw.meta, "npz": raw.npz, "offset": offset}
+    if on_report is not None:
+        on_report(report)
+
+
+# -- one unit of a shard (jobs.data.units) ------------------------------------------------------------
+
+
+def _unit_raws(shard: str, spec: ReadSpec, start: int, stop: int, byte_range: tuple[int, int] | None) -> list[_Raw]:
+    """Samples [start, stop) of `shard`, undecoded: only their bytes when the index gave a range,
+    only their Parquet row groups; else the whole tar, of which they are kept."""
+    if shard.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        fs, path = filesystem_for(shard, spec.storage)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            groups, first, base = [], 0, 0
+            for i in range(pf.num_row_groups):
+                n = pf.metadata.row_group(i).num_rows
+                if base < stop and base + n > start:
+                    first = base if not groups else first
+                    groups.append(i)
+                base += n
+            table = pf.read_row_groups(groups).slice(start - first, stop - start)
+        return _parquet_raws(table, spec, start)
+    scratch = ShardReport(shard=shard)  # truncation is reported by the unit that ends the shard
+    if byte_range is not None:
+        raws = _read_tar(_fetch(shard, spec.storage, byte_range), scratch)
+        if len(raws) == stop - start:
+            return raws
+        log.warning("the index of %s does not match its bytes %s; reading the whole shard", shard, byte_range)
+    return _read_tar(_fetch(shard, spec.storage), scratch)[start:stop]
+
+
+def iter_unit_rows(shard: str, spec: ReadSpec, start: int, stop: int, *, seed: int | None = None, begin: int = 0,
+                   byte_range: tuple[int, int] | None = None, truncated_key: str | None = None,
+                   on_report: Callable[[ShardReport], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Decoded rows of samples [start, stop) of `shard`, from position `begin` of their (`seed`ed)
+    order, each tagged with that position (`offset`). Only these samples are fetched (a byte range
+    when given) and decoded. Bad ones are skipped and counted as in `iter_rows`; `truncated_key`
+    (the unit that ends a truncated tar) is counted too. `on_report` as in `iter_rows`, per unit.
+    """
+    report = ShardReport(shard=shard, unit=f"{start}:{stop}")
+    try:
+        raws = _unit_raws(shard, spec, start, stop, byte_range)
+    except OSError as exc:
+        report.bad["<shard>"] = "unreadable_shard"
+        log.warning("unreadable shard %s: %s", shard, exc)
+        raws = []
+    good = [_validate(raw) is None for raw in raws]
+    for raw, ok in zip(raws, good, strict=True):
+        if not ok:
+            reason = _validate(raw)
+            report.bad[raw.key] = reason  # type: ignore[assignment]
+            log.warning("skipping %s in %s: %s", raw.key, shard, str(reason).replace("_", " "))
+    if truncated_key is not None:
+        report.bad[truncated_key] = "truncated_tar"
+    report.good = sum(good)
+    order = list(range(len(raws)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    if on_report is not None and report.bad:
+        on_report(report)
+    for offset in range(begin, len(order)):
+        raw = raws[order[offset]]
+        if not good[order[offset]]:
+            continue
         try:
             image = decode_image(raw.image, spec.image_size)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes

@@ -3,58 +3,107 @@
 Why not Ray Train's `streaming_split`: it hands blocks to whichever rank asks first, so which rank
 sees which sample differs from run to run, and a killed run cannot resume "exactly where it
 stopped". Here every rank builds its own Ray Data pipeline (still CPU tasks, still streaming) over
-a fixed part of the data:
+a fixed part of the data: its units (shard, start, stop) of the epoch (jobs.data.units), each read
+by one task that fetches and decodes only those samples. The position after a batch is
+(epoch, unit, offset) of its last sample + 1, because Ray Data preserves order here; a resumed
+rank rebuilds its pipeline from that unit and offset.
 
-- epoch e orders the shards by a permutation seeded with (data.shuffle_seed, e); rank r takes
-  shards r, r+W, r+2W, ... of that order (or, with fewer shards than ranks, every shard and every
-  W-th sample of it);
-- within a shard, samples come in a permutation seeded with (seed, e, shard) (reader.iter_rows);
-- the position after a batch is (epoch, shard_pos, offset) of its last sample + 1, because Ray Data
-  preserves order here; a resumed rank rebuilds its pipeline from that shard and offset.
+Ranks take equal steps: at an epoch's start the ranks agree, in one all-reduce (MIN), on the
+epoch's steps: what the rank with the fewest samples (by the shards' indexes) fills; the others'
+remainders are dropped. Bad samples are found only when read, so a rank can come up short of the
+agreed steps: it then fills the missing batches with its own first batches of the epoch again
+(a warning says how many; `repeated_batches` counts them). It never waits for the others and never
+takes a step more or less than they do. A position also holds the steps taken in its epoch, so a
+resumed epoch ends at the same step as the interrupted one would have.
 
-Ranks take equal steps: before every step the ranks agree (all-reduce MIN) that each has a full
-step of batches; when one runs out, the epoch ends for all and the others' remainders are dropped.
-
-A mixture of datasets (`MixtureStream`) draws each batch from one source, chosen with probability
-proportional to the source's weight by a generator seeded with (seed, rank, batch index), so the
-choice sequence needs no saved state; each source cycles through its own epochs.
+The next epoch depends only on (seed, epoch, rank, world): its pipeline is built and started while
+the current one is half read (`data.next_epoch_ahead`), so its first batch is ready at the boundary.
 """
 
 from __future__ import annotations
 
-import random
+import logging
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from jobs import watchdog
-from jobs.collectives import all_have
-from jobs.data.pipeline import PipelineSpec, build_dataset
+from jobs.collectives import all_have, all_reduce_dict
+from jobs.data.index import ShardIndex, shard_index
+from jobs.data.mixture import MixtureStream
+from jobs.data.pipeline import PipelineSpec, build_dataset, unit_item
+from jobs.data.reader import ShardReport
+from jobs.data.units import Unit, rank_shards, rank_units
+
+log = logging.getLogger(__name__)
+__all__ = ["DataPosition", "EmptyEpoch", "MixtureStream", "RankStream", "synchronized_batches", "synchronized_steps"]
+
+Batches = Iterator[dict[str, torch.Tensor]]
+_POLL_S = 0.1  # waits poll, so that the watchdog's exception lands in the training thread
+_COUNTING_THREADS = 8  # shards counted at once (I/O: a streaming pass each when they have no index)
+
+
+def _some(shards: list[str], most: int = 4) -> str:
+    return (", ".join(shards[:most]) + (f" and {len(shards) - most} more" if len(shards) > most else "")) or "none"
 
 
 @dataclass
 class DataPosition:
-    """Where a rank is in its stream: the next sample is `offset` in shard `shard_pos` of `epoch`."""
+    """Where a rank is: the next sample is `offset` in unit `unit` of `epoch`, after `steps` steps of it."""
 
     epoch: int = 0
-    shard_pos: int = 0
+    unit: int = 0
     offset: int = 0
+    steps: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> DataPosition:
+        if "shard_pos" in state:  # before units: shard positions of another order; not exact any more
+            log.warning("data position %s is of an older format: continuing at the start of epoch %d",
+                        state, int(state["epoch"]) + 1)
+            return cls(int(state["epoch"]) + 1)
+        return cls(**{k: int(v) for k, v in state.items()})
 
-def rank_shards(shards: list[str], epoch: int, rank: int, world: int, seed: int | None) -> tuple[list[str], bool]:
-    """(this rank's shards in order, stride?) for an epoch. Stride = every rank reads every shard."""
-    order = list(shards)
-    if seed is not None:
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-    if len(order) < world:
-        return order, True
-    return order[rank::world], False
+
+class _Started:
+    """A pipeline started in a thread, its first batch kept: (iterator, thread, box)."""
+
+    def __init__(self, it: Batches, name: str) -> None:
+        self.it, self.box = it, {}
+        self.thread = threading.Thread(target=self._pull, name=name, daemon=True)
+        self.thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self.box["first"] = next(self.it, None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+            self.box["error"] = exc
+
+    def batches(self) -> Batches:
+        try:
+            while self.thread.is_alive():
+                self.thread.join(_POLL_S)
+            if "error" in self.box:
+                raise self.box["error"]
+            if self.box["first"] is None:
+                return
+            yield self.box["first"]
+            yield from self.it
+        finally:
+            self.it.close()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.thread.join(_POLL_S)
+        if not self.thread.is_alive():  # else the thread still runs the generator: it ends with the process
+            self.it.close()  # type: ignore[attr-defined]
 
 
 class RankStream:
@@ -63,7 +112,8 @@ class RankStream:
     def __init__(self, shards: list[str], spec: PipelineSpec, *, batch_size: int, rank: int, world: int,
                  seed: int | None, position: DataPosition | None = None, ledger: Any = None,
                  prefetch_batches: int = 2, read_tasks: int = 0, limit: int | None = None,
-                 ray_remote_args: dict[str, Any] | None = None, pin_memory: bool = False) -> None:
+                 ray_remote_args: dict[str, Any] | None = None, pin_memory: bool = False,
+                 unit_samples: int = 512, next_epoch_ahead: bool = False) -> None:
         self.shards, self.spec = shards, spec
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.position = position or DataPosition()
@@ -73,7 +123,83 @@ class RankStream:
         # must not wait for the GPU. Pinned (in Ray Data's prefetch threads) when training on a GPU,
         # so that the train loop's copies are asynchronous.
         self.pin_memory = pin_memory
-        self._early: tuple[Iterator[dict[str, torch.Tensor]], threading.Thread, dict[str, Any]] | None = None
+        self.unit_samples, self.ahead = unit_samples, next_epoch_ahead
+        self.repeated_batches = 0  # batches repeated to fill a rank's part short of the agreed steps
+        self._plans: dict[int, list[Unit]] = {}
+        self._indexes: dict[str, ShardIndex] = {}
+        self._lock = threading.Lock()
+        self._started: dict[tuple[int, int, int], _Started] = {}
+        self._fill: Batches | None = None
+
+    # -- the plan: this rank's units of an epoch ------------------------------------------------------
+
+    def _index(self, shard: str) -> ShardIndex:
+        if shard not in self._indexes:
+            index = shard_index(shard, self.spec.storage, self.spec.image_column, self.spec.caption_column)
+            if index.problem is not None and self.ledger is not None:
+                reason, detail = index.problem
+                self.ledger.add.remote(ShardReport(shard, bad={"<shard>": reason}, detail=detail))
+            self._indexes[shard] = index
+        return self._indexes[shard]
+
+    def units(self, epoch: int) -> list[Unit]:
+        """This rank's units of `epoch` (its shards' indexes read or counted on first use, several at
+        a time; thread-safe)."""
+        with self._lock:
+            if epoch not in self._plans:
+                mine = [s for s in rank_shards(self.shards, epoch, self.rank, self.world, self.seed)[0]
+                        if s not in self._indexes]
+                if len(mine) > 1:
+                    with ThreadPoolExecutor(_COUNTING_THREADS, thread_name_prefix="mmpt-data-index") as pool:
+                        list(pool.map(self._index, mine))
+                self._plans[epoch] = rank_units(self.shards, lambda s: self._index(s).samples, epoch, self.rank,
+                                                self.world, self.seed, self.unit_samples)
+                for old in [e for e in self._plans if e < epoch - 1]:
+                    del self._plans[old]
+            return self._plans[epoch]
+
+    def planned_batches(self) -> int:
+        """Full batches in this rank's part of the current epoch, by the indexes (bad samples not known yet)."""
+        units = self._wait_for(lambda: self.units(self.position.epoch))
+        return sum(u.samples for u in units) // self.batch_size
+
+    def _wait_for(self, compute: Any) -> Any:
+        """`compute()` in a thread, waited for in polls (interruptible by the watchdog)."""
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["out"] = compute()
+            except BaseException as exc:  # noqa: BLE001 - re-raised here
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, name=f"mmpt-data-plan-rank{self.rank}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(_POLL_S)
+        if "error" in box:
+            raise box["error"]
+        return box["out"]
+
+    # -- pipelines --------------------------------------------------------------------------------------
+
+    def _open(self, pos: DataPosition) -> Batches:
+        units = self.units(pos.epoch)
+        items = [unit_item(u, self._index(u.shard), i, pos.offset if i == pos.unit else 0)
+                 for i, u in enumerate(units) if i >= pos.unit]
+        if not items:
+            return
+        ds = build_dataset(items, self.spec, seed=self.seed, epoch=pos.epoch, ledger=self.ledger,
+                           read_tasks=self.read_tasks, ray_remote_args=self.ray_remote_args)
+        if self.limit is not None:
+            ds = ds.limit(self.limit)
+        yield from ds.iter_torch_batches(batch_size=self.batch_size, drop_last=True, device="cpu",
+                                         prefetch_batches=self.prefetch, pin_memory=self.pin_memory)
+
+    def _start(self, pos: DataPosition) -> None:
+        key = (pos.epoch, pos.unit, pos.offset)
+        if key not in self._started:
+            self._started[key] = _Started(self._open(pos), f"mmpt-data-e{pos.epoch}-rank{self.rank}")
 
     def start_early(self) -> None:
         """Start the current epoch's pipeline now, in a thread, and keep its first batch.
@@ -82,161 +208,148 @@ class RankStream:
         first batch is then ready when training starts instead of costing the pipeline's start-up
         on top. The position must be final (`load` before this); the next `epoch()` picks it up.
         """
-        it = self._epoch_batches()
-        box: dict[str, Any] = {}
+        self._start(self.position)
 
-        def pull() -> None:
-            try:
-                box["first"] = next(it, None)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
-                box["error"] = exc
+    def epoch(self, ahead_after: int | None = None) -> Batches:
+        """Batches until this rank's part of the current epoch is exhausted (position kept up to date).
 
-        thread = threading.Thread(target=pull, name=f"mmpt-data-start-rank{self.rank}", daemon=True)
-        thread.start()
-        self._early = (it, thread, box)
-
-    def _started_or_new(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._early is None:
-            yield from self._epoch_batches()
-            return
-        it, thread, box = self._early
-        self._early = None
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        if box["first"] is None:
-            return
-        yield box["first"]
-        yield from it
-
-    def _epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        After `ahead_after` batches (default: when half of the rank's planned batches are read) the
+        next epoch's pipeline starts (`next_epoch_ahead`), so that it is ready at the boundary.
+        """
         pos = self.position
-        mine, stride = rank_shards(self.shards, pos.epoch, self.rank, self.world, self.seed)
-        items = [{"shard": s, "shard_pos": i, "start": pos.offset if i == pos.shard_pos else 0}
-                 for i, s in enumerate(mine) if i >= pos.shard_pos]
-        ds = build_dataset(items, self.spec, seed=self.seed, epoch=pos.epoch,
-                           stride=(self.rank, self.world) if stride else None, ledger=self.ledger,
-                           read_tasks=self.read_tasks, ray_remote_args=self.ray_remote_args)
-        if self.limit is not None:
-            ds = ds.limit(self.limit)
-        yield from ds.iter_torch_batches(batch_size=self.batch_size, drop_last=True, device="cpu",
-                                         prefetch_batches=self.prefetch, pin_memory=self.pin_memory)
+        started = self._started.pop((pos.epoch, pos.unit, pos.offset), None)
+        batches = started.batches() if started is not None else self._open(pos)
+        if ahead_after is None:
+            units = self.units(pos.epoch)
+            before = (sum(u.samples for u in units[:pos.unit]) + pos.offset) // self.batch_size
+            ahead_after = sum(u.samples for u in units) // self.batch_size // 2 - before
+        ahead_after = max(1, ahead_after) if self.ahead else None
+        try:
+            for n, batch in enumerate(batches, 1):
+                self.position = DataPosition(pos.epoch, int(batch["unit_pos"][-1]), int(batch["offset"][-1]) + 1,
+                                             self.position.steps)
+                if n == ahead_after:
+                    self._start(DataPosition(pos.epoch + 1))
+                yield batch
+        finally:
+            batches.close()  # type: ignore[attr-defined]
 
-    def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches until this rank's part of the current epoch is exhausted (position kept up to date)."""
-        for batch in self._started_or_new():
-            self.position = DataPosition(self.position.epoch, int(batch["shard_pos"][-1]),
-                                         int(batch["offset"][-1]) + 1)
-            yield batch
+    def filler(self) -> dict[str, torch.Tensor]:
+        """A batch to fill a step this rank's part came up short of: its first batches again, in turn."""
+        for _ in range(2):
+            if self._fill is None:
+                self._fill = self._open(DataPosition(self.position.epoch))
+            batch = next(self._fill, None)
+            if batch is not None:
+                self.repeated_batches += 1
+                return batch
+            self._fill = None
+        raise EmptyEpoch(f"rank {self.rank} has no good sample in epoch {self.position.epoch}: its whole part "
+                         "of the data is bad")
 
     def next_epoch(self) -> None:
-        self.position = DataPosition(self.position.epoch + 1, 0, 0)
+        if self._fill is not None:
+            self._fill.close()  # type: ignore[attr-defined]
+            self._fill = None
+        self.position = DataPosition(self.position.epoch + 1)
+
+    def close(self) -> None:
+        """Stop the pipelines started ahead or for filling (the current epoch's ends with its iterator)."""
+        for started in self._started.values():
+            started.close()
+        self._started.clear()
+        if self._fill is not None:
+            self._fill.close()  # type: ignore[attr-defined]
+            self._fill = None
 
     @property
     def epoch_number(self) -> int:
         return self.position.epoch
 
+    @property
+    def steps_done(self) -> int:
+        return self.position.steps
+
+    @steps_done.setter
+    def steps_done(self, steps: int) -> None:
+        self.position.steps = steps
+
     def describe(self) -> str:
-        """What the next batch waits on, for a hang report: the shard being read, or the next one
-        (the position cannot tell whether the current shard has rows left)."""
+        """What the next batch waits on, for a hang report: the unit being read and the next one (the
+        position cannot tell whether the current unit has rows left), or the shards being counted."""
         pos = self.position
-        mine, _ = rank_shards(self.shards, pos.epoch, self.rank, self.world, self.seed)
-        if pos.shard_pos >= len(mine):
-            return f"the data stream (epoch {pos.epoch}, past its last shard)"
-        after = f" or the next shard {mine[pos.shard_pos + 1]}" if pos.shard_pos + 1 < len(mine) else ""
-        return f"the data stream (epoch {pos.epoch}, reading {mine[pos.shard_pos]} from offset {pos.offset}{after})"
+        units = self._plans.get(pos.epoch)
+        if units is None:
+            mine = rank_shards(self.shards, pos.epoch, self.rank, self.world, self.seed)[0]
+            waiting = [s for s in mine if s not in self._indexes]
+            counted = [s for s in mine if s in self._indexes]
+            return (f"the data stream (epoch {pos.epoch}, reading the sample counts of its shards: waiting for "
+                    f"{_some(waiting)}; counted {_some(counted)})")
+        if pos.unit >= len(units):
+            return f"the data stream (epoch {pos.epoch}, past its last unit)"
+        after = f" or the next unit {units[pos.unit + 1]}" if pos.unit + 1 < len(units) else ""
+        return f"the data stream (epoch {pos.epoch}, reading {units[pos.unit]} from offset {pos.offset}{after})"
 
     def state(self) -> dict[str, Any]:
         return self.position.to_dict()
 
     def load(self, state: dict[str, Any]) -> None:
-        if self._early is not None:
+        if self._started:
             raise RuntimeError("load() after start_early(): the started pipeline reads from the old position")
-        self.position = DataPosition(**state)
+        self.position = DataPosition.from_dict(state)
 
 
-class MixtureStream:
-    """Batches from several RankStreams, each batch from one source picked by weight."""
-
-    def __init__(self, sources: list[RankStream], weights: list[float], *, seed: int | None, rank: int) -> None:
-        if len(sources) != len(weights) or not sources:
-            raise ValueError("a mixture needs one weight per source")
-        self.sources, self.weights = sources, weights
-        self.seed, self.rank = seed, rank
-        self.drawn = 0  # batches drawn so far: indexes the choice sequence
-
-    def choice(self, index: int) -> int:
-        rng = random.Random(f"mix:{self.seed}:{self.rank}:{index}")
-        return rng.choices(range(len(self.sources)), weights=self.weights)[0]
-
-    def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless: a source that runs out starts its next epoch."""
-        live: dict[int, Iterator[dict[str, torch.Tensor]]] = {}
-        while True:
-            i = self.choice(self.drawn)
-            batch = next(live[i], None) if i in live else None
-            if batch is None:
-                if i in live:
-                    self.sources[i].next_epoch()
-                live[i] = self.sources[i].epoch()
-                batch = next(live[i], None)
-                if batch is None:
-                    raise RuntimeError(f"mixture source {i} yields no full batch: too few samples for this rank")
-            self.drawn += 1
-            yield batch
-
-    def next_epoch(self) -> None:  # the mixture itself has no epochs
-        pass
-
-    @property
-    def epoch_number(self) -> int:
-        """Full passes made over every source (the least-drawn source's epoch)."""
-        return min(s.epoch_number for s in self.sources)
-
-    def describe(self) -> str:
-        i = self.choice(self.drawn)
-        return f"mixture source {i}: {self.sources[i].describe()}"
-
-    def state(self) -> dict[str, Any]:
-        return {"drawn": self.drawn, "sources": [s.state() for s in self.sources]}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.drawn = int(state["drawn"])
-        for source, sub in zip(self.sources, state["sources"], strict=True):
-            source.load(sub)
+def _agree_min(value: int, device: torch.device | str) -> int:
+    return int(all_reduce_dict({"v": value}, device, op=dist.ReduceOp.MIN)["v"])
 
 
 def synchronized_steps(stream: RankStream | MixtureStream, micro_batches: int,
                        device: torch.device | str) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Steps of `micro_batches` batches forever; every rank yields the same number per epoch.
 
-    An epoch in which the ranks cannot agree on a single step raises: its next epoch would end
-    the same way, forever (a rank's share of the data smaller than one step).
+    One collective per epoch (the agreed steps), none per step. An epoch in which the ranks cannot
+    agree on a single step raises: its next epoch would end the same way, forever (a rank's share
+    of the data smaller than one step).
     """
-    while True:
+    if isinstance(stream, MixtureStream):  # endless on every rank: no epochs to agree on
         it = stream.epoch()
-        steps = 0
         while True:
-            step = []
-            for _ in range(micro_batches):
-                # the first batch of an epoch waits for the pipeline's start-up as well
-                with watchdog.waiting(stream.describe, watchdog.STARTUP_ALLOWANCE if steps == 0 else 1.0):
-                    batch = next(it, None)
-                if batch is None:
-                    break
-                step.append(batch)
-            # at an epoch's start the other ranks may still be starting their pipelines
-            with watchdog.waiting("the other ranks to agree on the next step (all-reduce)", watchdog.COLLECTIVE_ALLOWANCE
-                                  * (watchdog.STARTUP_ALLOWANCE if steps == 0 else 1.0)):
-                agreed = all_have(len(step) == micro_batches, device)
-            if not agreed:
-                break
-            steps += 1
+            with watchdog.waiting(stream.describe):
+                step = [next(it) for _ in range(micro_batches)]
             yield step
-        if steps == 0:
+    while True:
+        with watchdog.waiting(stream.describe, watchdog.STARTUP_ALLOWANCE):
+            have = stream.planned_batches() // micro_batches
+        # at an epoch's start the other ranks may still be counting their shards
+        with watchdog.waiting("the other ranks to agree on the epoch's steps (all-reduce)",
+                              watchdog.COLLECTIVE_ALLOWANCE * watchdog.STARTUP_ALLOWANCE):
+            agreed = _agree_min(have, device)
+        if agreed == 0:
             raise EmptyEpoch(f"epoch {stream.epoch_number} gave the ranks no full step of {micro_batches} "
                              "batch(es): a rank's share of the data is smaller than train.batch_size × "
                              "train.grad_accum samples (or all of it is bad)")
+        it, short = stream.epoch(ahead_after=(agreed - stream.steps_done) * micro_batches // 2), 0
+        try:
+            while stream.steps_done < agreed:
+                step = []
+                for _ in range(micro_batches):
+                    first = stream.steps_done == 0 and not step
+                    with watchdog.waiting(stream.describe, watchdog.STARTUP_ALLOWANCE if first else 1.0):
+                        batch = next(it, None)
+                        if batch is None:  # bad samples: this rank's part is short of the agreed steps
+                            if not short:
+                                log.warning("rank %d: bad samples left its part of epoch %d short of the %d agreed "
+                                            "steps at step %d; repeating its first batches of the epoch",
+                                            stream.rank, stream.epoch_number, agreed, stream.steps_done + 1)
+                            short += 1
+                            batch = stream.filler()
+                    step.append(batch)
+                stream.steps_done += 1
+                yield step
+        finally:
+            it.close()  # type: ignore[attr-defined]
+        if short:
+            log.warning("rank %d: %d batch(es) of epoch %d repeated", stream.rank, short, stream.epoch_number)
         stream.next_epoch()
 
 
@@ -249,9 +362,12 @@ def synchronized_batches(stream: RankStream, device: torch.device | str,
     """One pass (evaluation): batches while every rank still has one."""
     it = stream.epoch()
     n = 0
-    while max_batches is None or n < max_batches:
-        batch = next(it, None)
-        if not all_have(batch is not None, device):
-            return
-        n += 1
-        yield batch  # type: ignore[misc]
+    try:
+        while max_batches is None or n < max_batches:
+            batch = next(it, None)
+            if not all_have(batch is not None, device):
+                return
+            n += 1
+            yield batch  # type: ignore[misc]
+    finally:
+        it.close()  # type: ignore[attr-defined]

@@ -60,3 +60,16 @@ def test_past_the_error_budget_the_run_stops_naming_the_worst_shards(ray_session
     msg = str(info.value)
     assert "data.max_bad_fraction=0.01" in msg and "worst shards: " in msg and "0000" in msg
     assert "missing_caption" in msg
+
+
+def test_a_rank_that_bad_samples_leave_short_fills_its_steps_and_the_run_goes_on(ray_session, dirty_data,
+                                                                                tmp_path) -> None:
+    # 43 samples per shard by its index: 6 batches of 7, but 40 good ones fill only 5; every rank
+    # takes the agreed 6 steps of epoch 0 (its 6th repeats a batch), then epoch 1 begins
+    cfg = load_config(QUICKSTART, _overrides(dirty_data, tmp_path, name="short", **{
+        "data.max_bad_fraction": 0.2, "train.batch_size": 7, "train.steps": 8, "train.log_every": 4}))
+    result = run(cfg)
+    assert result.summary["steps"] == 8 and [r["epoch"] for r in result.metrics] == [0, 1]
+    log = (tmp_path / "runs" / "short" / "logs" / "ray.log").read_text()
+    # both ranks are short; Ray's log deduplication may fold the second line into the first
+    assert "bad samples left its part of epoch 0 short of the 6 agreed steps at step 6" in log

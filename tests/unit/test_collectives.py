@@ -69,7 +69,12 @@ def test_helpers_hand_tensors_on_the_given_device(handed, call) -> None:  # noqa
 
 
 class _Stream:
-    def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+    steps_done = 0
+
+    def planned_batches(self) -> int:
+        return 1
+
+    def epoch(self, ahead_after: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         yield {"input_ids": torch.zeros(2, 3)}
 
     def next_epoch(self) -> None:

@@ -193,7 +193,8 @@ def test_shapes_world_is_a_plug_in_with_its_card(tmp_path: Path) -> None:
 
 
 def test_pipeline_labels_objects_through_the_dataset_vocabulary(tmp_path: Path) -> None:
-    from jobs.data.pipeline import _shard_batches
+    from jobs.data.local import local_items
+    from jobs.data.pipeline import _unit_batches
     from orchestrator.runner import RunFiles, pipeline_spec
 
     src = layouts.coco(tmp_path / "coco", images=2)
@@ -202,8 +203,7 @@ def test_pipeline_labels_objects_through_the_dataset_vocabulary(tmp_path: Path) 
                                  instances=str(src["instances"])), str(out), vocab_size=100)
     cfg, plan = _plan(tmp_path, out, "objectives={mlm: 1.0, mrc: 1.0}", "data.image_size=32")
     spec = pipeline_spec(cfg, plan, RunFiles(cfg))
-    items = {"shard": np.array(res.shards), "shard_pos": np.array([0]), "start": np.array([0])}
-    (batch,) = list(_shard_batches(items, spec, seed=None, epoch=0, stride=None, ledger=None))
+    (batch,) = list(_unit_batches(local_items(res.shards, spec), spec, seed=None, epoch=0, ledger=None))
     metas = _metas(res.shards)
     classes = ["person", "car", "dog", "chair"]
     for row, meta in enumerate(metas):

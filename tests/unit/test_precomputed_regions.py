@@ -1,7 +1,7 @@
 """Precomputed (BUTD-style) region features: from KEY.npz in the shards to the region encoder.
 
 The end-to-end test takes the run's own path without Ray: the driver's data plan and pipeline spec
-(orchestrator.runner), the Ray Data task body (jobs.data.pipeline._shard_batches), the batch
+(orchestrator.runner), the Ray Data task body (jobs.data.pipeline._unit_batches), the batch
 contract (jobs.data.batch.to_model_batch) and the model factory, and asserts that the features the
 RegionInput saw are the ones stored in the shards.
 """
@@ -46,7 +46,8 @@ def _shards(root: Path) -> None:
 
 def test_region_preset_sees_the_shards_precomputed_features(tmp_path: Path) -> None:
     from jobs.data.batch import to_model_batch
-    from jobs.data.pipeline import _shard_batches
+    from jobs.data.local import local_items
+    from jobs.data.pipeline import _unit_batches
     from models import build_pretrainer
     from models.config import ImageSpec, TextSpec
     from orchestrator.config import load_config
@@ -61,8 +62,8 @@ def test_region_preset_sees_the_shards_precomputed_features(tmp_path: Path) -> N
     files = RunFiles(cfg)
     plan = plan_data(cfg, files)
     spec = pipeline_spec(cfg, plan, files)
-    items = {"shard": np.array([f"{tmp_path}/train/00000.tar"]), "shard_pos": np.array([0]), "start": np.array([0])}
-    (raw,) = list(_shard_batches(items, spec, seed=None, epoch=0, stride=None, ledger=None))
+    items = local_items([f"{tmp_path}/train/00000.tar"], spec)
+    (raw,) = list(_unit_batches(items, spec, seed=None, epoch=0, ledger=None))
     batch = to_model_batch({k: torch.as_tensor(v) for k, v in raw.items()})
 
     model = build_pretrainer(cfg.model, cfg.moe, cfg.active_objectives, TextSpec(**plan.text),

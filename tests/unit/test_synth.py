@@ -140,7 +140,9 @@ def test_deterministic_bytes_and_seed_sensitive(tmp_path: Path) -> None:
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         synth.write_synthetic(str(tmp_path / name), samples=12, shards=2, seed=seed, eval_samples=4)
     a, b, c = (_files(tmp_path / n) for n in "abc")
-    assert len(a) == 7 and a == b  # 2 train + 1 eval shard, tokenizer, manifest, dataset card + its vocabulary
+    # 2 train + 1 eval shard and their indexes, tokenizer, manifest, dataset card + its vocabulary
+    assert len(a) == 10 and a == b
+    assert sum(name.endswith(".tar.index.json") for name in a) == 3
     assert a["train/00000.tar"] != c["train/00000.tar"]
     assert a["eval/00000.tar"] != c["eval/00000.tar"]
 

@@ -98,6 +98,9 @@ class _NoData:
 
     epoch_number = 0
 
+    def planned_batches(self) -> int:
+        return 1  # by the indexes one batch, but a step needs 2
+
     def epoch(self):  # noqa: ANN201 - iterator
         return iter(())
 
