@@ -109,6 +109,17 @@ def _split_name(name: str) -> tuple[str, str]:
     return key, ext.lower()
 
 
+def sample_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """(member, key, extension) of each regular file of an open tar that names a sample's part
+    (KEY.EXT); directories, links and names without a key or an extension are passed over."""
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, ext = _split_name(member.name)
+        if key and ext:
+            yield member, key, ext
+
+
 def iter_tar_samples(fileobj: BinaryIO, shard: str) -> Iterator[RawSample]:
     """Stream samples out of a tar, grouping consecutive members that share a key.
 
@@ -117,12 +128,7 @@ def iter_tar_samples(fileobj: BinaryIO, shard: str) -> Iterator[RawSample]:
     """
     current: RawSample | None = None
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = _split_name(member.name)
-            if not key or not ext:
-                continue
+        for member, key, ext in sample_members(tar):
             extracted = tar.extractfile(member)
             assert extracted is not None  # regular files always extract
             data = extracted.read()

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.data.formats import INDEX_SUFFIX, _split_name
+from jobs.data.formats import INDEX_SUFFIX, sample_members
 from jobs.storage import StorageOptions, filesystem_for
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,7 @@ def scan_tar(fileobj: Any) -> ShardIndex:
     grouped, end, truncated = True, 0, None
     try:
         with tarfile.open(fileobj=_Prefixed(head, fileobj), mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                if not key or not ext:
-                    continue
+            for member, key, _ext in sample_members(tar):
                 if key != last:
                     if key in seen:
                         grouped = False

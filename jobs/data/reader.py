@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jobs.data.formats import IMAGE_EXTENSIONS, _split_name
+from jobs.data.formats import IMAGE_EXTENSIONS, sample_members
 from jobs.data.parquet_schema import schema_problem
 from jobs.storage import StorageOptions, filesystem_for
 
@@ -78,12 +78,7 @@ def _read_tar(data: bytes, report: ShardReport) -> list[_Raw]:
     last_key: str | None = None
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                if not key or not ext:
-                    continue
+            for member, key, ext in sample_members(tar):
                 if key != last_key and key in groups:
                     report.ungrouped = True
                 f = tar.extractfile(member)
@@ -218,6 +213,19 @@ def _structural(shard: str, spec: ReadSpec) -> tuple[list[_Raw], ShardReport]:
     return raws, report
 
 
+def _decoded(raw: _Raw, offset: int, spec: ReadSpec, report: ShardReport, shard: str) -> dict[str, Any] | None:
+    """The row of a structurally valid sample, or None (counted as corrupt_image) if its image does not decode."""
+    try:
+        image = decode_image(raw.image, spec.image_size)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+        report.bad[raw.key] = "corrupt_image"
+        report.good -= 1
+        log.warning("skipping %s in %s: corrupt image (%s)", raw.key, shard, exc)
+        return None
+    return {"key": raw.key, "image": image, "caption": raw.caption.strip(),  # type: ignore[union-attr]
+            "meta": raw.meta, "npz": raw.npz, "offset": offset}
+
+
 def read_shard(shard: str, spec: ReadSpec, *, seed: int | None = None) -> tuple[list[_Raw], ShardReport]:
     """The structurally valid samples of `shard` (not yet decoded), in file order or a `seed`ed
     permutation, and the report of what was bad so far (images are checked when decoded)."""
@@ -241,16 +249,9 @@ def iter_rows(shard: str, spec: ReadSpec, *, seed: int | None = None, start: int
     if on_report is not None and report.bad:
         on_report(report)  # the structural problems now: a budget check need not wait for the shard's end
     for offset in range(start, len(raws)):
-        raw = raws[offset]
-        try:
-            image = decode_image(raw.image, spec.image_size)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-            report.bad[raw.key] = "corrupt_image"
-            report.good -= 1
-            log.warning("skipping %s in %s: corrupt image (%s)", raw.key, shard, exc)
-            continue
-        yield {"key": raw.key, "image": image, "caption": raw.caption.strip(),  # type: ignore[union-attr]
-               "meta": raw.meta, "npz": raw.npz, "offset": offset}
+        row = _decoded(raws[offset], offset, spec, report, shard)
+        if row is not None:
+            yield row
     if on_report is not None:
         on_report(report)
 
@@ -315,17 +316,7 @@ def iter_unit_rows(shard: str, spec: ReadSpec, start: int, stop: int, *, seed: i
     if on_report is not None and report.bad:
         on_report(report)
     for offset in range(begin, len(order)):
-        raw = raws[order[offset]]
-        if not good[order[offset]]:
-            continue
-        try:
-            image = decode_image(raw.image, spec.image_size)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-            report.bad[raw.key] = "corrupt_image"
-            report.good -= 1
-            log.warning("skipping %s in %s: corrupt image (%s)", raw.key, shard, exc)
-            continue
-        yield {"key": raw.key, "image": image, "caption": raw.caption.strip(),  # type: ignore[union-attr]
-               "meta": raw.meta, "npz": raw.npz, "offset": offset}
+        if good[order[offset]] and (row := _decoded(raws[order[offset]], offset, spec, report, shard)) is not None:
+            yield row
     if on_report is not None:
         on_report(report)

@@ -8,46 +8,19 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
-import torch
 
 from orchestrator.config import load_config
 from orchestrator.runner import run
 from tests.faults import CrashWhileWriting, arm
 from tests.integration.conftest import QUICKSTART, tiny
+from tests.integration.exact import assert_same_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STEPS, KILL_AFTER, TORN = 9, 5, 8  # checkpoints every 2 steps: the kill resumes from 4, the torn write from 6
-
-
-def _samples_per_step(run_dir: Path) -> dict[int, dict[int, list[int]]]:
-    """rank -> step -> sample ids; a step redone after a restart keeps its last record."""
-    out: dict[int, dict[int, list[int]]] = {}
-    for f in sorted((run_dir / "samples").glob("rank*_*.json"), key=lambda p: p.stat().st_mtime_ns):
-        rank = int(f.name[4:].split("_")[0])
-        out.setdefault(rank, {}).update({int(k): v for k, v in json.loads(f.read_text()).items()})
-    return out
-
-
-def _tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    if isinstance(obj, dict):
-        return {k: v for key, val in obj.items() for k, v in _tensors(val, f"{prefix}/{key}").items()}
-    return {}
-
-
-def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    ds = run_dir / f"checkpoint_{STEPS:07d}" / "ds"
-    params: dict[str, torch.Tensor] = {}
-    for f in sorted(ds.glob("*model_states.pt")):
-        state = torch.load(f, map_location="cpu", weights_only=False)
-        params |= _tensors(state.get("module", state), f.name)
-    return params
 
 
 def _kill_a_worker_after(run_dir: Path, step: int, done: threading.Event, killed: list[int]) -> None:
@@ -93,15 +66,4 @@ def test_killed_worker_resumes_at_its_exact_data_position(ray_session, shapes_da
     for ckpt in sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()):  # what is kept is whole
         assert {"trainer_state.json", "rank0.pt", "rank1.pt"} <= {p.name for p in ckpt.iterdir()}, ckpt
 
-    straight, resumed = _samples_per_step(tmp_path / "runs" / "straight"), _samples_per_step(run_dir)
-    assert sorted(resumed) == [0, 1]
-    for rank in (0, 1):
-        assert sorted(resumed[rank]) == list(range(1, STEPS + 1))
-        assert resumed[rank] == straight[rank]  # the same samples at every step, on every rank
-        ids = [i for s in sorted(resumed[rank]) for i in resumed[rank][s]]
-        assert len(ids) == len(set(ids)) == STEPS * 8  # within the epoch: no sample twice
-
-    a, b = _final_params(tmp_path / "runs" / "straight"), _final_params(run_dir)
-    assert a.keys() == b.keys() and len(a) > 10
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_run(tmp_path / "runs" / "straight", run_dir, STEPS)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from tests.integration.conftest import QUICKSTART, tiny
+from tests.integration.exact import assert_same_run
 from tests.integration.test_controller import (
     _BIN,
     _base_env,
@@ -36,7 +36,6 @@ from tests.integration.test_controller import (
     mmpt,
     start_controller,
 )
-from tests.integration.test_fault_tolerance import _samples_per_step, _tensors
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -141,14 +140,6 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
-def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    params: dict[str, torch.Tensor] = {}
-    for f in sorted((run_dir / f"checkpoint_{STEPS:07d}" / "ds").glob("*model_states.pt")):
-        state = torch.load(f, map_location="cpu", weights_only=False)
-        params |= _tensors(state.get("module", state), f.name)
-    return params
-
-
 def _drivers_that_die_are_told_apart(head: RayHead) -> None:
     """What this Ray reports for a driver killed by a signal (retried) and one that exits 2 (not)."""
     from orchestrator.controller.cluster import Auth, connect, list_jobs
@@ -216,15 +207,5 @@ def test_a_run_survives_the_loss_of_its_ray_head(head: RayHead, shapes_data: Pat
         ctl.proc.terminate()
         assert ctl.proc.wait(timeout=30) == 0
 
-    a, b = _samples_per_step(store / "runs" / "straight"), _samples_per_step(run_dir)
-    assert sorted(b) == [0, 1]
-    for rank in (0, 1):
-        assert sorted(b[rank]) == list(range(1, STEPS + 1))
-        assert b[rank] == a[rank]  # the same samples at every step, on every rank
-        ids = [i for s in sorted(b[rank]) for i in b[rank][s]]
-        assert len(ids) == len(set(ids)) == STEPS * 8  # within the epoch: no sample twice
-    pa, pb = _final_params(store / "runs" / "straight"), _final_params(run_dir)
-    assert pa.keys() == pb.keys() and len(pa) > 10
-    for name in pa:
-        torch.testing.assert_close(pb[name], pa[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_run(store / "runs" / "straight", run_dir, STEPS)
     assert os.path.exists(run_dir / "summary.json")
