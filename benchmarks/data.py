@@ -12,6 +12,8 @@ with benchmarks/cputime.py over the process tree, in the consumers' steady windo
 last). The plain reader: its own process time. The two alternate, the first side changing every
 repeat, so drift and warm caches hit both alike. Figure: samples per CPU-second of the pipeline /
 the plain reader's (goal >= 1.0); the wall-clock rates and the pipeline's start-up are printed too.
+The sampler's own CPU (a psutil scan of the tree every 0.25 s, in this driver) is charged to the
+pipeline: a small bias against it. The S3 server (moto) runs in this process, so both sides pay it.
 
     .venv/bin/python -m benchmarks.data [--samples 3000] [--shards 8] [--cpus 2] [--repeats 4]
 """

@@ -31,7 +31,7 @@ def call_within(fn: Callable[[], T], budget_s: float, name: str) -> T:
     thread.start()
     thread.join(budget_s)
     if thread.is_alive():
-        raise TookTooLong(f"{name}: no answer within {budget_s:.0f} s")
+        raise TookTooLong(f"{name}: no answer within {budget_s:g} s")
     if "error" in box:
         raise box["error"]
     return box["result"]

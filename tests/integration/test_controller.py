@@ -78,6 +78,18 @@ def _wait(what: str, check: Callable[[], object], timeout: float, every: float =
         time.sleep(every)
 
 
+def dashboard_up(proc: subprocess.Popen, url: str, token: str, log: Path) -> bool:
+    """A `ray start --head` answers on its dashboard (token auth); its log's tail if it exited."""
+    if proc.poll() is not None:
+        raise AssertionError(f"ray start exited {proc.returncode}: {log.read_text()[-2000:]}")
+    try:
+        req = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def head() -> Iterator[Head]:
     root = Path(tempfile.mkdtemp(prefix="mmpt-head-", dir="/tmp"))  # short: Ray's socket paths have a limit
@@ -97,18 +109,8 @@ def head() -> Iterator[Head]:
     proc = subprocess.Popen(cmd, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
 
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"ray start exited {proc.returncode}: {(root / 'head.log').read_text()[-2000:]}")
-        try:
-            req = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
-            with urllib.request.urlopen(req, timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
     try:
-        _wait("the Ray dashboard", up, timeout=90)
+        _wait("the Ray dashboard", lambda: dashboard_up(proc, url, token, root / "head.log"), timeout=90)
         yield Head(url=url, token=token, env=_base_env() | auth, root=root)
     finally:
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM

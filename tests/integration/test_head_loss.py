@@ -18,7 +18,6 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tests.integration.test_controller import (
     _free_port,
     _series,
     _wait,
+    dashboard_up,
     mmpt,
     start_controller,
 )
@@ -71,18 +71,8 @@ class RayHead:
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-        def up() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ray start exited {self.proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                req = urllib.request.Request(f"{self.url}/api/version", headers={"Authorization": f"Bearer {self.token}"})
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        _wait(f"Ray head #{self.starts}", up, timeout=120)
+        proc = self.proc
+        _wait(f"Ray head #{self.starts}", lambda: dashboard_up(proc, self.url, self.token, log_path), timeout=120)
 
     def processes(self) -> list[psutil.Process]:
         """This head's processes: `ray start` and everything below it (the job's driver runs in a

@@ -235,6 +235,6 @@ def test_a_first_shard_that_never_answers_costs_the_probe_budget_not_the_s3_retr
     facts = needs.data_facts([shards])
     stuck.set()
     assert time.monotonic() - started < 5.0
-    assert f"could not look into {shards[0]} within 0 s" in caplog.text
+    assert f"could not look into {shards[0]} within 0.3 s" in caplog.text
     assert facts.fields == full.fields & set(find_card(shards).fields)  # what the card says, nothing probed
     assert facts.classes == full.classes

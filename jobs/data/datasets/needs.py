@@ -115,7 +115,7 @@ def _source_facts(shards: Sequence[str], options: StorageOptions | None, vocab_u
         probed, feature_size = call_within(lambda: _probe(shards[0], options, object_key, name_index(classes)),
                                            PROBE_BUDGET_S, "mmpt-data-probe")
     except TookTooLong:  # an endpoint that accepts and never answers: the stream's watchdog names it later
-        logging.getLogger(__name__).warning("could not look into %s within %.0f s (no answer from storage); "
+        logging.getLogger(__name__).warning("could not look into %s within %g s (no answer from storage); "
                                             "the data's fields come from its dataset card alone",
                                             shards[0], PROBE_BUDGET_S)
         probed, feature_size = set(), None
