@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import posixpath
 import sys
 import threading
@@ -30,6 +29,7 @@ from orchestrator.config import ConfigError, dump_yaml
 from orchestrator.failures import append_event, failure_cause
 from orchestrator.moe_report import load_table, moe_summary, save_heatmap
 from orchestrator.progress import ProgressView, capture_output, summary_tables
+from orchestrator.ray_local import ray_instance
 
 log = logging.getLogger(__name__)
 
@@ -232,24 +232,6 @@ def _make_forwarder(hub: Any) -> Any:
     return _ReportForwarder(hub)
 
 
-def _ray_init(cfg: RunConfig, address: str | None) -> bool:
-    """Start or join Ray; returns True when this call started it (and must shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Inside a Ray job (mmpt submit) the job supervisor names the cluster to join.
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                              "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.scaling.data_cpus
-        ray.init(num_cpus=max(1, int(round(cpus))), **kwargs)
-    return True
-
-
 def pipeline_spec(cfg: RunConfig, plan: DataPlan, files: RunFiles) -> Any:
     """What every worker's Ray Data tasks need to turn this run's shards into batches."""
     from jobs.data.pipeline import PipelineSpec
@@ -291,6 +273,52 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, led
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
+
+
+def _fit_following(cfg: RunConfig, trainer: Any, hub: Any, view_console: Console, files: RunFiles, tracking: Any,
+                   records: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict[str, Any]:
+    """`trainer.fit()` on a thread while this one shows rank 0's reports and writes metrics.jsonl;
+    returns {"result": ...} or {"error": ...}. Ctrl-C lands here, on the main thread."""
+    import ray
+
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=fit, name="mmpt-fit", daemon=True)
+    title = f"{cfg.name} · {cfg.model.preset} · {cfg.scaling.num_workers} workers · ZeRO-{cfg.deepspeed.zero_stage}"
+    with ProgressView(view_console, cfg.train.steps, title) as view:
+        thread.start()
+        first: tuple[float, int] | None = None
+        while True:
+            alive = thread.is_alive()  # read before draining: nothing is put after the fit ends
+            inbox = ray.get(hub.drain.remote())
+            if not inbox:
+                if not alive:
+                    break
+                time.sleep(0.25)
+            for record in inbox:
+                record["time"] = time.time()
+                if "event" in record:  # a worker's hang report (jobs/watchdog.py): not a metric
+                    events.append(record)
+                    append_event(files, record)
+                    view_console.print(f"[yellow]{record['message']}[/] (restarting from the latest "
+                                       "checkpoint if train.max_failures allows)", soft_wrap=True)
+                    continue
+                records.append(record)
+                files.append_metrics(record)
+                tracking.log(record)
+                step = int(record.get("step", 0))
+                first = first or (record["time"], step)
+                rate = (step - first[1]) / max(record["time"] - first[0], 1e-9)
+                eta = (cfg.train.steps - step) / rate if rate > 0 else None
+                view.update(record, eta)
+        thread.join()
+    return box
 
 
 def _show(out: Console, summary: dict[str, Any], run_dir: str) -> None:
@@ -354,69 +382,29 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
         view_console = Console(file=stream, force_terminal=out.is_terminal, width=out.width, quiet=out.quiet)
         # experiment trackers (tracking: section) mirror what this driver writes; workers never see them
         tracking = open_tracking(cfg, files.uri, log_dir.parent, config_yaml, files.opts)
-        own_ray = _ray_init(cfg, address)
+        cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.scaling.data_cpus
         try:
-            import ray
+            with ray_instance(address, round(cpus)) as own_ray:
+                import ray
 
-            from jobs.data.ledger import DataBudgetExceeded, check_budget
-            from orchestrator.hub import RunHub
+                from jobs.data.ledger import DataBudgetExceeded, check_budget
+                from orchestrator.hub import RunHub
 
-            # One actor: the bad-sample ledger the workers write to and the inbox of rank 0's reports.
-            hub = ledger = ray.remote(RunHub).options(num_cpus=0).remote()
-            trainer = _trainer(cfg, plan, files, _make_forwarder(hub), ledger, own_ray)
-            box: dict[str, Any] = {}
-
-            def fit() -> None:
-                try:
-                    box["result"] = trainer.fit()
-                except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
-                    box["error"] = exc
-
-            thread = threading.Thread(target=fit, name="mmpt-fit", daemon=True)
-            title = f"{cfg.name} · {cfg.model.preset} · {cfg.scaling.num_workers} workers · ZeRO-{cfg.deepspeed.zero_stage}"
-            with ProgressView(view_console, cfg.train.steps, title) as view:
-                thread.start()
-                first: tuple[float, int] | None = None
-                while True:
-                    alive = thread.is_alive()  # read before draining: nothing is put after the fit ends
-                    inbox = ray.get(hub.drain.remote())
-                    if not inbox:
-                        if not alive:
-                            break
-                        time.sleep(0.25)
-                    for record in inbox:
-                        record["time"] = time.time()
-                        if "event" in record:  # a worker's hang report (jobs/watchdog.py): not a metric
-                            events.append(record)
-                            append_event(files, record)
-                            view_console.print(f"[yellow]{record['message']}[/] (restarting from the latest "
-                                               "checkpoint if train.max_failures allows)", soft_wrap=True)
-                            continue
-                        records.append(record)
-                        files.append_metrics(record)
-                        tracking.log(record)
-                        step = int(record.get("step", 0))
-                        first = first or (record["time"], step)
-                        rate = (step - first[1]) / max(record["time"] - first[0], 1e-9)
-                        eta = (cfg.train.steps - step) / rate if rate > 0 else None
-                        view.update(record, eta)
-                thread.join()
-            if "error" in box:
-                cause = failure_cause(_root_cause(box["error"]), ledger, cfg, events)
-                raise RunFailed(cause, log_dir / "ray.log") from box["error"]
-            bad = ray.get(ledger.totals.remote())
-            try:  # the workers judge the budget at each report; reads that landed after the last one count too
-                check_budget(bad, cfg.data.max_bad_fraction)
-            except DataBudgetExceeded as exc:
-                raise RunFailed(str(exc), log_dir / "ray.log") from None
+                # One actor: the bad-sample ledger the workers write to and the inbox of rank 0's reports.
+                hub = ledger = ray.remote(RunHub).options(num_cpus=0).remote()
+                trainer = _trainer(cfg, plan, files, _make_forwarder(hub), ledger, own_ray)
+                box = _fit_following(cfg, trainer, hub, view_console, files, tracking, records, events)
+                if "error" in box:
+                    cause = failure_cause(_root_cause(box["error"]), ledger, cfg, events)
+                    raise RunFailed(cause, log_dir / "ray.log") from box["error"]
+                bad = ray.get(ledger.totals.remote())
+                try:  # the workers judge the budget at each report; reads that landed after the last one count too
+                    check_budget(bad, cfg.data.max_bad_fraction)
+                except DataBudgetExceeded as exc:
+                    raise RunFailed(str(exc), log_dir / "ray.log") from None
         except BaseException:
             tracking.finish({}, [log_dir / "ray.log"], failed=True)
             raise
-        finally:
-            if own_ray:
-                import ray
-
-                ray.shutdown()
     summary = _summary(cfg, records, box.get("result"), time.time() - started, log_dir)
     summary["data"] = {"bad_samples": bad["by_reason"], "bad_total": bad["bad"], "bad_fraction": bad["fraction"],
                        "samples_checked": bad["samples"], "worst_shards": bad["worst_shards"]}

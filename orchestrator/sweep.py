@@ -35,6 +35,7 @@ import typer
 from rich.console import Console
 
 from orchestrator.config import ConfigError
+from orchestrator.ray_local import ray_instance
 from orchestrator.sweep_spec import PLAN_FILE, SweepPlan, load_plan, load_spec, plan_sweep
 from orchestrator.tracking.sweep import SweepTracking
 
@@ -175,22 +176,6 @@ def _tuner(plan: SweepPlan, resume: bool, callbacks: Sequence[Any], max_concurre
     )
 
 
-def _init_ray(address: str | None, cpus: int | None) -> bool:
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=cpus or os.cpu_count() or 1, **kwargs)
-    return True
-
-
 def _pretrain(plan: SweepPlan, view: Console) -> None:
     """A transfer sweep's pretraining run, before any trial (only shown again once it has finished)."""
     cfg = plan.pretrain_config()
@@ -237,8 +222,7 @@ def run_sweep(plan: SweepPlan, *, console: Console | None = None, address: str |
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     with capture_output(sweep_dir / "logs" / "ray.log") as stream:
         view = Console(file=stream, force_terminal=out.is_terminal, width=out.width, quiet=out.quiet)
-        own_ray = _init_ray(address, cpus)
-        try:
+        with ray_instance(address, cpus or os.cpu_count() or 1):
             limit = concurrency(plan, ray.cluster_resources())
             view.print(f"sweep {plan.name}: {len(plan.points)} points x {len(plan.seeds)} seeds = "
                        f"{len(plan.trials)} trials, up to {limit} at once · {sweep_dir}", highlight=False)
@@ -249,9 +233,6 @@ def run_sweep(plan: SweepPlan, *, console: Console | None = None, address: str |
             tracked = SweepTracking(plan)  # the trials' group (an MLflow parent run), before any trial
             with showing(board):
                 _tuner(plan, resume, callbacks, limit).fit()
-        finally:
-            if own_ray:
-                ray.shutdown()
     outcome = _outcome(plan, board.status, board.errors)
     if tracked.mlflow_parent is not None:
         _finish_tracking(tracked, outcome)
