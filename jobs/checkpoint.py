@@ -115,36 +115,32 @@ class Saved:
 
     state: TrainerState
     part: dict[str, Any] | None  # this rank's {"rng", "data_position"}; None: the world size changed
-    next_epoch: dict[str, Any] | None = None  # world size changed: the start of the epoch after the saved one
+    # the world size changed: every old rank's data position, by old rank (the stream regroups them)
+    world_positions: list[dict[str, Any]] | None = None
 
     @property
     def data_position(self) -> dict[str, Any] | None:
-        return self.next_epoch if self.part is None else self.part["data_position"]
-
-
-def _next_epoch(position: dict[str, Any]) -> dict[str, Any]:
-    """The start of the epoch after `position` (a RankStream's, or a MixtureStream's per source)."""
-    if "sources" in position:
-        return {"drawn": position["drawn"], "sources": [_next_epoch(p) for p in position["sources"]]}
-    return {"epoch": int(position["epoch"]) + 1, "unit": 0, "offset": 0, "steps": 0}
+        return None if self.part is None else self.part["data_position"]
 
 
 def read(folder: str, rank: int, world: int) -> Saved:
     """The trainer state and this rank's part; a part missing at an unchanged world size is an error.
 
-    At a different world size the ranks' parts of the data no longer match theirs: no rank takes
-    an old part (nor its RNG), and every rank starts the epoch after the saved one. No sample of
-    the interrupted epoch is seen twice; its unread rest is skipped (README: resuming on another
-    number of workers).
+    At a different world size no rank takes an old rank's part (nor its RNG): the data positions of
+    all old ranks come back instead, for the stream to deal what they had left of their epoch to the
+    new ranks (RankStream.regroup; README: resuming on another number of workers).
     """
     state = read_state(folder)
     saved_world = state.extra.get("world")
     per_rank = Path(folder, rank_file(rank))
     if saved_world is not None and saved_world != world:
-        first = Path(folder, rank_file(0))
-        position = torch.load(first, weights_only=False)["data_position"] if first.exists() else None
-        log.warning("checkpoint of %s ranks resumed on %d: the data continues at the next epoch", saved_world, world)
-        return Saved(state, None, None if position is None else _next_epoch(position))
+        parts = [Path(folder, rank_file(r)) for r in range(int(saved_world))]
+        if missing := [p.name for p in parts if not p.exists()]:
+            raise RuntimeError(f"checkpoint {folder!r} of {saved_world} ranks lacks {', '.join(missing)}: "
+                               "incomplete, refusing to resume from it")
+        log.warning("checkpoint of %s ranks resumed on %d: the interrupted epoch's rest is dealt to the new ranks",
+                    saved_world, world)
+        return Saved(state, None, [torch.load(p, weights_only=False)["data_position"] for p in parts])
     if not per_rank.exists():
         if saved_world == world:  # every rank wrote its part: a missing one means a torn checkpoint
             raise RuntimeError(f"checkpoint {folder!r} lacks {rank_file(rank)}: incomplete, refusing to resume from it")

@@ -149,6 +149,8 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
             state = saved.state
             if saved.data_position is not None:
                 stream.load(saved.data_position)
+            elif saved.world_positions is not None:  # another number of ranks: deal their epoch's rest
+                stream.regroup(saved.world_positions, cfg.train.grad_accum)
             if rank == 0 and ledger is not None and "ledger" in state.extra:
                 ray.get(ledger.load.remote(state.extra["ledger"]))
         if isinstance(stream, RankStream):

@@ -25,7 +25,7 @@ def local_items(shards: list[str], spec: PipelineSpec) -> dict[str, np.ndarray]:
         index = shard_index(shard, spec.storage, spec.image_column, spec.caption_column)
         rows.append(unit_item(Unit(shard, 0, index.samples), index, pos))
     return {k: np.array([r[k] for r in rows], dtype=object if k in ("shard", "truncated") else np.int64)
-            for k in ("shard", "unit_pos", "start", "stop", "begin", "lo", "hi", "truncated")}
+            for k in ("shard", "unit_pos", "start", "stop", "begin", "end", "lo", "hi", "truncated")}
 
 
 def local_batches(shards: list[str], spec: PipelineSpec, batch_size: int, *, seed: int | None = 0,

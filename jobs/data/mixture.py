@@ -64,6 +64,13 @@ class MixtureStream:
     def state(self) -> dict[str, Any]:
         return {"drawn": self.drawn, "sources": [s.state() for s in self.sources]}
 
+    def regroup(self, positions: list[dict[str, Any]], micro_batches: int = 1) -> None:
+        """Resume from another number of ranks' states: each source regrouped from the old ranks'
+        positions in it (RankStream.regroup), the draw sequence on from the most any old rank drew."""
+        self.drawn = max(int(p["drawn"]) for p in positions)
+        for i, source in enumerate(self.sources):
+            source.regroup([p["sources"][i] for p in positions], micro_batches)
+
     def load(self, state: dict[str, Any]) -> None:
         self.drawn = int(state["drawn"])
         for source, sub in zip(self.sources, state["sources"], strict=True):

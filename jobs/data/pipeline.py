@@ -70,9 +70,11 @@ def unit_seed(seed: int | None, epoch: int, shard: str, start: int) -> int | Non
 
 
 def unit_item(unit: Unit, index: ShardIndex, unit_pos: int, begin: int = 0) -> dict[str, Any]:
-    """What a read task needs for one unit: its samples, where to start, its bytes (-1: unknown)."""
+    """What a read task needs for one unit: its samples, which positions of their permuted order to read
+    (from `begin`, or the piece's own begin, to the piece's end), its bytes (-1: unknown)."""
     ranged = index.offsets is not None
-    return {"shard": unit.shard, "unit_pos": unit_pos, "start": unit.start, "stop": unit.stop, "begin": begin,
+    return {"shard": unit.shard, "unit_pos": unit_pos, "start": unit.start, "stop": unit.stop,
+            "begin": max(begin, unit.begin), "end": unit.last,
             "lo": index.offsets[unit.start] if ranged else -1, "hi": index.offsets[unit.stop] if ranged else -1,
             "truncated": index.truncated_key or "" if unit.stop == index.samples else ""}
 
@@ -94,6 +96,7 @@ def _unit_batches(items: dict[str, np.ndarray], spec: PipelineSpec, seed: int | 
         rows: list[dict[str, Any]] = []
         for row in iter_unit_rows(shard, spec.read, start, int(items["stop"][i]),
                                   seed=unit_seed(seed, epoch, shard, start), begin=int(items["begin"][i]),
+                                  end=int(items["end"][i]),
                                   byte_range=None if lo < 0 else (lo, int(items["hi"][i])),
                                   truncated_key=str(items["truncated"][i]) or None, on_report=report):
             row["unit_pos"] = int(items["unit_pos"][i])

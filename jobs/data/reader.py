@@ -287,10 +287,11 @@ def _unit_raws(shard: str, spec: ReadSpec, start: int, stop: int, byte_range: tu
 
 
 def iter_unit_rows(shard: str, spec: ReadSpec, start: int, stop: int, *, seed: int | None = None, begin: int = 0,
-                   byte_range: tuple[int, int] | None = None, truncated_key: str | None = None,
+                   end: int | None = None, byte_range: tuple[int, int] | None = None, truncated_key: str | None = None,
                    on_report: Callable[[ShardReport], None] | None = None) -> Iterator[dict[str, Any]]:
     """Decoded rows of samples [start, stop) of `shard`, from position `begin` of their (`seed`ed)
-    order, each tagged with that position (`offset`). Only these samples are fetched (a byte range
+    order up to `end` (a piece of the unit; None: its last), each tagged with that position (`offset`).
+    Only these samples are fetched (a byte range
     when given) and decoded. Bad ones are skipped and counted as in `iter_rows`; `truncated_key`
     (the unit that ends a truncated tar) is counted too. `on_report` as in `iter_rows`, per unit.
     """
@@ -315,7 +316,7 @@ def iter_unit_rows(shard: str, spec: ReadSpec, start: int, stop: int, *, seed: i
         random.Random(seed).shuffle(order)
     if on_report is not None and report.bad:
         on_report(report)
-    for offset in range(begin, len(order)):
+    for offset in range(begin, len(order) if end is None else min(end, len(order))):
         if good[order[offset]] and (row := _decoded(raws[order[offset]], offset, spec, report, shard)) is not None:
             yield row
     if on_report is not None:

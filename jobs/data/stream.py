@@ -18,6 +18,10 @@ resumed epoch ends at the same step as the interrupted one would have.
 
 The next epoch depends only on (seed, epoch, rank, world): its pipeline is built and started while
 the current one is half read (`data.next_epoch_ahead`), so its first batch is ready at the boundary.
+
+Resumed on another number of ranks (`regroup`), the interrupted epoch goes on with what every old
+rank had left of it, dealt to the new ranks (jobs.data.units.deal); that epoch's plan and step count
+then travel in the position (`plan`, `batches`), so a checkpoint within it resumes exactly too.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from jobs.data.index import ShardIndex, shard_index
 from jobs.data.mixture import MixtureStream
 from jobs.data.pipeline import PipelineSpec, build_dataset, unit_item
 from jobs.data.reader import ShardReport
-from jobs.data.units import Unit, rank_shards, rank_units
+from jobs.data.units import Unit, deal, rank_shards, rank_units, remaining
 
 log = logging.getLogger(__name__)
 __all__ = ["DataPosition", "EmptyEpoch", "MixtureStream", "RankStream", "synchronized_batches", "synchronized_steps"]
@@ -70,7 +74,7 @@ class DataPosition:
             log.warning("data position %s is of an older format: continuing at the start of epoch %d",
                         state, int(state["epoch"]) + 1)
             return cls(int(state["epoch"]) + 1)
-        return cls(**{k: int(v) for k, v in state.items()})
+        return cls(**{k: int(state[k]) for k in ("epoch", "unit", "offset", "steps")})
 
 
 class _Started:
@@ -126,6 +130,7 @@ class RankStream:
         self.unit_samples, self.ahead = unit_samples, next_epoch_ahead
         self.repeated_batches = 0  # batches repeated to fill a rank's part short of the agreed steps
         self._plans: dict[int, list[Unit]] = {}
+        self._regrouped: dict[int, int] = {}  # epoch -> its planned batches, for an epoch dealt by `regroup`
         self._indexes: dict[str, ShardIndex] = {}
         self._lock = threading.Lock()
         self._started: dict[tuple[int, int, int], _Started] = {}
@@ -160,8 +165,53 @@ class RankStream:
 
     def planned_batches(self) -> int:
         """Full batches in this rank's part of the current epoch, by the indexes (bad samples not known yet)."""
+        if self.position.epoch in self._regrouped:
+            return self._regrouped[self.position.epoch]
         units = self._wait_for(lambda: self.units(self.position.epoch))
         return sum(u.samples for u in units) // self.batch_size
+
+    def regroup(self, positions: list[dict[str, Any]], micro_batches: int = 1) -> None:
+        """Resume from the positions of another number of ranks (`positions[r]`: old rank r's).
+
+        The epoch they were in goes on: what each old rank had left of it, laid end to end in old-rank
+        order, dealt to this world's ranks in equal parts (jobs.data.units.deal); this rank reads its
+        part, and the epoch has the steps already taken plus those its part fills. Old ranks in
+        different epochs (a mixture's sources, drawn at different rates) cannot be pooled: the data
+        then continues at the start of the epoch after the latest of them.
+        """
+        old = [DataPosition.from_dict(p) for p in positions]
+        if len({p.epoch for p in old}) != 1 or len({p.steps for p in old}) != 1:
+            latest = max(p.epoch for p in old)
+            log.warning("data positions of %d ranks are in different epochs (%s): continuing at the start of "
+                        "epoch %d", len(old), sorted({p.epoch for p in old}), latest + 1)
+            self.position = DataPosition(latest + 1)
+            return
+        epoch, done = old[0].epoch, old[0].steps
+
+        def part() -> list[Unit]:
+            plans = [self._plan_in(positions[r], epoch, r, len(old)) for r in range(len(old))]
+            rest = [u for r, units in enumerate(plans) for u in remaining(units, old[r].unit, old[r].offset)]
+            return deal(rest, self.world)[self.rank]
+
+        mine = self._wait_for(part)
+        with self._lock:
+            self._plans[epoch] = mine
+        self._regrouped[epoch] = done * micro_batches + sum(u.samples for u in mine) // self.batch_size
+        self.position = DataPosition(epoch, 0, 0, done)
+        log.info("rank %d of %d: epoch %d regrouped from %d ranks: %d samples in %d piece(s), %d batches",
+                 self.rank, self.world, epoch, len(old), sum(u.samples for u in mine), len(mine),
+                 self._regrouped[epoch])
+
+    def _plan_in(self, position: dict[str, Any], epoch: int, rank: int, world: int) -> list[Unit]:
+        """The units of `epoch` that the rank of a saved `position` read: its dealt plan, or the default."""
+        if "plan" in position:
+            return [Unit(*u) for u in position["plan"]]
+        mine = [s for s in rank_shards(self.shards, epoch, rank, world, self.seed)[0] if s not in self._indexes]
+        if len(mine) > 1:
+            with ThreadPoolExecutor(_COUNTING_THREADS, thread_name_prefix="mmpt-data-index") as pool:
+                list(pool.map(self._index, mine))
+        return rank_units(self.shards, lambda s: self._index(s).samples, epoch, rank, world, self.seed,
+                          self.unit_samples)
 
     def _wait_for(self, compute: Any) -> Any:
         """`compute()` in a thread, waited for in polls (interruptible by the watchdog)."""
@@ -291,12 +341,19 @@ class RankStream:
         return f"the data stream (epoch {pos.epoch}, reading {units[pos.unit]} from offset {pos.offset}{after})"
 
     def state(self) -> dict[str, Any]:
-        return self.position.to_dict()
+        out: dict[str, Any] = self.position.to_dict()
+        if (epoch := self.position.epoch) in self._regrouped:  # a dealt epoch: its plan is not derivable
+            out |= {"plan": [u.to_list() for u in self._plans[epoch]], "batches": self._regrouped[epoch]}
+        return out
 
     def load(self, state: dict[str, Any]) -> None:
         if self._started:
             raise RuntimeError("load() after start_early(): the started pipeline reads from the old position")
         self.position = DataPosition.from_dict(state)
+        if "plan" in state:
+            with self._lock:
+                self._plans[self.position.epoch] = [Unit(*u) for u in state["plan"]]
+            self._regrouped[self.position.epoch] = int(state["batches"])
 
 
 def _agree_min(value: int, device: torch.device | str) -> int:

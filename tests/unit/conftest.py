@@ -14,6 +14,7 @@ from torch import Tensor
 
 from models import Pretrainer, build_pretrainer
 from models.config import ImageSpec, ModelConfig, MoEConfig, TextSpec
+from tests.unit.streams import fresh_index_cache, no_ray, tokenizer  # noqa: F401 - the data-stream tests' fixtures
 
 B, T, D, R, C = 4, 12, 32, 3, 3  # batch, text tokens, hidden size, scene objects, image channels
 TEXT = TextSpec(vocab_size=50, max_len=T)

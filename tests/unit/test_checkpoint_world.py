@@ -1,6 +1,6 @@
-"""A checkpoint read on another number of ranks: no rank takes an old rank's data part or RNG, every
-rank starts the epoch after the saved one (nothing of the interrupted epoch seen twice); at the same
-world size a missing part is a torn checkpoint."""
+"""A checkpoint read on another number of ranks: no rank takes an old rank's data part or RNG; every
+old rank's data position comes back, for the stream to deal their epoch's rest (test_regroup); at
+the same world size a missing part is a torn checkpoint."""
 
 from __future__ import annotations
 
@@ -13,31 +13,25 @@ import torch
 from jobs import checkpoint as ckpt
 
 
-def _checkpoint(folder: Path, world: int, position: dict) -> Path:
+def _checkpoint(folder: Path, world: int, position: dict | list[dict]) -> Path:
     folder.mkdir()
     (folder / ckpt.STATE_FILE).write_text(json.dumps({"step": 8, "samples_seen": 128, "extra": {"world": world}}))
     for rank in range(world):
-        torch.save({"rng": {}, "data_position": position}, folder / ckpt.rank_file(rank))
+        part = position[rank] if isinstance(position, list) else position
+        torch.save({"rng": {}, "data_position": part}, folder / ckpt.rank_file(rank))
     return folder
 
 
-def test_another_world_size_starts_the_next_epoch_on_every_rank(tmp_path: Path) -> None:
-    folder = _checkpoint(tmp_path / "c", 2, {"epoch": 3, "unit": 1, "offset": 17, "steps": 5})
+def test_another_world_size_gets_every_old_ranks_position_in_rank_order(tmp_path: Path) -> None:
+    positions = [{"epoch": 3, "unit": 1, "offset": 17, "steps": 5}, {"epoch": 3, "unit": 4, "offset": 2, "steps": 5}]
+    folder = _checkpoint(tmp_path / "c", 2, positions)
     for rank, world in ((0, 1), (0, 4), (3, 4)):
         saved = ckpt.read(str(folder), rank, world)
-        assert saved.part is None and saved.state.step == 8
-        assert saved.data_position == {"epoch": 4, "unit": 0, "offset": 0, "steps": 0}
-    # a checkpoint from before units (shard positions) moves on to its next epoch the same way
-    old = _checkpoint(tmp_path / "o", 2, {"epoch": 3, "shard_pos": 1, "offset": 17})
-    assert ckpt.read(str(old), 0, 4).data_position == {"epoch": 4, "unit": 0, "offset": 0, "steps": 0}
-
-
-def test_a_mixture_moves_every_source_to_its_next_epoch(tmp_path: Path) -> None:
-    pos = {"drawn": 11, "sources": [{"epoch": 0, "unit": 2, "offset": 5, "steps": 0},
-                                     {"epoch": 2, "unit": 0, "offset": 9, "steps": 0}]}
-    saved = ckpt.read(str(_checkpoint(tmp_path / "m", 2, pos)), 1, 3)
-    assert saved.data_position == {"drawn": 11, "sources": [{"epoch": 1, "unit": 0, "offset": 0, "steps": 0},
-                                                            {"epoch": 3, "unit": 0, "offset": 0, "steps": 0}]}
+        assert saved.part is None and saved.data_position is None and saved.state.step == 8
+        assert saved.world_positions == positions
+    (folder / ckpt.rank_file(1)).unlink()
+    with pytest.raises(RuntimeError, match="of 2 ranks lacks rank1.pt: incomplete"):
+        ckpt.read(str(folder), 0, 1)
 
 
 def test_same_world_size_reads_the_ranks_own_part_and_refuses_a_torn_one(tmp_path: Path) -> None:
@@ -67,4 +61,4 @@ def test_resuming_zero_state_on_another_worker_count_is_refused_in_one_line(tmp_
                            RunFiles(cfg))
     dense = load_config(None, [f"storage.path={tmp_path}", "name=ws", "scaling.num_workers=1", "moe.ep_size=1",
                                "deepspeed.zero_stage=0"])
-    preflight.check_resume(dense, RunFiles(dense))  # no partitioned optimizer state: resumes (next epoch)
+    preflight.check_resume(dense, RunFiles(dense))  # no partitioned optimizer state: resumes, data regrouped

@@ -5,7 +5,6 @@ by bad samples, and closing. Ray Data is replaced by the same task body run in-p
 from __future__ import annotations
 
 import io
-import random
 import tarfile
 import threading
 from collections import Counter
@@ -14,86 +13,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from jobs.data import index as shard_index
-from jobs.data import pipeline, reader, stream
-from jobs.data.formats import ShardWriter
-from jobs.data.pipeline import PipelineSpec
+from jobs.data import reader, stream
 from jobs.data.stream import DataPosition, EmptyEpoch, RankStream, synchronized_steps
-from jobs.data.synth import _encode_jpeg, make_sample, write_synthetic
 from jobs.data.units import Unit, rank_units
 from jobs.storage import StorageOptions
-
-
-@pytest.fixture(autouse=True)
-def _fresh_index_cache() -> None:
-    shard_index.clear_cache()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("tok")
-    write_synthetic(str(root), samples=8, shards=1, image_size=32, eval_samples=4)
-    return str(root / "tokenizer.json")
-
-
-def _shard(path: Path, n: int, *, bad: tuple[int, ...] = (), prefix: str = "") -> str:
-    rng = random.Random(len(str(path)))
-    with ShardWriter(str(path)) as w:
-        for i in range(n):
-            image, caption, _ = make_sample(rng, 32)
-            jpg = b"\xff\xd8 not a jpeg" if i in bad else _encode_jpeg(image)
-            w.write(f"{prefix}{i:05d}", {"jpg": jpg, "txt": caption.encode()})
-    return str(path)
-
-
-def _spec(tokenizer: str) -> PipelineSpec:
-    return PipelineSpec(tokenizer_uri=tokenizer, image_size=16, max_text_len=12, max_objects=0,
-                        storage=StorageOptions())
-
-
-class _FakeDataset:
-    """`build_dataset` without Ray: the same task body (`_unit_batches`) in this process."""
-
-    opened: list[int] = []  # epochs whose iteration started, in order
-    closed: list[int] = []
-
-    def __init__(self, items: list[dict[str, Any]], spec: PipelineSpec, *, seed: int | None, epoch: int,
-                 ledger: Any = None, **_: Any) -> None:
-        self.items, self.spec, self.seed, self.epoch, self.ledger = items, spec, seed, epoch, ledger
-
-    def iter_torch_batches(self, batch_size: int, **_: Any):  # noqa: ANN201 - iterator
-        _FakeDataset.opened.append(self.epoch)
-        cols = {k: np.array([it[k] for it in self.items], dtype=object if k in ("shard", "truncated") else np.int64)
-                for k in self.items[0]}
-        pending: dict[str, np.ndarray] | None = None
-        try:
-            for out in pipeline._unit_batches(cols, self.spec, self.seed, self.epoch, self.ledger):
-                pending = out if pending is None else {k: np.concatenate([pending[k], out[k]]) for k in out}
-                while len(pending["input_ids"]) >= batch_size:
-                    yield {k: torch.from_numpy(v[:batch_size]) for k, v in pending.items()}
-                    pending = {k: v[batch_size:] for k, v in pending.items()}
-        finally:
-            _FakeDataset.closed.append(self.epoch)
-
-
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> type[_FakeDataset]:
-    monkeypatch.setattr(stream, "build_dataset", _FakeDataset)
-    _FakeDataset.opened, _FakeDataset.closed = [], []
-    return _FakeDataset
-
-
-def _ids(batches: list[dict[str, torch.Tensor]]) -> list[int]:
-    return [int(i) for b in batches for i in b["sample_id"]]
-
+from tests.unit.streams import FakeDataset, sample_ids, stream_spec, write_shard
 
 # -- indexes -----------------------------------------------------------------------------------------
 
 
 def test_the_writers_index_matches_a_scan_and_ranges_hold_exactly_their_samples(tmp_path: Path) -> None:
-    shard = _shard(tmp_path / "a.tar", 7)
+    shard = write_shard(tmp_path / "a.tar", 7)
     written = shard_index.shard_index(shard, StorageOptions())
     with open(shard, "rb") as f:
         scanned = shard_index.scan_tar(f)
@@ -113,7 +45,7 @@ def test_a_scan_counts_keys_as_the_reader_groups_them(tmp_path: Path) -> None:
             tar.addfile(info, io.BytesIO(b"xyz"))
     ungrouped = shard_index.scan_tar(io.BytesIO(buf.getvalue()))
     assert ungrouped.samples == 3 and ungrouped.offsets is None
-    shard = _shard(tmp_path / "t.tar", 4)
+    shard = write_shard(tmp_path / "t.tar", 4)
     data = Path(shard).read_bytes()[:shard_index.shard_index(shard, StorageOptions()).offsets[3] + 700]  # type: ignore[index]
     cut = shard_index.scan_tar(io.BytesIO(data))
     report = reader.ShardReport(shard)
@@ -144,9 +76,9 @@ def test_units_partition_every_sample_once_per_epoch(counts: list[int], world: i
 
 
 def test_fewer_shards_than_ranks_decode_each_sample_once_in_all(tmp_path: Path, tokenizer: str,
-                                                                no_ray: type[_FakeDataset],
+                                                                no_ray: type[FakeDataset],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    shards = [_shard(tmp_path / "a.tar", 48, prefix="a"), _shard(tmp_path / "b.tar", 40, prefix="b")]
+    shards = [write_shard(tmp_path / "a.tar", 48, prefix="a"), write_shard(tmp_path / "b.tar", 40, prefix="b")]
     decoded = Counter[str]()
     real = reader.decode_image
 
@@ -157,9 +89,9 @@ def test_fewer_shards_than_ranks_decode_each_sample_once_in_all(tmp_path: Path, 
     monkeypatch.setattr(reader, "decode_image", counting)
     ids: list[int] = []
     for rank in range(4):
-        s = RankStream(shards, _spec(tokenizer), batch_size=2, rank=rank, world=4, seed=1, unit_samples=16,
+        s = RankStream(shards, stream_spec(tokenizer), batch_size=2, rank=rank, world=4, seed=1, unit_samples=16,
                        next_epoch_ahead=False)
-        ids += _ids(list(s.epoch()))
+        ids += sample_ids(list(s.epoch()))
     assert sum(decoded.values()) == 88  # O(data): not 4 ranks x 88
     assert len(ids) == len(set(ids)) == 88
 
@@ -168,8 +100,8 @@ def test_fewer_shards_than_ranks_decode_each_sample_once_in_all(tmp_path: Path, 
 
 
 def _two_ranks(tmp_path: Path, tokenizer: str, **kw: Any) -> list[RankStream]:
-    shards = [_shard(tmp_path / f"{i}.tar", n, prefix=f"{i}x") for i, n in enumerate((30, 22, 26, 12))]
-    return [RankStream(shards, _spec(tokenizer), batch_size=4, rank=r, world=2, seed=5, unit_samples=8, **kw)
+    shards = [write_shard(tmp_path / f"{i}.tar", n, prefix=f"{i}x") for i, n in enumerate((30, 22, 26, 12))]
+    return [RankStream(shards, stream_spec(tokenizer), batch_size=4, rank=r, world=2, seed=5, unit_samples=8, **kw)
             for r in range(2)]
 
 
@@ -179,7 +111,7 @@ def _agree_over(monkeypatch: pytest.MonkeyPatch, ranks: list[RankStream], micro:
 
 
 def test_every_rank_takes_the_agreed_steps_and_the_next_epoch_starts_ahead(tmp_path: Path, tokenizer: str,
-                                                                          no_ray: type[_FakeDataset],
+                                                                          no_ray: type[FakeDataset],
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     ranks = _two_ranks(tmp_path, tokenizer, next_epoch_ahead=True)
     _agree_over(monkeypatch, ranks, 2)
@@ -200,9 +132,9 @@ def test_every_rank_takes_the_agreed_steps_and_the_next_epoch_starts_ahead(tmp_p
     assert sorted(no_ray.closed) == sorted(no_ray.opened)  # every pipeline closed
 
 
-def test_resume_inside_a_unit_continues_exactly(tmp_path: Path, tokenizer: str, no_ray: type[_FakeDataset]) -> None:
+def test_resume_inside_a_unit_continues_exactly(tmp_path: Path, tokenizer: str, no_ray: type[FakeDataset]) -> None:
     whole, = _two_ranks(tmp_path, tokenizer, next_epoch_ahead=False)[:1]
-    expected = _ids(list(whole.epoch()))
+    expected = sample_ids(list(whole.epoch()))
     first, = _two_ranks(tmp_path, tokenizer, next_epoch_ahead=False)[:1]
     it = first.epoch()
     head = [next(it) for _ in range(3)]  # 12 samples: inside a unit (units of 8 and shorter shard ends)
@@ -211,16 +143,16 @@ def test_resume_inside_a_unit_continues_exactly(tmp_path: Path, tokenizer: str, 
     assert 0 < state["offset"] < first.units(0)[state["unit"]].samples
     again, = _two_ranks(tmp_path, tokenizer, next_epoch_ahead=False)[:1]
     again.load(state)
-    assert _ids(head) + _ids(list(again.epoch())) == expected
+    assert sample_ids(head) + sample_ids(list(again.epoch())) == expected
 
 
 def test_bad_samples_leave_a_rank_short_and_it_fills_instead_of_hanging(tmp_path: Path, tokenizer: str,
-                                                                       no_ray: type[_FakeDataset],
+                                                                       no_ray: type[FakeDataset],
                                                                        monkeypatch: pytest.MonkeyPatch,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
-    spec = _spec(tokenizer)
-    clean = _shard(tmp_path / "clean.tar", 16, prefix="c")
-    dirty = _shard(tmp_path / "dirty.tar", 16, bad=tuple(range(10)), prefix="d")  # 6 good, by the index 16
+    spec = stream_spec(tokenizer)
+    clean = write_shard(tmp_path / "clean.tar", 16, prefix="c")
+    dirty = write_shard(tmp_path / "dirty.tar", 16, bad=tuple(range(10)), prefix="d")  # 6 good, by the index 16
     ranks = [RankStream([clean, dirty], spec, batch_size=2, rank=r, world=2, seed=None, unit_samples=8,
                         next_epoch_ahead=True)
              for r in range(2)]
@@ -233,16 +165,16 @@ def test_bad_samples_leave_a_rank_short_and_it_fills_instead_of_hanging(tmp_path
         steps.close()
     assert ranks[0].repeated_batches == 0 and ranks[1].repeated_batches == 5  # 3 good batches, 5 repeated
     batches = [b for step in per_rank[1] for b in step]
-    assert _ids(batches[3:6]) == _ids(batches[:3]) and len(set(_ids(batches))) == 6
+    assert sample_ids(batches[3:6]) == sample_ids(batches[:3]) and len(set(sample_ids(batches))) == 6
     assert "rank 1: bad samples left its part of epoch 0 short of the 8 agreed steps at step 4" in caplog.text
-    all_bad = RankStream([_shard(tmp_path / "bad.tar", 4, bad=(0, 1, 2, 3))], spec, batch_size=2, rank=0, world=1,
+    all_bad = RankStream([write_shard(tmp_path / "bad.tar", 4, bad=(0, 1, 2, 3))], spec, batch_size=2, rank=0, world=1,
                          seed=None)
     with pytest.raises(EmptyEpoch, match="rank 0 has no good sample in epoch 0"):
         next(synchronized_steps(all_bad, 1, "cpu"))
 
 
 def test_an_older_position_moves_on_to_the_next_epoch_and_describe_names_the_unit(tmp_path: Path, tokenizer: str,
-                                                                                  no_ray: type[_FakeDataset]) -> None:
+                                                                                  no_ray: type[FakeDataset]) -> None:
     s = _two_ranks(tmp_path, tokenizer)[0]
     s.load({"epoch": 2, "shard_pos": 1, "offset": 9})
     assert s.position == DataPosition(3, 0, 0, 0)
