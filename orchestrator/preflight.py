@@ -21,6 +21,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import posixpath
 import ssl
 import time
 from pathlib import Path
@@ -250,3 +251,22 @@ def check_resume(cfg: RunConfig, files: RunFiles) -> None:
         raise ConfigError([f"scaling.num_workers = {workers}: {ckpts[-1]} of runs/{cfg.name} was written by {saved} "
                            f"workers, and DeepSpeed cannot re-partition ZeRO-{stage} optimizer state over another "
                            f"number; resume with scaling.num_workers={saved}, or start anew with --fresh"])
+    if cfg.moe.enabled and (old_ep := _saved_ep_size(fs, root, ckpts[-1])) not in (None, cfg.moe.ep_size):
+        raise ConfigError([f"moe.ep_size = {cfg.moe.ep_size}: {ckpts[-1]} of runs/{cfg.name} holds the experts' optimizer "
+                           f"state of moe.ep_size = {old_ep} (DeepSpeed saves it per expert-parallel rank and loads it "
+                           f"only into as many); resume with moe.ep_size={old_ep}, or start anew with --fresh"])
+
+
+def _saved_ep_size(fs: Any, root: str, ckpt: str) -> int | None:
+    """The expert-parallel size a checkpoint was written with: DeepSpeed's optimizer files of its experts
+    (`ds/expp_rank_<r>_mp_rank_00_optim_states.pt`, one per expert-parallel rank); None without any."""
+    from pyarrow.fs import FileSelector
+
+    from jobs.checkpoint import DS_TAG
+
+    try:
+        found = fs.get_file_info(FileSelector(posixpath.join(root, ckpt, DS_TAG), allow_not_found=True))
+    except OSError:
+        return None
+    ranks = {i.base_name.split("_")[2] for i in found if i.base_name.startswith("expp_rank_")}
+    return len(ranks) or None

@@ -62,3 +62,28 @@ def test_resuming_zero_state_on_another_worker_count_is_refused_in_one_line(tmp_
     dense = load_config(None, [f"storage.path={tmp_path}", "name=ws", "scaling.num_workers=1", "moe.ep_size=1",
                                "deepspeed.zero_stage=0"])
     preflight.check_resume(dense, RunFiles(dense))  # no partitioned optimizer state: resumes, data regrouped
+
+
+def test_resuming_experts_on_another_ep_size_is_refused_in_one_line(tmp_path: Path) -> None:
+    from orchestrator import preflight
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.runner import RunFiles
+
+    (tmp_path / "runs" / "ep").mkdir(parents=True)
+    ckpt_dir = _checkpoint(tmp_path / "runs" / "ep" / "checkpoint_0000006", 2,
+                           {"epoch": 0, "unit": 0, "offset": 8, "steps": 1})
+    (ckpt_dir / ckpt.DS_TAG).mkdir()
+    for r in range(2):  # DeepSpeed's experts' optimizer state, one file per expert-parallel rank
+        (ckpt_dir / ckpt.DS_TAG / f"expp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    base = [f"storage.path={tmp_path}", "name=ep", "deepspeed.zero_stage=0", "moe.num_experts=4"]
+    one = load_config(None, [*base, "scaling.num_workers=1", "moe.ep_size=1"])
+    with pytest.raises(ConfigError) as info:
+        preflight.check_resume(one, RunFiles(one))
+    assert info.value.problems == [
+        "moe.ep_size = 1: checkpoint_0000006 of runs/ep holds the experts' optimizer state of moe.ep_size = 2 "
+        "(DeepSpeed saves it per expert-parallel rank and loads it only into as many); resume with moe.ep_size=2, "
+        "or start anew with --fresh"]
+    four = load_config(None, [*base, "scaling.num_workers=4", "moe.ep_size=2"])
+    preflight.check_resume(four, RunFiles(four))  # 2 -> 4 workers, experts split as before: resumes
+    dense = load_config(None, [*base, "scaling.num_workers=1", "moe.num_experts=0"])
+    preflight.check_resume(dense, RunFiles(dense))  # no experts in the config: nothing to check
