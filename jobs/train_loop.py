@@ -26,7 +26,8 @@ from jobs import checkpoint as ckpt
 from jobs import collectives, storage, watchdog
 from jobs.config import RunConfig
 from jobs.data.pipeline import PipelineSpec
-from jobs.data.stream import MixtureStream, RankStream, synchronized_batches, synchronized_steps
+from jobs.data.steps import synchronized_batches, synchronized_steps
+from jobs.data.stream import MixtureStream, RankStream
 from jobs.tensor_parallel import Mesh, data_parallel_group
 from jobs.trainer import Trainer
 from models.config import ImageSpec, TextSpec

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from jobs import collectives
 from jobs.config import RunConfig
-from jobs.data import stream
+from jobs.data import steps as steps_module
 from jobs.evaluate import _itc_retrieval, _reduce
 from jobs.trainer import Trainer
 
@@ -86,11 +86,11 @@ class _Stream:
 
 def test_data_stream_agreement_uses_the_device(handed) -> None:  # noqa: ANN001
     with pytest.raises(_Handed):
-        next(stream.synchronized_steps(_Stream(), 1, META))
+        next(steps_module.synchronized_steps(_Stream(), 1, META))
     _assert_on_meta(handed)
     handed.clear()
     with pytest.raises(_Handed):
-        next(stream.synchronized_batches(_Stream(), META))
+        next(steps_module.synchronized_batches(_Stream(), META))
     _assert_on_meta(handed)
 
 

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from jobs.data import index as shard_index
-from jobs.data import reader, stream
-from jobs.data.stream import DataPosition, EmptyEpoch, RankStream, synchronized_steps
+from jobs.data import reader
+from jobs.data import steps as steps_module
+from jobs.data.steps import synchronized_steps
+from jobs.data.stream import DataPosition, EmptyEpoch, RankStream
 from jobs.data.units import Unit, rank_units
 from jobs.storage import StorageOptions
 from tests.unit.streams import FakeDataset, sample_ids, stream_spec, write_shard
@@ -107,7 +109,7 @@ def _two_ranks(tmp_path: Path, tokenizer: str, **kw: Any) -> list[RankStream]:
 
 def _agree_over(monkeypatch: pytest.MonkeyPatch, ranks: list[RankStream], micro: int) -> None:
     """The epoch's all-reduce MIN, computed from every rank's plan (the ranks run one after another here)."""
-    monkeypatch.setattr(stream, "_agree_min", lambda have, device: min(s.planned_batches() // micro for s in ranks))
+    monkeypatch.setattr(steps_module, "_agree_min", lambda have, device: min(s.planned_batches() // micro for s in ranks))
 
 
 def test_every_rank_takes_the_agreed_steps_and_the_next_epoch_starts_ahead(tmp_path: Path, tokenizer: str,

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from jobs import watchdog
-from jobs.data.stream import EmptyEpoch, synchronized_steps
+from jobs.data.steps import synchronized_steps
+from jobs.data.stream import EmptyEpoch
 
 
 def _run_in_thread(fn) -> dict:  # noqa: ANN001 - the body
