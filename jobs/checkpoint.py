@@ -9,10 +9,18 @@ Besides DeepSpeed's model/optimizer/LR-schedule state, a checkpoint holds `train
 (step, samples seen, bad-data ledger; rank 0) and `rank{R}.pt` per rank: its RNG states (masking
 and negative sampling draw from them, and a resumed run must draw what it would have) and its data
 position (epoch, unit, offset and the epoch's steps: each rank reads its own deterministic stream).
+
+Layout: each rank's files lie under a prefix of their own, `<hash>-rank<R>/` (its `rank<R>.pt` and
+its DeepSpeed files under `ds/`), `trainer_state.json` at the top. Object stores throttle writes
+per key prefix (S3: ~3,500 PUT/s per prefix), and a thousand ranks uploading into one folder at the
+same moment is one prefix; the hash spreads neighbouring ranks over the key space. DeepSpeed loads
+from one folder holding every rank's files: `deepspeed_view` links them into one for the load.
+Checkpoints of the earlier flat layout (`ds/`, `rank<R>.pt` at the top) still load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -60,9 +68,10 @@ def stage(engine: Any, state: TrainerState, rank: int, data_position: dict[str, 
     """
     tmp = tempfile.mkdtemp(prefix="mmpt-ckpt-")
     try:
-        engine.save_checkpoint(tmp, tag=DS_TAG)
+        part = os.path.join(tmp, part_dir(rank))
+        engine.save_checkpoint(part, tag=DS_TAG)
         payload = {"rng": _rng_state(), "data_position": data_position}
-        torch.save(payload, os.path.join(tmp, rank_file(rank)))
+        torch.save(payload, os.path.join(part, rank_file(rank)))
         if rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     except BaseException:
@@ -108,6 +117,42 @@ def rank_file(rank: int) -> str:
     return f"rank{rank}.pt"
 
 
+def part_dir(rank: int) -> str:
+    """The prefix of rank `rank`'s files in a checkpoint: a short hash first, so that neighbouring
+    ranks' keys lie apart (an object store partitions its key space by prefix)."""
+    return f"{hashlib.sha1(f'rank{rank}'.encode()).hexdigest()[:4]}-rank{rank}"
+
+
+def rank_path(folder: str | Path, rank: int) -> Path:
+    """Where rank `rank`'s `rank<R>.pt` lies in a checkpoint folder (this layout, or the flat one)."""
+    spread = Path(folder, part_dir(rank), rank_file(rank))
+    return spread if spread.exists() or not Path(folder, rank_file(rank)).exists() else Path(folder, rank_file(rank))
+
+
+def ds_files(folder: str | Path) -> list[Path]:
+    """Every DeepSpeed file of a checkpoint, whichever rank wrote it (each rank's `ds/`, or the flat one)."""
+    return sorted(p for pattern in (f"*-rank*/{DS_TAG}/*", f"{DS_TAG}/*") for p in Path(folder).glob(pattern)
+                  if p.is_file())
+
+
+@contextmanager
+def deepspeed_view(folder: str | Path) -> Iterator[str]:
+    """A folder DeepSpeed can load from (`<view>/ds/` holding every rank's files): links to the
+    ranks' files in a temporary folder, or `folder` itself for a checkpoint of the flat layout."""
+    files = ds_files(folder)
+    if all(p.parent == Path(folder, DS_TAG) for p in files):
+        yield str(folder)
+        return
+    view = tempfile.mkdtemp(prefix="mmpt-ckpt-view-")
+    try:
+        os.makedirs(os.path.join(view, DS_TAG))
+        for p in files:
+            os.symlink(p.resolve(), os.path.join(view, DS_TAG, p.name))
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+
+
 @dataclass
 class Saved:
     """What a checkpoint holds for one rank besides DeepSpeed's state: readable before the engine exists,
@@ -132,9 +177,9 @@ def read(folder: str, rank: int, world: int) -> Saved:
     """
     state = read_state(folder)
     saved_world = state.extra.get("world")
-    per_rank = Path(folder, rank_file(rank))
+    per_rank = rank_path(folder, rank)
     if saved_world is not None and saved_world != world:
-        parts = [Path(folder, rank_file(r)) for r in range(int(saved_world))]
+        parts = [rank_path(folder, r) for r in range(int(saved_world))]
         if missing := [p.name for p in parts if not p.exists()]:
             raise RuntimeError(f"checkpoint {folder!r} of {saved_world} ranks lacks {', '.join(missing)}: "
                                "incomplete, refusing to resume from it")
@@ -150,7 +195,8 @@ def read(folder: str, rank: int, world: int) -> Saved:
 
 def restore(engine: Any, folder: str, saved: Saved) -> None:
     """Load DeepSpeed's model/optimizer/LR-schedule state, and this rank's RNG when it has a part."""
-    path, _ = engine.load_checkpoint(folder, tag=DS_TAG)
+    with deepspeed_view(folder) as view:
+        path, _ = engine.load_checkpoint(view, tag=DS_TAG)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {folder!r} (tag {DS_TAG!r})")
     if saved.part is not None:

@@ -259,13 +259,12 @@ def check_resume(cfg: RunConfig, files: RunFiles) -> None:
 
 def _saved_ep_size(fs: Any, root: str, ckpt: str) -> int | None:
     """The expert-parallel size a checkpoint was written with: DeepSpeed's optimizer files of its experts
-    (`ds/expp_rank_<r>_mp_rank_00_optim_states.pt`, one per expert-parallel rank); None without any."""
+    (`expp_rank_<r>_mp_rank_00_optim_states.pt`, one per expert-parallel rank, in the writing ranks'
+    `ds/` folders: jobs.checkpoint's layout); None without any."""
     from pyarrow.fs import FileSelector
 
-    from jobs.checkpoint import DS_TAG
-
     try:
-        found = fs.get_file_info(FileSelector(posixpath.join(root, ckpt, DS_TAG), allow_not_found=True))
+        found = fs.get_file_info(FileSelector(posixpath.join(root, ckpt), allow_not_found=True, recursive=True))
     except OSError:
         return None
     ranks = {i.base_name.split("_")[2] for i in found if i.base_name.startswith("expp_rank_")}

@@ -73,7 +73,7 @@ def _wrap(checkpoint: Any) -> None:
         folder = original(engine, state, rank, data_position)
         crash = _armed()
         if crash is not None and crash.due(state.step, rank):
-            crash.fire(os.path.join(folder, checkpoint.rank_file(rank)))
+            crash.fire(str(checkpoint.rank_path(folder, rank)))
         return folder
 
     checkpoint.stage = stage

@@ -32,13 +32,20 @@ _LN_EPS = 1e-5  # torch.nn.LayerNorm's, every mmpt norm
 
 def consolidate(checkpoint_dir: str, zero_stage: int) -> dict[str, Tensor]:
     """One fp32 state dict of the whole model from a run checkpoint folder (local)."""
+    from jobs.checkpoint import deepspeed_view
+
+    with deepspeed_view(checkpoint_dir) as view:
+        return _consolidate(view, checkpoint_dir, zero_stage)
+
+
+def _consolidate(view: str, checkpoint_dir: str, zero_stage: int) -> dict[str, Tensor]:
     from jobs.checkpoint import DS_TAG
 
-    ds = os.path.join(checkpoint_dir, DS_TAG)
+    ds = os.path.join(view, DS_TAG)
     if zero_stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG).items()}
+        return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(view, tag=DS_TAG).items()}
     main = os.path.join(ds, "mp_rank_00_model_states.pt")
     if not os.path.isfile(main):
         raise FileNotFoundError(f"{checkpoint_dir}: no {DS_TAG}/mp_rank_00_model_states.pt (not an mmpt checkpoint?)")

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from jobs.checkpoint import ds_files
+
 
 def samples_per_step(run_dir: Path) -> dict[int, dict[int, list[int]]]:
     """rank -> step -> sample ids; a step redone after a restart keeps its last record."""
@@ -30,7 +32,9 @@ def _tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def final_params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     params: dict[str, torch.Tensor] = {}
-    for f in sorted((run_dir / f"checkpoint_{step:07d}" / "ds").glob("*model_states.pt")):
+    for f in ds_files(run_dir / f"checkpoint_{step:07d}"):
+        if not f.name.endswith("model_states.pt"):
+            continue
         state = torch.load(f, map_location="cpu", weights_only=False)
         params |= _tensors(state.get("module", state), f.name)
     return params

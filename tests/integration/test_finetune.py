@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
+from jobs.checkpoint import ds_files
 from orchestrator.cli import app
 from orchestrator.config import load_config
 from orchestrator.runner import run
@@ -74,8 +75,8 @@ def test_finetune_from_a_run_with_labels_resumes_and_scratch_baseline(pretrained
 
     # the pretrained encoder's weights, consolidated once into the run directory for the workers
     encoder = torch.load(run_dir / "pretrained_encoder.pt", weights_only=True)
-    pre_state = torch.load(pretrained / "checkpoint_0000004" / "ds" / "mp_rank_00_model_states.pt",
-                           weights_only=False, map_location="cpu")["module"]
+    main = next(p for p in ds_files(pretrained / "checkpoint_0000004") if p.name == "mp_rank_00_model_states.pt")
+    pre_state = torch.load(main, weights_only=False, map_location="cpu")["module"]
     assert encoder and all(torch.equal(v, pre_state[f"encoder.{k}"]) for k, v in encoder.items())
 
     records = _records(run_dir)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.checkpoint import ds_files
 from orchestrator.config import load_config
 from orchestrator.runner import run
 from tests.integration.conftest import QUICKSTART, tiny
@@ -41,7 +42,8 @@ def test_two_workers_to_one_and_back_keep_the_epoch_whole(ray_session, shapes_da
             "train.steps": steps, "scaling.num_workers": workers, "moe.ep_size": 1}))
         summary = run(cfg).summary
         # the experts went along: 4 per MoE layer in the checkpoint, whichever number of ranks wrote it
-        names = [p.name for p in (run_dir / f"checkpoint_{steps:07d}" / "ds").glob("*expert_*model_states.pt")]
+        names = [p.name for p in ds_files(run_dir / f"checkpoint_{steps:07d}") if "expert_" in p.name
+                 and p.name.endswith("model_states.pt")]
         assert {n.split("expert_")[1].split("_")[0] for n in names} == {"0", "1", "2", "3"}, (steps, names)
         return summary
 

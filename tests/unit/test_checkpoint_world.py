@@ -18,7 +18,8 @@ def _checkpoint(folder: Path, world: int, position: dict | list[dict]) -> Path:
     (folder / ckpt.STATE_FILE).write_text(json.dumps({"step": 8, "samples_seen": 128, "extra": {"world": world}}))
     for rank in range(world):
         part = position[rank] if isinstance(position, list) else position
-        torch.save({"rng": {}, "data_position": part}, folder / ckpt.rank_file(rank))
+        (folder / ckpt.part_dir(rank)).mkdir()
+        torch.save({"rng": {}, "data_position": part}, ckpt.rank_path(folder, rank))
     return folder
 
 
@@ -29,7 +30,7 @@ def test_another_world_size_gets_every_old_ranks_position_in_rank_order(tmp_path
         saved = ckpt.read(str(folder), rank, world)
         assert saved.part is None and saved.data_position is None and saved.state.step == 8
         assert saved.world_positions == positions
-    (folder / ckpt.rank_file(1)).unlink()
+    ckpt.rank_path(folder, 1).unlink()
     with pytest.raises(RuntimeError, match="of 2 ranks lacks rank1.pt: incomplete"):
         ckpt.read(str(folder), 0, 1)
 
@@ -37,7 +38,7 @@ def test_another_world_size_gets_every_old_ranks_position_in_rank_order(tmp_path
 def test_same_world_size_reads_the_ranks_own_part_and_refuses_a_torn_one(tmp_path: Path) -> None:
     folder = _checkpoint(tmp_path / "s", 2, {"epoch": 0, "unit": 1, "offset": 3, "steps": 2})
     assert ckpt.read(str(folder), 1, 2).data_position == {"epoch": 0, "unit": 1, "offset": 3, "steps": 2}
-    (folder / ckpt.rank_file(1)).unlink()
+    ckpt.rank_path(folder, 1).unlink()
     with pytest.raises(RuntimeError, match="lacks rank1.pt: incomplete"):
         ckpt.read(str(folder), 1, 2)
 
@@ -72,9 +73,9 @@ def test_resuming_experts_on_another_ep_size_is_refused_in_one_line(tmp_path: Pa
     (tmp_path / "runs" / "ep").mkdir(parents=True)
     ckpt_dir = _checkpoint(tmp_path / "runs" / "ep" / "checkpoint_0000006", 2,
                            {"epoch": 0, "unit": 0, "offset": 8, "steps": 1})
-    (ckpt_dir / ckpt.DS_TAG).mkdir()
-    for r in range(2):  # DeepSpeed's experts' optimizer state, one file per expert-parallel rank
-        (ckpt_dir / ckpt.DS_TAG / f"expp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    for r in range(2):  # DeepSpeed's experts' optimizer state, one file per expert-parallel rank, in its rank's part
+        (ckpt_dir / ckpt.part_dir(r) / ckpt.DS_TAG).mkdir()
+        (ckpt_dir / ckpt.part_dir(r) / ckpt.DS_TAG / f"expp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
     base = [f"storage.path={tmp_path}", "name=ep", "deepspeed.zero_stage=0", "moe.num_experts=4"]
     one = load_config(None, [*base, "scaling.num_workers=1", "moe.ep_size=1"])
     with pytest.raises(ConfigError) as info:
