@@ -120,25 +120,51 @@ def sample_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str,
             yield member, key, ext
 
 
-def iter_tar_samples(fileobj: BinaryIO, shard: str) -> Iterator[RawSample]:
-    """Stream samples out of a tar, grouping consecutive members that share a key.
+class TruncatedTar(tarfile.ReadError):
+    """The tar ends (or breaks) inside the members of `key` (None: before the first one)."""
 
-    Directories, links and members without a key or an extension (e.g. macOS "._x" files) are
-    skipped. A corrupt or truncated tar raises tarfile.ReadError: the caller decides the error policy.
+    def __init__(self, key: str | None, cause: BaseException) -> None:
+        super().__init__(f"tar breaks off after key {key}: {cause}")
+        self.key, self.cause = key, cause
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    import zlib
+
+    return tarfile.TarError, EOFError, OSError, zlib.error
+
+
+def iter_tar_groups(fileobj: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of each run of consecutive members that share a key, streaming
+    (tar mode "r|*": front to back, no seeks, one sample in memory). The one tar parser of mmpt:
+    the writer's index, the runs' reader (jobs.data.reader) and the benchmarks read through it.
+
+    A key whose members are not adjacent comes out twice (the caller decides: regroup or not).
+    Directories, links and members without a key or an extension are passed over. A corrupt or
+    truncated tar raises TruncatedTar naming the key being read (its group is not yielded).
     """
-    current: RawSample | None = None
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for member, key, ext in sample_members(tar):
-            extracted = tar.extractfile(member)
-            assert extracted is not None  # regular files always extract
-            data = extracted.read()
-            if current is None or current.key != key:
-                if current is not None:
-                    yield current
-                current = RawSample(key=key, shard=shard)
-            current.parts[ext] = data
-    if current is not None:
-        yield current
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for member, k, ext in sample_members(tar):
+                if k != key and key is not None:
+                    yield key, parts
+                    parts = {}
+                key = k
+                extracted = tar.extractfile(member)
+                parts[ext] = extracted.read() if extracted is not None else b""
+    except _read_errors() as exc:
+        raise TruncatedTar(key, exc) from exc
+    if key is not None:
+        yield key, parts
+
+
+def iter_tar_samples(fileobj: BinaryIO, shard: str) -> Iterator[RawSample]:
+    """Stream samples out of a tar (iter_tar_groups); a corrupt or truncated tar raises
+    TruncatedTar (a tarfile.ReadError): the caller decides the error policy."""
+    for key, parts in iter_tar_groups(fileobj):
+        yield RawSample(key=key, shard=shard, parts=parts)
 
 
 def iter_shard(uri: str, options: StorageOptions | None = None) -> Iterator[RawSample]:

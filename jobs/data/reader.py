@@ -1,11 +1,11 @@
 """Reading one shard robustly: WebDataset tar or img2dataset Parquet -> decoded samples + a report.
 
-A shard is read whole (raw bytes, not decoded: tens to hundreds of MB for img2dataset's 10k-sample
-shards), which buys three things: members of a key need not be adjacent (a tar written out of
-order is regrouped, and the shard named in a warning), the sample order can be a seeded
-permutation of the whole shard (shuffling without a cross-shard buffer, so a position in the
-stream is just "shard, offset"), and the shard's good/bad counts are known before the first sample
-is yielded.
+Runs read units (jobs.data.units): a unit's byte range when the shard's index has offsets, else
+the tar streamed to the unit's end keeping only its samples, so memory per read task is one unit
+however large the shard. Tars are parsed by one streaming parser (formats.iter_tar_groups), here,
+in the writer's index and in the benchmarks alike. Only a tar whose members of a key are not
+adjacent is read whole, to regroup it (the shard is named in a warning). Whole-shard passes (the
+driver's data check, `mmpt data inspect`, tokenizer training) stream too.
 
 Every bad sample is classified by a `Reason`, named in the log with its shard and key, and counted
 in the `ShardReport`; nothing sleeps per bad sample. I/O errors (throttling, dropped connections)
@@ -15,11 +15,11 @@ each request (503 SlowDown included) itself.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
 import random
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jobs.data.formats import IMAGE_EXTENSIONS, sample_members
+from jobs.data.formats import IMAGE_EXTENSIONS, TruncatedTar, iter_tar_groups
 from jobs.data.parquet_schema import schema_problem
 from jobs.storage import StorageOptions, filesystem_for
 
@@ -73,39 +73,77 @@ class _Raw:
     npz: bytes | None = None  # KEY.npz: precomputed region features (jobs.data.regions)
 
 
+def _raw(key: str, parts: dict[str, bytes]) -> _Raw:
+    image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+    text = parts.get("txt")
+    return _Raw(key, image, None if text is None else text.decode("utf-8", "replace"),
+                parts.get("json", b"").decode("utf-8", "replace"), parts.get("npz"))
+
+
+def _truncated(report: ShardReport, exc: TruncatedTar) -> None:
+    """Everything before the cut is fine; the group being read may be incomplete: it is the bad one."""
+    report.bad[exc.key or "<shard>"] = "truncated_tar"
+    log.warning("truncated tar %s after key %s: %s", report.shard, exc.key or "<shard>", exc.cause)
+
+
 def _read_tar(data: bytes, report: ShardReport) -> list[_Raw]:
+    """A tar in memory, its samples in key order of first appearance; members of a key that are not
+    adjacent are regrouped (the shard is named in a warning)."""
     groups: dict[str, dict[str, bytes]] = {}
-    last_key: str | None = None
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
-            for member, key, ext in sample_members(tar):
-                if key != last_key and key in groups:
-                    report.ungrouped = True
-                f = tar.extractfile(member)
-                parts = groups.setdefault(key, {})
-                last_key = key
-                parts[ext] = f.read() if f is not None else b""
-    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
-        # Truncated: everything before the cut is fine; the group being read may be incomplete.
-        victim = last_key or "<shard>"
-        report.bad[victim] = "truncated_tar"
-        groups.pop(victim, None)
-        log.warning("truncated tar %s after key %s: %s", report.shard, victim, exc)
+        for key, parts in iter_tar_groups(io.BytesIO(data)):
+            if key in groups:
+                report.ungrouped = True
+            groups.setdefault(key, {}).update(parts)
+    except TruncatedTar as exc:
+        _truncated(report, exc)
+        if exc.key is not None and exc.key in groups:  # the cut key's earlier members: incomplete too
+            groups.pop(exc.key)
     if report.ungrouped:
         log.warning("tar members of %s are not grouped by key; regrouped them", report.shard)
-    out = []
-    for key, parts in groups.items():
-        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-        text = parts.get("txt")
-        out.append(_Raw(key, image, None if text is None else text.decode("utf-8", "replace"),
-                        parts.get("json", b"").decode("utf-8", "replace"), parts.get("npz")))
-    return out
+    return [_raw(key, parts) for key, parts in groups.items()]
 
 
-def zlib_error() -> type[Exception]:
-    import zlib
+class _Ungrouped(Exception):
+    """A key came back after other keys: the shard must be regrouped in memory (_read_tar)."""
 
-    return zlib.error
+
+def _stream_tar(shard: str, storage: StorageOptions, report: ShardReport, start: int = 0,
+                stop: int | None = None) -> Iterator[_Raw]:
+    """Samples [start, stop) of a tar shard, streaming: one sample in memory, the rest of the
+    shard not read. A transient I/O error reopens the shard (backoff) and skips what was read;
+    a key that comes back raises _Ungrouped (the caller falls back to the whole shard)."""
+    done, seen = 0, set()
+    fs, path = filesystem_for(shard, storage)
+    for attempt in range(_IO_ATTEMPTS):
+        try:
+            with fs.open_input_stream(path, compression=None) as f:
+                for n, (key, parts) in enumerate(iter_tar_groups(f)):  # type: ignore[arg-type]
+                    if n < done:
+                        continue
+                    if key in seen:
+                        raise _Ungrouped(key)
+                    seen.add(key)
+                    if stop is not None and n >= stop:
+                        return
+                    done = n + 1
+                    if n >= start:
+                        yield _raw(key, parts)
+            return
+        except TruncatedTar as exc:
+            if not isinstance(exc.cause, OSError) or isinstance(exc.cause, gzip.BadGzipFile):
+                _truncated(report, exc)
+                return
+            error: OSError = exc.cause
+        except FileNotFoundError:
+            raise
+        except OSError as exc:  # opening it
+            error = exc
+        if attempt == _IO_ATTEMPTS - 1:
+            raise error
+        delay = 0.25 * 2**attempt
+        log.warning("reading %s failed (%s); retry %d in %.2fs", shard, error, attempt + 1, delay)
+        time.sleep(delay)
 
 
 class _BadShard(Exception):
@@ -189,16 +227,24 @@ def sample_flags(shard: str, spec: ReadSpec) -> tuple[list[bool], ShardReport]:
 
 
 def _structural(shard: str, spec: ReadSpec) -> tuple[list[_Raw], ShardReport]:
-    """Every sample of `shard` (key order), bad ones named in the report, and the count of good ones."""
+    """Every sample of `shard` (key order), bad ones named in the report, and the count of good ones.
+
+    A tar is streamed (only an ungrouped one is read whole, to regroup it); a Parquet file is read
+    whole (its schema and columns are checked at once)."""
     report = ShardReport(shard=shard)
     try:
-        data = _fetch(shard, spec.storage)
+        if shard.endswith(".parquet"):
+            raws = _read_parquet(_fetch(shard, spec.storage), spec, report)
+        else:
+            try:
+                raws = list(_stream_tar(shard, spec.storage, report))
+            except _Ungrouped:
+                report = ShardReport(shard=shard)
+                raws = _read_tar(_fetch(shard, spec.storage), report)
     except OSError as exc:
         report.bad["<shard>"] = "unreadable_shard"
         log.warning("unreadable shard %s: %s", shard, exc)
         return [], report
-    try:
-        raws = _read_parquet(data, spec, report) if shard.endswith(".parquet") else _read_tar(data, report)
     except _BadShard as exc:  # counted like a bad tar: one bad entry for the shard, named with why
         reason, report.detail = exc.args
         report.bad["<shard>"] = reason
@@ -282,8 +328,11 @@ def _unit_raws(shard: str, spec: ReadSpec, start: int, stop: int, byte_range: tu
         raws = _read_tar(_fetch(shard, spec.storage, byte_range), scratch)
         if len(raws) == stop - start:
             return raws
-        log.warning("the index of %s does not match its bytes %s; reading the whole shard", shard, byte_range)
-    return _read_tar(_fetch(shard, spec.storage), scratch)[start:stop]
+        log.warning("the index of %s does not match its bytes %s; streaming the shard", shard, byte_range)
+    try:  # no byte offsets (a compressed tar): streamed to the unit's end, only its samples kept
+        return list(_stream_tar(shard, spec.storage, scratch, start, stop))
+    except _Ungrouped:
+        return _read_tar(_fetch(shard, spec.storage), scratch)[start:stop]
 
 
 def iter_unit_rows(shard: str, spec: ReadSpec, start: int, stop: int, *, seed: int | None = None, begin: int = 0,
