@@ -43,48 +43,46 @@ def test_same_world_size_reads_the_ranks_own_part_and_refuses_a_torn_one(tmp_pat
         ckpt.read(str(folder), 1, 2)
 
 
-def test_resuming_zero_state_on_another_worker_count_is_refused_in_one_line(tmp_path: Path) -> None:
+def _resume_problems(tmp_path: Path, name: str, *overrides: str) -> list[str]:
+    """What the driver's resume check says of the config (one line per problem; [] = resumes)."""
     from orchestrator import preflight
     from orchestrator.config import ConfigError, load_config
     from orchestrator.runner import RunFiles
 
-    cfg = load_config(None, [f"storage.path={tmp_path}", "name=ws", "scaling.num_workers=1", "moe.ep_size=1"])
-    (tmp_path / "runs" / "ws").mkdir(parents=True)
-    preflight.check_resume(cfg, RunFiles(cfg))  # no checkpoint: nothing to check
-    _checkpoint(tmp_path / "runs" / "ws" / "checkpoint_0000004", 2, {"epoch": 0, "unit": 0, "offset": 8, "steps": 1})
-    with pytest.raises(ConfigError) as info:
+    cfg = load_config(None, [f"storage.path={tmp_path}", f"name={name}", *overrides])
+    try:
         preflight.check_resume(cfg, RunFiles(cfg))
-    assert info.value.problems == [
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def test_resuming_zero_state_on_another_worker_count_is_refused_in_one_line(tmp_path: Path) -> None:
+    one = ("scaling.num_workers=1", "moe.ep_size=1")
+    (tmp_path / "runs" / "ws").mkdir(parents=True)
+    assert _resume_problems(tmp_path, "ws", *one) == []  # no checkpoint: nothing to check
+    _checkpoint(tmp_path / "runs" / "ws" / "checkpoint_0000004", 2, {"epoch": 0, "unit": 0, "offset": 8, "steps": 1})
+    assert _resume_problems(tmp_path, "ws", *one) == [
         "scaling.num_workers = 1: checkpoint_0000004 of runs/ws was written by 2 workers, and DeepSpeed cannot "
         "re-partition ZeRO-2 optimizer state over another number; resume with scaling.num_workers=2, or start "
         "anew with --fresh"]
-    preflight.check_resume(load_config(None, [f"storage.path={tmp_path}", "name=ws", "scaling.num_workers=2"]),
-                           RunFiles(cfg))
-    dense = load_config(None, [f"storage.path={tmp_path}", "name=ws", "scaling.num_workers=1", "moe.ep_size=1",
-                               "deepspeed.zero_stage=0"])
-    preflight.check_resume(dense, RunFiles(dense))  # no partitioned optimizer state: resumes, data regrouped
+    assert _resume_problems(tmp_path, "ws", "scaling.num_workers=2") == []
+    # no partitioned optimizer state: resumes, the data regrouped
+    assert _resume_problems(tmp_path, "ws", *one, "deepspeed.zero_stage=0") == []
 
 
 def test_resuming_experts_on_another_ep_size_is_refused_in_one_line(tmp_path: Path) -> None:
-    from orchestrator import preflight
-    from orchestrator.config import ConfigError, load_config
-    from orchestrator.runner import RunFiles
-
     (tmp_path / "runs" / "ep").mkdir(parents=True)
     ckpt_dir = _checkpoint(tmp_path / "runs" / "ep" / "checkpoint_0000006", 2,
                            {"epoch": 0, "unit": 0, "offset": 8, "steps": 1})
     for r in range(2):  # DeepSpeed's experts' optimizer state, one file per expert-parallel rank, in its rank's part
         (ckpt_dir / ckpt.part_dir(r) / ckpt.DS_TAG).mkdir()
         (ckpt_dir / ckpt.part_dir(r) / ckpt.DS_TAG / f"expp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
-    base = [f"storage.path={tmp_path}", "name=ep", "deepspeed.zero_stage=0", "moe.num_experts=4"]
-    one = load_config(None, [*base, "scaling.num_workers=1", "moe.ep_size=1"])
-    with pytest.raises(ConfigError) as info:
-        preflight.check_resume(one, RunFiles(one))
-    assert info.value.problems == [
+    base = ("deepspeed.zero_stage=0", "moe.num_experts=4")
+    assert _resume_problems(tmp_path, "ep", *base, "scaling.num_workers=1", "moe.ep_size=1") == [
         "moe.ep_size = 1: checkpoint_0000006 of runs/ep holds the experts' optimizer state of moe.ep_size = 2 "
         "(DeepSpeed saves it per expert-parallel rank and loads it only into as many); resume with moe.ep_size=2, "
         "or start anew with --fresh"]
-    four = load_config(None, [*base, "scaling.num_workers=4", "moe.ep_size=2"])
-    preflight.check_resume(four, RunFiles(four))  # 2 -> 4 workers, experts split as before: resumes
-    dense = load_config(None, [*base, "scaling.num_workers=1", "moe.num_experts=0"])
-    preflight.check_resume(dense, RunFiles(dense))  # no experts in the config: nothing to check
+    # 2 -> 4 workers, experts split as before: resumes; no experts in the config: nothing to check
+    assert _resume_problems(tmp_path, "ep", *base, "scaling.num_workers=4", "moe.ep_size=2") == []
+    assert _resume_problems(tmp_path, "ep", *base, "scaling.num_workers=1", "moe.num_experts=0") == []
