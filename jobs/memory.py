@@ -91,11 +91,14 @@ def _per_rank(num: float, stage: int, n: int, b: _BytesPerParam) -> dict[str, fl
 
 
 def expected_model_states(num_params: int, num_expert_params: int, stage: int, dp: int, ep: int = 1,
-                          precision: Precision = "bf16") -> dict[str, float]:
+                          precision: Precision = "bf16", tp: int = 1) -> dict[str, float]:
     """Per-rank bytes of model states by the ZeRO paper's accounting.
 
     num_params: dense parameters (replicated over all `dp` ranks); num_expert_params: all experts of
-    all MoE layers; `ep` ranks share one copy of them, and each expert is replicated over dp/ep ranks.
+    all MoE layers; `ep` ranks share one copy of them, and each expert is replicated over dp·tp/ep
+    ranks, over which ZeRO partitions its states: under tensor parallelism the experts are
+    replicated over the tp group too, and DeepSpeed's expert-data-parallel groups span it (measured:
+    tests/integration/test_memory.py).
     Returns params, grads, optim, total and the same split into {key}_dense / {key}_expert.
     """
     if stage not in (0, 1, 2, 3):
@@ -104,7 +107,7 @@ def expected_model_states(num_params: int, num_expert_params: int, stage: int, d
         raise ValueError(f"ep={ep} must divide the data-parallel size dp={dp}")
     b = _BYTES[precision]
     dense = _per_rank(num_params, stage, dp, b)
-    expert = _per_rank(num_expert_params / ep, stage, dp // ep, b)
+    expert = _per_rank(num_expert_params / ep, stage, dp * tp // ep, b)
     out: dict[str, float] = {}
     for key in ("params", "grads", "optim"):
         out[key] = dense[key] + expert[key]
@@ -355,7 +358,7 @@ def measure_model_states(engine: Any) -> dict[str, int]:
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     dp = world // tp  # ZeRO partitions each tp rank's shards over its data-parallel peers
     precision: Precision = "bf16" if engine.bfloat16_enabled() else "fp32"
-    expected = expected_model_states(dense, experts, stage, dp, ep, precision)
+    expected = expected_model_states(dense, experts, stage, dp, ep, precision, tp)
     out |= {f"memory/expected_{k}_bytes": round(expected[k]) for k in ("params", "grads", "optim")}
     out["memory/expected_bytes"] = round(expected["total"])
     out |= {"memory/num_params": dense, "memory/num_expert_params": experts, "memory/zero_stage": stage,

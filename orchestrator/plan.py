@@ -212,7 +212,7 @@ def estimate(cfg: RunConfig, size: ModelSize, gpus: int, stage: int, ep: int, gp
     if gpus % tp:
         raise ValueError(f"parallel.tp_size={tp} must divide the {gpus} GPUs")
     states = expected_model_states(round(size.dense_per_rank(tp)), size.expert, stage, gpus // tp, ep,
-                                   cfg.train.precision)
+                                   cfg.train.precision, tp)
     buffers = float(_reduce_bucket(cfg) * _ACT_BYTES[cfg.train.precision]) if stage > 0 else 0.0
     return Row(stage=stage, ep=ep, params=states["params"], grads=states["grads"], optim=states["optim"],
                buffers=buffers, activations=activation_bytes(cfg, size, False),

@@ -38,12 +38,17 @@ CASES: list[tuple[str, int, int, Precision]] = [
     *(("dense", stage, 0, "bf16") for stage in (0, 1, 2, 3)),
     ("moe", 2, 4, "fp32"),
 ]
+# Megatron tensor parallelism over both ranks (tp 2, dp 1): each rank holds the replicated parameters
+# and half of every split attention / FFN matrix; MoE experts replicated over the tp group (ep 1)
+TP_CASES: list[tuple[str, int, int, Precision]] = [("tp", 0, 0, "fp32"), ("tp", 2, 0, "fp32"), ("tp", 1, 0, "bf16"),
+                                                  ("tp-moe", 1, 4, "fp32"), ("tp-moe", 1, 4, "bf16")]
 
 
-def _cfg(stage: int, experts: int, precision: Precision) -> RunConfig:
+def _cfg(stage: int, experts: int, precision: Precision, tp: int = 1) -> RunConfig:
     return RunConfig.model_validate({
         "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_ratio": 2.0, "dropout": 0.0},
-        "moe": {"num_experts": experts, "ep_size": WORLD if experts else 1},
+        "parallel": {"tp_size": tp},
+        "moe": {"num_experts": experts, "ep_size": WORLD if experts and tp == 1 else 1},
         "data": {"image_size": 16, "max_text_len": 12},
         "train": {"batch_size": 4, "precision": precision},
         "deepspeed": {"zero_stage": stage, "extra": {"zero_optimization": {
@@ -64,16 +69,17 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
 
     results: dict[str, Any] = {}
-    for name, stage, experts, precision in CASES:
+    for name, stage, experts, precision in CASES + TP_CASES:
         try:
-            results[f"{name}-{precision}-{stage}"] = _measure(rank, stage, experts, precision)
+            results[f"{name}-{precision}-{stage}"] = _measure(rank, stage, experts, precision,
+                                                               tp=WORLD if name.startswith("tp") else 1)
         except Exception as exc:  # noqa: BLE001 - recorded: one broken case must not hide the others
             results[f"{name}-{precision}-{stage}"] = {"error": f"{type(exc).__name__}: {exc}"}
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
-def _measure(rank: int, stage: int, experts: int, precision: Precision) -> dict[str, int]:
+def _measure(rank: int, stage: int, experts: int, precision: Precision, tp: int = 1) -> dict[str, int]:
     import torch
 
     from jobs.engine import build_engine
@@ -81,7 +87,7 @@ def _measure(rank: int, stage: int, experts: int, precision: Precision) -> dict[
     from models import build_pretrainer
     from models.config import ImageSpec, TextSpec
 
-    cfg = _cfg(stage, experts, precision)
+    cfg = _cfg(stage, experts, precision, tp)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     torch.manual_seed(0)
     model = build_pretrainer(cfg.model, cfg.moe, cfg.active_objectives,
@@ -89,7 +95,7 @@ def _measure(rank: int, stage: int, experts: int, precision: Precision) -> dict[
                              ImageSpec(size=cfg.data.image_size))
     engine = build_engine(cfg, model)
     watch_gradients(engine)
-    gen = torch.Generator().manual_seed(rank)
+    gen = torch.Generator().manual_seed(rank // tp)  # the ranks of a tp group compute the same batch
     measured: dict[str, int] = {}
     for step in range(2):
         batch = {"image": torch.randn(4, 3, 16, 16, generator=gen).to(dtype),
@@ -132,10 +138,10 @@ def _ok(case: str, result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _planned(stage: int, experts: int, precision: Precision) -> Any:
+def _planned(stage: int, experts: int, precision: Precision, tp: int = 1) -> Any:
     from orchestrator.plan import count_model, estimate
 
-    cfg = _cfg(stage, experts, precision)
+    cfg = _cfg(stage, experts, precision, tp)
     return estimate(cfg, count_model(cfg, VOCAB), gpus=WORLD, stage=stage, ep=cfg.moe.ep_size)
 
 
@@ -177,3 +183,23 @@ def test_expert_states_are_split_from_dense_ones(measured: list[dict[str, Any]])
     assert moe["memory/grads_expert_bytes"] == 4 * local_experts
     assert moe["memory/optim_expert_bytes"] == pytest.approx(12 * local_experts, rel=0.005)
     assert moe["memory/params_dense_bytes"] == pytest.approx(4 * moe["memory/num_params"], abs=64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "stage", "experts", "precision"), TP_CASES)
+def test_tensor_parallel_bytes_per_rank_match_the_plan_within_10_percent(measured: list[dict[str, Any]], name: str,
+                                                                        stage: int, experts: int,
+                                                                        precision: Precision) -> None:
+    """tp 2: a rank's parameters are the replicated ones plus half of the split layers, as `mmpt plan`
+    counts them; measured vs planned within 10 % (#15), and well under the unsplit model's."""
+    plan, whole = _planned(stage, experts, precision, tp=WORLD), _planned(stage, experts, precision)
+    for rank, results in enumerate(measured):
+        m = _ok(f"rank {rank}, {name}-{precision}-{stage}", results[f"{name}-{precision}-{stage}"])
+        where = f"rank {rank}, {name} 2 {precision} ZeRO-{stage}"
+        assert (m["memory/tp"], m["memory/dp"], m["memory/ep"], m["memory/zero_stage"]) == (WORLD, 1, 1, stage), where
+        for part in ("params", "grads", "optim"):
+            planned = getattr(plan, part)
+            assert abs(m[f"memory/{part}_bytes"] - planned) <= 0.10 * planned, (where, part, m[f"memory/{part}_bytes"],
+                                                                                 planned)
+        if name == "tp":  # the split layers are a large share of a dense model (experts: replicated, ep 1)
+            assert m["memory/params_bytes"] < 0.8 * whole.params, where
