@@ -19,11 +19,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 import yaml
 from rich.console import Console
+
+from orchestrator.console import fail
 
 cluster_app = typer.Typer(help="The Ray cluster of ray_cluster.yaml: up, down, status, dashboard.",
                           no_args_is_help=True)
@@ -39,23 +41,18 @@ _DEFAULT = Path("ray_cluster.yaml")
 _PLACEHOLDER_IMAGE = "ghcr.io/your-org/"
 
 
-def _fail(problem: str) -> NoReturn:
-    _err.print(f"[red]error:[/red] {problem}")
-    raise typer.Exit(2)
-
-
 def _ray_cli() -> str:
     """The `ray` beside this Python (the project's venv), else the one on PATH."""
     beside = Path(sys.executable).parent / "ray"
     found = str(beside) if beside.is_file() else shutil.which("ray")
     if found is None:
-        _fail("the `ray` command is not installed here; pip install 'ray[default]' (the cluster launcher)")
+        fail("the `ray` command is not installed here; pip install 'ray[default]' (the cluster launcher)")
     return str(found)
 
 
 def _cluster_file(config: Path) -> Path:
     if not config.is_file():
-        _fail(f"--config {config}: file not found (run from the mmpt repository or pass --config PATH)")
+        fail(f"--config {config}: file not found (run from the mmpt repository or pass --config PATH)")
     return config.resolve()
 
 
@@ -63,9 +60,9 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        _fail(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})")
+        fail(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})")
     if not isinstance(data, dict):
-        _fail(f"--config {path}: expected a Ray cluster launcher mapping, got {type(data).__name__}")
+        fail(f"--config {path}: expected a Ray cluster launcher mapping, got {type(data).__name__}")
     return data
 
 
@@ -74,14 +71,14 @@ def _preflight(path: Path) -> None:
     cfg = _load(path)
     image = (cfg.get("docker") or {}).get("image", "")
     if image.startswith(_PLACEHOLDER_IMAGE):
-        _fail(f"docker.image = {image!r} in {path.name}: the placeholder; build infra/docker/Dockerfile, push "
+        fail(f"docker.image = {image!r} in {path.name}: the placeholder; build infra/docker/Dockerfile, push "
               "it where the nodes can pull it and set its name")
     for remote, local in (cfg.get("file_mounts") or {}).items():
         source = Path(str(local)).expanduser()
         source = source if source.is_absolute() else path.parent / source
         if not source.exists():
             hint = "; create it with: ray get-auth-token --generate" if source.name == "auth_token" else ""
-            _fail(f"file_mounts.{remote} = {local!r} in {path.name}: {source} does not exist{hint}")
+            fail(f"file_mounts.{remote} = {local!r} in {path.name}: {source} does not exist{hint}")
 
 
 def _run(argv: list[str], cluster_file: Path, dry_run: bool) -> None:

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.config import ConfigError
+from orchestrator.console import SetOpt, fail
 
 jobs_app = typer.Typer(help="Jobs sent with `mmpt submit`: list, status, logs, stop.", no_args_is_help=True)
 
@@ -47,15 +48,9 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        _fail(exc.problems)
+        fail(exc.problems)
     except (ClusterError, RegistryError, SubmitError) as exc:
-        _fail([str(exc)])
-
-
-def _fail(problems: list[str]) -> None:
-    for p in problems:
-        _err.print(f"[red]error:[/red] {p}")
-    raise typer.Exit(2)
+        fail([str(exc)])
 
 
 def _when(ts: float | None) -> str:
@@ -65,7 +60,7 @@ def _when(ts: float | None) -> str:
 def submit(
     config: Annotated[Path, typer.Argument(help="run config YAML (or, with --sweep, a sweep file)")],
     address: AddressOpt = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")] = None,
+    set_: SetOpt = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="CONFIG is a sweep file: the job runs `mmpt sweep`")] = False,
     working_dir: Annotated[Path | None, typer.Option("--working-dir", help="folder uploaded as the job's code "
                                                      "(default: the current one)")] = None,
@@ -345,14 +340,14 @@ def controller(
                              backoff_cap_s=backoff_cap, unreachable_grace_s=unreachable_grace,
                              give_up_after_s=give_up_after)
     except RetryConfigError as exc:
-        _fail(str(exc).split("; "))
+        fail(str(exc).split("; "))
     with _user_errors():
         registry = Registry(db)
         ctl = Controller(registry, adopt_from=address or [], retention_s=retention, policy=policy)
     try:
         server = start_server(registry, ctl.metrics, host, port)
     except OSError as exc:
-        _fail([f"--host {host} --port {port}: cannot listen ({exc.strerror or exc})"])
+        fail([f"--host {host} --port {port}: cannot listen ({exc.strerror or exc})"])
     stop_event = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
     bound_host, bound_port = server.server_address[:2]

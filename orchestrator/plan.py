@@ -31,7 +31,7 @@ from rich.table import Table
 
 from jobs.config import RunConfig
 from orchestrator.config import ConfigError, load_config
-from orchestrator.console import SetOpt
+from orchestrator.console import SetOpt, fail
 
 if TYPE_CHECKING:
     from models import Pretrainer
@@ -334,14 +334,9 @@ def plan_cmd(
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as exc:
-        err = Console(stderr=True)
-        for p in exc.problems:
-            err.print(f"[red]error:[/red] {p}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(exc.problems)
     if gpus % cfg.parallel.tp_size:
-        Console(stderr=True).print(f"[red]error:[/red] --gpus {gpus} is not a multiple of parallel.tp_size="
-                                   f"{cfg.parallel.tp_size}", highlight=False)
-        raise typer.Exit(2)
+        fail(f"--gpus {gpus} is not a multiple of parallel.tp_size={cfg.parallel.tp_size}")
     vocab, source = _vocab(cfg, vocab_size)
     size = count_model(cfg, vocab)
     rows = plan(cfg, size, gpus, gpu_mem * GiB)

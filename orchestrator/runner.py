@@ -14,7 +14,6 @@ import json
 import logging
 import posixpath
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,18 +280,11 @@ def _fit_following(cfg: RunConfig, trainer: Any, hub: Any, view_console: Console
     returns {"result": ...} or {"error": ...}. Ctrl-C lands here, on the main thread."""
     import ray
 
-    box: dict[str, Any] = {}
+    from jobs.bounded import in_thread
 
-    def fit() -> None:
-        try:
-            box["result"] = trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=fit, name="mmpt-fit", daemon=True)
     title = f"{cfg.name} · {cfg.model.preset} · {cfg.scaling.num_workers} workers · ZeRO-{cfg.deepspeed.zero_stage}"
     with ProgressView(view_console, cfg.train.steps, title) as view:
-        thread.start()
+        thread, box = in_thread(trainer.fit, "mmpt-fit")
         first: tuple[float, int] | None = None
         while True:
             alive = thread.is_alive()  # read before draining: nothing is put after the fit ends

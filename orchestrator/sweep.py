@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,10 +34,12 @@ import typer
 from rich.console import Console
 
 from orchestrator.config import ConfigError
+from orchestrator.console import set_option
 from orchestrator.ray_local import ray_instance
 from orchestrator.sweep_spec import PLAN_FILE, SweepPlan, load_plan, load_spec, plan_sweep
 from orchestrator.tracking.sweep import SweepTracking
 
+SweepSetOpt = set_option("override: dotted.key=value on the base run config, or sweep.key=value on the sweep file")
 _DATA_CPUS_PER_TRIAL = 1.0  # room for a trial's Ray Data read tasks beside its training workers
 
 
@@ -82,20 +83,14 @@ def _trial(config: dict[str, Any], plan: SweepPlan, cwd: str) -> None:
     """
     from ray import tune
 
+    from jobs.bounded import in_thread
     from orchestrator.runner import run
 
     if os.path.isdir(cwd):  # Tune starts trials in their Tune folder; data paths are relative to ours
         os.chdir(cwd)
     cfg = plan.trial_config(config["point"], int(config["seed"]))
     metrics = Path(plan.sweep_dir, "runs", cfg.name, "metrics.jsonl")
-    box: dict[str, BaseException] = {}
     held: list[dict[str, Any]] = []
-
-    def train() -> None:
-        try:
-            run(cfg, console=Console(quiet=True))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the trial's thread below
-            box["error"] = exc
 
     def forward(record: dict[str, Any]) -> None:
         if record.get("step", 0) >= cfg.train.steps and thread.is_alive():
@@ -103,8 +98,7 @@ def _trial(config: dict[str, Any], plan: SweepPlan, cwd: str) -> None:
         else:
             tune.report(record)
 
-    thread = threading.Thread(target=train, name="mmpt-trial", daemon=True)
-    thread.start()
+    thread, box = in_thread(lambda: run(cfg, console=Console(quiet=True)), "mmpt-trial")
     offset = 0
     while thread.is_alive():
         offset = _forward_new_lines(metrics, offset, forward)
@@ -266,8 +260,7 @@ def prepare(sweep_file: str | Path, overrides: list[str], fresh: bool = False) -
 
 def sweep_cmd(
     sweep_file: Annotated[Path | None, typer.Argument(help="sweep file (e.g. jobs/configs/sweeps/objectives.yaml)")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: dotted.key=value on the base "
-                                                   "run config, or sweep.key=value on the sweep file")] = None,
+    set_: SweepSetOpt = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue the sweep in this directory")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="delete an existing sweep directory first")] = False,
     address: Annotated[str | None, typer.Option(help="join this Ray cluster instead of starting one")] = None,
