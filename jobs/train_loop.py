@@ -51,7 +51,7 @@ class WorkerJob:
     data_remote_args: dict[str, Any] = field(default_factory=dict)  # where the Ray Data tasks run
     data_cpu_limit: float | None = None  # logical CPUs this rank's Ray Data executor may use; None = no limit
     ledger: Any = None  # the bad-sample ledger actor
-    events: Any = None  # the run's hub actor (orchestrator/hub.py): a hang is told there before the rank fails
+    events: Any = None  # the run's hub actor (orchestrator/run/hub.py): a hang is told there before the rank fails
     grounded_words: tuple[str, ...] = ()  # the dataset's grounded words (jobs.evaluate's MLM probe)
 
 

@@ -26,7 +26,7 @@ forwards since the previous call (several views or micro-batches of one step):
 The loss that training adds is the weighted one (`moe.aux_loss_weight * aux + moe.z_loss_weight *
 z_loss`), which each MoEFFN returns from its forward. A train loop averages these values over its
 micro-batches and ranks (`load` element-wise) and puts them in each report;
-orchestrator/moe_report.py turns the reports into a table and a heatmap.
+orchestrator/report/expert_load.py turns the reports into a table and a heatmap.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Reading a run's live metrics from its run directory (local or s3://), incrementally.
 
 A run's driver appends one JSON record per report to `<storage.path>/runs/<name>/metrics.jsonl`
-(see orchestrator/runner.py): `step`, `loss/<term>`, `samples_per_s`, `tokens_per_s`,
+(see orchestrator/run/runner.py): `step`, `loss/<term>`, `samples_per_s`, `tokens_per_s`,
 `data_wait_share`, `time`, `checkpoint` when one was saved, and for MoE models
 `moe/layer{i}/load` (E expert fractions), `moe/layer{i}/dropped` and `moe/dropped`.
 `MetricsTail` keeps a byte offset and parses only the lines added since its last poll (an object

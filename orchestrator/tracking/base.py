@@ -1,6 +1,6 @@
 """What every tracker gets from the driver, and the one way reports become tracker scalars.
 
-The driver (orchestrator/runner.py) is the only process that sees every report of a run: rank 0's
+The driver (orchestrator/run/runner.py) is the only process that sees every report of a run: rank 0's
 metrics reach it through Ray Train's callback and the run's hub actor, and it writes `metrics.jsonl`. Trackers
 hang off that loop, so the workers never import a tracker, never hold its credentials, and a
 tracker that falls over costs a warning, never the run: the run directory stays the record.

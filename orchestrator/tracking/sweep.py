@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ConfigError, validate
-from orchestrator.sweep_spec import SweepPlan
+from orchestrator.sweep.spec import SweepPlan
 
 
 class SweepTracking:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.runner import run
+from orchestrator.run.runner import run
 from tests.faults import CrashWhileWriting, arm
 from tests.integration.conftest import QUICKSTART, tiny
 from tests.integration.exact import assert_same_run

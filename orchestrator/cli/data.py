@@ -8,7 +8,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from orchestrator.console import console, fail
+from orchestrator.cli.console import console, fail
 
 data_app = typer.Typer(help="Make, convert and inspect image-text shards.", no_args_is_help=True)
 

@@ -39,7 +39,7 @@ def load_run(run_dir: Path, preset: str | None = None) -> LoadedRun:
     from jobs.pretrained.export import consolidate
     from models import build_pretrainer
     from models.config import ImageSpec
-    from orchestrator.export import _tokenizer, latest_checkpoint
+    from orchestrator.trained.export import _tokenizer, latest_checkpoint
 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError([f"{run_dir}: not a run directory (no config.yaml)"])
@@ -156,7 +156,7 @@ def generate_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="PNG path (default RUN_DIR/generated/<caption>_seed<S>.png)")] = None,
 ) -> None:
     """Generate images for a caption with a DALL-E run; writes a PNG grid (best first with --clip)."""
-    from orchestrator.console import console, fail
+    from orchestrator.cli.console import console, fail
 
     try:
         result = generate(run_dir, caption, samples, top_k=top_k, temperature=temperature, seed=seed,

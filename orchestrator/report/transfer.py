@@ -1,7 +1,7 @@
 """The transfer table of a sweep whose trials fine-tune (`finetune:`): task x label budget x
 {pretrained, scratch}, mean ± spread over seeds, and whether each difference exceeds the spread.
 
-Built from the sweep's files (orchestrator/report.py loads the trials). Each trial's task, label
+Built from the sweep's files (orchestrator/report/sweep_report.py loads the trials). Each trial's task, label
 budget and init are read from its resolved config, so any sweep over `finetune.*` keys gets the
 table; the figure is `eval/test_score` (accuracy for classification and VQA, mean i2t/t2i R@1 for
 retrieval; jobs/transfer/finetune_loop.py). Spread = the sample std over seeds (ddof 1).
@@ -29,8 +29,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from orchestrator.report_rows import TrialResult
-from orchestrator.sweep_spec import PRETRAIN_RUN, SweepPlan
+from orchestrator.report.rows import TrialResult
+from orchestrator.sweep.spec import PRETRAIN_RUN, SweepPlan
 
 SCORE = "eval/test_score"
 INITS = ("pretrained", "scratch")
@@ -149,7 +149,7 @@ def notes(rows: list[TransferRow]) -> list[str]:
 
 
 def plot(plan: SweepPlan, rows: list[TransferRow]) -> str:
-    from orchestrator.report_html import _png
+    from orchestrator.report.sweep_page import _png
 
     tasks = list(dict.fromkeys(r.task for r in rows))
     fig = Figure(figsize=(4.2 * max(1, len(tasks)), 3.6))

@@ -1,6 +1,6 @@
 """`mmpt finetune CONFIG --from RUN_DIR [--labels N]`: fine-tune a pretrained run's encoder on a task.
 
-A fine-tuning run is a run (orchestrator/runner.py) whose config has a `finetune:` section: the same
+A fine-tuning run is a run (orchestrator/run/runner.py) whose config has a `finetune:` section: the same
 run directory, metrics, checkpoints, resume and report; the workers run jobs/transfer/finetune_loop.py
 instead of the pretraining loop. `--from`, `--labels`, `--task` and `--scratch` are shorthands for
 `--set finetune.from_run=...` etc., so a Tune trial or a submitted job sets the same keys.
@@ -21,8 +21,8 @@ from typing import Annotated, Any
 import typer
 
 from jobs.config import RunConfig
+from orchestrator.cli.console import SetOpt
 from orchestrator.config import ConfigError, apply_overrides, load_config, validate
-from orchestrator.console import SetOpt
 
 _COPIED = ("model", "moe", "objectives")
 _COPIED_DATA = ("image_size", "max_text_len", "max_objects")
@@ -30,7 +30,7 @@ _COPIED_DATA = ("image_size", "max_text_len", "max_objects")
 
 def resolve(cfg: RunConfig) -> RunConfig:
     """The fine-tuning config with the pretrained run's architecture and checkpoint (unchanged without from_run)."""
-    from orchestrator.export import _tokenizer, latest_checkpoint
+    from orchestrator.trained.export import _tokenizer, latest_checkpoint
 
     ft = cfg.finetune
     if ft is None or ft.from_run is None:
@@ -87,10 +87,10 @@ def finetune_cmd(
     fresh: Annotated[bool, typer.Option("--fresh", help="delete runs/<name>/ first instead of resuming it")] = False,
 ) -> None:
     """Fine-tune (or linear-probe) a pretrained encoder on a labelled task; test figures in the summary."""
+    from orchestrator.cli.console import console, fail
     from orchestrator.config import load_raw
-    from orchestrator.console import console, fail
-    from orchestrator.runner import RunFailed
-    from orchestrator.runner import run as run_job
+    from orchestrator.run.runner import RunFailed
+    from orchestrator.run.runner import run as run_job
 
     shorthands = {"finetune.from_run": str(from_) if from_ else None, "finetune.labels": labels,
                   "finetune.task": task, "finetune.init": "scratch" if scratch else None}

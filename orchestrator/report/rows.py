@@ -1,5 +1,5 @@
 """The rows of a sweep report and how their cells print: shared by the tables (report.py) and the
-HTML page (report_html.py), so both read one definition and neither imports the other's module."""
+HTML page (orchestrator/report/sweep_page.py), so both read one definition and neither imports the other's module."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _num(v: float) -> str:
 
 
 def cell(stat: Stat | None, key: str = "", mark: str = "") -> str:
-    """mean ± std (mean alone for one seed), then the spread mark (orchestrator/report_spread.py)."""
+    """mean ± std (mean alone for one seed), then the spread mark (orchestrator/report/spread.py)."""
     if stat is None:
         return "—"
     scale = 1e-6 if key == MEMORY else 1.0

@@ -1,5 +1,5 @@
 """`mmpt report SWEEP_DIR`: one row per configuration of a sweep, mean and spread over its seeds
-(`mmpt report RUN_DIR`: one run's report, orchestrator/run_report.py).
+(`mmpt report RUN_DIR`: one run's report, orchestrator/report/run_page.py).
 
 Built from files alone: the sweep's `sweep.yaml` (points, seeds) and each trial's run directory
 (`summary.json` when the run finished; otherwise the last lines of `metrics.jsonl`, e.g. a trial
@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.config import ConfigError
-from orchestrator.report_rows import (
+from orchestrator.report.rows import (
     MEMORY,
     SPEED,
     Row,
@@ -41,9 +41,9 @@ from orchestrator.report_rows import (
     is_downstream,
     title,
 )
-from orchestrator.report_spread import all_marks
-from orchestrator.report_spread import note as spread_note
-from orchestrator.sweep_spec import SweepPlan, load_plan
+from orchestrator.report.spread import all_marks
+from orchestrator.report.spread import note as spread_note
+from orchestrator.sweep.spec import SweepPlan, load_plan
 
 _R1 = ("eval/i2t_r1", "eval/t2i_r1")
 
@@ -217,7 +217,7 @@ class Report:
 
 def write_report(sweep_dir: str | Path) -> Report:
     """Rebuild the comparison from the sweep directory's files and write the report files there."""
-    from orchestrator.report_html import render_html  # matplotlib: only when a report is written
+    from orchestrator.report.sweep_page import render_html  # matplotlib: only when a report is written
 
     plan = load_plan(sweep_dir)
     trials = load_trials(plan)
@@ -231,7 +231,7 @@ def write_report(sweep_dir: str | Path) -> Report:
     files["csv"].write_text(rows_csv(rows, cols))
     files["trials"].write_text(trials_csv(trials))
     files["html"].write_text(render_html(plan, trials, rows, cols, notes))
-    from orchestrator.transfer_report import write_transfer
+    from orchestrator.report.transfer import write_transfer
 
     files |= write_transfer(plan, trials)  # fine-tuning sweeps: task x labels x {pretrained, scratch}
     return Report(plan, trials, rows, cols, notes, files)
@@ -252,9 +252,9 @@ def show_report(sweep_dir: str | Path, console: Console) -> Report:
 def report_cmd(path: Annotated[Path, typer.Argument(help="a sweep directory (sweeps/<name>) or a run directory "
                                                    "(runs/<name>)")]) -> None:
     """A sweep's comparison table (terminal, Markdown, CSV) and HTML report, or one run's HTML report."""
-    from orchestrator.console import console, fail
-    from orchestrator.run_report import is_run_dir, write_run_report
-    from orchestrator.sweep_spec import PLAN_FILE
+    from orchestrator.cli.console import console, fail
+    from orchestrator.report.run_page import is_run_dir, write_run_report
+    from orchestrator.sweep.spec import PLAN_FILE
 
     try:
         if not (path / PLAN_FILE).is_file() and is_run_dir(path):

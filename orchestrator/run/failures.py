@@ -20,7 +20,7 @@ from jobs import storage
 from jobs.config import RunConfig
 
 if TYPE_CHECKING:
-    from orchestrator.runner import RunFiles
+    from orchestrator.run.runner import RunFiles
 
 # A hang reported this recently before the failure is its cause (the restart after an earlier one
 # may have failed for another reason).

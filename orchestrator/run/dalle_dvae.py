@@ -43,7 +43,7 @@ def resolve_dalle(cfg: RunConfig, run_uri: str, opts: storage.StorageOptions | N
 
     from jobs.generative.frozen_dvae import WEIGHTS_FILE, dvae_tensors
     from jobs.pretrained.export import consolidate
-    from orchestrator.export import latest_checkpoint
+    from orchestrator.trained.export import latest_checkpoint
 
     checkpoint = latest_checkpoint(run_dir)
     tensors = dvae_tensors(consolidate(str(checkpoint), source.deepspeed.zero_stage))

@@ -6,7 +6,7 @@ data-wait share over steps, the held-out evaluation (final figures, and curves w
 evaluated more than once), the model-state memory next to the ZeRO paper's figure for its stage,
 and for a MoE run the layer x expert load heatmap with its per-layer table. The run's driver writes
 it as `report.html` when the run ends; the command rebuilds it. Plots are matplotlib PNGs embedded
-as `data:` URIs (orchestrator/report_html.py's convention): nothing is fetched when it is opened.
+as `data:` URIs (orchestrator/report/sweep_page.py's convention): nothing is fetched when it is opened.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import yaml
 from matplotlib.figure import Figure
 
-from orchestrator.report import _records
-from orchestrator.report_html import _CSS, _img, _png
-from orchestrator.report_rows import title
+from orchestrator.report.rows import title
+from orchestrator.report.sweep_page import _CSS, _img, _png
+from orchestrator.report.sweep_report import _records
 
 REPORT_FILE = "report.html"
 _MEMORY_ROWS = ("params", "grads", "optim")
@@ -92,11 +92,11 @@ def plots(run: RunData) -> dict[str, str]:
 
 
 def _moe_heatmap(run: RunData) -> str | None:
-    """The layer x expert load heatmap (orchestrator/moe_report.py draws it, as during the run)."""
+    """The layer x expert load heatmap (orchestrator/report/expert_load.py draws it, as during the run)."""
     import base64
     import tempfile
 
-    from orchestrator.moe_report import save_heatmap
+    from orchestrator.report.expert_load import save_heatmap
 
     with tempfile.TemporaryDirectory() as tmp:
         path = save_heatmap(run.records, Path(tmp) / "moe_load.png")

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from jobs.config import RunConfig
 from orchestrator.config import ConfigError, apply_overrides, load_raw, validate
-from orchestrator.sweep_metrics import metric_problem
+from orchestrator.sweep.trial_metrics import metric_problem
 
 _DRAWN = ("choice", "uniform", "loguniform", "randint")
 PLAN_FILE = "sweep.yaml"  # the resolved plan, in the sweep directory

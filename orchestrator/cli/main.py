@@ -12,29 +12,29 @@ from typing import Annotated
 
 import typer
 
-from orchestrator import jobs_cli
-from orchestrator.cluster import cluster_app
+from orchestrator.cli import jobs as jobs_cli
+from orchestrator.cli.console import SetOpt, console, err_console, fail
+from orchestrator.cli.data import data_app
+from orchestrator.cli.launcher import cluster_app
 from orchestrator.config import ConfigError, load_config
-from orchestrator.console import SetOpt, console, err_console, fail
-from orchestrator.data_cli import data_app
-from orchestrator.plan import plan_cmd
+from orchestrator.run.memory_plan import plan_cmd
 
 app = typer.Typer(help="mmpt: multimodal pretraining on Ray.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(data_app, name="data")
 # -- sub-command groups: each lives in its own module and is registered here with one line --
-app.add_typer(__import__("orchestrator.models_cli", fromlist=["models_app"]).models_app, name="models")
+app.add_typer(__import__("orchestrator.cli.models", fromlist=["models_app"]).models_app, name="models")
 app.add_typer(jobs_cli.jobs_app, name="jobs")
 app.add_typer(cluster_app, name="cluster")
 app.command("submit")(jobs_cli.submit)
 app.command("controller")(jobs_cli.controller)
 app.command("plan")(plan_cmd)
 app.command("doctor")(__import__("orchestrator.doctor", fromlist=["doctor_cmd"]).doctor_cmd)
-app.command("sweep")(__import__("orchestrator.sweep", fromlist=["sweep_cmd"]).sweep_cmd)
-app.command("report")(__import__("orchestrator.report", fromlist=["report_cmd"]).report_cmd)
-app.command("export")(__import__("orchestrator.export", fromlist=["export_cmd"]).export_cmd)
-app.command("generate")(__import__("orchestrator.generate", fromlist=["generate_cmd"]).generate_cmd)
-app.command("finetune")(__import__("orchestrator.finetune", fromlist=["finetune_cmd"]).finetune_cmd)
+app.command("sweep")(__import__("orchestrator.sweep.driver", fromlist=["sweep_cmd"]).sweep_cmd)
+app.command("report")(__import__("orchestrator.report.sweep_report", fromlist=["report_cmd"]).report_cmd)
+app.command("export")(__import__("orchestrator.trained.export", fromlist=["export_cmd"]).export_cmd)
+app.command("generate")(__import__("orchestrator.trained.generate", fromlist=["generate_cmd"]).generate_cmd)
+app.command("finetune")(__import__("orchestrator.run.finetune", fromlist=["finetune_cmd"]).finetune_cmd)
 
 
 
@@ -49,8 +49,8 @@ def run(
 
     Re-running a config resumes runs/<name>/ from its latest checkpoint.
     """
-    from orchestrator.runner import RunFailed
-    from orchestrator.runner import run as run_job
+    from orchestrator.run.runner import RunFailed
+    from orchestrator.run.runner import run as run_job
 
     try:
         cfg = load_config(config, set_ or [])

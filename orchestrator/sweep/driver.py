@@ -2,7 +2,7 @@
 
     driver (this process)                              Ray cluster
     plan_sweep: every check, before any trial          one Tune trial actor per trial (0 CPUs, this node):
-    Tuner(points x seeds, ASHA) ─────────────────────▶   orchestrator.runner.run(trial config) ──▶ Ray Train
+    Tuner(points x seeds, ASHA) ─────────────────────▶   orchestrator.run.runner.run(trial config) ──▶ Ray Train
     ProgressBoard  ◀── Tune callback                     tails runs/<trial>/metrics.jsonl ──tune.report──▶ Tune
     write_report(sweep dir) at the end
 
@@ -33,10 +33,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from orchestrator.cli.console import set_option
 from orchestrator.config import ConfigError
-from orchestrator.console import set_option
-from orchestrator.ray_local import ray_instance
-from orchestrator.sweep_spec import PLAN_FILE, SweepPlan, load_plan, load_spec, plan_sweep
+from orchestrator.run.ray_local import ray_instance
+from orchestrator.sweep.spec import PLAN_FILE, SweepPlan, load_plan, load_spec, plan_sweep
 from orchestrator.tracking.sweep import SweepTracking
 
 SweepSetOpt = set_option("override: dotted.key=value on the base run config, or sweep.key=value on the sweep file")
@@ -84,7 +84,7 @@ def _trial(config: dict[str, Any], plan: SweepPlan, cwd: str) -> None:
     from ray import tune
 
     from jobs.bounded import in_thread
-    from orchestrator.runner import run
+    from orchestrator.run.runner import run
 
     if os.path.isdir(cwd):  # Tune starts trials in their Tune folder; data paths are relative to ours
         os.chdir(cwd)
@@ -149,7 +149,7 @@ def _tuner(plan: SweepPlan, resume: bool, callbacks: Sequence[Any], max_concurre
     import ray
     from ray import tune
 
-    from orchestrator.sweep_progress import TuneEvents
+    from orchestrator.sweep.board import TuneEvents
 
     trainable = tune.with_parameters(_trial, plan=plan, cwd=os.getcwd())
     # The trial actor is only the Train run's driver: no CPU, and on this node, whose disk holds
@@ -175,7 +175,7 @@ def _pretrain(plan: SweepPlan, view: Console) -> None:
     cfg = plan.pretrain_config()
     if cfg is None:
         return
-    from orchestrator.runner import run
+    from orchestrator.run.runner import run
 
     view.print(f"pretraining {cfg.name} ({cfg.model.preset}, {cfg.train.steps} steps) for the trials to start from",
                highlight=False)
@@ -203,8 +203,8 @@ def run_sweep(plan: SweepPlan, *, console: Console | None = None, address: str |
     """Run (or with `resume`, continue) the plan's trials; returns which finished, failed or not."""
     import ray
 
-    from orchestrator.progress import capture_output
-    from orchestrator.sweep_progress import ProgressBoard, showing
+    from orchestrator.run.progress import capture_output
+    from orchestrator.sweep.board import ProgressBoard, showing
 
     out = console or Console()
     sweep_dir = Path(plan.sweep_dir)
@@ -234,7 +234,7 @@ def run_sweep(plan: SweepPlan, *, console: Console | None = None, address: str |
 
 
 def _finish_tracking(tracked: Any, outcome: SweepOutcome) -> None:
-    from orchestrator.report import best_row, write_report
+    from orchestrator.report.sweep_report import best_row, write_report
 
     report = write_report(tracked.plan.sweep_dir)
     best = best_row(report.rows, tracked.plan.metric, tracked.plan.mode)
@@ -267,8 +267,8 @@ def sweep_cmd(
     cpus: Annotated[int | None, typer.Option(help="CPUs a local Ray advertises (default: this machine's)")] = None,
 ) -> None:
     """Run an ablation sweep with Ray Tune, then write its comparison table and HTML report."""
-    from orchestrator.console import console, err_console, fail
-    from orchestrator.report import show_report
+    from orchestrator.cli.console import console, err_console, fail
+    from orchestrator.report.sweep_report import show_report
 
     if (sweep_file is None) == (resume is None):
         fail(["give a sweep file, or --resume SWEEP_DIR (not both)"])

@@ -5,7 +5,7 @@ tokenizer), writes the resolved config into `runs/<name>/`, then hands the job t
 turns the workers' reports into progress lines, `metrics.jsonl` and `summary.json`.
 
 Reports travel worker -> Ray Train controller -> `_ReportForwarder` (a Ray Train callback, in the
-controller) -> the run's hub actor (orchestrator/hub.py) -> this process, which is the only writer of the run's metric files.
+controller) -> the run's hub actor (orchestrator/run/hub.py) -> this process, which is the only writer of the run's metric files.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from jobs import storage
 from jobs.config import RunConfig
 from jobs.data.tokenizer import load_tokenizer, text_spec
 from orchestrator.config import ConfigError, dump_yaml
-from orchestrator.failures import append_event, failure_cause
-from orchestrator.moe_report import load_table, moe_summary, save_heatmap
-from orchestrator.progress import ProgressView, capture_output, summary_tables
-from orchestrator.ray_local import ray_instance
+from orchestrator.report.expert_load import load_table, moe_summary, save_heatmap
+from orchestrator.run.failures import append_event, failure_cause
+from orchestrator.run.progress import ProgressView, capture_output, summary_tables
+from orchestrator.run.ray_local import ray_instance
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _options(cfg: RunConfig) -> storage.StorageOptions:
 
 def _shards(field_name: str, spec: str | list[str], opts: storage.StorageOptions) -> list[str]:
     from jobs.data.reader import SHARD_SUFFIXES
-    from orchestrator.preflight import storage_error
+    from orchestrator.run.preflight import storage_error
 
     try:
         return storage.expand_shards(spec, opts, suffixes=SHARD_SUFFIXES)
@@ -246,7 +246,12 @@ def _trainer(cfg: RunConfig, plan: DataPlan, files: RunFiles, callback: Any, led
     from ray.train.torch import TorchTrainer
 
     from jobs.train_loop import WorkerJob, train_func
-    from orchestrator.scaling import data_cpu_share, data_remote_args, pin_data_stats_to_driver, train_scaling
+    from orchestrator.run.scaling import (
+        data_cpu_share,
+        data_remote_args,
+        pin_data_stats_to_driver,
+        train_scaling,
+    )
 
     pin_data_stats_to_driver()  # else Ray Data pins it to a GPU node, which then never scales down
     spec = pipeline_spec(cfg, plan, files)
@@ -327,10 +332,10 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     (Ray Train restores it); one whose summary shows all `train.steps` done is only shown again.
     `fresh=True` deletes the run directory first.
     """
-    from orchestrator import preflight
+    from orchestrator.run import preflight
 
-    if cfg.finetune is not None:  # the pretrained run's architecture and checkpoint (orchestrator/finetune.py)
-        from orchestrator.finetune import resolve
+    if cfg.finetune is not None:  # the pretrained run's architecture and checkpoint (orchestrator/run/finetune.py)
+        from orchestrator.run.finetune import resolve
 
         cfg = resolve(cfg)
     files = RunFiles(cfg)
@@ -346,14 +351,14 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
         _show(out, done, files.uri)
         return RunResult(run_dir=files.uri, summary=done)
     preflight.check_resume(cfg, files)
-    from orchestrator.run_report import write_for_run
+    from orchestrator.report.run_page import write_for_run
     from orchestrator.tracking import check_clients, open_tracking
 
     check_clients(cfg)
     plan = plan_data(cfg, files, out)
     preflight.check_data(cfg, plan, files)
     init = _plan_init(cfg, plan, files, out)
-    from orchestrator.dalle_plan import resolve_dalle
+    from orchestrator.run.dalle_dvae import resolve_dalle
 
     cfg = resolve_dalle(cfg, files.uri, files.opts)  # preset dalle: the frozen dVAE's weights and shape
     config_yaml = dump_yaml(cfg)
@@ -363,7 +368,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
         raise ConfigError([f"storage.path = {cfg.storage.path!r}: cannot write {files.path('config.yaml')} "
                            f"({preflight.storage_error(exc)})"]) from None
     if cfg.finetune is not None:
-        from orchestrator.finetune import write_init
+        from orchestrator.run.finetune import write_init
 
         write_init(cfg, files.uri, files.opts)
     log_dir = files.local_log_dir()
@@ -380,7 +385,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                 import ray
 
                 from jobs.data.ledger import DataBudgetExceeded, check_budget
-                from orchestrator.hub import RunHub
+                from orchestrator.run.hub import RunHub
 
                 # One actor: the bad-sample ledger the workers write to and the inbox of rank 0's reports.
                 hub = ledger = ray.remote(RunHub).options(num_cpus=0).remote()

@@ -84,7 +84,7 @@ def export_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="output folder (default RUN_DIR/export)")] = None,
 ) -> None:
     """Export a run's latest checkpoint as Hugging Face folders or one safetensors file."""
-    from orchestrator.console import console, fail
+    from orchestrator.cli.console import console, fail
 
     if fmt not in ("hf", "safetensors"):
         fail([f"--format = {fmt!r}: allowed: hf, safetensors"])

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from orchestrator.cli.console import SetOpt, console, fail
 from orchestrator.config import ConfigError, load_config
-from orchestrator.console import SetOpt, console, fail
 
 models_app = typer.Typer(help="Architecture presets (model.preset).", no_args_is_help=True)
 

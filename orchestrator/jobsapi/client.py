@@ -15,14 +15,16 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import sys
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from orchestrator.controller.credentials import redact, safe_url
+from orchestrator.jobsapi.credentials import redact, safe_url
 
 _TIMEOUT_S = (10.0, 120.0)  # (connect, read): uploads of a working dir may take a while to answer
 DEFAULT_PORT = 8265
@@ -235,3 +237,39 @@ def list_jobs(client: Any, address: str) -> dict[str, ClusterJob]:
             start_time=_seconds(d.start_time), end_time=_seconds(d.end_time), metadata=dict(d.metadata or {}),
             driver_exit_code=getattr(d, "driver_exit_code", None), error_type=_enum_text(getattr(d, "error_type", None)))
     return out
+
+
+async def follow_logs(client: Any, job_id: str, redact: Callable[[str], str], quiet_s: float = 2.0) -> str:
+    """Stream the job's log until the job ends; returns the raw text shown.
+
+    Ray's websocket tail normally closes when the job ends, but it can stay open on a finished job; a status
+    poll beside it ends the stream once the job is terminal and the log has been quiet for `quiet_s`.
+    """
+    import asyncio
+
+    shown: list[str] = []
+    last = time.monotonic()
+
+    async def _stream() -> None:
+        nonlocal last
+        async for chunk in client.tail_job_logs(job_id):
+            shown.append(chunk)
+            last = time.monotonic()
+            sys.stdout.write(redact(chunk))
+            sys.stdout.flush()
+
+    async def _watch() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            ended = await asyncio.to_thread(lambda: client.get_job_status(job_id).is_terminal())
+            if ended and time.monotonic() - last > quiet_s:
+                return
+
+    stream, watch = asyncio.create_task(_stream()), asyncio.create_task(_watch())
+    await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (stream, watch):
+        task.cancel()
+    await asyncio.gather(stream, watch, return_exceptions=True)
+    if stream.done() and not stream.cancelled() and stream.exception() is not None:
+        raise stream.exception()
+    return "".join(shown)

@@ -11,7 +11,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,8 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.cli.console import SetOpt, fail
 from orchestrator.config import ConfigError
-from orchestrator.console import SetOpt, fail
 
 jobs_app = typer.Typer(help="Jobs sent with `mmpt submit`: list, status, logs, stop.", no_args_is_help=True)
 
@@ -41,9 +41,9 @@ _END = ("SUCCEEDED", "FAILED", "STOPPED", "LOST")
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """User-fixable problems -> `error:` lines on stderr, exit code 2."""
-    from orchestrator.controller.cluster import ClusterError
     from orchestrator.controller.registry import RegistryError
-    from orchestrator.submit import SubmitError
+    from orchestrator.jobsapi.client import ClusterError
+    from orchestrator.jobsapi.submit import SubmitError
 
     try:
         yield
@@ -69,10 +69,10 @@ def submit(
     db: DbOpt = _DEFAULT_DB,
 ) -> None:
     """Send a run (or a sweep) to a Ray cluster as a Ray job and register it; prints its id."""
-    from orchestrator.controller import cluster
     from orchestrator.controller.registry import Registry, check_job_id
-    from orchestrator.submit import check_no_credentials, prepare_run, prepare_sweep
-    from orchestrator.submit import submit as send
+    from orchestrator.jobsapi import client as cluster
+    from orchestrator.jobsapi.submit import check_no_credentials, prepare_run, prepare_sweep
+    from orchestrator.jobsapi.submit import submit as send
 
     with _user_errors():
         if job_id is not None:
@@ -99,30 +99,6 @@ def _refresh(registry: Any, jobs: list[Any], adopt_from: Sequence[str] = ()) -> 
     _, failed = refresh(registry, jobs, Clusters(), adopt_from)
     for address, problem in failed.items():
         _err.print(f"[yellow]warning:[/yellow] {problem} (states from {address} may be stale)")
-
-
-def _find(registry: Any, job_id: str, address: str | None) -> Any:
-    """The job's registry record; one found only on the cluster at `address` is registered first."""
-    from orchestrator.controller import cluster
-    from orchestrator.controller.reconcile import Clusters, adopt
-    from orchestrator.controller.registry import check_job_id
-
-    check_job_id(job_id)
-    rec = registry.get(job_id)
-    if rec is not None:
-        return rec
-    if not address:
-        raise ConfigError([f"job {job_id!r}: not in the registry {registry.display_url}; pass --address to look "
-                           "it up on a cluster"])
-    address = cluster.check_address(address)
-    listing = Clusters().listing(address)
-    if job_id in listing:
-        adopt(registry, address, {job_id: listing[job_id]})
-        rec = registry.get(job_id)
-        if rec is not None:
-            return rec
-        raise ConfigError([f"job {job_id!r}: on {address} but not sent by `mmpt submit`; use `ray job status`"])
-    raise ConfigError([f"job {job_id!r}: not in the registry {registry.display_url} and not on the cluster at {address}"])
 
 
 def _show(rec: Any, attempts: Sequence[dict[str, Any]] = ()) -> None:
@@ -152,9 +128,9 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON array on stdout")] = False,
 ) -> None:
     """Jobs in the registry, states refreshed from their clusters (+ mmpt jobs found at --address)."""
-    from orchestrator.controller import cluster
     from orchestrator.controller.registry import Registry
     from orchestrator.controller.state import STATES
+    from orchestrator.jobsapi import client as cluster
 
     with _user_errors(), Registry(db) as registry:
         bad = [s for s in state or [] if s not in STATES]
@@ -182,11 +158,11 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="the record as JSON on stdout")] = False,
 ) -> None:
     """A job's state (asked from its cluster), times, run dir and final losses."""
-    from orchestrator.controller.reconcile import finalize
+    from orchestrator.controller.reconcile import finalize, find_job
     from orchestrator.controller.registry import Registry
 
     with _user_errors(), Registry(db) as registry:
-        rec = _find(registry, job_id, address)
+        rec = find_job(registry, job_id, address)
         _refresh(registry, [rec])
         rec = registry.get(job_id)
         deadline = time.monotonic() + timeout
@@ -220,71 +196,37 @@ def logs(
     """The job's driver output (credential values redacted)."""
     import asyncio
 
-    from orchestrator.controller import cluster
-    from orchestrator.controller.credentials import redact
+    from orchestrator.controller.reconcile import find_job
     from orchestrator.controller.registry import Registry
+    from orchestrator.jobsapi import client as cluster
+    from orchestrator.jobsapi.credentials import redact
 
     with _user_errors():
         with Registry(db) as registry:
-            rec = _find(registry, job_id, address)
+            rec = find_job(registry, job_id, address)
         client = cluster.connect(rec.address)
         ray_id = rec.ray_id  # the current attempt's Ray job
         with cluster.errors(rec.address):
             if not follow or client.get_job_status(ray_id).is_terminal():
                 sys.stdout.write(redact(client.get_job_logs(ray_id)))
                 return
-            shown = asyncio.run(_follow(client, ray_id, redact))
+            shown = asyncio.run(cluster.follow_logs(client, ray_id, redact))
             rest = client.get_job_logs(ray_id)  # whatever the stream had not delivered when the job ended
             if rest.startswith(shown):
                 sys.stdout.write(redact(rest[len(shown):]))
-
-
-async def _follow(client: Any, job_id: str, redact: Callable[[str], str], quiet_s: float = 2.0) -> str:
-    """Stream the job's log until the job ends; returns the raw text shown.
-
-    Ray's websocket tail normally closes when the job ends, but it can stay open on a finished job; a status
-    poll beside it ends the stream once the job is terminal and the log has been quiet for `quiet_s`.
-    """
-    import asyncio
-
-    shown: list[str] = []
-    last = time.monotonic()
-
-    async def _stream() -> None:
-        nonlocal last
-        async for chunk in client.tail_job_logs(job_id):
-            shown.append(chunk)
-            last = time.monotonic()
-            sys.stdout.write(redact(chunk))
-            sys.stdout.flush()
-
-    async def _watch() -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            ended = await asyncio.to_thread(lambda: client.get_job_status(job_id).is_terminal())
-            if ended and time.monotonic() - last > quiet_s:
-                return
-
-    stream, watch = asyncio.create_task(_stream()), asyncio.create_task(_watch())
-    await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (stream, watch):
-        task.cancel()
-    await asyncio.gather(stream, watch, return_exceptions=True)
-    if stream.done() and not stream.cancelled() and stream.exception() is not None:
-        raise stream.exception()
-    return "".join(shown)
 
 
 @jobs_app.command("stop")
 def stop(job_id: JobIdArg, db: DbOpt = _DEFAULT_DB, address: AddressOpt = None) -> None:
     """Ask the cluster to stop a job (it becomes STOPPED); a LOST one is stopped in the registry, so no
     controller resubmits it."""
-    from orchestrator.controller import cluster
+    from orchestrator.controller.reconcile import find_job
     from orchestrator.controller.registry import Registry
     from orchestrator.controller.state import Transition
+    from orchestrator.jobsapi import client as cluster
 
     with _user_errors(), Registry(db) as registry:
-        rec = _find(registry, job_id, address)
+        rec = find_job(registry, job_id, address)
         if rec.state == "LOST":
             reason = "stopped on request while lost: not resubmitted"
             registry.apply(Transition(job_id, "LOST", "STOPPED", reason), ended_at=time.time(), message=reason)

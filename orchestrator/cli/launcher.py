@@ -25,7 +25,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from orchestrator.console import fail
+from orchestrator.cli.console import fail
 
 cluster_app = typer.Typer(help="The Ray cluster of ray_cluster.yaml: up, down, status, dashboard.",
                           no_args_is_help=True)

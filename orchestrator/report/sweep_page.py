@@ -15,9 +15,9 @@ import io
 
 from matplotlib.figure import Figure
 
-from orchestrator.report_rows import Row, TrialResult, cell, title
-from orchestrator.report_spread import all_marks
-from orchestrator.sweep_spec import SweepPlan
+from orchestrator.report.rows import Row, TrialResult, cell, title
+from orchestrator.report.spread import all_marks
+from orchestrator.sweep.spec import SweepPlan
 
 _STYLES = ("-", "--", ":", "-.")
 _CSS = ("body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:collapse}"

@@ -11,7 +11,7 @@ Relative local paths (data.train, data.eval, data.tokenizer, storage.path) would
 the job's unpacked working dir, where data/ is excluded and outputs vanish with the job: for a
 cluster on this machine they are made absolute (extra `--set`s); for a remote one they are errors.
 
-Credentials are never part of the job (see orchestrator/controller/credentials.py).
+Credentials are never part of the job (see orchestrator/jobsapi/credentials.py).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Any
 from jobs import storage
 from jobs.config import RunConfig
 from orchestrator.config import ConfigError, load_config, load_raw, validate
-from orchestrator.controller import cluster
-from orchestrator.controller.credentials import credential_values, is_credential_name, leaks
 from orchestrator.controller.registry import JobRecord, Registry
+from orchestrator.jobsapi import client as cluster
+from orchestrator.jobsapi.credentials import credential_values, is_credential_name, leaks
 
 # gitwildmatch patterns relative to the working dir (Ray's runtime_env `excludes`). Top-level
 # folders are anchored with "/" so that e.g. the code package jobs/data/ is still uploaded.
@@ -183,7 +183,7 @@ def _check_sweep(path: Path, raw: Mapping[str, Any], overrides: Sequence[str]) -
     if set(raw) <= set(RunConfig.model_fields):
         validate(raw)  # a broken run config: say what is wrong with it first
         raise ConfigError([f"{path}: a run config, not a sweep file; submit it without --sweep"])
-    from orchestrator.sweep_spec import load_spec  # the sweep file's schema
+    from orchestrator.sweep.spec import load_spec  # the sweep file's schema
 
     load_spec(path, list(overrides))  # its ConfigError names every problem
 

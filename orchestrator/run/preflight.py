@@ -32,7 +32,7 @@ from jobs.config import RunConfig
 from orchestrator.config import ConfigError
 
 if TYPE_CHECKING:
-    from orchestrator.runner import DataPlan, RunFiles
+    from orchestrator.run.runner import DataPlan, RunFiles
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.config import RunConfig
+from orchestrator.cli.console import SetOpt, fail
 from orchestrator.config import ConfigError, load_config
-from orchestrator.console import SetOpt, fail
 
 if TYPE_CHECKING:
     from models import Pretrainer

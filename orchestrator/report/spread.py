@@ -1,8 +1,8 @@
 """Which differences in a sweep's table exceed the spread over seeds, per column.
 
-A sweep's cell is mean ± std over seeds (orchestrator/report.py). Two configurations differ by more
+A sweep's cell is mean ± std over seeds (orchestrator/report/sweep_report.py). Two configurations differ by more
 than noise only when their ±1 std bands do not overlap: |mean_a − mean_b| > std_a + std_b, the rule
-the transfer table uses too (orchestrator/transfer_report.py). Per column, the best mean is marked
+the transfer table uses too (orchestrator/report/transfer.py). Per column, the best mean is marked
 `*` and every other row whose band overlaps the best's is marked `≈` (within the spread of the best:
 not a difference to read); an unmarked row is worse than the best by more than the spread. A column
 is only marked where the best and the row both have >= 2 seeds (one seed has no spread).
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from orchestrator.report_rows import Row
+    from orchestrator.report.rows import Row
 
 BEST, WITHIN = "*", "≈"
 _LOWER_IS_BETTER = ("wall_time_s", "memory/total_bytes", "step_time_s", "data_wait_share", "eval/loss")
