@@ -29,6 +29,7 @@ from jobs.data.pipeline import PipelineSpec
 from jobs.data.stream import MixtureStream, RankStream, synchronized_batches, synchronized_steps
 from jobs.tensor_parallel import Mesh, data_parallel_group
 from jobs.trainer import Trainer
+from models import metric_keys as mk
 from models.config import ImageSpec, TextSpec
 
 
@@ -193,7 +194,7 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
         # downstream: zero-shot classification (ITC encoders) and a linear probe (jobs/transfer/zero_shot.py)
         out |= transfer_eval(engine.module, cfg.eval.zero_shot, spec, job.eval_shards, rank=mesh.dp_rank,
                              world=mesh.dp, batch_size=cfg.eval.batch_size, device=device, dtype=trainer.dtype)
-        return {f"eval/{k}": v for k, v in out.items()}
+        return mk.keyed(mk.EVAL, out)
 
     try:
         while state.step < cfg.train.steps:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from orchestrator.controller import retry, state
-from orchestrator.controller.ingest import MetricsTail, read_summary, storage_options
+from orchestrator.controller.ingest import MetricsTail, storage_options
 from orchestrator.controller.metrics import ControllerMetrics, LiveJob, Snapshot
 from orchestrator.controller.registry import JobRecord, Registry
 from orchestrator.controller.retry import GiveUp, Resubmit, RetryPolicy
@@ -39,6 +39,7 @@ from orchestrator.controller.state import ACTIVE, TERMINAL, Event, Transition, d
 from orchestrator.jobsapi import client as cluster
 from orchestrator.jobsapi.client import ClusterError, ClusterJob, ClusterUnreachable
 from orchestrator.jobsapi.credentials import redact, safe_url
+from orchestrator.run.files import read_summary
 
 log = logging.getLogger("mmpt.controller")
 

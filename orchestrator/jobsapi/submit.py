@@ -36,6 +36,7 @@ from orchestrator.config import ConfigError, load_config, load_raw, validate
 from orchestrator.controller.registry import JobRecord, Registry
 from orchestrator.jobsapi import client as cluster
 from orchestrator.jobsapi.credentials import credential_values, is_credential_name, leaks
+from orchestrator.run.files import run_uri
 
 # gitwildmatch patterns relative to the working dir (Ray's runtime_env `excludes`). Top-level
 # folders are anchored with "/" so that e.g. the code package jobs/data/ is still uploaded.
@@ -168,7 +169,7 @@ def prepare_run(config: str | Path, overrides: Sequence[str] = (), *, address: s
         _check_shards(cfg)
     rel = _inside(Path(config), wd, "CONFIG")
     entrypoint = shlex.join(["mmpt", "run", rel, *[a for o in [*overrides, *fixes] for a in ("--set", o)]])
-    run_dir = storage.join(cfg.storage.path, "runs", cfg.name)
+    run_dir = run_uri(cfg.storage.path, cfg.name)
     runtime_env = _runtime_env(wd, env)
     # The record keeps the runtime env (a local path, not the gcs:// package): a controller that
     # resubmits the run after its cluster lost it (controller/retry.py) uploads it again.

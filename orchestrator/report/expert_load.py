@@ -10,7 +10,6 @@ Shapes: L MoE layers, E experts, T reports that carry MoE stats.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,14 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-_LOAD_KEY = re.compile(r"^moe/layer(\d+)/load$")
+from models.metric_keys import moe_layer, moe_layer_key
 
 Record = Mapping[str, Any]
 
 
 def moe_layers(records: Sequence[Record]) -> list[int]:
     """MoE layer indices present in any record, ascending."""
-    found = {int(m.group(1)) for r in records for k in r if (m := _LOAD_KEY.match(k))}
+    found = {layer[0] for r in records for k in r if (layer := moe_layer(k)) and layer[1] == "load"}
     return sorted(found)
 
 
@@ -33,12 +32,12 @@ def load_history(records: Sequence[Record]) -> tuple[list[int], np.ndarray]:
     """(steps [T], load_LET): each layer's expert shares at each report that has MoE stats; NaN
     where a layer is missing from a report."""
     layers = moe_layers(records)
-    rows = [r for r in records if any(f"moe/layer{i}/load" in r for i in layers)]
-    E = max((len(r[f"moe/layer{i}/load"]) for r in rows for i in layers if f"moe/layer{i}/load" in r), default=0)
+    rows = [r for r in records if any(moe_layer_key(i, "load") in r for i in layers)]
+    E = max((len(r[moe_layer_key(i, "load")]) for r in rows for i in layers if moe_layer_key(i, "load") in r), default=0)
     load_LET = np.full((len(layers), E, len(rows)), np.nan)
     for t, r in enumerate(rows):
         for li, i in enumerate(layers):
-            load = r.get(f"moe/layer{i}/load")
+            load = r.get(moe_layer_key(i, "load"))
             if load is not None:
                 load_LET[li, : len(load), t] = load
     steps = [int(r.get("step", t)) for t, r in enumerate(rows)]
@@ -50,7 +49,7 @@ def moe_summary(records: Sequence[Record]) -> dict[str, Any]:
     layers = moe_layers(records)
     out: list[dict[str, Any]] = []
     for i in layers:
-        key = f"moe/layer{i}/"
+        key = moe_layer_key(i, "")
         mine = [r for r in records if key + "load" in r]
         last = mine[-1]
         dropped = [float(r[key + "dropped"]) for r in mine if key + "dropped" in r]

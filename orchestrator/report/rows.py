@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models import metric_keys as mk
+
 SPEED = ("wall_time_s", "samples_per_s", "tokens_per_s")
-MEMORY = "memory/total_bytes"
-DOWNSTREAM = ("eval/zs_", "eval/probe_")
+MEMORY = mk.MEMORY_TOTAL
+DOWNSTREAM = mk.DOWNSTREAM
 
 
 @dataclass
@@ -56,18 +58,18 @@ def downstream(keys: set[str]) -> list[str]:
 
 
 def title(key: str) -> str:
-    named = {"loss/total": "loss", "eval/i2t_r1": "i2t R@1", "eval/t2i_r1": "t2i R@1", MEMORY: "model states MB",
+    named = {mk.TOTAL_LOSS: "loss", mk.RETRIEVAL_R1[0]: "i2t R@1", mk.RETRIEVAL_R1[1]: "t2i R@1", MEMORY: "model states MB",
              "wall_time_s": "wall s", "samples_per_s": "samples/s", "tokens_per_s": "tokens/s"}
     if key in named:
         return named[key]
-    if key.startswith("loss/"):
+    if key.startswith(mk.LOSS):
         return f"{key[5:]} loss"
     if key.startswith(DOWNSTREAM[0]):  # eval/zs_shape_top1_acc -> zero-shot shape
         task, top = key.removeprefix(DOWNSTREAM[0]).removesuffix("_acc").rsplit("_", 1)
         return f"zero-shot {task}" + ("" if top == "top1" else f" {top[:3]}-{top[3:]}")
     if key.startswith(DOWNSTREAM[1]):
         return f"probe {key.removeprefix(DOWNSTREAM[1]).removesuffix('_acc')}"
-    return key.removeprefix("eval/").replace("_", " ")
+    return key.removeprefix(mk.EVAL).replace("_", " ")
 
 
 def _num(v: float) -> str:

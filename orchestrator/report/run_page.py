@@ -12,7 +12,6 @@ as `data:` URIs (orchestrator/report/sweep_page.py's convention): nothing is fet
 from __future__ import annotations
 
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,12 @@ from typing import Any
 import yaml
 from matplotlib.figure import Figure
 
+from models import metric_keys as mk
 from orchestrator.report.rows import title
 from orchestrator.report.sweep_page import _CSS, _img, _png
-from orchestrator.report.sweep_report import _records
+from orchestrator.run.files import CONFIG, METRICS, MOE_HEATMAP, REPORT, SUMMARY, read_metrics, read_summary
 
-REPORT_FILE = "report.html"
+REPORT_FILE = REPORT
 _MEMORY_ROWS = ("params", "grads", "optim")
 
 
@@ -38,14 +38,14 @@ class RunData:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "metrics.jsonl").is_file() or (path / "summary.json").is_file()
+    return (path / METRICS).is_file() or (path / SUMMARY).is_file()
 
 
 def load_run(run_dir: Path) -> RunData:
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    summary = read_summary(run_dir)
+    config = yaml.safe_load((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
     return RunData(name=(summary or {}).get("name") or (config or {}).get("name") or run_dir.name,
-                   records=_records(run_dir / "metrics.jsonl"), summary=summary, config=config or {})
+                   records=read_metrics(run_dir), summary=summary, config=config or {})
 
 
 def _finite(v: Any) -> bool:
@@ -74,8 +74,8 @@ def _line_plot(records: list[dict[str, Any]], keys: list[str], ylabel: str, head
 def plots(run: RunData) -> dict[str, str]:
     """caption -> base64 PNG, in reading order."""
     keys = sorted({k for r in run.records for k in r})
-    losses = [k for k in ["loss/total", *keys] if k.startswith("loss/") and k in keys]
-    evals = [k for k in keys if k.startswith("eval/") and not k.startswith("eval/chance")]
+    losses = [k for k in [mk.TOTAL_LOSS, *keys] if k.startswith(mk.LOSS) and k in keys]
+    evals = [k for k in keys if k.startswith(mk.EVAL) and not k.startswith(mk.EVAL + "chance")]
     out: dict[str, str] = {}
     for key in losses:
         if (png := _line_plot(run.records, [key], key, f"{title(key)} over training")) is not None:
@@ -99,7 +99,7 @@ def _moe_heatmap(run: RunData) -> str | None:
     from orchestrator.report.expert_load import save_heatmap
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_heatmap(run.records, Path(tmp) / "moe_load.png")
+        path = save_heatmap(run.records, Path(tmp) / MOE_HEATMAP)
         return None if path is None else base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
@@ -135,9 +135,8 @@ def render(run: RunData) -> str:
                 ("preset", str(model.get("preset", "—"))), ("config hash", str(s.get("config_hash", "—"))),
                 ("samples seen", _fmt(s.get("samples_seen", last.get("samples_seen")))),
                 *((title(k), _fmt(v)) for k, v in (s.get("throughput") or {}).items())]
-    losses = s.get("final_losses") or {k[5:]: v for k, v in last.items() if k.startswith("loss/")}
-    evals = s.get("eval") or next(({k[5:]: v for k, v in r.items() if k.startswith("eval/")}
-                                   for r in reversed(run.records) if any(k.startswith("eval/") for k in r)), {})
+    losses = s.get("final_losses") or mk.strip(mk.LOSS, last)
+    evals = s.get("eval") or mk.last_of(mk.EVAL, run.records)
     memory = s.get("memory") or {}
     parts = [f"<h1>Run {esc(run.name)}</h1>",
              "" if s else "<p><b>not finished</b>: built from the metrics reported so far</p>",
@@ -186,7 +185,7 @@ def _write_for_run(run_uri: str, opts: Any, local_dir: Path) -> Path:
     if not storage.is_remote(run_uri):
         return write_run_report(run_uri)
     copies = local_dir / "files"
-    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+    for name in (METRICS, SUMMARY, CONFIG):
         uri = storage.join(run_uri, name)
         if storage.exists(uri, opts):
             (copies / name).parent.mkdir(parents=True, exist_ok=True)

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from models import metric_keys as mk
+
 if TYPE_CHECKING:
     from orchestrator.report.rows import Row
 
 BEST, WITHIN = "*", "≈"
-_LOWER_IS_BETTER = ("wall_time_s", "memory/total_bytes", "step_time_s", "data_wait_share", "eval/loss")
+_LOWER_IS_BETTER = ("wall_time_s", mk.MEMORY_TOTAL, "step_time_s", "data_wait_share", mk.EVAL_LOSS)
 
 
 def lower_is_better(key: str) -> bool:
-    return key.startswith("loss/") or key in _LOWER_IS_BETTER
+    return key.startswith(mk.LOSS) or key in _LOWER_IS_BETTER
 
 
 def marks(rows: list[Row], key: str) -> dict[str, str]:

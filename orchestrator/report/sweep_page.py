@@ -15,6 +15,7 @@ import io
 
 from matplotlib.figure import Figure
 
+from models import metric_keys as mk
 from orchestrator.report.rows import Row, TrialResult, cell, title
 from orchestrator.report.spread import all_marks
 from orchestrator.sweep.spec import SweepPlan
@@ -39,7 +40,7 @@ def loss_curves(plan: SweepPlan, trials: list[TrialResult]) -> dict[str, str]:
     """loss key -> base64 PNG with one line per trial."""
     colors = _colors(plan)
     found = {k for t in trials for k in t.curves}
-    keys = [k for k in ["loss/total", *sorted(found - {"loss/total"})] if k in found]
+    keys = [k for k in [mk.TOTAL_LOSS, *sorted(found - {mk.TOTAL_LOSS})] if k in found]
     out = {}
     for key in keys:
         fig = Figure(figsize=(6, 3.6))
@@ -60,7 +61,7 @@ def bar_charts(plan: SweepPlan, trials: list[TrialResult], rows: list[Row], cols
     """metric key -> base64 PNG: mean bar, std error bar and seed dots per configuration."""
     colors = _colors(plan)
     out = {}
-    for key in (k for k in cols if not k.startswith("loss/")):
+    for key in (k for k in cols if not k.startswith(mk.LOSS)):
         scored = [r for r in rows if key in r.stats]
         if not scored:
             continue
@@ -73,8 +74,8 @@ def bar_charts(plan: SweepPlan, trials: list[TrialResult], rows: list[Row], cols
         for x, r in zip(xs, scored, strict=True):
             seeds = [t.values[key] for t in trials if t.point == r.point and key in t.values]
             ax.scatter([x] * len(seeds), seeds, color="black", s=10, zorder=3)
-        chance = [r.stats["eval/chance_r1"].mean for r in scored if "eval/chance_r1" in r.stats]
-        if key in ("eval/i2t_r1", "eval/t2i_r1") and chance:
+        chance = [r.stats[mk.CHANCE_R1].mean for r in scored if mk.CHANCE_R1 in r.stats]
+        if key in mk.RETRIEVAL_R1 and chance:
             ax.axhline(sum(chance) / len(chance), color="gray", linestyle="--", label="chance")
             ax.legend(fontsize=7)
         ax.set_xticks(list(xs), [r.label for r in scored], rotation=20, ha="right", fontsize=7)

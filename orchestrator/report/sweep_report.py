@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from models import metric_keys as mk
 from orchestrator.config import ConfigError
 from orchestrator.report.rows import (
     MEMORY,
@@ -43,22 +43,10 @@ from orchestrator.report.rows import (
 )
 from orchestrator.report.spread import all_marks
 from orchestrator.report.spread import note as spread_note
+from orchestrator.run.files import REPORT, read_metrics, read_summary, run_uri
 from orchestrator.sweep.spec import SweepPlan, load_plan
 
-_R1 = ("eval/i2t_r1", "eval/t2i_r1")
-
-
-def _records(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl, one record per step: a resumed run may have logged a step twice (the attempt
-    before its last checkpoint); the later line wins."""
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            by_step[int(rec.get("step", 0))] = rec
-    return [by_step[s] for s in sorted(by_step)]
+_R1 = mk.RETRIEVAL_R1
 
 
 def _finite(v: Any) -> bool:
@@ -67,21 +55,20 @@ def _finite(v: Any) -> bool:
 
 def load_trial(plan: SweepPlan, point_id: str, seed: int) -> TrialResult:
     name = plan.trial_name(point_id, seed)
-    run_dir = Path(plan.sweep_dir, "runs", name)
-    records = _records(run_dir / "metrics.jsonl")
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
+    run_dir = run_uri(plan.sweep_dir, name)
+    records = read_metrics(run_dir)
+    summary = read_summary(run_dir)
     t = TrialResult(name=name, point=point_id, seed=seed, status="not run", steps=0)
     if not records and summary is None:
         return t
     last = records[-1] if records else {}
     t.steps = int((summary or {}).get("steps") or last.get("step", 0))
     t.status = "finished" if summary and t.steps >= plan.point(point_id).steps else "partial"
-    evals = next((r for r in reversed(records) if any(k.startswith("eval/") for k in r)), {})
-    values = {k: v for k, v in last.items() if k.startswith(("loss/", "memory/")) or k in SPEED}
-    values |= {k: v for k, v in evals.items() if k.startswith("eval/")}
+    values = {k: v for k, v in last.items() if k.startswith((mk.LOSS, mk.MEMORY)) or k in SPEED}
+    values |= mk.keyed(mk.EVAL, mk.last_of(mk.EVAL, records))
     if summary:
-        values |= {f"loss/{k}": v for k, v in summary.get("final_losses", {}).items()}
-        values |= {f"eval/{k}": v for k, v in (summary.get("eval") or {}).items()}
+        values |= mk.keyed(mk.LOSS, summary.get("final_losses", {}))
+        values |= mk.keyed(mk.EVAL, summary.get("eval") or {})
         values |= {k: v for k, v in (summary.get("throughput") or {}).items() if k in SPEED}
         values["wall_time_s"] = summary.get("wall_time_s")
     elif len(records) > 1 and "time" in last:
@@ -89,7 +76,7 @@ def load_trial(plan: SweepPlan, point_id: str, seed: int) -> TrialResult:
     t.values = {k: float(v) for k, v in values.items() if _finite(v)}
     for rec in records:
         for k, v in rec.items():
-            if k.startswith("loss/") and _finite(v):
+            if k.startswith(mk.LOSS) and _finite(v):
                 t.curves.setdefault(k, []).append((int(rec["step"]), float(v)))
     return t
 
@@ -116,8 +103,8 @@ def summarize(plan: SweepPlan, trials: list[TrialResult]) -> list[Row]:
 def columns(rows: list[Row], metric: str | None = None) -> list[str]:
     """The table's metric columns, from what the runs reported (see the module docstring)."""
     keys = {k for r in rows for k in r.stats}
-    losses = [k for k in ["loss/total", *sorted(keys - {"loss/total"})] if k.startswith("loss/") and k in keys]
-    accs = sorted(k for k in keys if k.startswith("eval/") and k.endswith(("_acc", "_gain")) and not is_downstream(k))
+    losses = [k for k in [mk.TOTAL_LOSS, *sorted(keys - {mk.TOTAL_LOSS})] if k.startswith(mk.LOSS) and k in keys]
+    accs = sorted(k for k in keys if k.startswith(mk.EVAL) and k.endswith(("_acc", "_gain")) and not is_downstream(k))
     cols = losses + [k for k in _R1 if k in keys] + accs + downstream(keys)
     cols += [MEMORY] if MEMORY in keys else []
     cols += [k for k in SPEED if k in keys]
@@ -137,7 +124,7 @@ def best_row(rows: list[Row], metric: str, mode: str) -> Row | None:
 def _notes(plan: SweepPlan, rows: list[Row], trials: list[TrialResult]) -> list[str]:
     notes = [f"{plan.name}: {len(plan.points)} configurations x {len(plan.seeds)} seeds; cells are mean ± std "
              f"over the seeds that reported the metric; — = not reported by that configuration."]
-    chance = [r.stats["eval/chance_r1"].mean for r in rows if "eval/chance_r1" in r.stats]
+    chance = [r.stats[mk.CHANCE_R1].mean for r in rows if mk.CHANCE_R1 in r.stats]
     if chance:
         notes.append(f"chance R@1 (a random ranking of the candidate set): {statistics.fmean(chance):.3f}")
     best = best_row(rows, plan.metric, plan.mode)
@@ -152,10 +139,10 @@ def _notes(plan: SweepPlan, rows: list[Row], trials: list[TrialResult]) -> list[
 
 def rich_tables(plan: SweepPlan, rows: list[Row], cols: list[str]) -> list[Table]:
     """The columns in three tables (a sweep's table is too wide for one terminal line)."""
-    groups = [("final training losses", [k for k in cols if k.startswith("loss/")]),
-              ("held-out evaluation", [k for k in cols if k.startswith("eval/") and not is_downstream(k)]),
+    groups = [("final training losses", [k for k in cols if k.startswith(mk.LOSS)]),
+              ("held-out evaluation", [k for k in cols if k.startswith(mk.EVAL) and not is_downstream(k)]),
               ("downstream: zero-shot and linear probe", [k for k in cols if is_downstream(k)]),
-              ("cost", [k for k in cols if not k.startswith(("loss/", "eval/"))])]
+              ("cost", [k for k in cols if not k.startswith((mk.LOSS, mk.EVAL))])]
     tables = []
     mark = all_marks(rows, cols)
     for name, keys in groups:
@@ -226,7 +213,7 @@ def write_report(sweep_dir: str | Path) -> Report:
     notes = _notes(plan, rows, trials)
     out = Path(sweep_dir)
     files = {"markdown": out / "report.md", "csv": out / "report.csv", "trials": out / "trials.csv",
-             "html": out / "report.html"}
+             "html": out / REPORT}
     files["markdown"].write_text(markdown(plan, rows, cols, notes))
     files["csv"].write_text(rows_csv(rows, cols))
     files["trials"].write_text(trials_csv(trials))

@@ -21,7 +21,6 @@ line per init with ±std error bars, each seed a dot) into the sweep directory.
 from __future__ import annotations
 
 import html
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,12 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from models import metric_keys as mk
 from orchestrator.report.rows import TrialResult
+from orchestrator.run.files import read_summary, run_uri
 from orchestrator.sweep.spec import PRETRAIN_RUN, SweepPlan
 
-SCORE = "eval/test_score"
+SCORE = mk.key(mk.EVAL, "test_score")
 INITS = ("pretrained", "scratch")
 
 
@@ -88,10 +89,10 @@ def is_transfer(plan: SweepPlan) -> bool:
 def _zero_shot_rows(plan: SweepPlan, tasks: list[str]) -> list[TransferRow]:
     from jobs.transfer.tasks import SHAPES_TASKS
 
-    summary = Path(plan.sweep_dir, "runs", PRETRAIN_RUN, "summary.json")
-    if plan.pretrain is None or not summary.is_file():
+    summary = read_summary(run_uri(plan.sweep_dir, PRETRAIN_RUN))
+    if plan.pretrain is None or summary is None:
         return []
-    ev = json.loads(summary.read_text()).get("eval") or {}
+    ev = summary.get("eval") or {}
     rows = []
     for task in tasks:
         if f"zs_{task}_top1_acc" in ev and task in SHAPES_TASKS:
@@ -116,7 +117,7 @@ def transfer_rows(plan: SweepPlan, trials: list[TrialResult]) -> list[TransferRo
         cells = {i: Cell([t.values[SCORE] for _, t in sorted(inits[i].items())]) for i in INITS if inits.get(i)}
         paired = sorted(set(inits.get("pretrained", {})) & set(inits.get("scratch", {})))
         diff = Cell([inits["pretrained"][s].values[SCORE] - inits["scratch"][s].values[SCORE] for s in paired]) if paired else None
-        examples = [t.values.get("eval/train_examples") for i in inits.values() for t in i.values()]
+        examples = [t.values.get(mk.key(mk.EVAL, "train_examples")) for i in inits.values() for t in i.values()]
         rows.append(TransferRow(task, labels, cells, diff, next((e for e in examples if e is not None), None)))
     return sorted(rows, key=lambda r: (tasks.index(r.task), order.get(r.labels, r.labels)))  # type: ignore[arg-type]
 

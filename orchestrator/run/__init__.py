@@ -1,1 +1,1 @@
-"""One run: config to Ray Train job (runner), its checks, progress, hub actor, run directory, Ray start-up."""
+"""One run: config -> Ray Train job (runner), its data plan, checks, progress, hub actor, run directory (files), Ray start-up."""

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from jobs import storage
 from jobs.config import RunConfig
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import ConfigError
+from orchestrator.run.files import run_config
 
 
 def resolve_dalle(cfg: RunConfig, run_uri: str, opts: storage.StorageOptions | None = None) -> RunConfig:
@@ -30,9 +31,7 @@ def resolve_dalle(cfg: RunConfig, run_uri: str, opts: storage.StorageOptions | N
         raise ConfigError(["model.dalle.dvae = None: preset dalle needs the directory of a finished dVAE run "
                            "(train one with model.preset=dvae, then --set model.dalle.dvae=runs/<name>)"])
     run_dir = Path(dalle.dvae)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError([f"model.dalle.dvae = {dalle.dvae!r}: not a run directory (no config.yaml)"])
-    source = load_config(run_dir / "config.yaml")
+    source = run_config(run_dir, f"model.dalle.dvae = {dalle.dvae!r}")
     if source.model.preset != "dvae":
         raise ConfigError([f"model.dalle.dvae = {dalle.dvae!r}: a run of preset {source.model.preset!r}; "
                            "allowed: a run of preset dvae"])
@@ -43,7 +42,7 @@ def resolve_dalle(cfg: RunConfig, run_uri: str, opts: storage.StorageOptions | N
 
     from jobs.generative.frozen_dvae import WEIGHTS_FILE, dvae_tensors
     from jobs.pretrained.export import consolidate
-    from orchestrator.trained.export import latest_checkpoint
+    from orchestrator.run.files import latest_checkpoint
 
     checkpoint = latest_checkpoint(run_dir)
     tensors = dvae_tensors(consolidate(str(checkpoint), source.deepspeed.zero_stage))

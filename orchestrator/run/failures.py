@@ -11,16 +11,13 @@ cause. Two causes are known better on the driver than in Ray's error:
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs import storage
 from jobs.config import RunConfig
 
 if TYPE_CHECKING:
-    from orchestrator.run.runner import RunFiles
+    from orchestrator.run.files import RunFiles
 
 # A hang reported this recently before the failure is its cause (the restart after an earlier one
 # may have failed for another reason).
@@ -47,13 +44,7 @@ def failure_cause(cause: str, ledger: Any, cfg: RunConfig, events: list[dict[str
 
 
 def append_event(files: RunFiles, record: dict[str, Any]) -> None:
-    """One line of `runs/<name>/events.jsonl`; on object storage the file is rewritten (no append)."""
-    line = json.dumps(record, default=float) + "\n"
-    target = files.path("events.jsonl")
-    if storage.is_remote(target):
-        old = storage.read_text(target, files.opts) if storage.exists(target, files.opts) else ""
-        storage.write_text(target, old + line, files.opts)
-        return
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "a") as f:
-        f.write(line)
+    """One line of the run's `events.jsonl` (orchestrator/run/files.py)."""
+    from orchestrator.run.files import EVENTS
+
+    files.append_line(EVENTS, record)

@@ -23,6 +23,7 @@ import typer
 from jobs.config import RunConfig
 from orchestrator.cli.console import SetOpt
 from orchestrator.config import ConfigError, apply_overrides, load_config, validate
+from orchestrator.run.files import CONFIG, run_config
 
 _COPIED = ("model", "moe", "objectives")
 _COPIED_DATA = ("image_size", "max_text_len", "max_objects")
@@ -30,15 +31,14 @@ _COPIED_DATA = ("image_size", "max_text_len", "max_objects")
 
 def resolve(cfg: RunConfig) -> RunConfig:
     """The fine-tuning config with the pretrained run's architecture and checkpoint (unchanged without from_run)."""
-    from orchestrator.trained.export import _tokenizer, latest_checkpoint
+    from orchestrator.run.files import latest_checkpoint
+    from orchestrator.trained.export import _tokenizer
 
     ft = cfg.finetune
     if ft is None or ft.from_run is None:
         return cfg
     run_dir = Path(ft.from_run)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError([f"finetune.from_run = {ft.from_run!r}: not a run directory (no config.yaml)"])
-    pre = load_config(run_dir / "config.yaml")
+    pre = run_config(run_dir, f"finetune.from_run = {ft.from_run!r}")
     if pre.finetune is not None:
         raise ConfigError([f"finetune.from_run = {ft.from_run!r}: a fine-tuning run; give a pretraining run"])
     raw = cfg.to_dict()
@@ -68,7 +68,7 @@ def write_init(cfg: RunConfig, run_uri: str, options: Any) -> None:
     ft = cfg.finetune
     if ft is None or ft.init != "pretrained" or ft.checkpoint is None:
         return
-    pre = load_config(Path(ft.from_run or "", "config.yaml"))
+    pre = load_config(Path(ft.from_run or "", CONFIG))
     state = consolidate(ft.checkpoint, pre.deepspeed.zero_stage)
     encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     buf = io.BytesIO()

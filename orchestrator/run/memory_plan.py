@@ -258,16 +258,16 @@ def _vocab(cfg: RunConfig, override: int | None) -> tuple[int, str]:
 
     from jobs import storage
     from jobs.data.tokenizer import load_tokenizer
+    from orchestrator.run.files import TOKENIZER, run_uri
 
-    opts = storage.StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    opts = storage.StorageOptions.of(cfg.storage)
     candidates = [cfg.data.tokenizer] if cfg.data.tokenizer else []
     try:
         folder = posixpath.dirname(storage.expand_shards(cfg.data.train, opts, suffixes=(".tar", ".parquet"))[0])
-        candidates += [posixpath.join(folder, "tokenizer.json"),
-                       posixpath.join(posixpath.dirname(folder), "tokenizer.json")]
+        candidates += [posixpath.join(folder, TOKENIZER), posixpath.join(posixpath.dirname(folder), TOKENIZER)]
     except (ValueError, OSError):
         pass
-    candidates.append(storage.join(cfg.storage.path, "runs", cfg.name, "tokenizer.json"))
+    candidates.append(storage.join(run_uri(cfg.storage.path, cfg.name), TOKENIZER))
     for uri in candidates:
         try:
             if storage.exists(uri, opts):

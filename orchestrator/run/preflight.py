@@ -32,7 +32,8 @@ from jobs.config import RunConfig
 from orchestrator.config import ConfigError
 
 if TYPE_CHECKING:
-    from orchestrator.run.runner import DataPlan, RunFiles
+    from orchestrator.run.data_plan import DataPlan
+    from orchestrator.run.files import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def check_endpoint(cfg: RunConfig, timeout_s: float = ENDPOINT_TIMEOUT_S) -> Non
     """The S3 endpoint the run's s3:// URIs go to answers HTTP, or one ConfigError line."""
     if not _s3_uris(cfg):
         return
-    endpoint = storage.StorageOptions(cfg.storage.endpoint_url, cfg.storage.region).resolved().endpoint_url
+    endpoint = storage.StorageOptions.of(cfg.storage).resolved().endpoint_url
     if endpoint is None:
         return  # AWS itself: the bucket checks below tell what is wrong
     field = "storage.endpoint_url" if cfg.storage.endpoint_url else "AWS_ENDPOINT_URL"
@@ -232,12 +233,14 @@ def check_resume(cfg: RunConfig, files: RunFiles) -> None:
 
     from pyarrow.fs import FileSelector, FileType
 
+    from orchestrator.run.files import is_checkpoint
+
     fs, root = storage.filesystem_for(files.uri, files.opts)
     try:
         found = fs.get_file_info(FileSelector(root, allow_not_found=True))
     except OSError:
         return
-    ckpts = sorted(i.base_name for i in found if i.type == FileType.Directory and i.base_name.startswith("checkpoint_"))
+    ckpts = sorted(i.base_name for i in found if i.type == FileType.Directory and is_checkpoint(i.base_name))
     if not ckpts:
         return
     try:

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from models import metric_keys as mk
+
 
 @contextmanager
 def capture_output(log_file: Path) -> Iterator[TextIO]:
@@ -89,9 +91,9 @@ class ProgressView:
 
     def update(self, m: Mapping[str, Any], eta_s: float | None) -> None:
         step = int(m.get("step", 0))
-        stats = (f"loss {m.get('loss/total', float('nan')):.3f} · {m.get('samples_per_s', 0):.0f} samples/s"
+        stats = (f"loss {m.get(mk.TOTAL_LOSS, float('nan')):.3f} · {m.get('samples_per_s', 0):.0f} samples/s"
                  f" · data wait {100 * m.get('data_wait_share', 0):.0f}%")
-        if "eval/i2t_r1" in m:
+        if mk.RETRIEVAL_R1[0] in m:
             stats += f" · eval R@1 {m['eval/i2t_r1']:.2f}"
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=step, stats=stats)

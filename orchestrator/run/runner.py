@@ -10,9 +10,7 @@ controller) -> the run's hub actor (orchestrator/run/hub.py) -> this process, wh
 
 from __future__ import annotations
 
-import json
 import logging
-import posixpath
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,10 +21,12 @@ from rich.console import Console
 
 from jobs import storage
 from jobs.config import RunConfig
-from jobs.data.tokenizer import load_tokenizer, text_spec
+from models import metric_keys as mk
 from orchestrator.config import ConfigError, dump_yaml
 from orchestrator.report.expert_load import load_table, moe_summary, save_heatmap
+from orchestrator.run.data_plan import DataPlan, plan_data
 from orchestrator.run.failures import append_event, failure_cause
+from orchestrator.run.files import CONFIG, MOE_HEATMAP, RAY_LOG, SUMMARY, RunFiles
 from orchestrator.run.progress import ProgressView, capture_output, summary_tables
 from orchestrator.run.ray_local import ray_instance
 
@@ -56,161 +56,10 @@ def _root_cause(exc: BaseException) -> str:
 
 
 @dataclass
-class DataPlan:
-    train: list[list[str]]  # shards of each source (one source unless data.train is a mixture)
-    weights: list[float]
-    eval: list[str]
-    tokenizer: str
-    text: dict[str, int]
-    pipeline: dict[str, Any] = field(default_factory=dict)  # PipelineSpec fields the data decides
-    grounded_words: tuple[str, ...] = ()  # the dataset's object names: the MLM grounding probe
-
-
-@dataclass
 class RunResult:
     run_dir: str
     summary: dict[str, Any]
     metrics: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _options(cfg: RunConfig) -> storage.StorageOptions:
-    return storage.StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
-
-
-def _shards(field_name: str, spec: str | list[str], opts: storage.StorageOptions) -> list[str]:
-    from jobs.data.reader import SHARD_SUFFIXES
-    from orchestrator.run.preflight import storage_error
-
-    try:
-        return storage.expand_shards(spec, opts, suffixes=SHARD_SUFFIXES)
-    except (ValueError, OSError) as exc:
-        hint = " (make some with: mmpt data synth --out data/shapes)" if "shapes" in str(spec) else ""
-        raise ConfigError([f"{field_name} = {spec!r}: {storage_error(exc)}{hint}"]) from None
-
-
-def _find_tokenizer(cfg: RunConfig, train: list[str], files: RunFiles) -> str | None:
-    opts = files.opts
-    if cfg.data.tokenizer:
-        if not storage.exists(cfg.data.tokenizer, opts):
-            raise ConfigError([f"data.tokenizer = {cfg.data.tokenizer!r}: file not found"])
-        return cfg.data.tokenizer
-    folder = posixpath.dirname(train[0])
-    # a text encoder started from a checkpoint reads the tokens it was trained on
-    pretrained = [storage.join(cfg.model.init.text, "tokenizer.json")] if cfg.model.init.text else []
-    for candidate in (*pretrained, posixpath.join(folder, "tokenizer.json"),
-                      posixpath.join(posixpath.dirname(folder), "tokenizer.json"), files.path("tokenizer.json")):
-        if storage.exists(candidate, opts):
-            return candidate
-    return None
-
-
-def _train_tokenizer(cfg: RunConfig, train: list[str], files: RunFiles, console: Console) -> str:
-    """Shards without a tokenizer: train one on a sample of their captions, kept in the run dir."""
-    from jobs.data.reader import ReadSpec, read_shard
-    from jobs.data.tokenizer import save_tokenizer, train_tokenizer
-
-    captions: list[str] = []
-    spec = ReadSpec(image_size=cfg.data.image_size, storage=files.opts, image_column=cfg.data.image_column,
-                    caption_column=cfg.data.caption_column)
-    for shard in train:
-        raws, _ = read_shard(shard, spec)
-        captions += [r.caption for r in raws if r.caption]
-        if len(captions) >= cfg.data.tokenizer_sample:
-            break
-    if not captions:
-        raise ConfigError([f"data.train = {cfg.data.train!r}: no captions to train a tokenizer on"])
-    uri = files.path("tokenizer.json")
-    save_tokenizer(train_tokenizer(captions[: cfg.data.tokenizer_sample], vocab_size=cfg.data.vocab_size),
-                   uri, files.opts)
-    console.print(f"no tokenizer beside the shards: trained one on {min(len(captions), cfg.data.tokenizer_sample)} "
-                  f"captions -> {uri}", highlight=False, soft_wrap=True)
-    return uri
-
-
-def plan_data(cfg: RunConfig, files: RunFiles, console: Console | None = None) -> DataPlan:
-    """Resolve shard lists and the tokenizer, or raise ConfigError naming the field."""
-    opts = files.opts
-    sources = cfg.data.sources()
-    train = [_shards("data.train" if len(sources) == 1 else f"data.train.{i}.shards", src.shards, opts)
-             for i, src in enumerate(sources)]
-    evals = _shards("data.eval", cfg.data.eval, opts) if cfg.data.eval else []
-    flat = [s for shards in train for s in shards]
-    tok_uri = _find_tokenizer(cfg, flat, files) or _train_tokenizer(cfg, flat, files, console or Console())
-    from dataclasses import asdict
-
-    from jobs.data.datasets.use import plan_use
-    from models import OBJECTIVES  # torch import: only once the shards and tokenizer are found
-
-    # What the data carries (its dataset card + a look at the first samples) decides labels, scene
-    # words and grounded words; an objective it cannot feed is refused here, one line each.
-    use = plan_use(cfg, train, opts)
-    if use.problems:
-        raise ConfigError(use.problems)
-    if use.object_classes is not None:
-        cfg.model.object_classes = use.object_classes  # left unset: the data's class count
-    for note in use.notes:
-        (console or Console()).print(note, highlight=False, soft_wrap=True)
-    try:
-        # Scene-graph words: the dataset's node vocabulary, as the tokenizer spells it (sgp).
-        spec = text_spec(load_tokenizer(tok_uri, opts), cfg.data.max_text_len, scene_words=use.facts.scene_words)
-    except (ValueError, OSError) as exc:
-        raise ConfigError([f"data.tokenizer = {tok_uri!r}: {exc}"]) from None
-    # What an objective needs from the tokenizer (word pieces, scene words) is checked here, not
-    # when the workers build the model.
-    problems = [f"objectives.{name} = {weight}: {problem} (data.tokenizer = {tok_uri!r})"
-                for name, weight in cfg.active_objectives.items() if name in OBJECTIVES
-                for problem in OBJECTIVES[name].text_problems(spec)]
-    if problems:
-        raise ConfigError(problems)
-    text = asdict(spec)  # every TextSpec field: the workers rebuild it with TextSpec(**text)
-    return DataPlan(train=train, weights=[src.weight for src in sources], eval=evals, tokenizer=tok_uri, text=text,
-                    pipeline=use.pipeline, grounded_words=use.facts.grounded_words)
-
-
-class RunFiles:
-    """The run directory `<storage.path>/runs/<name>/` on local disk or object storage."""
-
-    def __init__(self, cfg: RunConfig) -> None:
-        self.opts = _options(cfg)
-        self.root = storage.join(cfg.storage.path, "runs")
-        self.uri = storage.join(self.root, cfg.name)
-        self._metric_lines: list[str] | None = None
-
-    def path(self, name: str) -> str:
-        return storage.join(self.uri, name)
-
-    def write_json(self, name: str, obj: Any) -> None:
-        storage.write_text(self.path(name), json.dumps(obj, indent=1, default=float) + "\n", self.opts)
-
-    def read_json(self, name: str) -> Any:
-        target = self.path(name)
-        return json.loads(storage.read_text(target, self.opts)) if storage.exists(target, self.opts) else None
-
-    def delete(self) -> None:
-        from pyarrow.fs import FileType
-
-        fs, path = storage.filesystem_for(self.uri, self.opts)
-        if fs.get_file_info(path).type != FileType.NotFound:
-            fs.delete_dir(path)
-
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, default=float)
-        target = self.path("metrics.jsonl")
-        if not storage.is_remote(target):
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "a") as f:
-                f.write(line + "\n")
-            return
-        if self._metric_lines is None:  # object stores cannot append: keep the file's lines here
-            old = storage.read_text(target, self.opts) if storage.exists(target, self.opts) else ""
-            self._metric_lines = old.splitlines()
-        self._metric_lines.append(line)
-        storage.write_text(target, "\n".join(self._metric_lines) + "\n", self.opts)
-
-    def local_log_dir(self) -> Path:
-        if storage.is_remote(self.uri):
-            return Path(".mmpt", "runs", Path(self.uri).name, "logs").absolute()
-        return Path(self.uri, "logs")
 
 
 def _make_forwarder(hub: Any) -> Any:
@@ -344,7 +193,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     preflight.check_storage(cfg, files)
     if fresh:
         files.delete()
-    done = files.read_json("summary.json")
+    done = files.read_json(SUMMARY)
     if done is not None and done.get("steps", 0) >= cfg.train.steps:
         out.print(f"{cfg.name} already finished {done['steps']} steps; showing its summary "
                   "(--fresh to train again, or raise train.steps to continue)", highlight=False)
@@ -363,9 +212,9 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     cfg = resolve_dalle(cfg, files.uri, files.opts)  # preset dalle: the frozen dVAE's weights and shape
     config_yaml = dump_yaml(cfg)
     try:
-        storage.write_text(files.path("config.yaml"), config_yaml, files.opts)
+        storage.write_text(files.path(CONFIG), config_yaml, files.opts)
     except OSError as exc:
-        raise ConfigError([f"storage.path = {cfg.storage.path!r}: cannot write {files.path('config.yaml')} "
+        raise ConfigError([f"storage.path = {cfg.storage.path!r}: cannot write {files.path(CONFIG)} "
                            f"({preflight.storage_error(exc)})"]) from None
     if cfg.finetune is not None:
         from orchestrator.run.finetune import write_init
@@ -375,7 +224,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     started = time.time()
     records: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
-    with capture_output(log_dir / "ray.log") as stream:
+    with capture_output(log_dir / RAY_LOG) as stream:
         view_console = Console(file=stream, force_terminal=out.is_terminal, width=out.width, quiet=out.quiet)
         # experiment trackers (tracking: section) mirror what this driver writes; workers never see them
         tracking = open_tracking(cfg, files.uri, log_dir.parent, config_yaml, files.opts)
@@ -393,14 +242,14 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
                 box = _fit_following(cfg, trainer, hub, view_console, files, tracking, records, events)
                 if "error" in box:
                     cause = failure_cause(_root_cause(box["error"]), ledger, cfg, events)
-                    raise RunFailed(cause, log_dir / "ray.log") from box["error"]
+                    raise RunFailed(cause, log_dir / RAY_LOG) from box["error"]
                 bad = ray.get(ledger.totals.remote())
                 try:  # the workers judge the budget at each report; reads that landed after the last one count too
                     check_budget(bad, cfg.data.max_bad_fraction)
                 except DataBudgetExceeded as exc:
-                    raise RunFailed(str(exc), log_dir / "ray.log") from None
+                    raise RunFailed(str(exc), log_dir / RAY_LOG) from None
         except BaseException:
-            tracking.finish({}, [log_dir / "ray.log"], failed=True)
+            tracking.finish({}, [log_dir / RAY_LOG], failed=True)
             raise
     summary = _summary(cfg, records, box.get("result"), time.time() - started, log_dir)
     summary["data"] = {"bad_samples": bad["by_reason"], "bad_total": bad["bad"], "bad_fraction": bad["fraction"],
@@ -411,8 +260,8 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
         summary["init"] = init.summary()
     if events:
         summary["events"] = events
-    files.write_json("summary.json", summary)
-    tracking.finish(summary, [log_dir.parent / "moe_load.png", write_for_run(files.uri, files.opts, log_dir.parent)])
+    files.write_json(SUMMARY, summary)
+    tracking.finish(summary, [log_dir.parent / MOE_HEATMAP, write_for_run(files.uri, files.opts, log_dir.parent)])
     _show(out, summary, files.uri)
     if cfg.moe.enabled and (table := load_table(records)) is not None:
         out.print(table)
@@ -436,32 +285,29 @@ def _plan_init(cfg: RunConfig, plan: DataPlan, files: RunFiles, out: Console) ->
 def _moe_outputs(records: list[dict[str, Any]], files: RunFiles, log_dir: Path) -> dict[str, Any]:
     """Per-layer expert-load summary, and the layer x expert load heatmap PNG in the run dir."""
     summary = moe_summary(records)
-    local = log_dir.parent / "moe_load.png"
+    local = log_dir.parent / MOE_HEATMAP
     if save_heatmap(records, local) is not None:
         if storage.is_remote(files.uri):
-            storage.write_bytes(files.path("moe_load.png"), local.read_bytes(), files.opts)
-        summary["heatmap"] = files.path("moe_load.png")
+            storage.write_bytes(files.path(MOE_HEATMAP), local.read_bytes(), files.opts)
+        summary["heatmap"] = files.path(MOE_HEATMAP)
     return summary
 
 
 def _summary(cfg: RunConfig, records: list[dict[str, Any]], result: Any, wall_s: float, log_dir: Path) -> dict[str, Any]:
     last = records[-1] if records else {}
-    final_eval = next(({k[5:]: v for k, v in r.items() if k.startswith("eval/")}
-                       for r in reversed(records) if any(k.startswith("eval/") for k in r)), {})
     ckpt = getattr(getattr(result, "checkpoint", None), "path", None)
     return {
         "name": cfg.name,
         "config_hash": cfg.config_hash(),
         "steps": int(last.get("step", 0)),
         "wall_time_s": wall_s,
-        "final_losses": {k[5:]: v for k, v in last.items() if k.startswith("loss/")},
-        "train_metrics": {k[6:]: v for k, v in last.items() if k.startswith("train/")},
-        "eval": final_eval,
-        "throughput": {k: last.get(k) for k in ("samples_per_s", "tokens_per_s", "step_time_s", "data_wait_share")},
+        "final_losses": mk.strip(mk.LOSS, last),
+        "train_metrics": mk.strip(mk.TRAIN, last),
+        "eval": mk.last_of(mk.EVAL, records),
+        "throughput": {k: last.get(k) for k in mk.THROUGHPUT},
         "samples_seen": last.get("samples_seen"),
         "checkpoint": ckpt,
         "logs": str(log_dir),
         # rank 0's model-state bytes (jobs/memory.py), reported once with the first report
-        "memory": next(({k[7:]: v for k, v in r.items() if k.startswith("memory/")}
-                        for r in records if any(k.startswith("memory/") for k in r)), {}),
+        "memory": mk.first_of(mk.MEMORY, records),
     }

@@ -21,7 +21,6 @@ file instead: the same records at the same cadence, the metric files staying the
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -35,6 +34,7 @@ from rich.console import Console
 
 from orchestrator.cli.console import set_option
 from orchestrator.config import ConfigError
+from orchestrator.run.files import LOGS, METRICS, RAY_LOG, MetricsFile, read_summary, run_uri
 from orchestrator.run.ray_local import ray_instance
 from orchestrator.sweep.spec import PLAN_FILE, SweepPlan, load_plan, load_spec, plan_sweep
 from orchestrator.tracking.sweep import SweepTracking
@@ -59,17 +59,12 @@ def _numeric(record: dict[str, Any]) -> dict[str, float]:
 
 
 def _forward_new_lines(path: Path, offset: int, report: Callable[[dict[str, Any]], None]) -> int:
-    """Report each complete line of `path` after byte `offset`; returns the new offset."""
-    if not path.is_file():
-        return offset
-    with open(path, "rb") as f:
-        f.seek(offset)
-        chunk = f.read()
-    end = chunk.rfind(b"\n") + 1
-    for line in chunk[:end].splitlines():
-        if line.strip():
-            report(_numeric(json.loads(line)))
-    return offset + end
+    """Report each complete line of the metrics file `path` after byte `offset` (the run
+    directory's one reader, orchestrator/run/files.py); returns the new offset."""
+    tail = MetricsFile(str(path.parent), offset=offset)
+    for record in tail.poll():
+        report(_numeric(record))
+    return tail.offset
 
 
 def _trial(config: dict[str, Any], plan: SweepPlan, cwd: str) -> None:
@@ -89,7 +84,7 @@ def _trial(config: dict[str, Any], plan: SweepPlan, cwd: str) -> None:
     if os.path.isdir(cwd):  # Tune starts trials in their Tune folder; data paths are relative to ours
         os.chdir(cwd)
     cfg = plan.trial_config(config["point"], int(config["seed"]))
-    metrics = Path(plan.sweep_dir, "runs", cfg.name, "metrics.jsonl")
+    metrics = Path(run_uri(plan.sweep_dir, cfg.name), METRICS)
     held: list[dict[str, Any]] = []
 
     def forward(record: dict[str, Any]) -> None:
@@ -186,10 +181,10 @@ def _outcome(plan: SweepPlan, status: dict[str, str], errors: dict[str, str]) ->
     out = SweepOutcome(sweep_dir=plan.sweep_dir)
     for point_id, seed in plan.trials:
         name = plan.trial_name(point_id, seed)
-        summary = Path(plan.sweep_dir, "runs", name, "summary.json")
+        summary = read_summary(run_uri(plan.sweep_dir, name))
         if name in errors:
             out.failed[name] = errors[name]
-        elif summary.is_file() and json.loads(summary.read_text()).get("steps", 0) >= plan.point(point_id).steps:
+        elif summary is not None and summary.get("steps", 0) >= plan.point(point_id).steps:
             out.finished.append(name)
         elif status.get(name) == "done":  # Tune ended it before its last step: the scheduler's call
             out.stopped.append(name)
@@ -214,7 +209,7 @@ def run_sweep(plan: SweepPlan, *, console: Console | None = None, address: str |
     # Trials report eval/ metrics only at eval steps; ASHA skips reports without its metric, and
     # Tune's strict check would instead fail the trial on the first report without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    with capture_output(sweep_dir / "logs" / "ray.log") as stream:
+    with capture_output(sweep_dir / LOGS / RAY_LOG) as stream:
         view = Console(file=stream, force_terminal=out.is_terminal, width=out.width, quiet=out.quiet)
         with ray_instance(address, cpus or os.cpu_count() or 1):
             limit = concurrency(plan, ray.cluster_resources())

@@ -41,7 +41,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs.config import RunConfig
+from models import metric_keys as mk
 from orchestrator.config import ConfigError, apply_overrides, load_raw, validate
+from orchestrator.run.files import run_uri
 from orchestrator.sweep.trial_metrics import metric_problem
 
 _DRAWN = ("choice", "uniform", "loguniform", "randint")
@@ -399,7 +401,7 @@ def plan_sweep(spec: SweepSpec, spec_dir: Path, sweep_dir: Path | None = None) -
             validate(pretrain)
         except ConfigError as exc:
             raise ConfigError([f"pretrain: {q}" for q in exc.problems]) from None
-        base = apply_overrides(base, {"finetune.from_run": str(target / "runs" / PRETRAIN_RUN)})
+        base = apply_overrides(base, {"finetune.from_run": run_uri(str(target), PRETRAIN_RUN)})
     plan = SweepPlan(name=spec.name, sweep_dir=str(target), metric=spec.metric, mode=spec.mode,
                      seeds=spec.seed_list, base=base, points=points, spec=spec.model_dump(mode="json"),
                      pretrain=pretrain)
@@ -417,7 +419,7 @@ def plan_sweep(spec: SweepSpec, spec_dir: Path, sweep_dir: Path | None = None) -
         why = metric_problem(spec.metric, cfg)
         if why:
             missing.append(f"{p.id} ({p.label}): {why}")
-        elif spec.scheduler and spec.metric.startswith("eval/") and cfg.eval.every == 0:
+        elif spec.scheduler and spec.metric.startswith(mk.EVAL) and cfg.eval.every == 0:
             problems.append(f"scheduler = asha: metric {spec.metric!r} is only reported at the last step when "
                             f"eval.every is 0 (point {p.id}); set eval.every in the base, or rank by a loss/ metric")
     if problems:

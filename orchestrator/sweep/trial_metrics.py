@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobs.config import RunConfig
+from models import metric_keys as mk
 
 # Objectives whose outputs rank retrieval candidates (jobs/evaluate.py), with what they score by.
 RETRIEVAL_SCORERS: dict[str, str] = {"itm": "ITM scores", "itc": "ITC embeddings"}
@@ -92,7 +93,7 @@ def _needs_named_objective(cfg: RunConfig, m: re.Match[str]) -> str | None:
                 f"metrics this run reports: {', '.join(example_metrics(cfg))}")
     if name not in cfg.active_objectives:
         return f"needs objective {name!r}, which is not active (active: {', '.join(_active(cfg))})"
-    return _needs_eval(cfg) if m.group("kind") == "eval" else None
+    return _needs_eval(cfg) if m.group("kind") == mk.EVAL else None
 
 
 def _needs_finetune(cfg: RunConfig, _m: re.Match[str]) -> str | None:
@@ -109,17 +110,24 @@ def _always(_cfg: RunConfig, _m: re.Match[str]) -> str | None:
     return None
 
 
+def _pattern(text: str) -> re.Pattern[str]:
+    """A whole-key pattern whose groups are spelled by models/metric_keys.py: "{LOSS}total" matches
+    "loss/total" only."""
+    groups = {name: re.escape(getattr(mk, name)) for name in ("LOSS", "TRAIN", "EVAL", "MEMORY", "DATA", "MOE")}
+    return re.compile("^" + text.format(**groups) + "$")
+
+
 _RULES: tuple[_Rule, ...] = (
-    _Rule(re.compile(rf"^({'|'.join(_ALWAYS)})$"), _always),
-    _Rule(re.compile(r"^(data|memory)/.+$"), _always),
-    _Rule(re.compile(r"^(moe/.+|loss/moe_.+)$"), _needs_moe),
-    _Rule(re.compile(r"^loss/total$"), _always),
-    _Rule(re.compile(r"^loss/(?P<name>.+)$"), _needs_objective),
-    _Rule(re.compile(r"^eval/(loss|samples)$"), lambda cfg, _m: _needs_eval(cfg)),
-    _Rule(re.compile(r"^eval/((i2t|t2i)_r\d+|chance_r1|candidates)$"), _needs_scorer),
-    _Rule(re.compile(r"^eval/((val|test)_.+|train_examples)$"), _needs_finetune),
-    _Rule(re.compile(r"^eval/(zs|probe)_.+$"), lambda cfg, _m: _needs_eval(cfg)),
-    _Rule(re.compile(r"^(?P<kind>train|eval)/(?P<metric>.+)$"), _needs_named_objective),
+    _Rule(_pattern(f"({'|'.join(_ALWAYS)})"), _always),
+    _Rule(_pattern("({DATA}|{MEMORY}).+"), _always),
+    _Rule(_pattern("({MOE}.+|{LOSS}moe_.+)"), _needs_moe),
+    _Rule(_pattern("{LOSS}total"), _always),
+    _Rule(_pattern("{LOSS}(?P<name>.+)"), _needs_objective),
+    _Rule(_pattern("{EVAL}(loss|samples)"), lambda cfg, _m: _needs_eval(cfg)),
+    _Rule(_pattern(r"{EVAL}((i2t|t2i)_r\d+|chance_r1|candidates)"), _needs_scorer),
+    _Rule(_pattern("{EVAL}((val|test)_.+|train_examples)"), _needs_finetune),
+    _Rule(_pattern("{EVAL}(zs|probe)_.+"), lambda cfg, _m: _needs_eval(cfg)),
+    _Rule(_pattern("(?P<kind>{TRAIN}|{EVAL})(?P<metric>.+)"), _needs_named_objective),
 )
 
 
@@ -134,10 +142,10 @@ def metric_problem(metric: str, cfg: RunConfig) -> str | None:
 
 def example_metrics(cfg: RunConfig) -> list[str]:
     """The main metric names a run of `cfg` reports (for error messages; not exhaustive)."""
-    names = ["loss/total", *(f"loss/{n}" for n in _active(cfg))]
-    names += ["loss/moe_aux"] if cfg.moe.enabled else []
+    names = [mk.TOTAL_LOSS, *(mk.key(mk.LOSS, n) for n in _active(cfg))]
+    names += [mk.key(mk.LOSS, "moe_aux")] if cfg.moe.enabled else []
     if cfg.data.eval:
-        names += [f"eval/{n}_acc" for n in _active(cfg)]
+        names += [mk.key(mk.EVAL, f"{n}_acc") for n in _active(cfg)]
         if any(n in cfg.active_objectives for n in RETRIEVAL_SCORERS):
-            names += ["eval/i2t_r1", "eval/t2i_r1"]
+            names += list(mk.RETRIEVAL_R1)
     return [*names, "samples_per_s", "tokens_per_s"]

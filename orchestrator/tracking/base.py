@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from models import metric_keys as mk
+
 # Keys of a report that are bookkeeping, not series: the step is the x axis, the rest are not numbers.
 _NOT_SERIES = frozenset({"step", "time", "checkpoint"})
 
@@ -73,10 +75,10 @@ def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def summary_scalars(summary: dict[str, Any]) -> dict[str, float]:
     """The summary's numbers as `final/...` scalars (final losses, eval, throughput, memory, MoE)."""
-    picked = {f"loss/{k}": v for k, v in (summary.get("final_losses") or {}).items()}
-    picked |= {f"eval/{k}": v for k, v in (summary.get("eval") or {}).items()}
+    picked = mk.keyed(mk.LOSS, summary.get("final_losses") or {})
+    picked |= mk.keyed(mk.EVAL, summary.get("eval") or {})
     picked |= {k: v for k, v in (summary.get("throughput") or {}).items()}
-    picked |= {f"memory/{k}": v for k, v in (summary.get("memory") or {}).items()}
+    picked |= mk.keyed(mk.MEMORY, summary.get("memory") or {})
     picked |= {"steps": summary.get("steps"), "wall_time_s": summary.get("wall_time_s"),
-               "data/bad_total": (summary.get("data") or {}).get("bad_total")}
+               mk.DATA + "bad_total": (summary.get("data") or {}).get("bad_total")}
     return scalars(picked)

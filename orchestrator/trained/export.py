@@ -18,25 +18,19 @@ from typing import Annotated, Literal
 
 import typer
 
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import ConfigError
+from orchestrator.run.files import CONFIG, TOKENIZER, latest_checkpoint, run_config
 
 Format = Literal["hf", "safetensors"]
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    found = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    if not found:
-        raise ConfigError([f"{run_dir}: no checkpoint_* folder (the run has not saved a checkpoint yet)"])
-    return found[-1]
 
 
 def _tokenizer(run_dir: Path, cfg) -> Path | None:  # noqa: ANN001 - RunConfig
     """The tokenizer the run trained with, found where the runner looks for it (local paths only)."""
     train = cfg.data.sources()[0].shards
     first = train[0] if isinstance(train, list) else train
-    candidates = [cfg.data.tokenizer, *([posixpath.join(cfg.model.init.text, "tokenizer.json")] if cfg.model.init.text else []),
-                  posixpath.join(first, "tokenizer.json"), posixpath.join(posixpath.dirname(first.rstrip("/")), "tokenizer.json"),
-                  str(run_dir / "tokenizer.json")]
+    candidates = [cfg.data.tokenizer, *([posixpath.join(cfg.model.init.text, TOKENIZER)] if cfg.model.init.text else []),
+                  posixpath.join(first, TOKENIZER), posixpath.join(posixpath.dirname(first.rstrip("/")), TOKENIZER),
+                  str(run_dir / TOKENIZER)]
     return next((Path(c) for c in candidates if c and "://" not in c and Path(c).is_file()), None)
 
 
@@ -46,9 +40,7 @@ def export(run_dir: str | Path, fmt: Format, out: str | Path | None = None) -> d
     from jobs.pretrained.export import bert_folder, consolidate, vit_folder
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError([f"{run_dir}: not a run directory (no config.yaml)"])
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = run_config(run_dir, str(run_dir))
     checkpoint = latest_checkpoint(run_dir)
     state = consolidate(str(checkpoint), cfg.deepspeed.zero_stage)
     target = Path(out) if out is not None else run_dir / "export"
@@ -58,7 +50,7 @@ def export(run_dir: str | Path, fmt: Format, out: str | Path | None = None) -> d
 
         target.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous().clone() for k, v in state.items()}, str(target / "model.safetensors"), metadata=meta)
-        shutil.copy(run_dir / "config.yaml", target / "config.yaml")
+        shutil.copy(run_dir / CONFIG, target / CONFIG)
         return {"model": target}
     written: dict[str, Path] = {}
     notes: list[str] = []
@@ -73,7 +65,7 @@ def export(run_dir: str | Path, fmt: Format, out: str | Path | None = None) -> d
         raise ConfigError([f"{run_dir}: model.preset={cfg.model.preset!r} has neither a text tower nor patch input to export"])
     tok = _tokenizer(run_dir, cfg)
     if "text" in written and tok is not None:
-        shutil.copy(tok, written["text"] / "tokenizer.json")
+        shutil.copy(tok, written["text"] / TOKENIZER)
     (target / "NOTES.txt").write_text("\n".join(notes) + "\n" if notes else "every tensor maps one to one\n")
     return written
 

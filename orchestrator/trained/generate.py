@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import ConfigError
 
 GRID_COLUMNS = 8
 GRID_SCALE = 2  # pixels per image pixel in the grid: shapes-world images are small
@@ -39,11 +39,10 @@ def load_run(run_dir: Path, preset: str | None = None) -> LoadedRun:
     from jobs.pretrained.export import consolidate
     from models import build_pretrainer
     from models.config import ImageSpec
-    from orchestrator.trained.export import _tokenizer, latest_checkpoint
+    from orchestrator.run.files import latest_checkpoint, run_config
+    from orchestrator.trained.export import _tokenizer
 
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError([f"{run_dir}: not a run directory (no config.yaml)"])
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = run_config(run_dir, str(run_dir))
     if preset is not None and cfg.model.preset != preset:
         raise ConfigError([f"{run_dir}: a run of preset {cfg.model.preset!r}; allowed: a run of preset {preset}"])
     tok_path = _tokenizer(run_dir, cfg)

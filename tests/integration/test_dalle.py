@@ -25,7 +25,7 @@ DVAE = {"model.dvae.codebook_size": 32, "model.dvae.channels": 8, "model.dvae.co
 
 def test_dvae_then_dalle_then_generate(ray_session, shapes_data, tmp_path) -> None:  # noqa: ANN001
     from jobs.pretrained.export import consolidate
-    from orchestrator.trained.export import latest_checkpoint
+    from orchestrator.run.files import latest_checkpoint
     from orchestrator.trained.generate import generate
 
     common = {"train.steps": 4, "train.log_every": 2, "train.checkpoint_every": 0, "eval.max_samples": 16}

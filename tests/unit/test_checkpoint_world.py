@@ -51,7 +51,7 @@ def test_same_world_size_reads_the_ranks_own_part_and_refuses_a_torn_one(tmp_pat
 def test_resuming_zero_state_on_another_worker_count_is_refused_in_one_line(tmp_path: Path) -> None:
     from orchestrator.config import ConfigError, load_config
     from orchestrator.run import preflight
-    from orchestrator.run.runner import RunFiles
+    from orchestrator.run.files import RunFiles
 
     cfg = load_config(None, [f"storage.path={tmp_path}", "name=ws", "scaling.num_workers=1", "moe.ep_size=1"])
     (tmp_path / "runs" / "ws").mkdir(parents=True)

@@ -51,7 +51,9 @@ def test_region_preset_sees_the_shards_precomputed_features(tmp_path: Path) -> N
     from models import build_pretrainer
     from models.config import ImageSpec, TextSpec
     from orchestrator.config import load_config
-    from orchestrator.run.runner import RunFiles, pipeline_spec, plan_data
+    from orchestrator.run.data_plan import plan_data
+    from orchestrator.run.files import RunFiles
+    from orchestrator.run.runner import pipeline_spec
 
     _shards(tmp_path)
     cfg = load_config(None, [f"data.train={tmp_path}/train", "data.eval=null", "data.image_size=32",

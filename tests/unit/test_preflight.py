@@ -19,7 +19,8 @@ from jobs import storage
 from jobs.data.formats import ShardWriter
 from orchestrator.config import ConfigError, load_config
 from orchestrator.run import preflight
-from orchestrator.run.runner import RunFiles, plan_data
+from orchestrator.run.data_plan import plan_data
+from orchestrator.run.files import RunFiles
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "jobs" / "configs" / "quickstart.yaml"
