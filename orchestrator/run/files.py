@@ -20,6 +20,7 @@ have logged a step twice, before its last checkpoint; the later line wins).
 from __future__ import annotations
 
 import json
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,17 @@ def run_config(run_dir: Path, what: str) -> RunConfig:
     if not (run_dir / CONFIG).is_file():
         raise ConfigError([f"{what}: not a run directory (no {CONFIG})"])
     return load_config(run_dir / CONFIG)
+
+
+def run_tokenizer(run_dir: Path, cfg: RunConfig) -> Path | None:
+    """The tokenizer a local run directory trained with, found where the runner looks for it (local
+    paths only): for `mmpt export`, `mmpt generate` and a fine-tuning run."""
+    train = cfg.data.sources()[0].shards
+    first = train[0] if isinstance(train, list) else train
+    candidates = [cfg.data.tokenizer, *([posixpath.join(cfg.model.init.text, TOKENIZER)] if cfg.model.init.text else []),
+                  posixpath.join(first, TOKENIZER), posixpath.join(posixpath.dirname(first.rstrip("/")), TOKENIZER),
+                  str(run_dir / TOKENIZER)]
+    return next((Path(c) for c in candidates if c and "://" not in c and Path(c).is_file()), None)
 
 
 class RunFiles:

@@ -31,8 +31,7 @@ _COPIED_DATA = ("image_size", "max_text_len", "max_objects")
 
 def resolve(cfg: RunConfig) -> RunConfig:
     """The fine-tuning config with the pretrained run's architecture and checkpoint (unchanged without from_run)."""
-    from orchestrator.run.files import latest_checkpoint
-    from orchestrator.trained.export import _tokenizer
+    from orchestrator.run.files import latest_checkpoint, run_tokenizer
 
     ft = cfg.finetune
     if ft is None or ft.from_run is None:
@@ -47,7 +46,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
         raw[key] = pre_raw[key]
     for key in _COPIED_DATA:
         raw["data"][key] = pre_raw["data"][key]
-    tokenizer = _tokenizer(run_dir, pre)
+    tokenizer = run_tokenizer(run_dir, pre)
     if tokenizer is None:
         raise ConfigError([f"finetune.from_run = {ft.from_run!r}: the run's tokenizer.json was not found"])
     # absolute: the workers run in Ray's working directories, not the driver's

@@ -11,7 +11,6 @@ OUT defaults to RUN_DIR/export/. Run directories on local disk (copy an s3:// on
 
 from __future__ import annotations
 
-import posixpath
 import shutil
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,19 +18,9 @@ from typing import Annotated, Literal
 import typer
 
 from orchestrator.config import ConfigError
-from orchestrator.run.files import CONFIG, TOKENIZER, latest_checkpoint, run_config
+from orchestrator.run.files import CONFIG, TOKENIZER, latest_checkpoint, run_config, run_tokenizer
 
 Format = Literal["hf", "safetensors"]
-
-
-def _tokenizer(run_dir: Path, cfg) -> Path | None:  # noqa: ANN001 - RunConfig
-    """The tokenizer the run trained with, found where the runner looks for it (local paths only)."""
-    train = cfg.data.sources()[0].shards
-    first = train[0] if isinstance(train, list) else train
-    candidates = [cfg.data.tokenizer, *([posixpath.join(cfg.model.init.text, TOKENIZER)] if cfg.model.init.text else []),
-                  posixpath.join(first, TOKENIZER), posixpath.join(posixpath.dirname(first.rstrip("/")), TOKENIZER),
-                  str(run_dir / TOKENIZER)]
-    return next((Path(c) for c in candidates if c and "://" not in c and Path(c).is_file()), None)
 
 
 def export(run_dir: str | Path, fmt: Format, out: str | Path | None = None) -> dict[str, Path]:
@@ -63,7 +52,7 @@ def export(run_dir: str | Path, fmt: Format, out: str | Path | None = None) -> d
         written[name] = target / name
     if not written:
         raise ConfigError([f"{run_dir}: model.preset={cfg.model.preset!r} has neither a text tower nor patch input to export"])
-    tok = _tokenizer(run_dir, cfg)
+    tok = run_tokenizer(run_dir, cfg)
     if "text" in written and tok is not None:
         shutil.copy(tok, written["text"] / TOKENIZER)
     (target / "NOTES.txt").write_text("\n".join(notes) + "\n" if notes else "every tensor maps one to one\n")

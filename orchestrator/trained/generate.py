@@ -39,13 +39,12 @@ def load_run(run_dir: Path, preset: str | None = None) -> LoadedRun:
     from jobs.pretrained.export import consolidate
     from models import build_pretrainer
     from models.config import ImageSpec
-    from orchestrator.run.files import latest_checkpoint, run_config
-    from orchestrator.trained.export import _tokenizer
+    from orchestrator.run.files import latest_checkpoint, run_config, run_tokenizer
 
     cfg = run_config(run_dir, str(run_dir))
     if preset is not None and cfg.model.preset != preset:
         raise ConfigError([f"{run_dir}: a run of preset {cfg.model.preset!r}; allowed: a run of preset {preset}"])
-    tok_path = _tokenizer(run_dir, cfg)
+    tok_path = run_tokenizer(run_dir, cfg)
     if tok_path is None:
         raise ConfigError([f"{run_dir}: the run's tokenizer.json was not found (data.tokenizer or beside its shards)"])
     tok = load_tokenizer(str(tok_path))

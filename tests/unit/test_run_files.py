@@ -49,3 +49,10 @@ def test_metric_keys_build_and_parse_what_the_writers_report() -> None:
     assert mk.first_of(mk.MEMORY, [{"step": 1}, {"memory/total_bytes": 7}, {"memory/total_bytes": 8}]) == {"total_bytes": 7}
     assert mk.moe_layer(mk.moe_layer_key(3, "load")) == (3, "load") and mk.moe_layer("moe/dropped") is None
     assert mk.TOTAL_LOSS == "loss/total" and mk.RETRIEVAL_R1 == ("eval/i2t_r1", "eval/t2i_r1")
+
+
+def test_checkpoint_folders_are_named_as_the_run_directory_expects() -> None:
+    from jobs.checkpoint import dir_name
+    from orchestrator.run.files import CHECKPOINT_PREFIX, is_checkpoint
+
+    assert dir_name(5) == f"{CHECKPOINT_PREFIX}0000005" and is_checkpoint(dir_name(12)) and not is_checkpoint("logs")
