@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from orchestrator.cli import jobs as jobs_cli
+from orchestrator.cli import jobs as jobs_commands
 from orchestrator.cli.console import SetOpt, console, err_console, fail
 from orchestrator.cli.data import data_app
 from orchestrator.cli.launcher import cluster_app
@@ -24,10 +24,10 @@ app = typer.Typer(help="mmpt: multimodal pretraining on Ray.", no_args_is_help=T
 app.add_typer(data_app, name="data")
 # -- sub-command groups: each lives in its own module and is registered here with one line --
 app.add_typer(__import__("orchestrator.cli.models", fromlist=["models_app"]).models_app, name="models")
-app.add_typer(jobs_cli.jobs_app, name="jobs")
+app.add_typer(jobs_commands.jobs_app, name="jobs")
 app.add_typer(cluster_app, name="cluster")
-app.command("submit")(jobs_cli.submit)
-app.command("controller")(jobs_cli.controller)
+app.command("submit")(jobs_commands.submit)
+app.command("controller")(jobs_commands.controller)
 app.command("plan")(plan_cmd)
 app.command("doctor")(__import__("orchestrator.doctor", fromlist=["doctor_cmd"]).doctor_cmd)
 app.command("sweep")(__import__("orchestrator.sweep.driver", fromlist=["sweep_cmd"]).sweep_cmd)

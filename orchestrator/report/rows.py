@@ -1,4 +1,4 @@
-"""The rows of a sweep report and how their cells print: shared by the tables (report.py) and the
+"""The rows of a sweep report and how their cells print: shared by the tables (sweep_report.py) and the
 HTML page (orchestrator/report/sweep_page.py), so both read one definition and neither imports the other's module."""
 
 from __future__ import annotations
