@@ -42,7 +42,7 @@ _END = ("SUCCEEDED", "FAILED", "STOPPED", "LOST")
 def _user_errors() -> Iterator[None]:
     """User-fixable problems -> `error:` lines on stderr, exit code 2."""
     from orchestrator.controller.registry import RegistryError
-    from orchestrator.jobsapi.client import ClusterError
+    from orchestrator.jobsapi.cluster import ClusterError
     from orchestrator.jobsapi.submit import SubmitError
 
     try:
@@ -70,7 +70,7 @@ def submit(
 ) -> None:
     """Send a run (or a sweep) to a Ray cluster as a Ray job and register it; prints its id."""
     from orchestrator.controller.registry import Registry, check_job_id
-    from orchestrator.jobsapi import client as cluster
+    from orchestrator.jobsapi import cluster
     from orchestrator.jobsapi.submit import check_no_credentials, prepare_run, prepare_sweep
     from orchestrator.jobsapi.submit import submit as send
 
@@ -130,7 +130,7 @@ def list_(
     """Jobs in the registry, states refreshed from their clusters (+ mmpt jobs found at --address)."""
     from orchestrator.controller.registry import Registry
     from orchestrator.controller.state import STATES
-    from orchestrator.jobsapi import client as cluster
+    from orchestrator.jobsapi import cluster
 
     with _user_errors(), Registry(db) as registry:
         bad = [s for s in state or [] if s not in STATES]
@@ -198,7 +198,7 @@ def logs(
 
     from orchestrator.controller.reconcile import find_job
     from orchestrator.controller.registry import Registry
-    from orchestrator.jobsapi import client as cluster
+    from orchestrator.jobsapi import cluster
     from orchestrator.jobsapi.credentials import redact
 
     with _user_errors():
@@ -223,7 +223,7 @@ def stop(job_id: JobIdArg, db: DbOpt = _DEFAULT_DB, address: AddressOpt = None) 
     from orchestrator.controller.reconcile import find_job
     from orchestrator.controller.registry import Registry
     from orchestrator.controller.state import Transition
-    from orchestrator.jobsapi import client as cluster
+    from orchestrator.jobsapi import cluster
 
     with _user_errors(), Registry(db) as registry:
         rec = find_job(registry, job_id, address)

@@ -36,8 +36,8 @@ from orchestrator.controller.metrics import ControllerMetrics, LiveJob, Snapshot
 from orchestrator.controller.registry import JobRecord, Registry
 from orchestrator.controller.retry import GiveUp, Resubmit, RetryPolicy
 from orchestrator.controller.state import ACTIVE, TERMINAL, Event, Transition, decide
-from orchestrator.jobsapi import client as cluster
-from orchestrator.jobsapi.client import ClusterError, ClusterJob, ClusterUnreachable
+from orchestrator.jobsapi import cluster
+from orchestrator.jobsapi.cluster import ClusterError, ClusterJob, ClusterUnreachable
 from orchestrator.jobsapi.credentials import redact, safe_url
 from orchestrator.run.files import read_summary
 

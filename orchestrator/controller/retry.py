@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from orchestrator.controller.registry import JobRecord
-from orchestrator.jobsapi.client import ClusterJob
+from orchestrator.jobsapi.cluster import ClusterJob
 
 RetryReason = Literal["driver_killed", "driver_died", "head_lost", "cluster_unreachable"]
 REASONS: tuple[RetryReason, ...] = get_args(RetryReason)

@@ -34,7 +34,7 @@ from jobs import storage
 from jobs.config import RunConfig
 from orchestrator.config import ConfigError, load_config, load_raw, validate
 from orchestrator.controller.registry import JobRecord, Registry
-from orchestrator.jobsapi import client as cluster
+from orchestrator.jobsapi import cluster
 from orchestrator.jobsapi.credentials import credential_values, is_credential_name, leaks
 from orchestrator.run.files import run_uri
 

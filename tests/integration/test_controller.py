@@ -62,7 +62,7 @@ class Head:
     root: Path
 
     def client(self):  # noqa: ANN201 - a JobSubmissionClient
-        from orchestrator.jobsapi.client import Auth, connect
+        from orchestrator.jobsapi.cluster import Auth, connect
 
         return connect(self.url, Auth(self.token, "test"))
 

@@ -16,7 +16,7 @@ from orchestrator.controller import registry
 from orchestrator.controller.reconcile import Controller, refresh, sync
 from orchestrator.controller.registry import JobRecord, Registry, RegistryError, check_job_id
 from orchestrator.controller.state import Transition
-from orchestrator.jobsapi.client import ClusterError, ClusterJob
+from orchestrator.jobsapi.cluster import ClusterError, ClusterJob
 from orchestrator.jobsapi.credentials import credential_values, leaks, redact, safe_url
 
 SECRET = "fake-secret-0123456789abcdef"

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from orchestrator.cli.main import app
 from orchestrator.config import ConfigError, load_config
-from orchestrator.jobsapi import client as cluster
-from orchestrator.jobsapi.client import Auth, ClusterError, insecure_warning, resolve_auth
+from orchestrator.jobsapi import cluster
+from orchestrator.jobsapi.cluster import Auth, ClusterError, insecure_warning, resolve_auth
 from orchestrator.jobsapi.submit import (
     EXCLUDES,
     SubmitError,
