@@ -15,7 +15,7 @@ from jobs import storage
 from jobs.config import RunConfig
 from jobs.data.tokenizer import load_tokenizer, text_spec
 from orchestrator.config import ConfigError
-from orchestrator.run.files import TOKENIZER, RunFiles
+from orchestrator.run.files import TOKENIZER, RunFiles, tokenizer_candidates
 
 
 @dataclass
@@ -47,11 +47,7 @@ def _find_tokenizer(cfg: RunConfig, train: list[str], files: RunFiles) -> str | 
         if not storage.exists(cfg.data.tokenizer, opts):
             raise ConfigError([f"data.tokenizer = {cfg.data.tokenizer!r}: file not found"])
         return cfg.data.tokenizer
-    folder = posixpath.dirname(train[0])
-    # a text encoder started from a checkpoint reads the tokens it was trained on
-    pretrained = [storage.join(cfg.model.init.text, TOKENIZER)] if cfg.model.init.text else []
-    for candidate in (*pretrained, posixpath.join(folder, TOKENIZER),
-                      posixpath.join(posixpath.dirname(folder), TOKENIZER), files.path(TOKENIZER)):
+    for candidate in tokenizer_candidates(cfg, posixpath.dirname(train[0]), files.uri):
         if storage.exists(candidate, opts):
             return candidate
     return None

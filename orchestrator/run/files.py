@@ -69,15 +69,25 @@ def run_config(run_dir: Path, what: str) -> RunConfig:
     return load_config(run_dir / CONFIG)
 
 
+def tokenizer_candidates(cfg: RunConfig, shard_folder: str | None, run_dir: str) -> list[str]:
+    """Where a run's tokenizer is looked for, in order: `data.tokenizer`; the pretrained text
+    encoder's (it reads the tokens it was trained on); beside the shards (their folder, then its
+    parent); the run directory (one trained on the captions when none lay beside them)."""
+    found = [cfg.data.tokenizer] if cfg.data.tokenizer else []
+    found += [storage.join(cfg.model.init.text, TOKENIZER)] if cfg.model.init.text else []
+    if shard_folder:
+        found += [posixpath.join(shard_folder, TOKENIZER), posixpath.join(posixpath.dirname(shard_folder), TOKENIZER)]
+    return [*found, storage.join(str(run_dir), TOKENIZER)]
+
+
 def run_tokenizer(run_dir: Path, cfg: RunConfig) -> Path | None:
     """The tokenizer a local run directory trained with, found where the runner looks for it (local
-    paths only): for `mmpt export`, `mmpt generate` and a fine-tuning run."""
+    paths only, the shards' folder read from the config): for `mmpt export`, `mmpt generate` and a
+    fine-tuning run."""
     train = cfg.data.sources()[0].shards
     first = train[0] if isinstance(train, list) else train
-    candidates = [cfg.data.tokenizer, *([posixpath.join(cfg.model.init.text, TOKENIZER)] if cfg.model.init.text else []),
-                  posixpath.join(first, TOKENIZER), posixpath.join(posixpath.dirname(first.rstrip("/")), TOKENIZER),
-                  str(run_dir / TOKENIZER)]
-    return next((Path(c) for c in candidates if c and "://" not in c and Path(c).is_file()), None)
+    candidates = tokenizer_candidates(cfg, first.rstrip("/"), str(run_dir))
+    return next((Path(c) for c in candidates if "://" not in c and Path(c).is_file()), None)
 
 
 class RunFiles:

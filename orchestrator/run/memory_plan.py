@@ -258,17 +258,14 @@ def _vocab(cfg: RunConfig, override: int | None) -> tuple[int, str]:
 
     from jobs import storage
     from jobs.data.tokenizer import load_tokenizer
-    from orchestrator.run.files import TOKENIZER, run_uri
+    from orchestrator.run.files import run_uri, tokenizer_candidates
 
     opts = storage.StorageOptions.of(cfg.storage)
-    candidates = [cfg.data.tokenizer] if cfg.data.tokenizer else []
     try:
         folder = posixpath.dirname(storage.expand_shards(cfg.data.train, opts, suffixes=(".tar", ".parquet"))[0])
-        candidates += [posixpath.join(folder, TOKENIZER), posixpath.join(posixpath.dirname(folder), TOKENIZER)]
     except (ValueError, OSError):
-        pass
-    candidates.append(storage.join(run_uri(cfg.storage.path, cfg.name), TOKENIZER))
-    for uri in candidates:
+        folder = None
+    for uri in tokenizer_candidates(cfg, folder, run_uri(cfg.storage.path, cfg.name)):
         try:
             if storage.exists(uri, opts):
                 return load_tokenizer(uri, opts).get_vocab_size(with_added_tokens=True), uri

@@ -56,3 +56,13 @@ def test_checkpoint_folders_are_named_as_the_run_directory_expects() -> None:
     from orchestrator.run.files import CHECKPOINT_PREFIX, is_checkpoint
 
     assert dir_name(5) == f"{CHECKPOINT_PREFIX}0000005" and is_checkpoint(dir_name(12)) and not is_checkpoint("logs")
+
+
+def test_a_runs_tokenizer_is_looked_for_in_one_order_by_the_run_the_plan_and_export() -> None:
+    from jobs.config import RunConfig
+    from orchestrator.run.files import tokenizer_candidates
+
+    cfg = RunConfig.model_validate({"name": "r", "data": {"tokenizer": "t.json"}, "model": {"init": {"text": "hf/bert"}}})
+    assert tokenizer_candidates(cfg, "d/train", "runs/r") == [
+        "t.json", "hf/bert/tokenizer.json", "d/train/tokenizer.json", "d/tokenizer.json", "runs/r/tokenizer.json"]
+    assert tokenizer_candidates(RunConfig.model_validate({"name": "r"}), None, "runs/r") == ["runs/r/tokenizer.json"]
