@@ -26,6 +26,7 @@ from typing import Any
 
 from jobs import storage
 from jobs.config import RunConfig
+from orchestrator.config import ConfigError, load_config
 
 RUNS = "runs"
 CONFIG = "config.yaml"
@@ -51,8 +52,6 @@ def is_checkpoint(name: str) -> bool:
 
 def latest_checkpoint(run_dir: Path) -> Path:
     """The newest checkpoint folder of a local run directory; ConfigError when it has none."""
-    from orchestrator.config import ConfigError
-
     found = sorted(p for p in run_dir.glob(CHECKPOINT_PREFIX + "*") if p.is_dir())
     if not found:
         raise ConfigError([f"{run_dir}: no {CHECKPOINT_PREFIX}* folder (the run has not saved a checkpoint yet)"])
@@ -62,8 +61,6 @@ def latest_checkpoint(run_dir: Path) -> Path:
 def run_config(run_dir: Path, what: str) -> RunConfig:
     """The config a local run directory was trained with; `what` names it in the error (the field
     that gave the directory, or the directory itself)."""
-    from orchestrator.config import ConfigError, load_config
-
     if not (run_dir / CONFIG).is_file():
         raise ConfigError([f"{what}: not a run directory (no {CONFIG})"])
     return load_config(run_dir / CONFIG)
