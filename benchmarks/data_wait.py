@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 
 from orchestrator.config import load_config
-from orchestrator.runner import run
+from orchestrator.run.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -116,7 +116,7 @@ def _build(cfg: Any, vocab: int) -> tuple[Any, Any]:
 def throughput(cfg: Any, vocab: int, steps: int, warmup: int, old: bool = False) -> dict[str, Any]:
     """samples/s, model TFLOP/s, MFU and peak memory vs plan for one config, through Trainer.train_step."""
     from jobs.trainer import Trainer
-    from orchestrator.plan import count_model, estimate
+    from orchestrator.run.memory_plan import count_model, estimate
 
     size = count_model(cfg, vocab)
     model, engine = _build(cfg, vocab)

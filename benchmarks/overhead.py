@@ -3,7 +3,7 @@ plain torch.distributed loop with the same DeepSpeed engine, side by side in one
 
 Both train the same model (jobs/configs/quickstart.yaml, shrunk by the overrides below) on the same
 synthetic shards for the same steps on 2 ranks (gloo, 1 CPU thread each):
-- mmpt: `orchestrator.runner.run`, a fresh local Ray per run; its per-report `step_time_s`.
+- mmpt: `orchestrator.run.runner.run`, a fresh local Ray per run; its per-report `step_time_s`.
 - plain: 2 processes (torch.multiprocessing + gloo), `jobs.engine.build_engine` on the same config,
   each rank reading its shards (rank::world) in-process with the function the pipeline's Ray Data
   tasks run (`jobs.data.pipeline._unit_batches`: read, decode, tokenize) and the same
@@ -101,7 +101,7 @@ def _timing(windows: list[Window], t0: float, log_every: int, steps_per_epoch: i
 def _mmpt(cfg: Any, steps_per_epoch: int) -> Timing:
     from rich.console import Console
 
-    from orchestrator.runner import run
+    from orchestrator.run.runner import run
 
     with TreeCPU() as cpu:
         t0 = time.time()

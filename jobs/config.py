@@ -114,7 +114,7 @@ class ParallelConfig(Strict):
 
 
 class ScalingConfig(Strict):
-    """Ray resources of a run; `orchestrator.scaling` turns them into Ray Train / Ray Data arguments.
+    """Ray resources of a run; `orchestrator.run.scaling` turns them into Ray Train / Ray Data arguments.
 
     Custom resources pick node types: a worker asking for `train_gpu` only runs on (and makes the
     autoscaler add) a node type that advertises `train_gpu` (see ray_cluster.yaml).

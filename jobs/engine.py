@@ -109,7 +109,7 @@ def build_engine(cfg: RunConfig, model: nn.Module):  # noqa: ANN201 - deepspeed.
     from jobs.pretrained.load import load_pretrained
     from jobs.storage import StorageOptions
 
-    opts = StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    opts = StorageOptions.of(cfg.storage)
     load_pretrained(model, cfg.model, opts)
     load_frozen_dvae(model, cfg.model, opts)  # preset dalle: the dVAE run's weights, frozen
     groups = param_groups(model, cfg.train.weight_decay)

@@ -13,8 +13,9 @@ import itertools
 import os
 import posixpath
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 from pyarrow import fs as pafs
@@ -34,6 +35,14 @@ class StorageOptions:
 
     endpoint_url: str | None = None  # http://127.0.0.1:5000; default AWS_ENDPOINT_URL_S3 / _URL
     region: str | None = None  # default AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+
+    @classmethod
+    def of(cls, section: Any) -> StorageOptions:
+        """The options of a run config's `storage` section: the validated object (`cfg.storage`) or
+        its stored dict form (a registry record's resolved config); the one way they are built."""
+        if isinstance(section, Mapping):
+            return cls(endpoint_url=section.get("endpoint_url"), region=section.get("region"))
+        return cls(endpoint_url=section.endpoint_url, region=section.region)
 
     def resolved(self) -> StorageOptions:
         """The options with env defaults filled in (read at call time, so tests can patch env)."""

@@ -30,6 +30,7 @@ from jobs.data.steps import synchronized_batches, synchronized_steps
 from jobs.data.stream import MixtureStream, RankStream
 from jobs.tensor_parallel import Mesh, data_parallel_group
 from jobs.trainer import Trainer
+from models import metric_keys as mk
 from models.config import ImageSpec, TextSpec
 
 
@@ -52,7 +53,7 @@ class WorkerJob:
     data_remote_args: dict[str, Any] = field(default_factory=dict)  # where the Ray Data tasks run
     data_cpu_limit: float | None = None  # logical CPUs this rank's Ray Data executor may use; None = no limit
     ledger: Any = None  # the bad-sample ledger actor
-    events: Any = None  # the run's hub actor (orchestrator/hub.py): a hang is told there before the rank fails
+    events: Any = None  # the run's hub actor (orchestrator/run/hub.py): a hang is told there before the rank fails
     grounded_words: tuple[str, ...] = ()  # the dataset's grounded words (jobs.evaluate's MLM probe)
 
 
@@ -196,7 +197,7 @@ def _train(job: WorkerJob, cfg: RunConfig, rank: int, world: int) -> None:
         # downstream: zero-shot classification (ITC encoders) and a linear probe (jobs/transfer/zero_shot.py)
         out |= transfer_eval(engine.module, cfg.eval.zero_shot, spec, job.eval_shards, rank=mesh.dp_rank,
                              world=mesh.dp, batch_size=cfg.eval.batch_size, device=device, dtype=trainer.dtype)
-        return {f"eval/{k}": v for k, v in out.items()}
+        return mk.keyed(mk.EVAL, out)
 
     try:
         while state.step < cfg.train.steps:

@@ -25,6 +25,7 @@ from jobs import collectives
 from jobs.checkpoint import TrainerState
 from jobs.config import RunConfig
 from jobs.data.batch import to_model_batch
+from models import metric_keys as mk
 
 Batch = dict[str, Tensor]
 
@@ -109,10 +110,10 @@ class Trainer:
             out = self.forward_backward_step(batch)
             self.engine.step()  # DeepSpeed steps the optimizer at the grad_accum boundary only
             for name, v in out["losses"].items():
-                window.add(f"loss/{name}", v, scale)
-            window.add("loss/total", out["loss"], scale)
+                window.add(mk.key(mk.LOSS, name), v, scale)
+            window.add(mk.TOTAL_LOSS, out["loss"], scale)
             for name, v in out["metrics"].items():
-                window.add(f"train/{name}", v, scale)
+                window.add(mk.key(mk.TRAIN, name), v, scale)
             n = raw["input_ids"].shape[0]
             samples += n
             tokens = host_tokens(raw)

@@ -4,7 +4,7 @@ Shapes: none (configuration only, no torch).
 
 `model.dvae` sizes the discrete VAE: for preset `dvae` it is the network being trained; for preset
 `dalle` it describes the frozen image tokenizer, and the driver replaces it with the one the dVAE
-run was trained with (orchestrator/dalle_plan.py), so the two can never disagree.
+run was trained with (orchestrator/run/dalle_dvae.py), so the two can never disagree.
 """
 
 from __future__ import annotations

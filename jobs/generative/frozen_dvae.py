@@ -1,6 +1,6 @@
 """The frozen dVAE of a DALL-E run: its weights out of the dVAE run's checkpoint, into the model.
 
-The driver (orchestrator/dalle_plan.py) consolidates the dVAE run's latest checkpoint once and
+The driver (orchestrator/run/dalle_dvae.py) consolidates the dVAE run's latest checkpoint once and
 writes the dVAE's tensors as one safetensors file into the DALL-E run directory
 (`model.dalle.dvae_weights`); every worker loads that file before DeepSpeed wraps the model. The
 weights then travel inside the DALL-E run's own checkpoints, so `mmpt generate` needs nothing else.

@@ -29,7 +29,7 @@ from torch import Tensor
 from jobs.data.batch import IMAGE_MEAN, IMAGE_STD
 from jobs.generative.scene_check import check
 
-GENERATE_TOP_K = 32  # the CLI's defaults too (orchestrator/generate.py)
+GENERATE_TOP_K = 32  # the CLI's defaults too (orchestrator/trained/generate.py)
 GENERATE_TEMPERATURE = 1.0
 PROBE_SEED = 4321
 REFERENCES = ("gen", "random", "real", "recon", "shuffled")

@@ -31,6 +31,7 @@ from jobs import collectives, storage
 from jobs.config import RunConfig
 from jobs.data.batch import to_model_batch
 from jobs.transfer import labelled as lab
+from models import metric_keys as mk
 from models.config import ImageSpec, TextSpec
 
 INIT_FILE = "pretrained_encoder.pt"  # the from-run's encoder weights, written by the driver
@@ -195,7 +196,7 @@ def finetune_func(config: dict[str, Any]) -> None:
         if final:
             out |= evaluate_split(engine.module, test, "test", cfg.eval.batch_size, device, trainer.dtype)
         out["train_examples"] = float(lab.size(splits.train))
-        return {f"eval/{k}": v for k, v in out.items()}
+        return mk.keyed(mk.EVAL, out)
 
     while state.step < cfg.train.steps:
         micro = [sampler.next() for _ in range(cfg.train.grad_accum)]

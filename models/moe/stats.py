@@ -26,7 +26,7 @@ forwards since the previous call (several views or micro-batches of one step):
 The loss that training adds is the weighted one (`moe.aux_loss_weight * aux + moe.z_loss_weight *
 z_loss`), which each MoEFFN returns from its forward. A train loop averages these values over its
 micro-batches and ranks (`load` element-wise) and puts them in each report;
-orchestrator/moe_report.py turns the reports into a table and a heatmap.
+orchestrator/report/expert_load.py turns the reports into a table and a heatmap.
 """
 
 from __future__ import annotations
@@ -36,16 +36,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
+from models.metric_keys import MOE, moe_layer_key
 from models.moe.routing import Routing
 
-PREFIX = "moe/"
 # Token modalities the encoders tell their MoE layers (MoETally.modality): index = the code.
 MODALITIES = ("text", "image")
 TEXT, IMAGE = 0, 1
-
-
-def layer_key(index: int, name: str) -> str:
-    return f"{PREFIX}layer{index}/{name}"
 
 
 @dataclass
@@ -136,19 +132,19 @@ def collect_stats(module: nn.Module, reset: bool = True) -> dict[str, float | li
     skipped, seen = [0.0, 0.0], [0.0, 0.0]
     for i, s in present:
         E = s.load_E.numel()
-        out[layer_key(i, "load")] = flat[pos:pos + E]
+        out[moe_layer_key(i, "load")] = flat[pos:pos + E]
         for j, name in enumerate(("dropped", "aux", "z_loss", "entropy")):
-            out[layer_key(i, name)] = flat[pos + E + j]
+            out[moe_layer_key(i, name)] = flat[pos + E + j]
         for m, modality in enumerate(MODALITIES):
             layer_skipped, layer_seen = flat[pos + E + 4 + m], flat[pos + E + 6 + m]
             if layer_seen > 0:
-                out[layer_key(i, f"skipped_{modality}")] = layer_skipped / layer_seen
+                out[moe_layer_key(i, f"skipped_{modality}")] = layer_skipped / layer_seen
             skipped[m] += layer_skipped
             seen[m] += layer_seen
         pos += E + 8
-    dropped = [out[layer_key(i, "dropped")] for i, _ in present]
-    out[f"{PREFIX}dropped"] = sum(dropped) / len(dropped)  # type: ignore[arg-type]
+    dropped = [out[moe_layer_key(i, "dropped")] for i, _ in present]
+    out[f"{MOE}dropped"] = sum(dropped) / len(dropped)  # type: ignore[arg-type]
     for m, modality in enumerate(MODALITIES):
         if seen[m] > 0:
-            out[f"{PREFIX}skipped_{modality}"] = skipped[m] / seen[m]
+            out[f"{MOE}skipped_{modality}"] = skipped[m] / seen[m]
     return out

@@ -30,14 +30,16 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from orchestrator.controller import cluster, retry, state
-from orchestrator.controller.cluster import ClusterError, ClusterJob, ClusterUnreachable
-from orchestrator.controller.credentials import redact, safe_url
-from orchestrator.controller.ingest import MetricsTail, read_summary, storage_options
+from orchestrator.controller import retry, state
+from orchestrator.controller.ingest import MetricsTail, storage_options
 from orchestrator.controller.metrics import ControllerMetrics, LiveJob, Snapshot
 from orchestrator.controller.registry import JobRecord, Registry
 from orchestrator.controller.retry import GiveUp, Resubmit, RetryPolicy
 from orchestrator.controller.state import ACTIVE, TERMINAL, Event, Transition, decide
+from orchestrator.jobsapi import cluster
+from orchestrator.jobsapi.cluster import ClusterError, ClusterJob, ClusterUnreachable
+from orchestrator.jobsapi.credentials import redact, safe_url
+from orchestrator.run.files import read_summary
 
 log = logging.getLogger("mmpt.controller")
 
@@ -319,3 +321,26 @@ class Controller:
                 log.warning("%s: cannot read %s (%s)", rec.id, tail.uri, exc)
             live.append(LiveJob(rec.id, rec.name, rec.kind, rec.state, rec.started_at, rec.ended_at, tail.metrics))
         self.metrics.publish(Snapshot(counts=self.registry.counts(), jobs=tuple(live)))
+
+
+def find_job(registry: Any, job_id: str, address: str | None) -> Any:
+    """The job's registry record (`mmpt jobs status|logs|stop`); one found only on the cluster at `address` is registered first."""
+    from orchestrator.config import ConfigError
+    from orchestrator.controller.registry import check_job_id
+
+    check_job_id(job_id)
+    rec = registry.get(job_id)
+    if rec is not None:
+        return rec
+    if not address:
+        raise ConfigError([f"job {job_id!r}: not in the registry {registry.display_url}; pass --address to look "
+                           "it up on a cluster"])
+    address = cluster.check_address(address)
+    listing = Clusters().listing(address)
+    if job_id in listing:
+        adopt(registry, address, {job_id: listing[job_id]})
+        rec = registry.get(job_id)
+        if rec is not None:
+            return rec
+        raise ConfigError([f"job {job_id!r}: on {address} but not sent by `mmpt submit`; use `ray job status`"])
+    raise ConfigError([f"job {job_id!r}: not in the registry {registry.display_url} and not on the cluster at {address}"])

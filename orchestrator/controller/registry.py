@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from orchestrator.controller.credentials import redact, safe_url
 from orchestrator.controller.state import STATES, JobState, Transition
+from orchestrator.jobsapi.credentials import redact, safe_url
 
 JobKind = Literal["run", "sweep"]
 DEFAULT_DB = "sqlite:///.mmpt/jobs.db"

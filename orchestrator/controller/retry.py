@@ -23,8 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from orchestrator.controller.cluster import ClusterJob
 from orchestrator.controller.registry import JobRecord
+from orchestrator.jobsapi.cluster import ClusterJob
 
 RetryReason = Literal["driver_killed", "driver_died", "head_lost", "cluster_unreachable"]
 REASONS: tuple[RetryReason, ...] = get_args(RetryReason)

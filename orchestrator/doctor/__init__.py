@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from orchestrator.console import SetOpt, console
+from orchestrator.cli.console import SetOpt, console
 from orchestrator.doctor.probes import Check, check_deepspeed, check_ray, check_s3, check_torch
 
 _STYLE = {"ok": "[green]ok[/green]", "info": "[dim]info[/dim]", "warn": "[yellow]warn[/yellow]",

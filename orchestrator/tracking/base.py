@@ -1,6 +1,6 @@
 """What every tracker gets from the driver, and the one way reports become tracker scalars.
 
-The driver (orchestrator/runner.py) is the only process that sees every report of a run: rank 0's
+The driver (orchestrator/run/runner.py) is the only process that sees every report of a run: rank 0's
 metrics reach it through Ray Train's callback and the run's hub actor, and it writes `metrics.jsonl`. Trackers
 hang off that loop, so the workers never import a tracker, never hold its credentials, and a
 tracker that falls over costs a warning, never the run: the run directory stays the record.
@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from models import metric_keys as mk
 
 # Keys of a report that are bookkeeping, not series: the step is the x axis, the rest are not numbers.
 _NOT_SERIES = frozenset({"step", "time", "checkpoint"})
@@ -73,10 +75,10 @@ def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def summary_scalars(summary: dict[str, Any]) -> dict[str, float]:
     """The summary's numbers as `final/...` scalars (final losses, eval, throughput, memory, MoE)."""
-    picked = {f"loss/{k}": v for k, v in (summary.get("final_losses") or {}).items()}
-    picked |= {f"eval/{k}": v for k, v in (summary.get("eval") or {}).items()}
+    picked = mk.keyed(mk.LOSS, summary.get("final_losses") or {})
+    picked |= mk.keyed(mk.EVAL, summary.get("eval") or {})
     picked |= {k: v for k, v in (summary.get("throughput") or {}).items()}
-    picked |= {f"memory/{k}": v for k, v in (summary.get("memory") or {}).items()}
+    picked |= mk.keyed(mk.MEMORY, summary.get("memory") or {})
     picked |= {"steps": summary.get("steps"), "wall_time_s": summary.get("wall_time_s"),
-               "data/bad_total": (summary.get("data") or {}).get("bad_total")}
+               mk.DATA + "bad_total": (summary.get("data") or {}).get("bad_total")}
     return scalars(picked)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import MLflowTracking
+from orchestrator.run.files import CONFIG, SUMMARY
 from orchestrator.tracking.base import TrackedRun, flat, summary_scalars
 
 _BATCH = 1000  # MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags per request
@@ -114,7 +115,7 @@ class MLflowTracker:
         params = [Param(k, v) for k, v in _params(run.config).items() if k not in existing]
         for i in range(0, len(params), _PARAM_BATCH):
             self._client.log_batch(self._id, params=params[i:i + _PARAM_BATCH])
-        self._client.log_text(self._id, run.config_yaml, "config.yaml")
+        self._client.log_text(self._id, run.config_yaml, CONFIG)
 
     def _exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -145,7 +146,7 @@ class MLflowTracker:
         if final:
             self._client.log_batch(self._id, metrics=final)
         if summary:
-            self._client.log_dict(self._id, summary, "summary.json")
+            self._client.log_dict(self._id, summary, SUMMARY)
         for path in artifacts:
             self._client.log_artifact(self._id, str(path))
         self._client.set_terminated(self._id, status="FAILED" if failed else "FINISHED")

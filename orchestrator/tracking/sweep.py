@@ -1,5 +1,5 @@
 """A sweep's tracked runs, grouped: every trial is a tracked run of its own (runner.run logs it),
-its config carrying `tracking.group = <sweep name>` (sweep_spec.SweepPlan.trial_overrides).
+its config carrying `tracking.group = <sweep name>` (orchestrator/sweep/spec.py, SweepPlan.trial_overrides).
 
 W&B groups by that name (`group`, `job_type: trial`). MLflow nests: the sweep driver opens one
 parent run first (tags `mmpt.kind: sweep`, `mmpt.group`), the trials find it by those tags and set
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ConfigError, validate
-from orchestrator.sweep_spec import SweepPlan
+from orchestrator.sweep.spec import SweepPlan
 
 
 class SweepTracking:

@@ -102,7 +102,7 @@ def _child(data: str, storage: str, out: str) -> None:
     from rich.console import Console
 
     from orchestrator.config import load_config
-    from orchestrator.runner import run
+    from orchestrator.run.runner import run
     from tests.integration.conftest import QUICKSTART, tiny
 
     with socket.socket() as s:
@@ -145,7 +145,7 @@ def _child(data: str, storage: str, out: str) -> None:
         overrides = tiny(data, storage, **{
             "data.eval": "[]", "train.steps": 3, "train.log_every": 1, "train.checkpoint_every": 0,
             "train.warmup_steps": 1, "name": "autoscale", "moe.num_experts": 0,
-            # the run's scaling section, mapped by orchestrator/scaling.py like any run's
+            # the run's scaling section, mapped by orchestrator/run/scaling.py like any run's
             "scaling.num_workers": 2, "scaling.cpus_per_worker": 1,
             "scaling.resources_per_worker": "{train_gpu: 1}", "scaling.data_resources": "{data_cpu: 1}",
         })
@@ -234,7 +234,7 @@ def test_ray_train_takes_the_cluster_example_scaling() -> None:
     import ray.train
 
     from orchestrator.config import load_config
-    from orchestrator.scaling import train_scaling
+    from orchestrator.run.scaling import train_scaling
 
     cfg = load_config(ROOT / "jobs" / "configs" / "cluster_2x8gpu.yaml")
     sc = ray.train.ScalingConfig(**train_scaling(cfg.scaling))

@@ -13,7 +13,7 @@ import pytest
 from jobs.data.formats import ShardWriter
 from jobs.data.synth import _encode_jpeg, make_sample
 from orchestrator.config import load_config
-from orchestrator.runner import RunFailed, run
+from orchestrator.run.runner import RunFailed, run
 from tests.integration.conftest import QUICKSTART, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -62,7 +62,7 @@ class Head:
     root: Path
 
     def client(self):  # noqa: ANN201 - a JobSubmissionClient
-        from orchestrator.controller.cluster import Auth, connect
+        from orchestrator.jobsapi.cluster import Auth, connect
 
         return connect(self.url, Auth(self.token, "test"))
 
@@ -123,7 +123,7 @@ def head() -> Iterator[Head]:
 
 
 def mmpt(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli.main", *args], cwd=ROOT, env=env, text=True,
                           capture_output=True, timeout=timeout)
 
 
@@ -145,7 +145,7 @@ def start_controller(db: str, env: dict[str, str], log: Path, interval: float = 
                      extra: Sequence[str] = ()) -> ControllerProc:
     port = _free_port()
     out = open(log, "ab")  # noqa: SIM115 - the child holds it
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "controller", "--db", db, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "controller", "--db", db, "--port", str(port),
                              "--interval", str(interval), *extra], cwd=ROOT, env=env, stdout=out,
                             stderr=subprocess.STDOUT)
     out.close()

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.runner import run
+from orchestrator.run.runner import run
 from tests.integration.conftest import QUICKSTART, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -25,8 +25,8 @@ DVAE = {"model.dvae.codebook_size": 32, "model.dvae.channels": 8, "model.dvae.co
 
 def test_dvae_then_dalle_then_generate(ray_session, shapes_data, tmp_path) -> None:  # noqa: ANN001
     from jobs.pretrained.export import consolidate
-    from orchestrator.export import latest_checkpoint
-    from orchestrator.generate import generate
+    from orchestrator.run.files import latest_checkpoint
+    from orchestrator.trained.generate import generate
 
     common = {"train.steps": 4, "train.log_every": 2, "train.checkpoint_every": 0, "eval.max_samples": 16}
     stage1 = load_config(QUICKSTART, tiny(shapes_data, tmp_path, name="dvae-e2e", **common, **DVAE, **{

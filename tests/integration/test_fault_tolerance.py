@@ -14,7 +14,7 @@ import pytest
 
 from jobs.checkpoint import rank_path
 from orchestrator.config import load_config
-from orchestrator.runner import run
+from orchestrator.run.runner import run
 from tests.faults import CrashWhileWriting, arm
 from tests.integration.conftest import QUICKSTART, tiny
 from tests.integration.exact import assert_same_run

@@ -20,9 +20,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from jobs.checkpoint import ds_files
-from orchestrator.cli import app
+from orchestrator.cli.main import app
 from orchestrator.config import load_config
-from orchestrator.runner import run
+from orchestrator.run.runner import run
 from tests.integration.conftest import QUICKSTART, ROOT, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -120,9 +120,9 @@ def test_finetune_without_from_or_scratch_is_one_line(tmp_path: Path) -> None:
 def test_transfer_sweep_table_pretrained_vs_scratch_over_seeds(pretrained: Path, shapes_data: Path,
                                                                tmp_path: Path) -> None:
     from orchestrator.config import parse_override
-    from orchestrator.report import write_report
-    from orchestrator.sweep import run_sweep
-    from orchestrator.sweep_spec import PRETRAIN_RUN, SweepSpec, plan_sweep
+    from orchestrator.report.sweep_report import write_report
+    from orchestrator.sweep.driver import run_sweep
+    from orchestrator.sweep.spec import PRETRAIN_RUN, SweepSpec, plan_sweep
 
     sets = dict(parse_override(a) for a in _ft_args(shapes_data, tmp_path, "x", 2)[1::2])
     overrides = {k: v for k, v in sets.items() if k != "name"}

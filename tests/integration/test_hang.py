@@ -16,7 +16,7 @@ import pytest
 
 from jobs.data.stream import rank_shards
 from orchestrator.config import load_config
-from orchestrator.runner import run
+from orchestrator.run.runner import run
 from tests.integration.conftest import QUICKSTART, tiny
 from tests.services import relay
 

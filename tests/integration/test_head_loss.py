@@ -132,8 +132,8 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _drivers_that_die_are_told_apart(head: RayHead) -> None:
     """What this Ray reports for a driver killed by a signal (retried) and one that exits 2 (not)."""
-    from orchestrator.controller.cluster import Auth, connect, list_jobs
     from orchestrator.controller.retry import classify
+    from orchestrator.jobsapi.cluster import Auth, connect, list_jobs
 
     client = connect(head.url, Auth(head.token, "test"))
     cases = {"python -c 'import os, signal; os.kill(os.getpid(), signal.SIGKILL)'": "driver_killed",

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.runner import run
+from orchestrator.run.runner import run
 from tests.integration.conftest import QUICKSTART, ROOT, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -33,7 +33,7 @@ def _checkpointed_step(metrics: Path) -> int:
 def test_sigint_mid_run_stops_cleanly_and_the_run_resumes(ray_session, shapes_data, tmp_path) -> None:
     overrides = tiny(shapes_data, tmp_path, name="interrupted", **{
         "train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 2, "data.eval": "null"})
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(QUICKSTART), *[a for o in overrides for a in ("--set", o)]]
+    cmd = [sys.executable, "-m", "orchestrator.cli.main", "run", str(QUICKSTART), *[a for o in overrides for a in ("--set", o)]]
     # its own session, like a terminal's foreground job: Ctrl-C reaches the whole process group
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -139,7 +139,7 @@ def _ok(case: str, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _planned(stage: int, experts: int, precision: Precision, tp: int = 1) -> Any:
-    from orchestrator.plan import count_model, estimate
+    from orchestrator.run.memory_plan import count_model, estimate
 
     cfg = _cfg(stage, experts, precision, tp)
     return estimate(cfg, count_model(cfg, VOCAB), gpus=WORLD, stage=stage, ep=cfg.moe.ep_size)

@@ -28,7 +28,7 @@ from models import OBJECTIVES, PRESETS, build_pretrainer
 from models.blocks import Blocks, resolve
 from models.config import ImageSpec, TextSpec
 from orchestrator.config import load_config
-from orchestrator.runner import run
+from orchestrator.run.runner import run
 from tests.integration.conftest import QUICKSTART, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

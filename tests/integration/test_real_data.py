@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from jobs.data.datasets.layouts import Inputs, prepare
 from models.factory import fitting_objectives
-from orchestrator.cli import app
+from orchestrator.cli.main import app
 from orchestrator.config import load_config
-from orchestrator.runner import run
+from orchestrator.run.runner import run
 from tests import dataset_layouts as layouts
 from tests.integration.conftest import QUICKSTART, tiny
 

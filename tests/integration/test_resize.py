@@ -13,7 +13,7 @@ import pytest
 
 from jobs.checkpoint import ds_files
 from orchestrator.config import load_config
-from orchestrator.runner import run
+from orchestrator.run.runner import run
 from tests.integration.conftest import QUICKSTART, tiny
 from tests.integration.exact import samples_per_step
 

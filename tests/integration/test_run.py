@@ -10,7 +10,7 @@ import pytest
 
 from jobs.checkpoint import ds_files, part_dir, rank_path
 from orchestrator.config import load_config
-from orchestrator.runner import run
+from orchestrator.run.runner import run
 from tests.integration.conftest import QUICKSTART, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.runner import run
+from orchestrator.run.runner import run
 from tests.integration.conftest import QUICKSTART, tiny
 from tests.readers import tensorboard_images, tensorboard_scalars, wandb_runs
 
@@ -87,7 +87,7 @@ def test_a_pretrained_run_is_tracked_exported_and_reported(ray_session, shapes_d
     from typer.testing import CliRunner
 
     from jobs.pretrained.checkpoint import load_tensors
-    from orchestrator.cli import app
+    from orchestrator.cli.main import app
 
     for fmt in ("safetensors", "hf"):
         out = CliRunner().invoke(app, ["export", str(run_dir), "--format", fmt, "--out", str(tmp_path / fmt)])

@@ -18,11 +18,11 @@ from ray.tune import Callback
 from rich.console import Console
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
+from orchestrator.cli.main import app
 from orchestrator.config import parse_override
-from orchestrator.report import write_report
-from orchestrator.sweep import concurrency, run_sweep
-from orchestrator.sweep_spec import SweepSpec, load_plan, plan_sweep
+from orchestrator.report.sweep_report import write_report
+from orchestrator.sweep.driver import concurrency, run_sweep
+from orchestrator.sweep.spec import SweepSpec, load_plan, plan_sweep
 from tests.integration.conftest import QUICKSTART, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

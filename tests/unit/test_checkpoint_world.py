@@ -45,9 +45,9 @@ def test_same_world_size_reads_the_ranks_own_part_and_refuses_a_torn_one(tmp_pat
 
 def _resume_problems(tmp_path: Path, name: str, *overrides: str) -> list[str]:
     """What the driver's resume check says of the config (one line per problem; [] = resumes)."""
-    from orchestrator import preflight
     from orchestrator.config import ConfigError, load_config
-    from orchestrator.runner import RunFiles
+    from orchestrator.run import preflight
+    from orchestrator.run.files import RunFiles
 
     cfg = load_config(None, [f"storage.path={tmp_path}", f"name={name}", *overrides])
     try:

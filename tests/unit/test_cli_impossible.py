@@ -26,7 +26,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _mmpt(config: Path, *sets: str) -> tuple[subprocess.CompletedProcess[str], float]:
     args = [a for s in sets for a in ("--set", s)]
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(config), *args],
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli.main", "run", str(config), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     return proc, time.monotonic() - started
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import orchestrator.cluster as cluster
-from orchestrator.cli import app
+import orchestrator.cli.launcher as cluster
+from orchestrator.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[2]
 

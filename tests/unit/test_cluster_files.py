@@ -19,7 +19,7 @@ import yaml
 
 from jobs.config import ScalingConfig
 from orchestrator.config import ConfigError, load_config
-from orchestrator.scaling import data_remote_args, train_scaling
+from orchestrator.run.scaling import data_remote_args, train_scaling
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
@@ -169,7 +169,7 @@ def _image_workdir() -> str:
 def test_rayjob_entrypoint_is_a_real_mmpt_run_of_a_valid_config() -> None:
     import typer
 
-    from orchestrator.cli import app
+    from orchestrator.cli.main import app
 
     argv = shlex.split(_manifests()["RayJob"]["spec"]["entrypoint"])
     assert argv[:2] == ["mmpt", "run"]

@@ -111,7 +111,7 @@ def test_several_problems_reported_at_once(tmp_path: Path) -> None:
 
 def test_cli_config_error_is_one_line_exit_2_and_writes_nothing(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "run", str(QUICKSTART), "--set", "deepspeed.zero_stage=3",
+        [sys.executable, "-m", "orchestrator.cli.main", "run", str(QUICKSTART), "--set", "deepspeed.zero_stage=3",
          "--set", f"storage.path={tmp_path}"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )

@@ -13,11 +13,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.controller import registry
-from orchestrator.controller.cluster import ClusterError, ClusterJob
-from orchestrator.controller.credentials import credential_values, leaks, redact, safe_url
 from orchestrator.controller.reconcile import Controller, refresh, sync
 from orchestrator.controller.registry import JobRecord, Registry, RegistryError, check_job_id
 from orchestrator.controller.state import Transition
+from orchestrator.jobsapi.cluster import ClusterError, ClusterJob
+from orchestrator.jobsapi.credentials import credential_values, leaks, redact, safe_url
 
 SECRET = "fake-secret-0123456789abcdef"
 

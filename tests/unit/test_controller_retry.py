@@ -11,8 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
-from orchestrator.controller.cluster import ClusterError, ClusterJob, ClusterUnreachable
+from orchestrator.cli.main import app
 from orchestrator.controller.reconcile import Controller
 from orchestrator.controller.registry import JobRecord, Registry
 from orchestrator.controller.retry import (
@@ -24,6 +23,7 @@ from orchestrator.controller.retry import (
     classify,
     decide,
 )
+from orchestrator.jobsapi.cluster import ClusterError, ClusterJob, ClusterUnreachable
 
 ADDR = "http://127.0.0.1:8265"
 ENV = {"working_dir": "/src/mmpt", "excludes": ["/data/"], "env_vars": {"PYTHONUNBUFFERED": "1"}}
@@ -315,7 +315,7 @@ def test_the_cli_shows_each_runs_attempt_and_their_history(tmp_path: Path, setup
 
 
 def test_a_server_side_traceback_becomes_its_status_and_its_last_line() -> None:
-    from orchestrator.controller import cluster
+    from orchestrator.jobsapi import cluster
 
     text = ("Request failed with status code 400: Traceback (most recent call last):\n  File \"job_head.py\", line 4\n"
             "ValueError: Job with submission_id run-1-a2 already exists. Please use a different submission_id.\n.")
@@ -329,7 +329,7 @@ def test_a_server_side_traceback_becomes_its_status_and_its_last_line() -> None:
 
 
 def test_a_lost_run_stopped_by_its_user_is_not_resubmitted(setup, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    from orchestrator.controller import cluster
+    from orchestrator.jobsapi import cluster
 
     reg, fake, clock, ctl = setup
     reg.add(_rec())

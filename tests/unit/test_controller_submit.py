@@ -9,11 +9,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
+from orchestrator.cli.main import app
 from orchestrator.config import ConfigError, load_config
-from orchestrator.controller import cluster
-from orchestrator.controller.cluster import Auth, ClusterError, insecure_warning, resolve_auth
-from orchestrator.submit import EXCLUDES, SubmitError, check_no_credentials, prepare_run, prepare_sweep
+from orchestrator.jobsapi import cluster
+from orchestrator.jobsapi.cluster import Auth, ClusterError, insecure_warning, resolve_auth
+from orchestrator.jobsapi.submit import (
+    EXCLUDES,
+    SubmitError,
+    check_no_credentials,
+    prepare_run,
+    prepare_sweep,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "jobs" / "configs" / "quickstart.yaml"
@@ -64,7 +70,7 @@ def test_the_upload_keeps_code_and_drops_data_runs_venvs_vcs_and_secrets(tmp_pat
     from ray._private.runtime_env.packaging import _get_excludes  # the matcher Ray's upload applies
 
     excluded = _get_excludes(tmp_path, list(EXCLUDES))
-    kept = ["jobs/data/pipeline.py", "jobs/configs/quickstart.yaml", "orchestrator/cli.py", "models/moe/layer.py"]
+    kept = ["jobs/data/pipeline.py", "jobs/configs/quickstart.yaml", "orchestrator/cli/main.py", "models/moe/layer.py"]
     dropped = ["data/shapes/train/shard-000000.tar", "runs/quickstart/metrics.jsonl", ".venv/bin/python",
                ".git/HEAD", "orchestrator/__pycache__/cli.cpython-311.pyc", ".mmpt/jobs.db", ".env",
                "deploy/key.pem", ".aws/credentials", "mmpt.egg-info/PKG-INFO"]
@@ -128,7 +134,7 @@ def test_sweep_files_are_told_apart_from_run_configs(tmp_path: Path, monkeypatch
 
 
 def test_a_real_sweep_file_is_validated_by_the_sweep_schema() -> None:
-    pytest.importorskip("orchestrator.sweep_spec")
+    pytest.importorskip("orchestrator.sweep.spec")
     sweep = ROOT / "jobs" / "configs" / "sweeps" / "objectives.yaml"
     rec = prepare_sweep(sweep, ["sweep.seeds=1"], address=LOCAL, working_dir=ROOT).record
     assert rec.entrypoint == "mmpt sweep jobs/configs/sweeps/objectives.yaml --set sweep.seeds=1"

@@ -224,7 +224,7 @@ def test_frozen_dvae_loads_the_dvae_runs_weights(tmp_path) -> None:  # noqa: ANN
 def test_clip_scores_rank_images_by_cosine() -> None:
     from jobs.config import RunConfig
     from jobs.data.tokenizer import text_spec, train_tokenizer
-    from orchestrator.generate import LoadedRun, clip_scores
+    from orchestrator.trained.generate import LoadedRun, clip_scores
 
     tok = train_tokenizer(["a small red circle", "a large blue square"] * 20, vocab_size=64)
     cfg = RunConfig.model_validate({"data": {"image_size": 16, "max_text_len": 8},

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from jobs.data.formats import iter_shard
 from jobs.data.inspect import inspect_shards
 from jobs.data.prepare import prepare
-from orchestrator.cli import app
+from orchestrator.cli.main import app
 
 
 def _images(folder: Path) -> None:

@@ -14,7 +14,7 @@ from jobs.data.datasets.card import find_card
 from jobs.data.datasets.layouts import Inputs, prepare
 from jobs.data.datasets.vocab import format_vocab, name_index, parse_vocab
 from jobs.data.formats import iter_shard
-from orchestrator.cli import app
+from orchestrator.cli.main import app
 from tests import dataset_layouts as layouts
 
 
@@ -102,9 +102,10 @@ def test_butd_vocabulary_file_format() -> None:
         parse_vocab("a\n\nb\n")
 
 
-def _plan(tmp_path: Path, data: Path, *sets: str):  # noqa: ANN202 - orchestrator.runner.DataPlan
+def _plan(tmp_path: Path, data: Path, *sets: str):  # noqa: ANN202 - orchestrator.run.data_plan.DataPlan
     from orchestrator.config import load_config
-    from orchestrator.runner import RunFiles, plan_data
+    from orchestrator.run.data_plan import plan_data
+    from orchestrator.run.files import RunFiles
 
     cfg = load_config(None, [f"data.train={data}", "data.eval=null", f"storage.path={tmp_path}", *sets])
     return cfg, plan_data(cfg, RunFiles(cfg))
@@ -195,7 +196,8 @@ def test_shapes_world_is_a_plug_in_with_its_card(tmp_path: Path) -> None:
 def test_pipeline_labels_objects_through_the_dataset_vocabulary(tmp_path: Path) -> None:
     from jobs.data.local import local_items
     from jobs.data.pipeline import _unit_batches
-    from orchestrator.runner import RunFiles, pipeline_spec
+    from orchestrator.run.files import RunFiles
+    from orchestrator.run.runner import pipeline_spec
 
     src = layouts.coco(tmp_path / "coco", images=2)
     out = tmp_path / "out"

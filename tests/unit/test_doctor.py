@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
+from orchestrator.cli.main import app
 from orchestrator.doctor import probes
 from orchestrator.doctor.probes import GpuHardware, check_s3, gpu_hardware, gpu_problem, torch_fix
 

@@ -1,4 +1,4 @@
-"""orchestrator/finetune.resolve: the pretrained run's architecture, tokenizer and checkpoint, as
+"""orchestrator/run/finetune.resolve: the pretrained run's architecture, tokenizer and checkpoint, as
 absolute paths (the workers do not run in the driver's directory); RunFailed survives pickling
 (a sweep trial's error crosses from its Tune actor to the driver)."""
 
@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from orchestrator.config import load_config
-from orchestrator.finetune import resolve
-from orchestrator.runner import RunFailed
+from orchestrator.run.finetune import resolve
+from orchestrator.run.runner import RunFailed
 
 ROOT = Path(__file__).resolve().parents[2]
 

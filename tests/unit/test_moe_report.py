@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from orchestrator.moe_report import load_history, load_table, moe_layers, moe_summary, save_heatmap
+from orchestrator.report.expert_load import load_history, load_table, moe_layers, moe_summary, save_heatmap
 
 
 def record(step: int, loads: dict[int, list[float]], dropped: float = 0.1) -> dict[str, object]:

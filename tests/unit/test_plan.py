@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from jobs.config import RunConfig
 from jobs.memory import expected_model_states
-from orchestrator.plan import (
+from orchestrator.run.memory_plan import (
     GiB,
     ModelSize,
     activation_bytes,
@@ -116,7 +116,7 @@ def test_activation_checkpointing_keeps_layer_inputs_plus_one_layer() -> None:
 
 
 def test_moe_dispatch_memory_is_linear_when_indexed_and_quadratic_with_deepspeeds_dense_tensors() -> None:
-    from orchestrator.plan import _moe_extra_bytes
+    from orchestrator.run.memory_plan import _moe_extra_bytes
 
     def cfg(dispatch: str) -> RunConfig:
         return RunConfig.model_validate({"model": {"hidden_size": 64, "mlp_ratio": 2.0},
@@ -152,7 +152,7 @@ def test_stage_buffers_are_the_reduce_bucket() -> None:
 
 
 def test_mmpt_plan_prints_every_stage_and_a_suggestion() -> None:
-    from orchestrator.cli import app
+    from orchestrator.cli.main import app
 
     res = CliRunner().invoke(app, ["plan", str(QUICKSTART), "--gpus", "4", "--vocab-size", "500",
                                    "--set", "moe.num_experts=0", "--set", "moe.ep_size=1"])
@@ -164,7 +164,7 @@ def test_mmpt_plan_prints_every_stage_and_a_suggestion() -> None:
 
 
 def test_mmpt_plan_bad_override_is_one_line_and_exit_2() -> None:
-    from orchestrator.cli import app
+    from orchestrator.cli.main import app
 
     res = CliRunner().invoke(app, ["plan", str(QUICKSTART), "--gpus", "4", "--set", "train.precision=fp8"])
     assert res.exit_code == 2

@@ -1,7 +1,7 @@
 """Precomputed (BUTD-style) region features: from KEY.npz in the shards to the region encoder.
 
 The end-to-end test takes the run's own path without Ray: the driver's data plan and pipeline spec
-(orchestrator.runner), the Ray Data task body (jobs.data.pipeline._unit_batches), the batch
+(orchestrator.run.runner), the Ray Data task body (jobs.data.pipeline._unit_batches), the batch
 contract (jobs.data.batch.to_model_batch) and the model factory, and asserts that the features the
 RegionInput saw are the ones stored in the shards.
 """
@@ -51,7 +51,9 @@ def test_region_preset_sees_the_shards_precomputed_features(tmp_path: Path) -> N
     from models import build_pretrainer
     from models.config import ImageSpec, TextSpec
     from orchestrator.config import load_config
-    from orchestrator.runner import RunFiles, pipeline_spec, plan_data
+    from orchestrator.run.data_plan import plan_data
+    from orchestrator.run.files import RunFiles
+    from orchestrator.run.runner import pipeline_spec
 
     _shards(tmp_path)
     cfg = load_config(None, [f"data.train={tmp_path}/train", "data.eval=null", "data.image_size=32",

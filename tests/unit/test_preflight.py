@@ -1,4 +1,4 @@
-"""The checks that make an impossible run say so before Ray starts (orchestrator/preflight.py): the run
+"""The checks that make an impossible run say so before Ray starts (orchestrator/run/preflight.py): the run
 directory, the S3 endpoint (dead, silent, wrong credentials, missing bucket), a tokenizer that is not
 one, and data too small or too bad for one step. Each is one ConfigError line within a bounded time."""
 
@@ -17,9 +17,10 @@ import pytest
 
 from jobs import storage
 from jobs.data.formats import ShardWriter
-from orchestrator import preflight
 from orchestrator.config import ConfigError, load_config
-from orchestrator.runner import RunFiles, plan_data
+from orchestrator.run import preflight
+from orchestrator.run.data_plan import plan_data
+from orchestrator.run.files import RunFiles
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "jobs" / "configs" / "quickstart.yaml"

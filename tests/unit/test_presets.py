@@ -408,7 +408,7 @@ def test_bf16_forward_backward(preset: str) -> None:
 def test_models_list_and_show_on_the_command_line() -> None:
     from typer.testing import CliRunner
 
-    from orchestrator.cli import app
+    from orchestrator.cli.main import app
 
     runner = CliRunner()
     listed = runner.invoke(app, ["models", "list", "--set", "model.hidden_size=32", "--set", "model.num_layers=2",

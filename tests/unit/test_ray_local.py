@@ -1,4 +1,4 @@
-"""orchestrator/ray_local.py: the processes of a Ray instance this driver started are reaped."""
+"""orchestrator/run/ray_local.py: the processes of a Ray instance this driver started are reaped."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from orchestrator.ray_local import _descendants, reap
+from orchestrator.run.ray_local import _descendants, reap
 
 # a process that ignores SIGTERM and SIGINT, like a Train worker stuck in a collective
 STUBBORN = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
-from orchestrator.report import columns, load_trials, summarize
-from orchestrator.sweep_spec import Point, SweepPlan
+from orchestrator.cli.main import app
+from orchestrator.report.sweep_report import columns, load_trials, summarize
+from orchestrator.sweep.spec import Point, SweepPlan
 
 # (point, seed) -> final eval figures; the MLM-only point has no retrieval scorer, so no R@1
 EVAL = {("p00", 0): {"mlm_acc": 0.30, "samples": 32},
@@ -141,8 +141,8 @@ def _summary_run(plan: SweepPlan, point: str, seed: int, ev: dict[str, float], l
 
 
 def test_downstream_columns_and_spread_marks(tmp_path: Path) -> None:
-    from orchestrator.report import write_report
-    from orchestrator.report_spread import marks
+    from orchestrator.report.spread import marks
+    from orchestrator.report.sweep_report import write_report
 
     plan = SweepPlan(name="abl", sweep_dir=str(tmp_path), metric="eval/probe_shape_acc", mode="max", seeds=[0, 1, 2],
                      base={}, spec={}, points=[Point(f"p0{i}", f"cfg{i}", {}, steps=4) for i in range(3)])

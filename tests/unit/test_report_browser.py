@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
-from orchestrator.moe_report import moe_summary
+from orchestrator.cli.main import app
+from orchestrator.report.expert_load import moe_summary
 from tests.browser import render
 
 pytestmark = pytest.mark.slow  # a browser start per page (~2 s)
@@ -79,8 +79,8 @@ def test_the_run_report_renders_with_every_plot_decoded(tmp_path: Path) -> None:
 
 
 def test_the_sweep_report_renders_with_every_plot_decoded(tmp_path: Path) -> None:
-    from orchestrator.report import write_report
-    from orchestrator.sweep_spec import PLAN_FILE, SweepSpec, plan_sweep
+    from orchestrator.report.sweep_report import write_report
+    from orchestrator.sweep.spec import PLAN_FILE, SweepSpec, plan_sweep
 
     tiny = {"data.image_size": 32, "data.max_text_len": 24, "model.hidden_size": 32, "model.num_layers": 2,
             "model.num_heads": 2, "train.batch_size": 8, "scaling.num_workers": 1, "moe.ep_size": 1}

@@ -1,4 +1,4 @@
-"""Which metric names a run config reports (orchestrator.sweep_metrics): the rules, one by one."""
+"""Which metric names a run config reports (orchestrator.sweep.trial_metrics): the rules, one by one."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 import models
 from jobs.config import RunConfig
-from orchestrator.sweep_metrics import example_metrics, metric_problem
+from orchestrator.sweep.trial_metrics import example_metrics, metric_problem
 
 
 def _cfg(objectives: dict[str, float], **sections: dict) -> RunConfig:

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
+from orchestrator.cli.main import app
 from orchestrator.config import ConfigError
-from orchestrator.sweep import concurrency, prepare
-from orchestrator.sweep_spec import (
+from orchestrator.sweep.driver import concurrency, prepare
+from orchestrator.sweep.spec import (
     SweepPlan,
     SweepSpec,
     expand_points,
@@ -189,7 +189,7 @@ def test_plans_are_plain_data() -> None:
 
 
 def test_asha_stops_on_train_steps_with_milestones_from_the_budget(tmp_path: Path) -> None:
-    from orchestrator.sweep import _scheduler
+    from orchestrator.sweep.driver import _scheduler
 
     plan = plan_sweep(_spec(metric="loss/mlm", mode="min", budget={"steps": 40}, scheduler={"type": "asha"}),
                       ROOT, tmp_path)
@@ -201,7 +201,7 @@ def test_asha_stops_on_train_steps_with_milestones_from_the_budget(tmp_path: Pat
 
 
 def test_a_trial_forwards_each_complete_metrics_line_once(tmp_path: Path) -> None:
-    from orchestrator.sweep import _forward_new_lines
+    from orchestrator.sweep.driver import _forward_new_lines
 
     path, seen = tmp_path / "metrics.jsonl", []
     assert _forward_new_lines(path, 0, seen.append) == 0  # not written yet

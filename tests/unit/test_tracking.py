@@ -108,7 +108,7 @@ def test_every_tracker_gets_metrics_config_summary_and_artifacts_and_a_resume_co
 def test_sweep_trials_are_grouped_under_the_sweep(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from orchestrator.sweep_spec import SweepSpec, plan_sweep
+    from orchestrator.sweep.spec import SweepSpec, plan_sweep
     from orchestrator.tracking.sweep import SweepTracking
 
     root = Path(__file__).resolve().parents[2]

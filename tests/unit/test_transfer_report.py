@@ -1,4 +1,4 @@
-"""The transfer table (orchestrator/transfer_report.py) on hand-made run files: cells, the paired
+"""The transfer table (orchestrator/report/transfer.py) on hand-made run files: cells, the paired
 difference, the spread verdict, the zero-shot row and the plot."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.report import write_report
-from orchestrator.sweep_spec import PRETRAIN_RUN, Point, SweepPlan
-from orchestrator.transfer_report import transfer_rows
+from orchestrator.report.sweep_report import write_report
+from orchestrator.report.transfer import transfer_rows
+from orchestrator.sweep.spec import PRETRAIN_RUN, Point, SweepPlan
 
 # (labels, init) -> test score per seed 0, 1, 2
 SCORES = {(100, "pretrained"): [0.80, 0.85, 0.90], (100, "scratch"): [0.50, 0.55, 0.60],  # 0.30 apart: exceeds
@@ -44,7 +44,7 @@ def sweep(tmp_path: Path) -> SweepPlan:
 
 
 def test_rows_pair_seeds_and_judge_the_spread(sweep: SweepPlan) -> None:
-    from orchestrator.report import load_trials
+    from orchestrator.report.sweep_report import load_trials
 
     zs, few, every = transfer_rows(sweep, load_trials(sweep))
     assert (zs.task, zs.budget, zs.cells["pretrained"].mean) == ("shape", "0 (zero-shot)", 0.40)
@@ -75,7 +75,7 @@ def test_files_hold_the_table_notes_and_plot(sweep: SweepPlan) -> None:
 
 
 def test_the_transfer_sweep_file_plans_task_x_budget_x_init_over_three_seeds(tmp_path: Path) -> None:
-    from orchestrator.sweep_spec import load_spec, plan_sweep
+    from orchestrator.sweep.spec import load_spec, plan_sweep
 
     root = Path(__file__).resolve().parents[2]
     spec, spec_dir = load_spec(root / "jobs/configs/sweeps/transfer.yaml")

@@ -1,6 +1,6 @@
 """How a run uses its data: the checks before it starts and the data-given settings it runs with.
 
-`plan_use` is called by the driver (orchestrator.runner.plan_data) once the shards are found:
+`plan_use` is called by the driver (orchestrator.run.data_plan.plan_data) once the shards are found:
 it returns the problems (one line each: an objective or block the data cannot feed), the
 PipelineSpec fields the data decides (object vocabulary, precomputed feature size), the number
 of object classes the labels range over (model.object_classes when left unset), the scene-graph

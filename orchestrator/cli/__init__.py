@@ -1,0 +1,1 @@
+"""The `mmpt` command line: thin typer commands, the consoles and the one error exit."""

@@ -1,0 +1,1 @@
+"""Sweeps: the sweep file, its trials under Ray Tune, their progress board and metric names."""

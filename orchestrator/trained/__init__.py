@@ -1,0 +1,1 @@
+"""Using a finished run's checkpoint: export its weights, generate images with it."""
