@@ -36,11 +36,12 @@ def test_descendants_include_grandchildren_started_before_the_snapshot() -> None
     # a child that starts a stubborn grandchild, then waits on it (raylet -> worker)
     code = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {STUBBORN!r}]).wait()"
     parent = subprocess.Popen([sys.executable, "-c", code])
+    started: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 20
         while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
             time.sleep(0.05)
-        procs = _descendants([psutil.Process(parent.pid)])
+        procs = started = _descendants([psutil.Process(parent.pid)])
         assert len(procs) == 2
         grandchild = next(p for p in procs if p.pid != parent.pid)
         parent.kill()  # the grandchild is orphaned, as workers are when the raylet stops
@@ -48,6 +49,9 @@ def test_descendants_include_grandchildren_started_before_the_snapshot() -> None
         assert grandchild.is_running()
         assert sorted(reap(procs, grace_s=0.5)) == [grandchild.pid]
         assert _gone(grandchild.pid)
-    finally:
-        for p in psutil.Process().children(recursive=True):
-            p.kill()
+    finally:  # only what this test started: the test session's own Ray and servers are children too
+        for proc in [psutil.Process(parent.pid), *started] if parent.poll() is None else started:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
