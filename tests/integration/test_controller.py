@@ -414,8 +414,10 @@ def test_prometheus_scrapes_the_controller_and_ray_and_the_queries_and_alerts_an
         assert loss == pytest.approx(summary["final_losses"]["total"], rel=1e-9)
         assert value(f'count(mmpt_job_moe_expert_load{{job="{job_id}"}})') == 4  # 4 experts x 1 MoE layer
         # Ray's own metrics, from the head's service-discovery file, as the shipped config says
-        ray_up = query('up{job="ray"}')
-        assert ray_up and {float(r["value"][1]) for r in ray_up} == {1.0}
+        # (every target up at once: with 1 s scrapes the timeout is 1 s too, and a Ray endpoint slower
+        # than that on a loaded machine reads 0 for a scrape, so this waits rather than samples once)
+        _wait("every Ray target up", lambda: (up := query('up{job="ray"}')) and {float(r["value"][1]) for r in up} == {1.0},
+              timeout=30)
         assert (value('count({job="ray", __name__=~"ray_.+"})') or 0) >= 1
         # every Grafana panel's query returns data (the controller's errors rate: none, and none expected)
         for expr in dashboard_exprs():
