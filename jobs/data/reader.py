@@ -220,10 +220,34 @@ def _validate(raw: _Raw) -> Reason | None:
 
 def sample_flags(shard: str, spec: ReadSpec) -> tuple[list[bool], ShardReport]:
     """Per sample of `shard`, in the key order units count (jobs.data.units): structurally valid?
-    With the report of what is bad (images are checked only when decoded)."""
+    With the report of what is bad (images are checked only when decoded). A tar is streamed and
+    only its flags kept: one sample in memory however large the shard (an ungrouped tar, or a
+    Parquet file, goes through `_structural`: read whole)."""
+    if not shard.endswith(".parquet"):
+        report = ShardReport(shard=shard)
+        flags: list[bool] = []
+        try:
+            for raw in _stream_tar(shard, spec.storage, report):
+                flags.append(_checked(raw, report, shard) is None)
+            report.good = sum(flags)
+            return flags, report
+        except OSError as exc:
+            report.bad["<shard>"] = "unreadable_shard"
+            log.warning("unreadable shard %s: %s", shard, exc)
+            return [], report
+        except _Ungrouped:
+            pass
     raws, report = _structural(shard, spec)
-    flags = [raw.key not in report.bad for raw in raws]
-    return flags, report
+    return [raw.key not in report.bad for raw in raws], report
+
+
+def _checked(raw: _Raw, report: ShardReport, shard: str) -> Reason | None:
+    """Why `raw` is structurally bad (None: it is not), named in the log and the report."""
+    reason = _validate(raw)
+    if reason is not None:
+        report.bad[raw.key] = reason
+        log.warning("skipping %s in %s: %s", raw.key, shard, reason.replace("_", " "))
+    return reason
 
 
 def _structural(shard: str, spec: ReadSpec) -> tuple[list[_Raw], ShardReport]:
@@ -251,10 +275,7 @@ def _structural(shard: str, spec: ReadSpec) -> tuple[list[_Raw], ShardReport]:
         log.warning("skipping shard %s: %s", shard, report.detail)
         return [], report
     for raw in raws:
-        reason = _validate(raw)
-        if reason is not None:
-            report.bad[raw.key] = reason
-            log.warning("skipping %s in %s: %s", raw.key, shard, reason.replace("_", " "))
+        _checked(raw, report, shard)
     report.good = sum(1 for raw in raws if raw.key not in report.bad)
     return raws, report
 

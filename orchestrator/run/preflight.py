@@ -9,8 +9,8 @@ Three kinds, run by `mmpt run` on the driver before Ray starts:
 - the data: every rank's share of epoch 0 holds at least one optimizer step
   (`train.batch_size × train.grad_accum` samples), and of the held-out set one retrieval
   candidate set (`eval.batch_size`). Without this a rank with no full batch ends every epoch at
-  once and the run loops forever (`--set train.batch_size=1000000`). Shards are read whole but
-  not decoded (reader.sample_flags: the structural checks), each rank's only until its step is
+  once and the run loops forever (`--set train.batch_size=1000000`). Shards are streamed, not
+  decoded (reader.sample_flags: the structural checks), each rank's only until its step is
   full, and for at most `DATA_CHECK_S` seconds: past that the train loop's own check (an epoch
   without a step is an error, jobs/data/stream.py) is the guard. Data whose every sample is bad
   ends here with the error-budget message.

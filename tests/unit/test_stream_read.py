@@ -92,3 +92,22 @@ def test_an_ungrouped_tar_is_regrouped_whole(tmp_path: Path) -> None:
     assert [r.key for r in raws] == ["a", "b"] and report.ungrouped and report.good == 2
     rows = list(iter_unit_rows(str(shard), SPEC, 0, 2))
     assert sorted(r["key"] for r in rows) == ["a", "b"]
+
+
+def test_the_drivers_data_check_streams_a_tar_and_keeps_only_flags(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    members = sample("a") + [("b.jpg", b"x")] + sample("c", "  ")  # b: no caption; c: blank caption
+    shard = write_tar(tmp_path / "f.tar", members)
+
+    def no_whole_read(*_: Any, **__: Any) -> bytes:
+        raise AssertionError("a grouped tar must not be read whole")
+
+    monkeypatch.setattr(reader, "_fetch", no_whole_read)
+    flags, report = reader.sample_flags(str(shard), SPEC)
+    assert flags == [True, False, False] and report.good == 1
+    assert report.bad == {"b": "missing_caption", "c": "empty_caption"}
+    ungrouped = write_tar(tmp_path / "g.tar", sample("a")[:1] + sample("b") + sample("a")[1:])
+    with pytest.raises(AssertionError, match="must not be read whole"):  # regrouping reads it whole
+        reader.sample_flags(str(ungrouped), SPEC)
+    monkeypatch.undo()
+    assert reader.sample_flags(str(ungrouped), SPEC)[0] == [True, True]
