@@ -325,13 +325,19 @@ def shapes_world(args: argparse.Namespace) -> None:
           "residual); loss = total training loss incl. the router's aux terms")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_args(doc: str | None, rounds: int) -> argparse.ArgumentParser:
+    """The layer-shape options of the MoE benchmarks (this one and benchmarks/moe_cost.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--ffn", type=int, default=256)
     ap.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64, 256])
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    return ap
+
+
+def main() -> None:
+    ap = shape_args(__doc__, rounds=12)
     ap.add_argument("--shape-samples", type=int, default=512)
     ap.add_argument("--shape-steps", type=int, default=60)
     ap.add_argument("--shape-last", type=int, default=10)

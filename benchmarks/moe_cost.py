@@ -27,7 +27,6 @@ and the two floors:
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -37,7 +36,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
-from benchmarks.moe import ROWS, _inputs, build, measure, step_fn  # noqa: E402
+from benchmarks.moe import ROWS, _inputs, build, measure, shape_args, step_fn  # noqa: E402
 
 
 def _copy_ms(numel: int, fresh: bool, rounds: int = 5) -> float:
@@ -103,13 +102,7 @@ def _parts(E: int, D: int, F: int, tokens: int) -> dict[str, Callable[[], None]]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--ffn", type=int, default=256)
-    ap.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64, 256])
-    ap.add_argument("--rounds", type=int, default=10)
-    args = ap.parse_args()
+    args = shape_args(__doc__, rounds=10).parse_args()
     import logging
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
