@@ -149,13 +149,7 @@ class RankStream:
         a time; thread-safe)."""
         with self._lock:
             if epoch not in self._plans:
-                mine = [s for s in rank_shards(self.shards, epoch, self.rank, self.world, self.seed)[0]
-                        if s not in self._indexes]
-                if len(mine) > 1:
-                    with ThreadPoolExecutor(_COUNTING_THREADS, thread_name_prefix="mmpt-data-index") as pool:
-                        list(pool.map(self._index, mine))
-                self._plans[epoch] = rank_units(self.shards, lambda s: self._index(s).samples, epoch, self.rank,
-                                                self.world, self.seed, self.unit_samples)
+                self._plans[epoch] = self._default_plan(epoch, self.rank, self.world)
                 for old in [e for e in self._plans if e < epoch - 1]:
                     del self._plans[old]
             return self._plans[epoch]
@@ -203,6 +197,11 @@ class RankStream:
         """The units of `epoch` that the rank of a saved `position` read: its dealt plan, or the default."""
         if "plan" in position:
             return [Unit(*u) for u in position["plan"]]
+        return self._default_plan(epoch, rank, world)
+
+    def _default_plan(self, epoch: int, rank: int, world: int) -> list[Unit]:
+        """Rank `rank` of `world`'s units of `epoch` (jobs.data.units), the indexes of its shards read
+        or counted first, several at a time."""
         mine = [s for s in rank_shards(self.shards, epoch, rank, world, self.seed)[0] if s not in self._indexes]
         if len(mine) > 1:
             with ThreadPoolExecutor(_COUNTING_THREADS, thread_name_prefix="mmpt-data-index") as pool:
