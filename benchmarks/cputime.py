@@ -13,6 +13,7 @@ the steady part of a run, where the processes doing the work are alive throughou
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 import time
 
@@ -55,15 +56,35 @@ def tree_cpu_seconds(root: psutil.Process) -> float:
     return sum(cpu for _, cpu in tree_cpu(root).values())
 
 
+def thread_sched(pid: int) -> dict[int, tuple[int, int]]:
+    """tid -> (ns on a CPU, ns runnable but waiting for a CPU) of each thread of `pid`, from
+    /proc/<pid>/task/<tid>/schedstat (Linux; {} elsewhere or when the process is gone)."""
+    out: dict[int, tuple[int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                on_cpu, delay = f.read().split()[:2]
+        except (OSError, ValueError):
+            continue
+        out[int(tid)] = (int(on_cpu), int(delay))
+    return out
+
+
 class TreeCPU:
     """Samples `tree_cpu_seconds` of a process tree in a thread: `with TreeCPU() as cpu: ...; cpu.at(t)`."""
 
-    def __init__(self, pid: int | None = None, interval: float = 0.2) -> None:
+    def __init__(self, pid: int | None = None, interval: float = 0.2, sched_kinds: tuple[str, ...] = ()) -> None:
         self.root = psutil.Process(pid)
         self.interval = interval
+        self.sched_kinds = sched_kinds
         self.times: list[float] = []
         self.cpu: list[float] = []
         self.parts: list[dict[int, tuple[str, float]]] = []
+        self.sched: list[dict[int, dict[int, tuple[int, int]]]] = []  # per sample: pid -> thread_sched
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tree-cpu", daemon=True)
 
@@ -71,6 +92,7 @@ class TreeCPU:
         parts = tree_cpu(self.root)
         self.times.append(time.time())
         self.parts.append(parts)
+        self.sched.append({pid: thread_sched(pid) for pid, (label, _) in parts.items() if label in self.sched_kinds})
         self.cpu.append(sum(cpu for _, cpu in parts.values()))
 
     def _loop(self) -> None:
@@ -109,4 +131,23 @@ class TreeCPU:
         out: dict[str, float] = {}
         for pid, (label, cpu) in b.items():
             out[label] = out.get(label, 0.0) + cpu - a.get(pid, (label, 0.0))[1]
+        return out
+
+    def busiest_threads_between(self, t0: float, t1: float) -> list[tuple[float, float]]:
+        """For each process of `sched_kinds` alive at both samples nearest to t0 and t1: (seconds on a
+        CPU, seconds runnable but waiting for one) of its busiest thread in between (the thread that
+        runs the training loop: Ray Train runs it in a thread of its own, a plain rank in its main one)."""
+        i0 = min(bisect.bisect_left(self.times, t0), len(self.times) - 1)
+        i1 = min(bisect.bisect_left(self.times, t1), len(self.times) - 1)
+        a, b = self.sched[i0], self.sched[i1]
+        out = []
+        for pid, threads in b.items():
+            before = a.get(pid)
+            if not before:
+                continue
+            deltas = [(cpu - before[tid][0], delay - before[tid][1]) for tid, (cpu, delay) in threads.items()
+                      if tid in before]
+            if deltas:
+                cpu_ns, delay_ns = max(deltas)
+                out.append((cpu_ns / 1e9, delay_ns / 1e9))
         return out

@@ -18,7 +18,10 @@ cost counts every process of each side (benchmarks/cputime.py: mmpt's driver, Ra
 workers and Ray Data tasks; plain's ranks), as CPU-seconds per steady step. Start-up is measured
 from the same point on both sides (the benchmark hands the config over: `run(...)` / `mp.spawn`)
 to the end of the first step, estimated as (time of the first report) - (log_every - 1) x (steady
-step time).
+step time). Where a step's time goes: each rank's training thread (the busiest thread of a Ray Train
+worker or a plain rank) per steady step, from Linux's /proc/<pid>/task/<tid>/schedstat: time on a
+CPU, time runnable but waiting for a CPU (another process had it), and the rest asleep (waiting for
+the other rank inside a collective, for data, for the GIL).
 
     flock /tmp/mmpt-ray.lock .venv/bin/python benchmarks/overhead.py [--pairs 3] [--steps 60] [--set k=v ...]
 """
@@ -45,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.cputime import TreeCPU  # noqa: E402 - after the path fix
 
-WORLD = 2
+WORLD = 2  # ranks by default (--set scaling.num_workers=N for another count)
 SAMPLES = 1024  # 4 shards; 32 steps per epoch at batch 16 per rank
 BENCH = {"data.image_size": 32, "data.max_text_len": 24, "data.eval": "null", "train.batch_size": 16,
          "train.log_every": 10, "train.checkpoint_every": 0, "train.warmup_steps": 5,
@@ -61,6 +64,11 @@ class Timing:
     cpu_per_step_s: float  # CPU-seconds of every process of the side per steady step
     startup_s: float  # launch -> end of the first step (estimated, see the module doc)
     cpu_by_kind: dict[str, float]  # CPU-seconds per step by process kind, first report to last
+    # Each rank's training thread per steady step (mean over ranks): seconds on a CPU, seconds
+    # runnable but waiting for a CPU (preempted by another process), the rest of the step asleep
+    # (waiting for the other rank in a collective, for data, for the GIL).
+    thread_cpu_s: float
+    thread_runqueue_s: float
 
 
 @dataclass
@@ -91,9 +99,12 @@ def _timing(windows: list[Window], t0: float, log_every: int, steps_per_epoch: i
     steps = sum(w.step - prev[id(w)].step for w in steady)
     span = max(windows[-1].step - windows[0].step, 1)
     by_kind = {k: v / span for k, v in cpu.parts_between(windows[0].at, windows[-1].at).items()}
+    threads = [t for w in steady for t in cpu.busiest_threads_between(prev[id(w)].at, w.at)]
+    per_rank_steps = max(steps, 1) * max(len(threads) // max(len(steady), 1), 1)
     return Timing(step_s, _mean([w.step_s for w in boundary]), _mean([w.wait_s for w in steady]),
                   _mean([w.wait_s for w in boundary]), cpu_s / max(steps, 1),
-                  windows[0].at - t0 - (log_every - 1) * step_s, by_kind)
+                  windows[0].at - t0 - (log_every - 1) * step_s, by_kind,
+                  sum(c for c, _ in threads) / per_rank_steps, sum(d for _, d in threads) / per_rank_steps)
 
 
 # -- mmpt ---------------------------------------------------------------------------------------------
@@ -103,7 +114,7 @@ def _mmpt(cfg: Any, steps_per_epoch: int) -> Timing:
 
     from orchestrator.run.runner import run
 
-    with TreeCPU() as cpu:
+    with TreeCPU(sched_kinds=("ray::RayTrainWorker",)) as cpu:
         t0 = time.time()
         result = run(cfg, console=Console(quiet=True), fresh=True)
     windows = [Window(r["step"], r["time"], r["step_time_s"], r["data_wait_s"])
@@ -134,7 +145,8 @@ def _batches(shards: list[str], spec: Any, batch_size: int):  # noqa: ANN202 - I
 
 def _plain_worker(rank: int, port: int, run: dict[str, Any], text: dict[str, int], spec: Any,
                   shards: list[str], result_file: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+    world = int(run["scaling"]["num_workers"])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import logging
     import warnings
@@ -154,7 +166,7 @@ def _plain_worker(rank: int, port: int, run: dict[str, Any], text: dict[str, int
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     cfg = RunConfig.model_validate(run)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(cfg.train.seed)  # the same initialisation as jobs/train_loop.py
     model = build_pretrainer(cfg.model, cfg.moe, cfg.active_objectives, TextSpec(**text),
                              ImageSpec(size=cfg.data.image_size))
@@ -162,7 +174,7 @@ def _plain_worker(rank: int, port: int, run: dict[str, Any], text: dict[str, int
         diversify_experts(model, cfg.train.seed, ep_rank=rank % cfg.moe.ep_size)
     engine = build_engine(cfg, model)
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
-    batches = _batches(shards[rank::WORLD], spec, cfg.train.batch_size)
+    batches = _batches(shards[rank::world], spec, cfg.train.batch_size)
 
     windows: list[list[float]] = []  # [step, wall time, step time, wait]
     t0, loss, wait = time.perf_counter(), 0.0, 0.0
@@ -179,7 +191,7 @@ def _plain_worker(rank: int, port: int, run: dict[str, Any], text: dict[str, int
             elapsed = time.perf_counter() - t0
             means = torch.tensor([loss, wait]) / cfg.train.log_every
             dist.all_reduce(means)  # what a plain loop logs; outside the window, as in the train loop
-            windows.append([step, time.time(), elapsed / cfg.train.log_every, float(means[1]) / WORLD])
+            windows.append([step, time.time(), elapsed / cfg.train.log_every, float(means[1]) / world])
             t0, loss, wait = time.perf_counter(), 0.0, 0.0
     if rank == 0:
         Path(result_file).write_text(json.dumps(windows))
@@ -204,9 +216,9 @@ def _plain(cfg: Any, data: Path, tmp: Path, steps_per_epoch: int) -> Timing:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp / "plain.json"
-    with TreeCPU() as cpu:
+    with TreeCPU(sched_kinds=("other",)) as cpu:  # the spawned ranks
         t0 = time.time()
-        mp.spawn(_plain_worker, args=(port, cfg.to_dict(), text, spec, shards, str(out)), nprocs=WORLD, join=True)
+        mp.spawn(_plain_worker, args=(port, cfg.to_dict(), text, spec, shards, str(out)), nprocs=cfg.scaling.num_workers, join=True)
     windows = [Window(int(step), at, step_s, wait) for step, at, step_s, wait in json.loads(out.read_text())]
     return _timing(windows, t0, cfg.train.log_every, steps_per_epoch, cpu)
 
@@ -231,13 +243,13 @@ def main() -> None:
         sets = {**BENCH, "data.train": str(data / "train"), "storage.path": str(tmp), "train.steps": args.steps}
         cfg = load_config(args.config, [f"{k}={v}" for k, v in sets.items()] + args.overrides)
         print(f"overhead: {args.config} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
-              f"{cfg.moe.num_experts} experts), {WORLD} ranks x {cfg.scaling.cpus_per_worker:g} CPU, "
+              f"{cfg.moe.num_experts} experts), {cfg.scaling.num_workers} ranks x {cfg.scaling.cpus_per_worker:g} CPU, "
               f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, batch {cfg.train.batch_size}/rank, "
               f"{args.steps} steps, reports every {cfg.train.log_every} (first excluded), {args.pairs} pairs",
               flush=True)
         sides = ["mmpt", "plain"] + (["mmpt-old"] if args.old_set else [])
         old_cfg = load_config(args.config, [f"{k}={v}" for k, v in sets.items()] + args.overrides + args.old_set)
-        steps_per_epoch = (SAMPLES // WORLD) // cfg.train.batch_size
+        steps_per_epoch = (SAMPLES // cfg.scaling.num_workers) // cfg.train.batch_size
         got: dict[str, list[Timing]] = {side: [] for side in sides}
         for pair in range(args.pairs):
             order = sides[pair % len(sides):] + sides[:pair % len(sides)]  # rotate who goes first
@@ -250,7 +262,10 @@ def main() -> None:
                 t = got[who][-1]
                 line.append(f"{who} {1000 * t.steady_step_s:.1f} ms/step (wait {1000 * t.steady_wait_s:.1f}; "
                             f"epoch-boundary windows {1000 * t.boundary_step_s:.1f}, wait {1000 * t.boundary_wait_s:.1f}), "
-                            f"{t.cpu_per_step_s:.3f} CPU-s/step, first step at {t.startup_s:.1f} s;")
+                            f"{t.cpu_per_step_s:.3f} CPU-s/step, first step at {t.startup_s:.1f} s; "
+                            f"a rank's training thread per step: {1000 * t.thread_cpu_s:.1f} ms on a CPU, "
+                            f"{1000 * t.thread_runqueue_s:.1f} ms waiting for one, "
+                            f"{1000 * (t.steady_step_s - t.thread_cpu_s - t.thread_runqueue_s):.1f} ms asleep);")
             print(" ".join(line), flush=True)
             for who in sides:
                 parts = sorted(got[who][-1].cpu_by_kind.items(), key=lambda kv: -kv[1])
@@ -266,6 +281,14 @@ def main() -> None:
               f"{statistics.median(boundary):.2f}; CPU-seconds per step {statistics.median(cpu):.2f}")
     for who in sides:
         print(f"start-up, median time to first step: {who} {statistics.median(t.startup_s for t in got[who]):.1f} s")
+    print("where a steady step's time goes, per rank's training thread (median over pairs, ms): on a CPU / "
+          "runnable, waiting for a CPU / asleep")
+    for who in sides:
+        ts = got[who]
+        on, rq = statistics.median(t.thread_cpu_s for t in ts), statistics.median(t.thread_runqueue_s for t in ts)
+        step = statistics.median(t.steady_step_s for t in ts)
+        print(f"  {who:9s} step {1000 * step:6.1f} = {1000 * on:6.1f} on a CPU + {1000 * rq:5.1f} waiting for a CPU "
+              f"+ {1000 * (step - on - rq):5.1f} asleep")
 
 
 if __name__ == "__main__":

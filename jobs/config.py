@@ -171,7 +171,8 @@ class EvalConfig(Strict):
     max_samples: int = Field(512, ge=1)
     batch_size: int = Field(16, ge=2, description="also the retrieval candidate set size")
     generate_samples: int = Field(32, ge=0, description="DALL-E runs: eval captions an image is generated for "
-                                  "and judged against (jobs/generative/probe.py); 0 = none")
+                                  "and judged against (jobs/generative/probe.py); dVAE runs: eval images whose "
+                                  "reconstruction is judged; 0 = none")
     zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig, description="zero-shot classification "
                                       "(ITC encoders) and a linear probe on the held-out split (jobs/transfer/)")
 

@@ -22,7 +22,8 @@ Metrics (keys of the returned dict; the train loop prefixes `eval/`):
   what looking at the image buys.
 - DALL-E models, when `captions` decodes token ids and `generate_samples` > 0: images generated for
   the first eval captions, judged against them on the shapes world (jobs/generative/probe.py:
-  `gen_match_rate` and its random / real / shuffled references, `dvae_recon_mse`).
+  `gen_match_rate` and its random / real / shuffled references, `dvae_recon_mse`); dVAE models: their
+  argmax reconstructions of the first eval images judged the same way (`recon_match_rate`).
 
 Retrieval ranks, for each image of an eval batch, the K captions of that batch by ITM score
 (image-to-text), and for each caption the K images (text-to-image): R@1 over candidate sets of K,
@@ -103,9 +104,16 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
     grounded = torch.tensor(sorted(set(grounded_ids)), dtype=torch.long, device=device)
     embeds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     sums: dict[str, float | Tensor] = {}
-    from jobs.generative.probe import PROBE_SEED, generation_probe, is_generative
+    from jobs.generative.probe import (
+        PROBE_SEED,
+        generation_probe,
+        is_dvae,
+        is_generative,
+        reconstruction_probe,
+    )
 
     to_generate = generate_samples if captions is not None and is_generative(model) else 0
+    to_reconstruct = generate_samples if captions is not None and is_dvae(model) else 0
 
     def add(name: str, value: float | Tensor) -> None:
         if isinstance(value, Tensor):
@@ -132,6 +140,8 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
             _mlm_probe(model, mlm, batch, grounded, add, seed=MLM_EVAL_SEED + i)
         if to_generate > 0 and captions is not None:
             to_generate -= generation_probe(model, batch, captions, add, limit=to_generate, seed=PROBE_SEED + i)
+        if to_reconstruct > 0 and captions is not None:
+            to_reconstruct -= reconstruction_probe(model, batch, captions, add, limit=to_reconstruct)
     if has_itc:
         _itc_retrieval(embeds, add, device)
     if was_training:

@@ -15,6 +15,9 @@ three references, each counted the same way:
 Hits are counted per reference and turned into rates by evaluate's reduction: `gen_match_rate`,
 `gen_color_match_rate`, `gen_shape_match_rate`, and the same for `random_`, `real_`, `shuffled_`.
 `dvae_recon_mse` is the frozen dVAE's reconstruction error on the eval images (argmax tokens).
+A dVAE run's evaluation judges its own reconstructions the same way (`reconstruction_probe`:
+`recon_match_rate`, `recon_color_match_rate`, `recon_shape_match_rate`), so a dVAE is known to be
+good enough for stage 2 before a DALL-E is trained on it.
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ def is_generative(model: Any) -> bool:
     return callable(getattr(getattr(model, "encoder", None), "generate", None))
 
 
+def is_dvae(model: Any) -> bool:
+    """A dVAE run's model (preset dvae): a discrete VAE and no decoder that generates."""
+    encoder = getattr(model, "encoder", None)
+    return getattr(encoder, "vae", None) is not None and not is_generative(model)
+
+
 def _judge(images: np.ndarray, captions: Sequence[str], prefix: str, add: Callable[[str, float], None]) -> None:
     verdicts = [check(im, cap) for im, cap in zip(images, captions, strict=True)]
     add(f"{prefix}_match_hits", float(sum(v.match for v in verdicts)))
@@ -85,10 +94,31 @@ def generation_probe(model: Any, batch: dict[str, Tensor], captions: Callable[[T
     return n
 
 
+@torch.no_grad()
+def reconstruction_probe(model: Any, batch: dict[str, Tensor], captions: Callable[[Tensor], list[str]],
+                         add: Callable[[str, float | Tensor], None], *, limit: int) -> int:
+    """A dVAE run: judge the argmax-token reconstructions of up to `limit` eval images against their
+    captions (`recon_match_rate`: what any DALL-E trained on this dVAE can at best draw); returns
+    how many it judged."""
+    vae = model.encoder.vae
+    n = min(limit, batch["input_ids"].shape[0])
+    if n <= 0:
+        return 0
+    real = batch["image"][:n].to(vae.codebook_Ke.dtype)
+    _judge(to_uint8(vae.decode_codes(vae.codes(real))), captions(batch["input_ids"][:n]), "recon", add)
+    add("recon_samples", float(n))
+    return n
+
+
 def reduce_probe(sums: dict[str, float], out: dict[str, float]) -> None:
     """Rates out of the probe's summed hits (evaluate's reduction calls it)."""
     n = sums.get("gen_samples", 0.0)
     if not n:
+        judged = sums.get("recon_samples", 0.0)  # a dVAE run: its reconstructions only
+        if judged:
+            for what in ("match", "color_match", "shape_match"):
+                out[f"recon_{what}_rate"] = sums[f"recon_{what}_hits"] / judged
+            out["recon_samples"] = judged
         return
     for prefix in REFERENCES:
         for what in ("match", "color_match", "shape_match"):
@@ -97,5 +127,5 @@ def reduce_probe(sums: dict[str, float], out: dict[str, float]) -> None:
     out["gen_samples"] = n
 
 
-__all__ = ["GENERATE_TEMPERATURE", "GENERATE_TOP_K", "caption_decoder", "generation_probe", "is_generative",
-           "reduce_probe", "to_uint8"]
+__all__ = ["GENERATE_TEMPERATURE", "GENERATE_TOP_K", "caption_decoder", "generation_probe", "is_dvae",
+           "is_generative", "reconstruction_probe", "reduce_probe", "to_uint8"]

@@ -203,6 +203,40 @@ def test_generation_probe_reports_rates_against_references() -> None:
     assert out["dvae_recon_mse"] > 0
 
 
+def test_a_dvae_runs_evaluation_judges_its_reconstructions() -> None:
+    """recon_match_rate: the dVAE's argmax reconstructions judged against the captions (here a dVAE
+    whose tokens are the pixels, so the reconstructions are the rendered scenes themselves)."""
+    from jobs.data.synth import make_sample
+    from jobs.generative.probe import is_dvae, is_generative, reconstruction_probe, reduce_probe
+
+    scenes = [make_sample(np.random.default_rng([1, i]), 48) for i in range(6)]
+    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im, _, _ in scenes])).permute(0, 3, 1, 2)
+    captions = [c for _, c, _ in scenes]
+    model = build("dvae", text=TEXT, image=ImageSpec(size=48), **SIZE).eval()
+    assert is_dvae(model) and not is_generative(model) and not is_dvae(dalle())
+    vae = model.encoder.vae
+    vae.codes = lambda image: image  # type: ignore[method-assign]  # a lossless "codebook"
+    vae.decode_codes = lambda codes: codes  # type: ignore[method-assign]
+    batch = {"image": pixels.float() / 127.5 - 1, "input_ids": torch.zeros(6, 4, dtype=torch.long)}
+
+    def judged(texts: list[str], limit: int) -> dict[str, float]:
+        sums: dict[str, float] = {}
+
+        def add(name: str, value: float | torch.Tensor) -> None:
+            sums[name] = sums.get(name, 0.0) + float(value)
+
+        assert reconstruction_probe(model, batch, lambda ids: texts[:ids.shape[0]], add, limit=limit) == min(limit, 6)
+        out: dict[str, float] = {}
+        reduce_probe(sums, out)
+        return out
+
+    right = judged(captions, limit=4)
+    assert right["recon_samples"] == 4 and right["recon_match_rate"] == 1.0 and right["recon_color_match_rate"] == 1.0
+    wrong = judged(captions[1:] + captions[:1], limit=10)
+    assert wrong["recon_samples"] == 6 and wrong["recon_match_rate"] <= 1 / 6
+    assert "gen_match_rate" not in wrong  # nothing generated in a dVAE run
+
+
 def test_frozen_dvae_loads_the_dvae_runs_weights(tmp_path) -> None:  # noqa: ANN001
     from safetensors.torch import save_file
 
