@@ -22,6 +22,8 @@ the dispatch (models/moe/dispatch.py). Things the rest of the system relies on:
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +33,14 @@ from models.moe.dispatch import DISPATCHES
 from models.moe.gates import MOE_GATES, Gate
 from models.moe.stats import MoEStats, ReportsMoEStats
 from models.recompute import recomputing
+
+
+def cpu_accelerator_unless_cuda() -> None:
+    """Before DeepSpeed's first import outside a training worker (mmpt plan, generate, export): name
+    the CPU accelerator when there is no GPU, or DeepSpeed's detection logs a warning to the user's
+    terminal. A DS_ACCELERATOR already set is kept."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 class MoEFFN(ReportsMoEStats, nn.Module):
@@ -55,6 +65,7 @@ class MoEFFN(ReportsMoEStats, nn.Module):
         super().__init__()
         if not moe.enabled:
             raise ValueError("MoEFFN needs moe.num_experts > 0")
+        cpu_accelerator_unless_cuda()
         from deepspeed.moe.layer import MoE  # lazily: slow import, and it must see DS_ACCELERATOR
 
         width = expert_hidden_size or moe.expert_hidden_size or ffn_size(hidden_size, mlp_ratio)

@@ -20,7 +20,6 @@ for single-stream presets (ViLT, UNITER), an approximation for two-stream and du
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -71,8 +70,6 @@ def count_model(cfg: RunConfig, vocab_size: int) -> ModelSize:
     """Count parameters exactly by building the run's model on the meta device (no allocation)."""
     import torch
 
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's MoE import otherwise warns about detection
     from jobs.memory import count_params
     from jobs.tensor_parallel import per_rank_numel
     from models import build_pretrainer

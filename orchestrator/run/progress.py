@@ -117,11 +117,13 @@ def summary_tables(summary: Mapping[str, Any]) -> list[Table]:
         t.add_column("value", justify="right")
         t.add_column("chance", justify="right")
         chance = {"itm_acc": 0.5, "i2t_r1": ev.get("chance_r1"), "t2i_r1": ev.get("chance_r1"),
-                  "itc_i2t_r1": ev.get("itc_chance_r1"), "itc_t2i_r1": ev.get("itc_chance_r1")}
+                  "itc_i2t_r1": ev.get("itc_chance_r1"), "itc_t2i_r1": ev.get("itc_chance_r1"),
+                  # DALL-E: images of uniformly random dVAE tokens, judged against the same captions
+                  **{f"gen_{w}_rate": ev.get(f"random_{w}_rate") for w in ("match", "color_match", "shape_match")}}
         for name in ("itm_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
                      "itc_i2t_r1", "itc_i2t_r5", "itc_i2t_r10", "itc_t2i_r1", "itc_t2i_r5", "itc_t2i_r10",
                      "mlm_acc", "mlm_token_acc", "mlm_grounded_acc", "mlm_blind_acc", "mlm_blind_grounded_acc",
-                     "mlm_grounding_gain", "loss"):
+                     "mlm_grounding_gain", *GENERATION_ROWS, "loss"):
             if name in ev:
                 c = chance.get(name)
                 t.add_row(name, _fmt(ev[name]), "" if c is None else _fmt(c))
@@ -129,6 +131,13 @@ def summary_tables(summary: Mapping[str, Any]) -> list[Table]:
     if mem := summary.get("memory"):
         tables.append(memory_table(mem))
     return tables
+
+
+# DALL-E and dVAE runs (jobs/generative/probe.py): generated images judged against their captions,
+# then the judge's references (the dVAE's reconstructions: the ceiling; the real images; real images
+# of other captions), and the dVAE's reconstruction error
+GENERATION_ROWS = ("gen_match_rate", "gen_color_match_rate", "gen_shape_match_rate", "recon_match_rate",
+                   "recon_color_match_rate", "real_match_rate", "shuffled_match_rate", "dvae_recon_mse")
 
 
 def memory_table(mem: Mapping[str, float]) -> Table:

@@ -272,3 +272,24 @@ def test_clip_scores_rank_images_by_cosine() -> None:
     assert len(scores) == 4 and all(-1.0 <= s <= 1.0 for s in scores)
     same = clip_scores(clip, images[[2, 2]], "a small red circle")
     assert same[0] == pytest.approx(scores[2], abs=1e-5)
+
+
+def test_the_run_summary_shows_the_generation_figures_beside_random_tokens() -> None:
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.run.progress import summary_tables
+
+    ev = {"samples": 64, "loss": 1.84, "gen_match_rate": 0.0625, "random_match_rate": 0.0,
+          "gen_color_match_rate": 0.546875, "random_color_match_rate": 0.03125, "recon_match_rate": 0.40625,
+          "real_match_rate": 0.953125, "dvae_recon_mse": 0.0166}
+    out = io.StringIO()
+    console = Console(file=out, width=100)
+    for table in summary_tables({"final_losses": {"total": 1.7}, "eval": ev}):
+        console.print(table)
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
+            for line in out.getvalue().splitlines() if line.count("│") == 4}
+    assert rows["gen_match_rate"] == ["0.0625", "0"] and rows["gen_color_match_rate"] == ["0.5469", "0.03125"]
+    assert rows["recon_match_rate"] == ["0.4062", ""] and rows["real_match_rate"] == ["0.9531", ""]
+    assert "dvae_recon_mse" in rows and "shuffled_match_rate" not in rows  # only what the run measured
