@@ -9,8 +9,9 @@ after (six `torch.where` over [M, F] and [M, D], forward and backward), and the 
 an index_select whose backward is an index_add. On the host the counts cost nothing to read, so:
 
 - only the T kept rows are computed, no mask anywhere (nothing unwritten exists);
-- with few experts (L <= LOOP_MAX), or sizes grouped_mm refuses, each projection is one `addmm` per expert into its slice of
-  one output (the bias fused into the GEMM, as nn.Linear's); with many, one `grouped_mm` (PyTorch's
+- with few experts (L <= LOOP_MAX), many rows per expert (>= LOOP_ROWS), or sizes grouped_mm
+  refuses, each projection is one `addmm` per expert into its slice of one output (the bias fused
+  into the GEMM, as nn.Linear's); with many experts of few rows each, one `grouped_mm` (PyTorch's
   C++ loop of GEMMs: one Python call instead of L) and the biases added in place;
 - the backward runs the same GEMMs by hand: weight gradients as one grouped GEMM over the row
   ranges (2-D x 2-D with offsets -> [L, ...]), bias gradients as per-expert sums (few experts) or
@@ -27,22 +28,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Up to this many local experts, a Python loop of addmm (bias fused) beats grouped_mm + a bias pass.
+# Up to this many local experts, a Python loop of addmm (bias fused) beats grouped_mm + a bias pass;
+# so it does from this many rows per expert on, whatever the count (grouped_mm's CPU GEMMs: at 128
+# rows per expert, E=256, D=128, F=256, the forward takes 42 ms against the loop's 29; at 8 rows the
+# loop's Python calls cost as much as the GEMMs).
 LOOP_MAX = 16
+LOOP_ROWS = 64
 
 
-def _looped(w_LNK: Tensor) -> bool:
-    """Loop over the experts: few of them, or sizes grouped_mm refuses (strides of 16-byte multiples)."""
+def _looped(w_LNK: Tensor, rows: int) -> bool:
+    """Loop over the experts: few of them, many rows each (`rows` in all), or sizes grouped_mm
+    refuses (strides of 16-byte multiples)."""
     L, N, K = w_LNK.shape
     per_16_bytes = 16 // w_LNK.element_size()
-    return L <= LOOP_MAX or N % per_16_bytes != 0 or K % per_16_bytes != 0
+    return L <= LOOP_MAX or rows >= LOOP_ROWS * L or N % per_16_bytes != 0 or K % per_16_bytes != 0
 
 
 def _project(x_TK: Tensor, w_LNK: Tensor, b_LN: Tensor, ends: list[int], offs: Tensor,
              row_expert_T: Tensor) -> Tensor:
     """y[rows of l] = x[rows of l] @ w[l]^T + b[l] (nn.Linear per expert) -> [T, N]."""
     N = w_LNK.shape[1]
-    if not _looped(w_LNK):
+    if not _looped(w_LNK, x_TK.shape[0]):
         return F.grouped_mm(x_TK, w_LNK.transpose(-2, -1), offs=offs).add_(b_LN.index_select(0, row_expert_T))
     out = x_TK.new_empty((x_TK.shape[0], N))
     start = 0
@@ -56,7 +62,7 @@ def _project(x_TK: Tensor, w_LNK: Tensor, b_LN: Tensor, ends: list[int], offs: T
 def _input_grad(g_TN: Tensor, w_LNK: Tensor, ends: list[int], offs: Tensor) -> Tensor:
     """d x[rows of l] = g[rows of l] @ w[l] -> [T, K]."""
     K = w_LNK.shape[2]
-    if not _looped(w_LNK):
+    if not _looped(w_LNK, g_TN.shape[0]):
         return F.grouped_mm(g_TN, w_LNK, offs=offs)
     out = g_TN.new_empty((g_TN.shape[0], K))
     start = 0
@@ -72,20 +78,25 @@ def _param_grads(g_TN: Tensor, x_TK: Tensor, w_LNK: Tensor, ends: list[int], off
     """(d w [L, N, K] = per expert g^T x over its rows, d b [L, N] = per expert sum of g); experts
     without rows get 0."""
     L, N = len(ends), g_TN.shape[1]
-    if not _looped(w_LNK):
+    if not _looped(w_LNK, g_TN.shape[0]):
         # grouped_mm leaves the groups of empty experts unwritten: zero them.
         gw = F.grouped_mm(g_TN.t(), x_TK, offs=offs)
         for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
             if end == start:
                 gw[e].zero_()
         return gw, g_TN.new_zeros((L, N)).index_add_(0, row_expert_T, g_TN)
-    gw = g_TN.new_zeros((L, N, x_TK.shape[1]))
-    gb = g_TN.new_zeros((L, N))
+    # Every expert's slice is written (its GEMM, or zeros without rows): no memset of the whole
+    # gradient first (at E=256 it is as large as the experts' weights).
+    gw = g_TN.new_empty((L, N, x_TK.shape[1]))
+    gb = g_TN.new_empty((L, N))
     start = 0
     for e, end in enumerate(ends):
         if end > start:
             torch.mm(g_TN[start:end].t(), x_TK[start:end], out=gw[e])
             torch.sum(g_TN[start:end], 0, out=gb[e])
+        else:
+            gw[e].zero_()
+            gb[e].zero_()
         start = end
     return gw, gb
 

@@ -295,6 +295,15 @@ def test_host_path_with_many_experts_equals_each_expert_alone(width: int) -> Non
     assert torch.equal(grads[1][1], torch.zeros(width, D))  # expert 1: no rows, zero gradient
 
 
+def test_host_path_loops_over_experts_when_they_are_few_or_their_rows_many() -> None:
+    from models.moe.host_experts import LOOP_MAX, LOOP_ROWS, _looped
+
+    w = torch.empty(20, 24, D)  # 20 experts > LOOP_MAX
+    assert LOOP_MAX < 20 and not _looped(w, rows=20 * LOOP_ROWS - 1) and _looped(w, rows=20 * LOOP_ROWS)
+    assert _looped(torch.empty(LOOP_MAX, 24, D), rows=1)
+    assert _looped(torch.empty(20, 10, D), rows=1)  # 10 fp32 = 40 bytes: strides grouped_mm refuses
+
+
 def test_stats_module_does_not_import_the_layer() -> None:
     """layer -> stats, one way (issue 18): collect_stats finds the layers by the ReportsMoEStats mixin."""
     import ast
