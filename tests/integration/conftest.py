@@ -63,3 +63,18 @@ def tiny(data: str | Path, storage: str | Path, **extra: object) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(ray_session, shapes_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ANN001
+    """The run directory of one uninterrupted run of tests/integration/exact.COMPARED: the reference
+    every fault-injection test (killed worker, torn checkpoint, lost Ray head) ends equal to. One
+    run for all of them (the runs are deterministic: the same on the session's Ray as on another)."""
+    from orchestrator.config import load_config
+    from orchestrator.run.runner import run
+    from tests.integration.exact import COMPARED, STEPS
+
+    store = tmp_path_factory.mktemp("uninterrupted")
+    result = run(load_config(QUICKSTART, tiny(shapes_data, store, name="straight", **COMPARED)))
+    assert result.summary["steps"] == STEPS
+    return store / "runs" / "straight"

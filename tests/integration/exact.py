@@ -1,6 +1,7 @@
 """"The run ended as an uninterrupted one would have": the same samples at every step on every rank
 and the same final parameters. Shared by the fault-injection tests (worker kill, torn checkpoint,
-head loss); both runs record `data.record_samples`."""
+head loss): they compare against one uninterrupted run of `COMPARED` (the `uninterrupted_run`
+fixture, tests/integration/conftest.py); every run records `data.record_samples`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from typing import Any
 import torch
 
 from jobs.checkpoint import ds_files
+
+# The runs the fault-injection tests compare: 9 steps, a committed checkpoint every 2, every step's
+# sample ids recorded. Each test's own overrides (failures allowed, storage) do not change the numbers.
+STEPS = 9
+COMPARED = {"train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 2, "data.record_samples": True,
+            "eval.max_samples": 16}
 
 
 def samples_per_step(run_dir: Path) -> dict[int, dict[int, list[int]]]:
@@ -40,7 +47,7 @@ def final_params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return params
 
 
-def assert_same_run(straight: Path, resumed: Path, steps: int, per_step: int = 8) -> None:
+def assert_same_run(straight: Path, resumed: Path, steps: int = STEPS, per_step: int = 8) -> None:
     """`resumed` (interrupted, restarted) saw what `straight` saw, step by step, and ended equal."""
     a, b = samples_per_step(straight), samples_per_step(resumed)
     assert sorted(b) == [0, 1]

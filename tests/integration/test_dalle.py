@@ -36,6 +36,8 @@ def test_dvae_then_dalle_then_generate(ray_session, shapes_data, tmp_path) -> No
     assert summary1["steps"] == 4 and set(summary1["final_losses"]) == {"dvae", "total"}
     assert 0 < summary1["eval"]["dvae_recon_mse"] < 10 and 0 < summary1["eval"]["dvae_codes_used"] <= 1
     assert summary1["train_metrics"]["dvae_tau"] < 1.0  # annealed over the 4 steps
+    # its reconstructions of the 16 eval images judged against their captions (the ceiling of stage 2)
+    assert summary1["eval"]["recon_samples"] == 16 and 0.0 <= summary1["eval"]["recon_match_rate"] <= 1.0
 
     missing = tiny(shapes_data, tmp_path, name="dalle-e2e", **{"model.preset": "dalle", "objectives": "{dalle: 1.0}"})
     with pytest.raises(ConfigError, match="model.dalle.dvae = None: preset dalle needs"):
