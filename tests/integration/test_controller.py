@@ -418,7 +418,9 @@ def test_prometheus_scrapes_the_controller_and_ray_and_the_queries_and_alerts_an
         # than that on a loaded machine reads 0 for a scrape, so this waits rather than samples once)
         _wait("every Ray target up", lambda: (up := query('up{job="ray"}')) and {float(r["value"][1]) for r in up} == {1.0},
               timeout=30)
-        assert (value('count({job="ray", __name__=~"ray_.+"})') or 0) >= 1
+        # a target is up before its first export of Ray's series (the metrics agent exports every few s)
+        assert _wait("Ray's own series", lambda: (value('count({job="ray", __name__=~"ray_.+"})') or 0) >= 1,
+                     timeout=30)
         # every Grafana panel's query returns data (the controller's errors rate: none, and none expected)
         for expr in dashboard_exprs():
             if expr.startswith("label_values"):

@@ -4,21 +4,19 @@ reductions give the right values over two real gloo ranks."""
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from jobs import collectives
 from jobs.config import RunConfig
 from jobs.data import steps as steps_module
 from jobs.evaluate import _itc_retrieval, _reduce
 from jobs.trainer import Trainer
+from tests.unit import ranks
 
 META = torch.device("meta")  # not the CPU, and holds no data: a CPU tensor handed over shows at once
 
@@ -146,15 +144,8 @@ def test_train_steps_never_read_the_device_and_the_report_reduces_on_it(handed) 
     _assert_on_meta(handed)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ranks.join(rank, port)
     cpu = torch.device("cpu")
     got = {
         "mean": collectives.all_mean({"a": float(rank), "b": torch.tensor(10.0 * (rank + 1))}, cpu),
@@ -165,12 +156,12 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
         "rows": collectives.all_gather_rows(torch.full((2 + rank, 3 - rank), rank + 1), cpu),
     }
     torch.save(got, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    ranks.leave()
 
 
 @pytest.mark.slow  # two spawned processes import torch (~10 s)
 def test_reductions_over_two_gloo_ranks(tmp_path) -> None:  # noqa: ANN001
-    mp.spawn(_two_ranks, args=(_free_port(), str(tmp_path)), nprocs=2)
+    ranks.spawn_two(_two_ranks, str(tmp_path))
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["mean"] == {"a": 0.5, "b": 15.0}

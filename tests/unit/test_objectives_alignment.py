@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from jobs.evaluate import _itc_retrieval, _reduce, evaluate
 from models.objectives.alignment import ipot, ot_distance
 from models.objectives.contrastive import clip_loss
+from tests.unit import ranks
 from tests.unit.conftest import TEXT, build, make_batch
 
 
@@ -28,23 +26,14 @@ def test_itc_of_aligned_embeddings_is_near_zero_and_of_uninformative_ones_log_b(
     assert clip_loss(eye, shuffled, torch.tensor(1.0))[0].item() == pytest.approx(math.log(B), rel=0.15)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank: int, port: int, image: torch.Tensor, text: torch.Tensor, out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ranks.join(rank, port)
     B = image.shape[0] // 2
     img = image[rank * B:(rank + 1) * B].clone().requires_grad_(True)
     loss, _ = clip_loss(img, text[rank * B:(rank + 1) * B], torch.tensor(10.0))
     loss.backward()
     torch.save((loss.item(), img.grad), f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    ranks.leave()
 
 
 @pytest.mark.slow  # two spawned processes import torch (~14 s)
@@ -52,7 +41,7 @@ def test_itc_negatives_are_gathered_across_workers_with_gradients(tmp_path) -> N
     g = torch.Generator().manual_seed(0)
     image = torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=-1)
     text = torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=-1)
-    mp.spawn(_gather_worker, args=(_free_port(), image, text, str(tmp_path)), nprocs=2)
+    ranks.spawn_two(_gather_worker, image, text, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     full = image.clone().requires_grad_(True)
     global_loss, _ = clip_loss(full, text, torch.tensor(10.0))

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from jobs.tensor_parallel import Mesh, install_batch_check, per_rank_numel, problems, shard_of, split_of
+from tests.unit import ranks
 from tests.unit.conftest import B, build, make_batch
 
 # one preset per encoder family: single-stream, co-attention (ViLBERT), cross (LXMERT), dual (CLIP)
@@ -125,16 +125,10 @@ def _worker(rank: int, port: int) -> None:
                 ref_opt.zero_grad()
                 engine.step()
             engine.destroy()
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ranks.leave()
 
 
 def test_tp2_matches_tp1_loss_gradients_and_steps() -> None:
     """2 ranks, one tp group: losses of 3 steps (clipped AdamW, ZeRO 0 and 2) and the first step's
     gradients (ZeRO 0: whole on each rank) equal the unsplit model's, for every family."""
-    torch.multiprocessing.spawn(_worker, args=(_free_port(),), nprocs=2, join=True)
+    ranks.spawn_two(_worker)
