@@ -104,16 +104,10 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
     grounded = torch.tensor(sorted(set(grounded_ids)), dtype=torch.long, device=device)
     embeds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     sums: dict[str, float | Tensor] = {}
-    from jobs.generative.probe import (
-        PROBE_SEED,
-        generation_probe,
-        is_dvae,
-        is_generative,
-        reconstruction_probe,
-    )
+    from jobs.generative.probe import PROBE_SEED, probe_for
 
-    to_generate = generate_samples if captions is not None and is_generative(model) else 0
-    to_reconstruct = generate_samples if captions is not None and is_dvae(model) else 0
+    probe = probe_for(model)  # DALL-E: generated images judged; dVAE: its reconstructions
+    to_judge = generate_samples if captions is not None and probe is not None else 0
 
     def add(name: str, value: float | Tensor) -> None:
         if isinstance(value, Tensor):
@@ -138,10 +132,8 @@ def evaluate(model: Any, batches: Iterable[dict[str, torch.Tensor]], *, device: 
             embeds.append((out_enc["image_embed"].float(), out_enc["text_embed"].float(), ids_K))
         if mlm is not None:
             _mlm_probe(model, mlm, batch, grounded, add, seed=MLM_EVAL_SEED + i)
-        if to_generate > 0 and captions is not None:
-            to_generate -= generation_probe(model, batch, captions, add, limit=to_generate, seed=PROBE_SEED + i)
-        if to_reconstruct > 0 and captions is not None:
-            to_reconstruct -= reconstruction_probe(model, batch, captions, add, limit=to_reconstruct)
+        if to_judge > 0 and probe is not None and captions is not None:
+            to_judge -= probe(model, batch, captions, add, limit=to_judge, seed=PROBE_SEED + i)
     if has_itc:
         _itc_retrieval(embeds, add, device)
     if was_training:
@@ -276,7 +268,7 @@ def _reduce(raw: dict[str, float | Tensor], device: torch.device | str) -> dict[
     out: dict[str, float] = {}
     for k in keys:
         if k in _COUNTS or k.startswith(("i2t", "t2i", "chance", "itc_i2t", "itc_t2i", "itc_chance", "gen_")) \
-                or k.endswith("_hits"):
+                or k.endswith(("_hits", "_samples")):  # the image probes' sums (jobs/generative/probe.py)
             continue
         if k.startswith("mlm") and (k.endswith("_correct")):
             continue

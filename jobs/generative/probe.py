@@ -62,11 +62,21 @@ def is_dvae(model: Any) -> bool:
     return getattr(encoder, "vae", None) is not None and not is_generative(model)
 
 
+def probe_for(model: Any) -> Callable[..., int] | None:
+    """The evaluation's judge of `model`'s images: generation_probe for a DALL-E, reconstruction_probe
+    for a dVAE, None for other models. Both are called as probe(model, batch, captions, add, limit=,
+    seed=) and return how many images of the batch they judged."""
+    return generation_probe if is_generative(model) else reconstruction_probe if is_dvae(model) else None
+
+
 def _judge(images: np.ndarray, captions: Sequence[str], prefix: str, add: Callable[[str, float], None]) -> None:
+    """Hits of `images` against `captions`, and how many were judged (`<prefix>_samples`: the rates'
+    denominator)."""
     verdicts = [check(im, cap) for im, cap in zip(images, captions, strict=True)]
     add(f"{prefix}_match_hits", float(sum(v.match for v in verdicts)))
     add(f"{prefix}_color_match_hits", float(sum(v.color_match for v in verdicts)))
     add(f"{prefix}_shape_match_hits", float(sum(v.shape_match for v in verdicts)))
+    add(f"{prefix}_samples", float(len(verdicts)))
 
 
 @torch.no_grad()
@@ -90,42 +100,38 @@ def generation_probe(model: Any, batch: dict[str, Tensor], captions: Callable[[T
     recon = encoder.decode(encoder.tokenize_image(real))
     _judge(to_uint8(recon), texts, "recon", add)
     add("gen_dvae_se", torch.nn.functional.mse_loss(recon.float(), real.float(), reduction="sum") / real[0].numel())
-    add("gen_samples", float(n))
     return n
 
 
 @torch.no_grad()
 def reconstruction_probe(model: Any, batch: dict[str, Tensor], captions: Callable[[Tensor], list[str]],
-                         add: Callable[[str, float | Tensor], None], *, limit: int) -> int:
+                         add: Callable[[str, float | Tensor], None], *, limit: int, seed: int = 0) -> int:
     """A dVAE run: judge the argmax-token reconstructions of up to `limit` eval images against their
     captions (`recon_match_rate`: what any DALL-E trained on this dVAE can at best draw); returns
-    how many it judged."""
+    how many it judged. (`seed`: generation_probe's call; nothing here is drawn.)"""
     vae = model.encoder.vae
     n = min(limit, batch["input_ids"].shape[0])
     if n <= 0:
         return 0
     real = batch["image"][:n].to(vae.codebook_Ke.dtype)
     _judge(to_uint8(vae.decode_codes(vae.codes(real))), captions(batch["input_ids"][:n]), "recon", add)
-    add("recon_samples", float(n))
     return n
 
 
 def reduce_probe(sums: dict[str, float], out: dict[str, float]) -> None:
-    """Rates out of the probe's summed hits (evaluate's reduction calls it)."""
-    n = sums.get("gen_samples", 0.0)
-    if not n:
-        judged = sums.get("recon_samples", 0.0)  # a dVAE run: its reconstructions only
-        if judged:
-            for what in ("match", "color_match", "shape_match"):
-                out[f"recon_{what}_rate"] = sums[f"recon_{what}_hits"] / judged
-            out["recon_samples"] = judged
-        return
+    """Rates out of the probes' summed hits, each over the images its reference judged (evaluate's
+    reduction calls it): every reference in a DALL-E run, the reconstructions alone in a dVAE run."""
     for prefix in REFERENCES:
-        for what in ("match", "color_match", "shape_match"):
-            out[f"{prefix}_{what}_rate"] = sums[f"{prefix}_{what}_hits"] / n
-    out["dvae_recon_mse"] = sums["gen_dvae_se"] / n
-    out["gen_samples"] = n
+        n = sums.get(f"{prefix}_samples", 0.0)
+        if n:
+            for what in ("match", "color_match", "shape_match"):
+                out[f"{prefix}_{what}_rate"] = sums[f"{prefix}_{what}_hits"] / n
+    for prefix in ("gen", "recon"):  # how many images the rates stand on
+        if f"{prefix}_samples" in sums:
+            out[f"{prefix}_samples"] = sums[f"{prefix}_samples"]
+    if "gen_dvae_se" in sums:
+        out["dvae_recon_mse"] = sums["gen_dvae_se"] / sums["gen_samples"]
 
 
 __all__ = ["GENERATE_TEMPERATURE", "GENERATE_TOP_K", "caption_decoder", "generation_probe", "is_dvae",
-           "is_generative", "reconstruction_probe", "reduce_probe", "to_uint8"]
+           "is_generative", "probe_for", "reconstruction_probe", "reduce_probe", "to_uint8"]

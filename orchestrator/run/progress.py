@@ -102,6 +102,13 @@ class ProgressView:
             self.console.print(f"step {step}/{self.total} · {stats}{eta}", highlight=False, soft_wrap=True)
 
 
+# DALL-E and dVAE runs (jobs/generative/probe.py): generated images judged against their captions,
+# then the judge's references (the dVAE's reconstructions: the ceiling; the real images; real images
+# of other captions), and the dVAE's reconstruction error
+GENERATION_ROWS = ("gen_match_rate", "gen_color_match_rate", "gen_shape_match_rate", "recon_match_rate",
+                   "recon_color_match_rate", "real_match_rate", "shuffled_match_rate", "dvae_recon_mse")
+
+
 def summary_tables(summary: Mapping[str, Any]) -> list[Table]:
     """The final losses and the held-out evaluation, as rich tables."""
     losses = Table(title="final training losses", title_justify="left", min_width=48)
@@ -131,13 +138,6 @@ def summary_tables(summary: Mapping[str, Any]) -> list[Table]:
     if mem := summary.get("memory"):
         tables.append(memory_table(mem))
     return tables
-
-
-# DALL-E and dVAE runs (jobs/generative/probe.py): generated images judged against their captions,
-# then the judge's references (the dVAE's reconstructions: the ceiling; the real images; real images
-# of other captions), and the dVAE's reconstruction error
-GENERATION_ROWS = ("gen_match_rate", "gen_color_match_rate", "gen_shape_match_rate", "recon_match_rate",
-                   "recon_color_match_rate", "real_match_rate", "shuffled_match_rate", "dvae_recon_mse")
 
 
 def memory_table(mem: Mapping[str, float]) -> Table:
