@@ -21,7 +21,8 @@ to the end of the first step, estimated as (time of the first report) - (log_eve
 step time). Where a step's time goes: each rank's training thread (the busiest thread of a Ray Train
 worker or a plain rank) per steady step, from Linux's /proc/<pid>/task/<tid>/schedstat: time on a
 CPU, time runnable but waiting for a CPU (another process had it), and the rest asleep (waiting for
-the other rank inside a collective, for data, for the GIL).
+the other rank inside a collective, for data, for the GIL, or for another thread of the process: a
+single plain rank sleeps about half of its step, so compare the columns side by side).
 
     flock /tmp/mmpt-ray.lock .venv/bin/python benchmarks/overhead.py [--pairs 3] [--steps 60] [--set k=v ...]
 """
@@ -66,7 +67,8 @@ class Timing:
     cpu_by_kind: dict[str, float]  # CPU-seconds per step by process kind, first report to last
     # Each rank's training thread per steady step (mean over ranks): seconds on a CPU, seconds
     # runnable but waiting for a CPU (preempted by another process), the rest of the step asleep
-    # (waiting for the other rank in a collective, for data, for the GIL).
+    # (waiting for the other rank in a collective, for data, for the GIL, or for another thread of
+    # the process doing part of the step: a plain rank alone sleeps ~half its step this way).
     thread_cpu_s: float
     thread_runqueue_s: float
 
@@ -99,12 +101,13 @@ def _timing(windows: list[Window], t0: float, log_every: int, steps_per_epoch: i
     steps = sum(w.step - prev[id(w)].step for w in steady)
     span = max(windows[-1].step - windows[0].step, 1)
     by_kind = {k: v / span for k, v in cpu.parts_between(windows[0].at, windows[-1].at).items()}
-    threads = [t for w in steady for t in cpu.busiest_threads_between(prev[id(w)].at, w.at)]
-    per_rank_steps = max(steps, 1) * max(len(threads) // max(len(steady), 1), 1)
+    # per step of each (steady window, rank): its training thread's CPU and run-queue seconds
+    per_step = [(c / (w.step - prev[id(w)].step), d / (w.step - prev[id(w)].step))
+                for w in steady for c, d in cpu.busiest_threads_between(prev[id(w)].at, w.at)]
     return Timing(step_s, _mean([w.step_s for w in boundary]), _mean([w.wait_s for w in steady]),
                   _mean([w.wait_s for w in boundary]), cpu_s / max(steps, 1),
                   windows[0].at - t0 - (log_every - 1) * step_s, by_kind,
-                  sum(c for c, _ in threads) / per_rank_steps, sum(d for _, d in threads) / per_rank_steps)
+                  _mean([c for c, _ in per_step]), _mean([d for _, d in per_step]))
 
 
 # -- mmpt ---------------------------------------------------------------------------------------------
