@@ -285,9 +285,12 @@ def controller(
         fail(str(exc).split("; "))
     with _user_errors():
         registry = Registry(db)
+        # the API reads through its own connection: a commit of the reconcile loop (an fsync that a
+        # busy disk stretches to seconds) never holds /jobs behind the writer's lock
+        api_registry = Registry(db)
         ctl = Controller(registry, adopt_from=address or [], retention_s=retention, policy=policy)
     try:
-        server = start_server(registry, ctl.metrics, host, port)
+        server = start_server(api_registry, ctl.metrics, host, port)
     except OSError as exc:
         fail([f"--host {host} --port {port}: cannot listen ({exc.strerror or exc})"])
     stop_event = threading.Event()
@@ -303,4 +306,5 @@ def controller(
         pass
     finally:
         server.shutdown()
+        api_registry.close()
         registry.close()

@@ -86,7 +86,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 def start_server(registry: Registry, metrics: ControllerMetrics, host: str = "127.0.0.1",
                  port: int = 9400) -> ThreadingHTTPServer:
-    """Serve in a daemon thread; returns the server (`.server_address`, `.shutdown()`)."""
+    """Serve in a daemon thread; returns the server (`.server_address`, `.shutdown()`).
+
+    `registry` should be a connection of the API's own, not the reconcile loop's: a Registry
+    serialises its statements under one lock, so a slow commit there would hold every request.
+    """
     handler = type("Handler", (_Handler,), {"registry": registry, "metrics": metrics})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True

@@ -134,7 +134,7 @@ class ControllerProc:
     log: Path
 
     def get(self, path: str) -> str:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as r:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=15) as r:
             return r.read().decode()
 
     def job(self, job_id: str) -> dict:

@@ -59,6 +59,24 @@ def test_read_only_json_api(api: tuple[str, Registry]) -> None:
         assert _get(f"{base}/jobs/a-1", method)[0] == 405
 
 
+def test_the_api_answers_while_the_reconcile_loop_holds_a_write_open(api: tuple[str, Registry]) -> None:
+    import time
+
+    base, server_reg = api
+    writer = Registry(server_reg.url)  # the reconcile loop's connection (the CLI opens one for each)
+    try:
+        with writer._tx() as cur:  # a write in flight: the commit (an fsync) has not returned yet
+            cur.execute("UPDATE jobs SET state = 'FAILED' WHERE id = 'b-2'")
+            t0 = time.monotonic()
+            code, body = _get(f"{base}/jobs")
+            waited = time.monotonic() - t0
+        assert code == 200 and [j["state"] for j in json.loads(body)] == ["PENDING", "RUNNING"]  # committed rows only
+        assert waited < 2.0, f"/jobs waited {waited:.1f} s for the writer"
+        assert [j["state"] for j in json.loads(_get(f"{base}/jobs")[1])] == ["PENDING", "FAILED"]  # once committed
+    finally:
+        writer.close()
+
+
 def test_metrics_endpoint_is_prometheus_text(api: tuple[str, Registry]) -> None:
     base, _ = api
     code, body = _get(f"{base}/metrics")
