@@ -132,6 +132,10 @@ class ScalingConfig(Strict):
     data_num_cpus: PositiveFloat | None = Field(None, description="CPUs per Ray Data read/preprocess task; null = 1")
     data_resources: dict[str, PositiveFloat] = Field(
         default_factory=dict, description="custom Ray resources each preprocessing task asks for, e.g. {data_cpu: 1}")
+    report_poll_s: PositiveFloat | None = Field(
+        None, description="seconds between the Ray Train controller's polls of its workers "
+        "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): it takes one report per poll, and a rank's next report "
+        "waits for it; null = the variable when set, else num_workers / 100 within [0.1, 2]")
 
     @field_validator("resources_per_worker", "data_resources")
     @classmethod

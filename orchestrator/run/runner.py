@@ -135,9 +135,10 @@ def _fit_following(cfg: RunConfig, trainer: Any, hub: Any, view_console: Console
     import ray
 
     from jobs.bounded import in_thread
+    from orchestrator.run.scaling import controller_env
 
     title = f"{cfg.name} · {cfg.model.preset} · {cfg.scaling.num_workers} workers · ZeRO-{cfg.deepspeed.zero_stage}"
-    with ProgressView(view_console, cfg.train.steps, title) as view:
+    with controller_env(cfg.scaling), ProgressView(view_console, cfg.train.steps, title) as view:
         thread, box = in_thread(trainer.fit, "mmpt-fit")
         first: tuple[float, int] | None = None
         while True:

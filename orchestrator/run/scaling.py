@@ -16,6 +16,9 @@ With no custom resources (the local default) everything shares the one local nod
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 from jobs.config import ScalingConfig
@@ -52,6 +55,40 @@ def data_cpu_share(s: ScalingConfig) -> float | None:
     if not s.limit_data_per_rank:
         return None
     return max(s.data_cpus / s.num_workers, s.data_num_cpus or 1.0)
+
+
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # read by Ray Train's controller; fit() propagates it
+
+
+def report_poll_s(s: ScalingConfig, environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
+    """Seconds between the Ray Train controller's polls of the workers.
+
+    Each poll takes at most one report from each worker, and a worker's report queue holds one:
+    `ray.train.report` blocks the training loop until the previous report was polled. Ray's 2 s
+    default, with reports every second or so, stalled each report by up to 2 s and each run's end
+    by as much (a 6-step test run spent a quarter of its time so). One poll is one small actor task
+    per worker, so the default grows with the workers: 0.1 s up to 10 of them, 2 s from 200.
+    """
+    if s.report_poll_s is not None:
+        return s.report_poll_s
+    if environ.get(POLL_ENV):
+        return float(environ[POLL_ENV])
+    return min(2.0, max(0.1, s.num_workers / 100))
+
+
+@contextlib.contextmanager
+def controller_env(s: ScalingConfig) -> Iterator[None]:
+    """Around `trainer.fit()`: the variables Ray Train hands from this process to its controller and
+    workers (today the poll interval), restored afterwards so one run's value never outlives it."""
+    before = os.environ.get(POLL_ENV)
+    os.environ[POLL_ENV] = f"{report_poll_s(s):g}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(POLL_ENV, None)
+        else:
+            os.environ[POLL_ENV] = before
 
 
 def pin_data_stats_to_driver() -> None:
