@@ -32,6 +32,10 @@ def kind(proc: psutil.Process) -> str:
     for service in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env", "agent"):
         if service in title:
             return service
+    if "multiprocessing.spawn" in title:  # a process of torch.multiprocessing.spawn / multiprocessing's spawn
+        return "mp-spawn"
+    if "multiprocessing.resource_tracker" in title:  # the helper spawn starts beside them
+        return "mp-tracker"
     return "other"
 
 

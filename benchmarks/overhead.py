@@ -11,7 +11,8 @@ synthetic shards for the same steps on 2 ranks (gloo, 1 CPU thread each):
   does (report windows of `log_every` steps, the report's own work outside the window).
 The machine is noisy, so the two run in turn (alternating which goes first) for several pairs; the
 figure is the median over pairs of (mmpt mean steady step time / plain mean steady step time),
-first report excluded (it holds the start of the data pipeline). Report windows are split in two:
+first and last reports excluded (the first holds the start of the data pipeline; mmpt's reports are
+timed where its driver sees them, and the last one arrives after the training thread has ended). Report windows are split in two:
 steady ones, and those holding an epoch boundary (the first step of an epoch: steps_per_epoch =
 samples per rank // batch, the same on both sides), each side's mean shown for both kinds. CPU
 cost counts every process of each side (benchmarks/cputime.py: mmpt's driver, Ray's GCS, raylet,
@@ -24,7 +25,7 @@ CPU, time runnable but waiting for a CPU (another process had it), and the rest 
 the other rank inside a collective, for data, for the GIL, or for another thread of the process: a
 single plain rank sleeps about half of its step, so compare the columns side by side).
 
-    flock /tmp/mmpt-ray.lock .venv/bin/python benchmarks/overhead.py [--pairs 3] [--steps 60] [--set k=v ...]
+    flock /tmp/mmpt-ray.lock .venv/bin/python benchmarks/overhead.py [--pairs 3] [--steps 80] [--set k=v ...]
 """
 
 from __future__ import annotations
@@ -91,7 +92,10 @@ def _mean(xs: list[float]) -> float:
 
 
 def _timing(windows: list[Window], t0: float, log_every: int, steps_per_epoch: int, cpu: TreeCPU) -> Timing:
-    later = windows[1:]
+    # not the first report (it holds the pipeline's start) nor the last: mmpt's reports are timed where
+    # the driver sees them, a poll or two after the rank made them, and the last one arrives after
+    # the training thread is gone (its window would hold idle time on the CPU-time side)
+    later = windows[1:-1]
     steady = [w for w in later if not _holds_boundary(w, log_every, steps_per_epoch)]
     boundary = [w for w in later if _holds_boundary(w, log_every, steps_per_epoch)]
     step_s = _mean([w.step_s for w in steady])
@@ -219,7 +223,9 @@ def _plain(cfg: Any, data: Path, tmp: Path, steps_per_epoch: int) -> Timing:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp / "plain.json"
-    with TreeCPU(sched_kinds=("other",)) as cpu:  # the spawned ranks
+    # the spawned ranks only: not multiprocessing's resource tracker, whose idle thread averaged in
+    # as a "rank" halved the training-thread figures of a 1-rank run (a third off at 2 ranks)
+    with TreeCPU(sched_kinds=("mp-spawn",)) as cpu:
         t0 = time.time()
         mp.spawn(_plain_worker, args=(port, cfg.to_dict(), text, spec, shards, str(out)), nprocs=cfg.scaling.num_workers, join=True)
     windows = [Window(int(step), at, step_s, wait) for step, at, step_s, wait in json.loads(out.read_text())]
@@ -230,7 +236,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "jobs/configs/quickstart.yaml"))
     ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--old-set", dest="old_set", action="append", default=[],
                     help="overrides that restore an old behaviour: adds an mmpt-old side run with them")
@@ -248,7 +254,7 @@ def main() -> None:
         print(f"overhead: {args.config} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
               f"{cfg.moe.num_experts} experts), {cfg.scaling.num_workers} ranks x {cfg.scaling.cpus_per_worker:g} CPU, "
               f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}, batch {cfg.train.batch_size}/rank, "
-              f"{args.steps} steps, reports every {cfg.train.log_every} (first excluded), {args.pairs} pairs",
+              f"{args.steps} steps, reports every {cfg.train.log_every} (first and last excluded), {args.pairs} pairs",
               flush=True)
         sides = ["mmpt", "plain"] + (["mmpt-old"] if args.old_set else [])
         old_cfg = load_config(args.config, [f"{k}={v}" for k, v in sets.items()] + args.overrides + args.old_set)

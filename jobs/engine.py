@@ -101,7 +101,9 @@ def diversify_experts(model: nn.Module, seed: int, ep_rank: int) -> int:
 def build_engine(cfg: RunConfig, model: nn.Module):  # noqa: ANN201 - deepspeed.DeepSpeedEngine
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    from models.deepspeed_import import import_deepspeed
+
+    deepspeed = import_deepspeed()
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     # model.init: pretrained unimodal weights, before DeepSpeed wraps (and ZeRO-3 partitions) the model

@@ -43,6 +43,9 @@ def _consolidate(view: str, checkpoint_dir: str, zero_stage: int) -> dict[str, T
 
     ds = os.path.join(view, DS_TAG)
     if zero_stage == 3:
+        from models.deepspeed_import import import_deepspeed
+
+        import_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(view, tag=DS_TAG).items()}

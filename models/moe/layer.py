@@ -66,7 +66,10 @@ class MoEFFN(ReportsMoEStats, nn.Module):
         if not moe.enabled:
             raise ValueError("MoEFFN needs moe.num_experts > 0")
         cpu_accelerator_unless_cuda()
-        from deepspeed.moe.layer import MoE  # lazily: slow import, and it must see DS_ACCELERATOR
+        from models.deepspeed_import import import_deepspeed
+
+        import_deepspeed()  # lazily (slow, and it must see DS_ACCELERATOR), without what mmpt never uses
+        from deepspeed.moe.layer import MoE
 
         width = expert_hidden_size or moe.expert_hidden_size or ffn_size(hidden_size, mlp_ratio)
         self.num_experts = moe.num_experts

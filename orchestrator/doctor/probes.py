@@ -146,7 +146,9 @@ def check_deepspeed() -> list[Check]:
     try:
         # DeepSpeed logs its accelerator choice to stdout at import: that is this check's finding.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            import deepspeed
+            from models.deepspeed_import import import_deepspeed
+
+            deepspeed = import_deepspeed()
             from deepspeed.accelerator import get_accelerator
     except ImportError as exc:
         return [Check("DeepSpeed", "fail", f"cannot import: {exc}", "pip install deepspeed")]
