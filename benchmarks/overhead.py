@@ -103,8 +103,9 @@ def _timing(windows: list[Window], t0: float, log_every: int, steps_per_epoch: i
     prev = {id(b): a for a, b in zip(windows, windows[1:], strict=False)}
     cpu_s = sum(cpu.between(prev[id(w)].at, w.at) for w in steady)
     steps = sum(w.step - prev[id(w)].step for w in steady)
-    span = max(windows[-1].step - windows[0].step, 1)
-    by_kind = {k: v / span for k, v in cpu.parts_between(windows[0].at, windows[-1].at).items()}
+    last = windows[-2] if len(windows) > 2 else windows[-1]  # the last report lands after the workers exit
+    span = max(last.step - windows[0].step, 1)
+    by_kind = {k: v / span for k, v in cpu.parts_between(windows[0].at, last.at).items()}
     # per step of each (steady window, rank): its training thread's CPU and run-queue seconds
     per_step = [(c / (w.step - prev[id(w)].step), d / (w.step - prev[id(w)].step))
                 for w in steady for c, d in cpu.busiest_threads_between(prev[id(w)].at, w.at)]
