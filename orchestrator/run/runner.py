@@ -29,6 +29,7 @@ from orchestrator.run.failures import append_event, failure_cause
 from orchestrator.run.files import CONFIG, MOE_HEATMAP, RAY_LOG, SUMMARY, RunFiles
 from orchestrator.run.progress import ProgressView, capture_output, summary_tables
 from orchestrator.run.ray_local import ray_instance
+from orchestrator.run.scaling import report_poll_s
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ def run(cfg: RunConfig, *, address: str | None = None, console: Console | None =
     files = RunFiles(cfg)
     out = console or Console()
     preflight.check_endpoint(cfg)
+    report_poll_s(cfg.scaling)  # a bad RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: one line now, not after Ray started
     preflight.check_storage(cfg, files)
     if fresh:
         files.delete()

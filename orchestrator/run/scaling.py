@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from jobs.config import ScalingConfig
+from orchestrator.config import ConfigError
 
 
 def train_scaling(s: ScalingConfig) -> dict[str, Any]:
@@ -71,8 +72,16 @@ def report_poll_s(s: ScalingConfig, environ: dict[str, str] | os._Environ[str] =
     """
     if s.report_poll_s is not None:
         return s.report_poll_s
-    if environ.get(POLL_ENV):
-        return float(environ[POLL_ENV])
+    raw = environ.get(POLL_ENV)
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not value > 0:  # Ray's controller would die on it with a traceback, after start-up
+            raise ConfigError([f"{POLL_ENV}={raw!r}: seconds between Ray Train's polls must be a positive "
+                               "number; unset it, or set scaling.report_poll_s"])
+        return value
     return min(2.0, max(0.1, s.num_workers / 100))
 
 

@@ -3,6 +3,7 @@ starts, in seconds (it used to print its banner and hang: --set train.batch_size
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -23,11 +24,12 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _mmpt(config: Path, *sets: str) -> tuple[subprocess.CompletedProcess[str], float]:
+def _mmpt(config: Path, *sets: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
     args = [a for s in sets for a in ("--set", s)]
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli.main", "run", str(config), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=None if env is None else os.environ | env)
     return proc, time.monotonic() - started
 
 
@@ -47,6 +49,15 @@ def test_an_impossible_run_is_one_line_and_exit_2_before_ray(shapes: Path, tmp_p
     assert lines[0].startswith(starts)
     assert "Traceback" not in proc.stderr and proc.stdout.strip() == ""  # no banner: nothing started
     assert took < 60
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_ray_train_poll_interval_is_one_line_and_exit_2_before_ray(shapes: Path, tmp_path: Path) -> None:
+    proc, _ = _mmpt(QUICKSTART, f"data.train={shapes}/train", f"data.eval={shapes}/eval", "data.image_size=32",
+                    f"storage.path={tmp_path}", env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "soon"})
+    assert proc.returncode == 2 and proc.stdout.strip() == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: RAY_TRAIN_HEALTH_CHECK_INTERVAL_S='soon': seconds between Ray Train's polls "
+                                   "must be a positive number; unset it, or set scaling.report_poll_s")
     assert not (tmp_path / "runs").exists()
 
 

@@ -36,6 +36,15 @@ def test_the_variable_is_set_for_the_fit_and_restored_after(monkeypatch: pytest.
     assert os.environ[POLL_ENV] == "0.7"
 
 
+@pytest.mark.parametrize("raw", ["0", "-1", "soon", "nan"])
+def test_a_bad_variable_is_a_one_line_config_error(raw: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        report_poll_s(ScalingConfig(num_workers=2), {POLL_ENV: raw})
+    assert err.value.problems == [f"{POLL_ENV}={raw!r}: seconds between Ray Train's polls must be a positive number; "
+                                  "unset it, or set scaling.report_poll_s"]
+    assert report_poll_s(ScalingConfig(num_workers=2, report_poll_s=0.5), {POLL_ENV: raw}) == 0.5  # the config wins
+
+
 def test_a_non_positive_interval_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="scaling.report_poll_s"):
         load_config(os.path.join(ROOT, "jobs/configs/quickstart.yaml"), ["scaling.report_poll_s=0"])
