@@ -12,18 +12,17 @@ synthetic shards for the same steps on 2 ranks (gloo, 1 CPU thread each):
 The machine is noisy, so the two run in turn (alternating which goes first) for several pairs; the
 figure is the median over pairs of (mmpt mean steady step time / plain mean steady step time),
 first and last reports excluded (the first holds the start of the data pipeline; mmpt's reports are
-timed where its driver sees them, and the last one arrives after the training thread has ended). Report windows are split in two:
-steady ones, and those holding an epoch boundary (the first step of an epoch: steps_per_epoch =
-samples per rank // batch, the same on both sides), each side's mean shown for both kinds. CPU
-cost counts every process of each side (benchmarks/cputime.py: mmpt's driver, Ray's GCS, raylet,
-workers and Ray Data tasks; plain's ranks), as CPU-seconds per steady step. Start-up is measured
+timed where its driver sees them, and the last one arrives after the training thread has ended).
+Report windows are split in two: steady ones, and those holding an epoch boundary (the first step
+of an epoch: steps_per_epoch = samples per rank // batch, the same on both sides), each side's mean
+shown for both kinds. CPU cost counts every process of each side (benchmarks/cputime.py: mmpt's
+driver, Ray's GCS, raylet, workers and Ray Data tasks; plain's ranks), as CPU-seconds per steady step. Start-up is measured
 from the same point on both sides (the benchmark hands the config over: `run(...)` / `mp.spawn`)
 to the end of the first step, estimated as (time of the first report) - (log_every - 1) x (steady
 step time). Where a step's time goes: each rank's training thread (the busiest thread of a Ray Train
 worker or a plain rank) per steady step, from Linux's /proc/<pid>/task/<tid>/schedstat: time on a
 CPU, time runnable but waiting for a CPU (another process had it), and the rest asleep (waiting for
-the other rank inside a collective, for data, for the GIL, or for another thread of the process: a
-single plain rank sleeps about half of its step, so compare the columns side by side).
+the other rank inside a collective, for data, or for the GIL another thread of the process holds).
 
     flock /tmp/mmpt-ray.lock .venv/bin/python benchmarks/overhead.py [--pairs 3] [--steps 80] [--set k=v ...]
 """
@@ -65,11 +64,10 @@ class Timing:
     boundary_wait_s: float
     cpu_per_step_s: float  # CPU-seconds of every process of the side per steady step
     startup_s: float  # launch -> end of the first step (estimated, see the module doc)
-    cpu_by_kind: dict[str, float]  # CPU-seconds per step by process kind, first report to last
+    cpu_by_kind: dict[str, float]  # CPU-seconds per step by process kind, first report to the one before the last
     # Each rank's training thread per steady step (mean over ranks): seconds on a CPU, seconds
     # runnable but waiting for a CPU (preempted by another process), the rest of the step asleep
-    # (waiting for the other rank in a collective, for data, for the GIL, or for another thread of
-    # the process doing part of the step: a plain rank alone sleeps ~half its step this way).
+    # (waiting for the other rank in a collective, for data, or for the GIL another thread holds).
     thread_cpu_s: float
     thread_runqueue_s: float
 

@@ -6,8 +6,9 @@ The run is the integration tests' tiny one (tests/integration/conftest.tiny: 2 w
 hidden 32, 6 steps, a report every 2 steps, checkpoints at 3 and 6, evaluation at the end); its
 length is what every Ray Train test of the suite pays, and a lab's run pays the same per report.
 Per run: wall time of `orchestrator.run.runner.run` (planning, Ray Train start-up, training,
-evaluation, summary), and the part from the end of the training loop to `fit()` returning.
-Also `--set train.steps=N` etc. for longer runs (a report every log_every steps).
+evaluation, summary), and the median gap between consecutive reports as the driver receives them
+(a poll-bound run receives one per poll period, whatever its training speed). Also
+`--set train.steps=N` etc. for longer runs (a report every log_every steps).
 
     .venv/bin/python -m benchmarks.run_latency [--pairs 4] [--set k=v ...]
 """
@@ -41,6 +42,7 @@ def main() -> None:
     from jobs.data.synth import write_synthetic
     from orchestrator.config import load_config
     from orchestrator.run.runner import run
+    from orchestrator.run.scaling import report_poll_s
     from tests.integration.conftest import QUICKSTART, tiny
 
     with tempfile.TemporaryDirectory(prefix="mmpt-latency-") as tmp_name:
@@ -49,7 +51,8 @@ def main() -> None:
         write_synthetic(str(data), samples=256, shards=4, seed=1, image_size=32, eval_samples=64)
         ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         try:
-            sides = {"new": [], "old": []}
+            sides: dict[str, list[float]] = {"new": [], "old": []}
+            gaps: dict[str, list[float]] = {"new": [], "old": []}
             cfgs = {side: load_config(QUICKSTART, tiny(data, tmp / side) + args.overrides + (OLD if side == "old" else []))
                     for side in sides}
             print(f"run_latency: {cfgs['new'].scaling.num_workers} workers, {cfgs['new'].train.steps} steps, a report "
@@ -66,16 +69,17 @@ def main() -> None:
                     wall = time.perf_counter() - t0
                     assert result.summary["steps"] == cfgs[side].train.steps
                     sides[side].append(wall)
-                    line.append(f"{side} {wall:.1f} s")
+                    seen = [r["time"] for r in result.metrics]  # when the driver received each report
+                    gaps[side].append(statistics.median(b - a for a, b in zip(seen, seen[1:], strict=False)))
+                    line.append(f"{side} {wall:.1f} s (reports {gaps[side][-1]:.2f} s apart)")
                 print(" ".join(line), flush=True)
         finally:
             ray.shutdown()
     new, old = statistics.median(sides["new"]), statistics.median(sides["old"])
-    from orchestrator.run.scaling import report_poll_s
-
-    poll = report_poll_s(cfgs["new"].scaling, {})
-    print(f"median run wall time: new (report poll {poll:g} s at 2 workers) {new:.1f} s, old (Ray's 2 s) {old:.1f} s; "
-          f"new/old {new / old:.2f}")
+    scaling = cfgs["new"].scaling
+    print(f"median run wall time: new (report poll {report_poll_s(scaling, {}):g} s at {scaling.num_workers} workers) "
+          f"{new:.1f} s, old (Ray's 2 s) {old:.1f} s; new/old {new / old:.2f}; median gap between reports received: "
+          f"new {statistics.median(gaps['new']):.2f} s, old {statistics.median(gaps['old']):.2f} s")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 `import deepspeed` imports DeepSpeed's autotuner, which imports MLflow whenever it is installed
 (`mmpt[tracking]` installs it), only to log DeepSpeed's own autotuning experiments, which mmpt never
-runs. MLflow drags in its own dependency tree: of the 1.5-2.3 s `import deepspeed` took in a Ray
-Train worker here, about 1.2-2 s. `import_deepspeed` hides MLflow during that one import
+runs. MLflow drags in its own dependency tree: `import deepspeed` after torch took 1.50 CPU-s here,
+0.38 without it (`python -m benchmarks.imports`). `import_deepspeed` hides MLflow during that one import
 (DeepSpeed's autotuner then records that it has none) and puts everything back afterwards, so
 `import mlflow` works as before for whoever wants it; when MLflow is already imported, nothing is
 hidden (it costs nothing then).

@@ -67,8 +67,9 @@ def report_poll_s(s: ScalingConfig, environ: dict[str, str] | os._Environ[str] =
     Each poll takes at most one report from each worker, and a worker's report queue holds one:
     `ray.train.report` blocks the training loop until the previous report was polled. Ray's 2 s
     default, with reports every second or so, stalled each report by up to 2 s and each run's end
-    by as much (a 6-step test run spent a quarter of its time so). One poll is one small actor task
-    per worker, so the default grows with the workers: 0.1 s up to 10 of them, 2 s from 200.
+    by as much (a 6-step test run spent 30 % of its time so: benchmarks/run_latency.py). One poll is
+    one small actor task per worker, so the default grows with the workers: 0.1 s up to 10 of them,
+    2 s from 200.
     """
     if s.report_poll_s is not None:
         return s.report_poll_s

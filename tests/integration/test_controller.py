@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -34,17 +33,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import QUICKSTART, ROOT, TEST_RAY_TRAIN_ENV, tiny
+from tests.services import free_port, require_binary
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SECRET = "fake-aws-secret-" + secrets.token_hex(12)
 _BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _base_env() -> dict[str, str]:
@@ -95,10 +89,10 @@ def head() -> Iterator[Head]:
     root = Path(tempfile.mkdtemp(prefix="mmpt-head-", dir="/tmp"))  # short: Ray's socket paths have a limit
     token = secrets.token_hex(16)
     (root / "token").write_text(token)
-    dash = _free_port()
-    ports = {flag: _free_port() for flag in ("--port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-                                             "--dashboard-agent-grpc-port", "--metrics-export-port",
-                                             "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")}
+    dash = free_port()
+    ports = {flag: free_port() for flag in ("--port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+                                            "--dashboard-agent-grpc-port", "--metrics-export-port",
+                                            "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")}
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(root / "token")}
     head_env = _base_env() | auth | {"RAY_TMPDIR": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [str(_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
@@ -143,7 +137,7 @@ class ControllerProc:
 
 def start_controller(db: str, env: dict[str, str], log: Path, interval: float = 1.0,
                      extra: Sequence[str] = ()) -> ControllerProc:
-    port = _free_port()
+    port = free_port()
     out = open(log, "ab")  # noqa: SIM115 - the child holds it
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "controller", "--db", db, "--port", str(port),
                              "--interval", str(interval), *extra], cwd=ROOT, env=env, stdout=out,
@@ -354,10 +348,8 @@ def _prom_get(base: str, path: str, **params: str) -> Any:
 @contextlib.contextmanager
 def _prometheus(config: dict[str, Any], root: Path) -> Iterator[str]:
     """Debian's Prometheus on 127.0.0.1 with `config`, its own TSDB under `root`."""
-    from tests.services import require_binary
-
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log = open(root / "prometheus.log", "wb")  # noqa: SIM115 - the child holds it
     proc = subprocess.Popen([require_binary("prometheus"), f"--config.file={root / 'prometheus.yml'}",
                              f"--storage.tsdb.path={root / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],

@@ -29,13 +29,13 @@ from tests.integration.exact import COMPARED, STEPS, assert_same_run
 from tests.integration.test_controller import (
     _BIN,
     _base_env,
-    _free_port,
     _series,
     _wait,
     dashboard_up,
     mmpt,
     start_controller,
 )
+from tests.services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,8 +44,8 @@ class RayHead:
     """`ray start --head --block` on fixed ports, restartable on the same address."""
 
     def __init__(self, root: Path, token: str) -> None:
-        self.root, self.dash = root, _free_port()
-        self.ports = {flag: _free_port() for flag in (
+        self.root, self.dash = root, free_port()
+        self.ports = {flag: free_port() for flag in (
             "--port", "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
             "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")}
         self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(root / "token")}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from models.moe.config import MoEConfig
+from tests.services import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +55,6 @@ def _inputs(rank: int) -> tuple[Tensor, Tensor]:
     return x, mask
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _setup(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -73,7 +68,7 @@ def _setup(rank: int, port: int) -> None:
 def _spawn(fn: Any, *args: Any) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(_free_port(), fn, *args), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), fn, *args), nprocs=WORLD, join=True)
 
 
 def _worker(rank: int, port: int, fn: Any, *args: Any) -> None:

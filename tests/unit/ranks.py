@@ -10,15 +10,10 @@ active exception", SIGABRT: seen once in test_objectives_alignment).
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.services import free_port
 
 
 def spawn_two(fn: Callable[..., None], *args: Any) -> None:
