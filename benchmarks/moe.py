@@ -6,10 +6,14 @@ Side by side in one run:
    of ~2k tokens) for E in {4, 16, 64, 256}: tokens/s of the MoE layer (forward + backward) over
    tokens/s of a dense FFN with the same FLOPs per token (top-2: a dense FFN twice as wide), for
    - old: the previous indexed dispatch (a Python loop over DeepSpeed's per-expert modules, two
-     sorts per layer, an fp32 combine buffer, a host sync), kept in this file as it was;
+     sorts per layer, an fp32 combine buffer, a host sync; benchmarks/moe_old.py) on the router
+     composed of torch ops under autograd;
    - grouped, masked: stacked expert weights, autograd over one grouped GEMM per projection on all
-     rows, masked (f7e9d96; now the GPU path), the dispatch buffer filled from the gate's slots;
-   - new: the same layer with the CPU path: only the kept rows, one hand-written autograd function;
+     rows, masked (f7e9d96; now the GPU path), the dispatch buffer filled from the gate's slots,
+     the composed router;
+   - new: the same layer with the CPU path: only the kept rows, one hand-written autograd function,
+     weight gradients into reused buffers (models/moe/host_experts.GradBuffers), and a Switch
+     router in one autograd function (models/moe/routing._Top1Router);
    - DeepSpeed's stock layer (TopKGate + MOELayer, capacity-padded buffers).
    Only computed tokens count: a dropped route is not throughput, so a capacity row's ratio is
    (kept routes / k) / time against the dense FFN's tokens / time, and its `dropped` column says how
@@ -32,10 +36,12 @@ import argparse
 import copy
 import json
 import os
+import resource
 import socket
 import statistics
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +53,14 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from benchmarks.moe_old import OldIndexedLayer  # noqa: E402
+from jobs.worker_host import setup_worker_host  # noqa: E402
 from models.ffn import FeedForward  # noqa: E402
 from models.moe import MoEFFN, collect_stats  # noqa: E402
 from models.moe.config import MoEConfig  # noqa: E402
+from models.moe.gates import Gate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
 
 
 @dataclass(frozen=True)
@@ -92,16 +101,21 @@ def step_fn(module: nn.Module, kind: str, x_BSD: Tensor, mask_BS: Tensor) -> Cal
 
 
 def measure(steps: dict[str, Callable[[], None]], rounds: int, clock: Callable[[], float],
-            sync: Callable[[float], float] = lambda t: t) -> dict[str, list[float]]:
-    """Alternate the steps round by round (2 warm-up rounds dropped); seconds per step."""
+            sync: Callable[[float], float] = lambda t: t, faults: dict[str, list[int]] | None = None
+            ) -> dict[str, list[float]]:
+    """Alternate the steps round by round (2 warm-up rounds dropped); seconds per step (and, into
+    `faults`, the page faults of this thread per step)."""
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(rounds + 2):
         for name, step in steps.items():
+            f0 = resource.getrusage(RUSAGE_THREAD).ru_minflt
             t0 = clock()
             step()
             elapsed = sync(clock() - t0)
             if r >= 2:
                 times[name].append(elapsed)
+                if faults is not None:
+                    faults.setdefault(name, []).append(resource.getrusage(RUSAGE_THREAD).ru_minflt - f0)
     return times
 
 
@@ -128,6 +142,8 @@ def build(row: Row, D: int, F: int, E: int, ep_size: int, with_old: bool = True)
         masked = copy.deepcopy(new)
         ex = masked.moe.deepspeed_moe.experts
         ex.grouped = ex._masked
+        gate = masked.moe.deepspeed_moe.gate
+        gate.route = types.MethodType(Gate.route, gate)  # and its composed router (no _Top1Router)
         layers["masked"] = masked
     if row.deepspeed is not None:
         layers["stock"] = MoE(D, FeedForward(D, F), num_experts=E, ep_size=ep_size, min_capacity=0,
@@ -142,11 +158,13 @@ def layer_figures(row: Row, layers: dict[str, nn.Module], x: Tensor, mask: Tenso
         layers["stock"].deepspeed_moe.gate.register_forward_hook(lambda m, a, out: stock_routes.append(out[3]))
     steps = {name: step_fn(module, name if name in ("dense", "stock") else "ours", x, mask)
              for name, module in layers.items()}
-    times = measure(steps, rounds, clock, sync)
+    faults: dict[str, list[int]] = {}
+    times = measure(steps, rounds, clock, sync, faults)
     N = int(mask.sum())
     new_counts = layers["new"].last_stats
     kept_new = 1.0 - float(new_counts.dropped)
-    out: dict[str, Any] = {"dense_tps": N / statistics.median(times["dense"]), "new_dropped": 1 - kept_new}
+    out: dict[str, Any] = {"dense_tps": N / statistics.median(times["dense"]), "new_dropped": 1 - kept_new,
+                           "faults": {k: statistics.median(v) for k, v in faults.items()}}
     for name in layers:
         if name == "dense":
             continue
@@ -165,16 +183,18 @@ def print_layer_table(title: str, results: dict[str, dict[str, Any]], columns: t
     labels = {"old": "old (loop)", "masked": "grouped, masked", "new": "new (host fn)", "stock": "DeepSpeed MOELayer"}
     for c in columns:
         head += f" | {labels[c]:>20s}"
-    print(head + f" | {'dropped':>7s} {'DS dropped':>10s}")
+    print(head + f" | {'dropped':>7s} {'DS dropped':>10s} | {'faults new/dense':>16s}")
     for name, r in results.items():
         line = f"  {name:44s} {r['dense_tps']:11.0f}"
         for c in columns:
             line += (f" | {r[c + '_ratio']:5.3f} [{r[c + '_q1']:.2f}-{r[c + '_q3']:.2f}]" if c + "_ratio" in r
                      else f" | {'-':>20s}")
         stock = f"{100 * r['stock_dropped']:9.1f}%" if "stock_dropped" in r else f"{'-':>10s}"
-        print(line + f" | {100 * r['new_dropped']:6.1f}% {stock}")
+        f = r["faults"]
+        print(line + f" | {100 * r['new_dropped']:6.1f}% {stock} | {f['new']:7.0f} / {f['dense']:6.0f}")
     print("  ratio = computed tokens/s of the MoE layer / tokens/s of the FLOP-matched dense FFN, median of the "
-          "per-round ratios [quartiles]; `dropped` = share of routes over capacity (not computed, not counted)")
+          "per-round ratios [quartiles]; `dropped` = share of routes over capacity (not computed, not counted); "
+          "faults = the thread's page faults per step, median (jobs/worker_host.py)")
 
 
 def _inputs(tokens: int, hidden: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -186,7 +206,7 @@ def _inputs(tokens: int, hidden: int, seed: int) -> tuple[Tensor, Tensor]:
 
 
 def single_process(args: argparse.Namespace) -> None:
-    torch.set_num_threads(1)
+    setup_worker_host(1, args.host_memory)
     x, mask = _inputs(args.tokens, args.hidden, 0)
     results = {}
     for E in args.experts:
@@ -197,7 +217,8 @@ def single_process(args: argparse.Namespace) -> None:
             results[f"E={E:<3d} {row.name}"] = layer_figures(row, layers, x, mask, rounds, time.thread_time)
     print_layer_table(
         f"\n[1] ep_size 1, one process, 1 thread: MoE layer fwd+bwd vs FLOP-matched dense FFN (D={args.hidden}, "
-        f"F={args.ffn}, {args.tokens} tokens, random inputs; CPU time of the thread, alternating rounds)",
+        f"F={args.ffn}, {args.tokens} tokens, random inputs; CPU time of the thread, alternating rounds; "
+        f"host_memory: {args.host_memory})",
         results, ("old", "masked", "new", "stock"))
 
 
@@ -207,7 +228,7 @@ def single_process(args: argparse.Namespace) -> None:
 def _ep_worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
-    torch.set_num_threads(1)
+    setup_worker_host(1, args.host_memory)
     import deepspeed
     import torch.distributed as dist
 
@@ -290,7 +311,7 @@ def shapes_world(args: argparse.Namespace) -> None:
     from models.config import ImageSpec
     from orchestrator.config import load_config
 
-    torch.set_num_threads(1)
+    setup_worker_host(1, args.host_memory)
     base = load_config(ROOT / "jobs/configs/quickstart.yaml")
     batches, text = shapes_batches(args.shape_samples, base.data.image_size, base.data.max_text_len,
                                    base.train.batch_size)
@@ -333,6 +354,8 @@ def shape_args(doc: str | None, rounds: int) -> argparse.ArgumentParser:
     ap.add_argument("--ffn", type=int, default=256)
     ap.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64, 256])
     ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--host-memory", choices=["retain", "system"], default="retain",
+                    help="malloc policy of the process, as a training worker's scaling.host_memory")
     return ap
 
 

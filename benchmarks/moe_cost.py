@@ -37,6 +37,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 from benchmarks.moe import ROWS, _inputs, build, measure, shape_args, step_fn  # noqa: E402
+from jobs.worker_host import setup_worker_host  # noqa: E402
 
 
 def _copy_ms(numel: int, fresh: bool, rounds: int = 5) -> float:
@@ -106,9 +107,10 @@ def main() -> None:
     import logging
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    torch.set_num_threads(1)
+    setup_worker_host(1, args.host_memory)
     D, F, N = args.hidden, args.ffn, args.tokens
-    print(f"MoE layer cost by part, dropless top-1, D={D} F={F} {N} tokens, 1 thread, CPU time (ms, median)")
+    print(f"MoE layer cost by part, dropless top-1, D={D} F={F} {N} tokens, 1 thread, CPU time (ms, median), "
+          f"host_memory: {args.host_memory}")
     print(f"  {'E':>4s} {'dense':>7s} {'layer':>7s} {'router':>7s} {'experts':>8s} {'rest':>6s} | {'ratio':>5s}"
           f" {'router floor':>12s} | {'weight MB':>9s} {'floor reused':>12s} {'floor fresh':>11s} {'wgrad GEMM':>10s}")
     for E in args.experts:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from models.ffn import FeedForward
 from models.moe import MoEFFN
+from models.moe.gates import Gate
 from models.moe.routing import Routing
 
 
@@ -33,7 +34,7 @@ class OldIndexedLayer(nn.Module):
 
     def forward(self, x_BSD: Tensor, mask_BS: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x_ND = x_BSD.reshape(-1, x_BSD.shape[-1])
-        r = self.gate.route(x_ND, mask_BS.reshape(-1).bool())
+        r = Gate.route(self.gate, x_ND, mask_BS.reshape(-1).bool())  # the composed router (no _Top1Router)
         return self._combine(x_ND, r).reshape(x_BSD.shape), r.aux, r.counts_E
 
     def _local(self, x_RD: Tensor, counts: list[int]) -> Tensor:

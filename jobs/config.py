@@ -132,6 +132,10 @@ class ScalingConfig(Strict):
     data_num_cpus: PositiveFloat | None = Field(None, description="CPUs per Ray Data read/preprocess task; null = 1")
     data_resources: dict[str, PositiveFloat] = Field(
         default_factory=dict, description="custom Ray resources each preprocessing task asks for, e.g. {data_cpu: 1}")
+    host_memory: Literal["retain", "system"] = Field(
+        "retain", description="a training worker's malloc: retain (freed memory stays mapped for the next "
+        "step, below 32 MiB blocks; glibc otherwise hands it back and the next step page-faults on it) or "
+        "system (glibc's defaults); see jobs/worker_host.py")
     report_poll_s: PositiveFloat | None = Field(
         None, description="seconds between the Ray Train controller's polls of its workers "
         "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): it takes one report per poll, and a rank's next report "

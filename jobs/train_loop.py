@@ -30,6 +30,7 @@ from jobs.data.steps import synchronized_batches, synchronized_steps
 from jobs.data.stream import MixtureStream, RankStream
 from jobs.tensor_parallel import Mesh, data_parallel_group
 from jobs.trainer import Trainer
+from jobs.worker_host import setup_worker_host
 from models import metric_keys as mk
 from models.config import ImageSpec, TextSpec
 
@@ -94,7 +95,7 @@ def train_func(config: dict[str, Any]) -> None:
     cfg = RunConfig.model_validate(job.run)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    setup_worker_host(cfg.scaling.cpus_per_worker, cfg.scaling.host_memory)
     if cfg.train.hang_timeout_s:
         watchdog.install(watchdog.Watchdog(cfg.train.hang_timeout_s, rank, notify=_notifier(job.events, rank)))
     try:

@@ -31,6 +31,7 @@ from jobs import collectives, storage
 from jobs.config import RunConfig
 from jobs.data.batch import to_model_batch
 from jobs.transfer import labelled as lab
+from jobs.worker_host import setup_worker_host
 from models import metric_keys as mk
 from models.config import ImageSpec, TextSpec
 
@@ -163,7 +164,7 @@ def finetune_func(config: dict[str, Any]) -> None:
     image = ImageSpec(size=cfg.data.image_size, max_objects=cfg.data.max_objects)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    setup_worker_host(cfg.scaling.cpus_per_worker, cfg.scaling.host_memory)
     spec = job.pipeline
     splits = load_splits(cfg, spec, [s for src in job.train_sources for s in src], job.eval_shards)
     train = lab.rank_share(splits.train, rank, world)

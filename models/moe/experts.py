@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.moe.host_experts import HostExpertsFFN
+from models.moe.host_experts import GradBuffers, HostExpertsFFN
 
 _PER_EXPERT = {"fc1_weight": "fc1.weight", "fc1_bias": "fc1.bias", "fc2_weight": "fc2.weight", "fc2_bias": "fc2.bias"}
 _EXPERTS_KEY = "deepspeed_experts"
@@ -66,6 +66,7 @@ class StackedExperts(nn.Module):
             p.stacked_experts = True  # dim 0 enumerates experts (init and diversification draw per element)
         for w in (self.fc1_weight, self.fc2_weight):
             nn.init.trunc_normal_(w, std=0.02, a=-0.04, b=0.04)
+        self._grad_buffers = GradBuffers()  # the host path's weight-gradient buffers, reused across steps
         self._register_state_dict_hook(_per_expert_state)
         self._register_load_state_dict_pre_hook(_stack_state, with_module=True)
 
@@ -101,8 +102,8 @@ class StackedExperts(nn.Module):
     def _host(self, x_MD: Tensor, offsets_L: Tensor, row_expert_M: Tensor) -> Tensor:
         ends = offsets_L.tolist()
         total = ends[-1]
-        y_TD = HostExpertsFFN.apply(x_MD[:total], ends, row_expert_M[:total], self.fc1_weight, self.fc1_bias,
-                                    self.fc2_weight, self.fc2_bias)
+        y_TD = HostExpertsFFN.apply(x_MD[:total], ends, row_expert_M[:total], self._grad_buffers, self.fc1_weight,
+                                    self.fc1_bias, self.fc2_weight, self.fc2_bias)
         if total == x_MD.shape[0]:
             return y_TD
         return torch.cat([y_TD, y_TD.new_zeros((x_MD.shape[0] - total, y_TD.shape[1]))])

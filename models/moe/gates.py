@@ -37,6 +37,7 @@ from models.moe.config import MoEConfig
 from models.moe.routing import (
     NO_EXPERT,
     Routing,
+    cut,
     cv_squared,
     finish,
     normal_cdf,
@@ -44,6 +45,7 @@ from models.moe.routing import (
     router_logits,
     softmax_and_lse,
     switch_balance_loss,
+    top1_router,
     z_loss,
 )
 from models.recompute import recomputing
@@ -133,6 +135,22 @@ class SwitchGate(Gate):
     """Top-1 (Fedus et al. 2021): expert = argmax of the router, combine weight = its probability
     (not renormalised, so the router gets a gradient through the output), Switch balancing loss.
     `noisy_gate_policy: rsample` picks the argmax of Gumbel-perturbed logits in training (DeepSpeed)."""
+
+    def route(self, x_ND: Tensor, used_N: Tensor | None = None) -> Routing:
+        if self.training and self.noisy_gate_policy == "rsample":
+            return super().route(x_ND, used_N)
+        # The router in one autograd function (routing._Top1Router): same values and gradients.
+        if used_N is None:
+            used_N = torch.ones(x_ND.shape[0], dtype=torch.bool, device=x_ND.device)
+        used_N = used_N.reshape(-1).bool()
+        gate_N, expert_N, aux, losses, entropy = top1_router(
+            self._router_input(x_ND), self.wg.weight, used_N, self.aux_loss_weight, self.z_loss_weight)
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        routing = cut(expert_KN=expert_N[None], gate_KN=gate_N[None], used_N=used_N, num_experts=self.num_experts,
+                      capacity_factor=None if self.dropless else factor, min_capacity=self.min_capacity,
+                      policy=self.drop_policy, aux=aux, losses=losses, entropy=entropy)
+        self.last_routing = routing
+        return routing
 
     def _choose(self, x_ND: Tensor, logits_NE: Tensor, probs_NE: Tensor, used_N: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,9 +13,9 @@ an index_select whose backward is an index_add. On the host the counts cost noth
   refuses, each projection is one `addmm` per expert into its slice of one output (the bias fused
   into the GEMM, as nn.Linear's); with many experts of few rows each, one `grouped_mm` (PyTorch's
   C++ loop of GEMMs: one Python call instead of L) and the biases added in place;
-- the backward runs the same GEMMs by hand: weight gradients as one grouped GEMM over the row
-  ranges (2-D x 2-D with offsets -> [L, ...]), bias gradients as per-expert sums (few experts) or
-  one index_add (many), GELU's backward on the saved pre-activation; no autograd graph of ~20 nodes.
+- the backward runs the same GEMMs by hand: weight gradients as one GEMM per expert into a buffer
+  reused across steps (`GradBuffers`), bias gradients as per-expert sums (few experts) or one
+  index_add (many), GELU's backward on the saved pre-activation; no autograd graph of ~20 nodes.
 
 Costs at the quickstart's shapes (D 128, F 256, 2048 tokens, one thread), in benchmarks/moe.py.
 """
@@ -73,32 +73,70 @@ def _input_grad(g_TN: Tensor, w_LNK: Tensor, ends: list[int], offs: Tensor) -> T
     return out
 
 
-def _param_grads(g_TN: Tensor, x_TK: Tensor, w_LNK: Tensor, ends: list[int], offs: Tensor, row_expert_T: Tensor
-                 ) -> tuple[Tensor, Tensor]:
+def _param_grads(g_TN: Tensor, x_TK: Tensor, w_LNK: Tensor, ends: list[int], row_expert_T: Tensor,
+                 buffers: GradBuffers, name: str) -> tuple[Tensor, Tensor]:
     """(d w [L, N, K] = per expert g^T x over its rows, d b [L, N] = per expert sum of g); experts
-    without rows get 0."""
+    without rows get 0. The weight gradient is one GEMM per expert into a buffer reused across steps
+    (`GradBuffers`): at E = 256 it is 32 MiB, and fresh memory of that size costs more than its GEMMs
+    (grouped_mm allocates its output: 18 ms against 8.7 for the loop into reused memory, here)."""
     L, N = len(ends), g_TN.shape[1]
-    if not _looped(w_LNK, g_TN.shape[0]):
-        # grouped_mm leaves the groups of empty experts unwritten: zero them.
-        gw = F.grouped_mm(g_TN.t(), x_TK, offs=offs)
-        for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
-            if end == start:
-                gw[e].zero_()
-        return gw, g_TN.new_zeros((L, N)).index_add_(0, row_expert_T, g_TN)
+    gw = buffers.empty(name, (L, N, x_TK.shape[1]), g_TN)
+    g_NT = g_TN.t()
+    looped = _looped(w_LNK, g_TN.shape[0])
+    gb = g_TN.new_empty((L, N)) if looped else g_TN.new_zeros((L, N)).index_add_(0, row_expert_T, g_TN)
     # Every expert's slice is written (its GEMM, or zeros without rows): no memset of the whole
     # gradient first (at E=256 it is as large as the experts' weights).
-    gw = g_TN.new_empty((L, N, x_TK.shape[1]))
-    gb = g_TN.new_empty((L, N))
     start = 0
     for e, end in enumerate(ends):
         if end > start:
-            torch.mm(g_TN[start:end].t(), x_TK[start:end], out=gw[e])
-            torch.sum(g_TN[start:end], 0, out=gb[e])
+            torch.mm(g_NT[:, start:end], x_TK[start:end], out=gw[e])
+            if looped:
+                torch.sum(g_TN[start:end], 0, out=gb[e])
         else:
             gw[e].zero_()
-            gb[e].zero_()
+            if looped:
+                gb[e].zero_()
         start = end
     return gw, gb
+
+
+class GradBuffers:
+    """Large gradient buffers of one expert module, written again by a later backward once nothing
+    else holds them -- the rule of PyTorch's CUDA caching allocator, for host memory: a buffer is
+    reused only when its storage has no other user (the gradient it became was set to None, or
+    DeepSpeed copied it into its own buffer and dropped it); while a `.grad` still holds it (gradient
+    accumulation keeps p.grad) a fresh one is allocated. Why: glibc unmaps freed blocks from 32 MiB
+    up, so a fresh 32 MiB gradient page-faults on every 4 KiB page when written (~14-19 ms here, as
+    long as the GEMMs writing it); smaller blocks are reused by malloc itself and pass through."""
+
+    MIN_BYTES = 16 * 2**20
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[Tensor, int]] = {}
+
+    def empty(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel * like.element_size() < self.MIN_BYTES:
+            return like.new_empty(shape)
+        held = self._held.get(name)
+        if held is not None and held[0].shape == shape and held[0].dtype == like.dtype and _users(held[0]) == held[1]:
+            return held[0].view(shape)  # a new tensor on the same storage: autograd takes it as .grad
+        buf = like.new_empty(shape)
+        self._held[name] = (buf, _users(buf))
+        return buf.view(shape)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GradBuffers:
+        return GradBuffers()  # a copied module gets its own buffers (none yet)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_held": {}}
+
+
+def _users(t: Tensor) -> int:
+    """References to t's storage (PyTorch's own check before reusing a buffer, as cudagraph_trees)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
 class HostExpertsFFN(torch.autograd.Function):
@@ -106,23 +144,24 @@ class HostExpertsFFN(torch.autograd.Function):
     row through its expert's Linear -> GELU -> Linear (`ends`: host ints, end row of each expert)."""
 
     @staticmethod
-    def forward(ctx: Any, x_TD: Tensor, ends: list[int], row_expert_T: Tensor, w1_LFD: Tensor, b1_LF: Tensor,
-                w2_LDF: Tensor, b2_LD: Tensor) -> Tensor:
+    def forward(ctx: Any, x_TD: Tensor, ends: list[int], row_expert_T: Tensor, buffers: GradBuffers, w1_LFD: Tensor,
+                b1_LF: Tensor, w2_LDF: Tensor, b2_LD: Tensor) -> Tensor:
         offs = torch.tensor(ends, dtype=torch.int32)
         h_TF = _project(x_TD, w1_LFD, b1_LF, ends, offs, row_expert_T)
         a_TF = F.gelu(h_TF)
         y_TD = _project(a_TF, w2_LDF, b2_LD, ends, offs, row_expert_T)
         ctx.save_for_backward(x_TD, row_expert_T, w1_LFD, w2_LDF, h_TF, a_TF)
-        ctx.ends, ctx.offs = ends, offs
+        ctx.ends, ctx.offs, ctx.buffers = ends, offs, buffers
         return y_TD
 
     @staticmethod
     def backward(ctx: Any, g_TD: Tensor) -> tuple[Tensor | None, ...]:
         x_TD, row_expert_T, w1_LFD, w2_LDF, h_TF, a_TF = ctx.saved_tensors
-        ends, offs = ctx.ends, ctx.offs
+        ends, offs, buffers = ctx.ends, ctx.offs, ctx.buffers
         g_TD = g_TD.contiguous()
-        gw2, gb2 = _param_grads(g_TD, a_TF, w2_LDF, ends, offs, row_expert_T)
+        weights = any(ctx.needs_input_grad[4:])
+        gw2, gb2 = _param_grads(g_TD, a_TF, w2_LDF, ends, row_expert_T, buffers, "fc2") if weights else (None, None)
         g_TF = torch.ops.aten.gelu_backward(_input_grad(g_TD, w2_LDF, ends, offs), h_TF)
-        gw1, gb1 = _param_grads(g_TF, x_TD, w1_LFD, ends, offs, row_expert_T)
+        gw1, gb1 = _param_grads(g_TF, x_TD, w1_LFD, ends, row_expert_T, buffers, "fc1") if weights else (None, None)
         gx = _input_grad(g_TF, w1_LFD, ends, offs) if ctx.needs_input_grad[0] else None
-        return gx, None, None, gw1, gb1, gw2, gb2
+        return gx, None, None, None, gw1, gb1, gw2, gb2

@@ -91,13 +91,24 @@ def switch_balance_loss(probs_NE: Tensor, first_N: Tensor, used_N: Tensor) -> Te
     return E * (f_E * P_E).sum()
 
 
+# Below this many experts, ATen's CPU softmax over the last dim runs a scalar loop (it vectorises
+# along the softmax dim, 16 fp32 lanes on AVX-512): at E = 4, [2048, 4] takes ~160 us, where exp / sum
+# / divide written out take ~40 (benchmarks/moe_cost.py's router column).
+SMALL_SOFTMAX = 16
+
+
 def softmax_and_lse(logits_NE: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(router probabilities, logsumexp of the logits, argmax of the logits). One fused softmax (its
     backward is one pass, where exp(logits - logsumexp) takes three); the logsumexp then costs O(N),
     not another pass over [N, E]: lse = max - log p_max, which is how logsumexp computes it (p_max >=
-    1/E: well conditioned). The argmax comes with the max (top-1 gates take it: no second reduction)."""
-    probs_NE = torch.softmax(logits_NE, dim=-1)
+    1/E: well conditioned). The argmax comes with the max (top-1 gates take it: no second reduction).
+    On CPU with few experts the softmax is written out (`SMALL_SOFTMAX`): lse = max + log(sum exp)."""
     max_N, arg_N = logits_NE.max(dim=-1)
+    if logits_NE.device.type == "cpu" and logits_NE.shape[1] < SMALL_SOFTMAX:
+        exp_NE = (logits_NE - max_N[:, None]).exp()  # not in place: autograd saves exp's output
+        sum_N = exp_NE.sum(-1)
+        return exp_NE / sum_N[:, None], max_N + sum_N.log(), arg_N
+    probs_NE = torch.softmax(logits_NE, dim=-1)
     return probs_NE, max_N - probs_NE.gather(1, arg_N[:, None]).squeeze(1).log(), arg_N
 
 
@@ -186,36 +197,112 @@ def finish(
     tokens are removed here. Over-capacity routes are dropped: their token gets nothing from that
     expert and the residual connection carries it (Switch §2.2).
     """
+    z = z_loss(lse_N, used_N)
+    return cut(
+        expert_KN=expert_KN, gate_KN=gate_KN, used_N=used_N, num_experts=probs_NE.shape[1],
+        capacity_factor=capacity_factor, min_capacity=min_capacity, policy=policy,
+        aux=aux_loss_weight * balance + z_loss_weight * z, losses={"aux": balance, "z_loss": z},
+        entropy=router_entropy(probs_NE, logits_NE, lse_N, used_N),
+    )
+
+
+def cut(
+    *,
+    expert_KN: Tensor,
+    gate_KN: Tensor,
+    used_N: Tensor,
+    num_experts: int,
+    capacity_factor: float | None,
+    min_capacity: int,
+    policy: DropPolicy,
+    aux: Tensor,
+    losses: dict[str, Tensor],
+    entropy: Tensor,
+) -> Routing:
+    """The capacity cut of `finish`, for a gate that computed its losses and entropy itself."""
     K, N = expert_KN.shape
-    E = probs_NE.shape[1]
+    E = num_experts
     expert_KN = torch.where(used_N[None, :], expert_KN, NO_EXPERT)
     # Dropless: the order within an expert matters to no one; skip the random draw.
     slot_KN = assign_slots(expert_KN, gate_KN, E, policy if capacity_factor is not None else "position")
-    chosen_KN = expert_KN >= 0
     wanted_E = _count(expert_KN, E)
     tokens = used_N.sum()
     if capacity_factor is None:
         capacity = wanted_E.max()
-        kept_KN = chosen_KN
+        kept_KN = expert_KN >= 0
+        counts_E = wanted_E
     else:
         capacity = expert_capacity(tokens, K, E, capacity_factor, min_capacity)
-        kept_KN = chosen_KN & (slot_KN < capacity)
-    expert_KN = torch.where(kept_KN, expert_KN, NO_EXPERT)
-    gate_KN = torch.where(kept_KN, gate_KN, torch.zeros_like(gate_KN))
-    z = z_loss(lse_N, used_N)
+        kept_KN = (expert_KN >= 0) & (slot_KN < capacity)
+        expert_KN = torch.where(kept_KN, expert_KN, NO_EXPERT)
+        counts_E = _count(expert_KN, E)
     return Routing(
         expert_KN=expert_KN,
-        gate_KN=gate_KN,
+        gate_KN=torch.where(kept_KN, gate_KN, 0.0),
         slot_KN=torch.where(kept_KN, slot_KN, 0),
         capacity=capacity,
-        counts_E=_count(expert_KN, E),
+        counts_E=counts_E,
         wanted_E=wanted_E,
-        aux=aux_loss_weight * balance + z_loss_weight * z,
-        losses={"aux": balance, "z_loss": z},
-        entropy=router_entropy(probs_NE, logits_NE, lse_N, used_N),
+        aux=aux,
+        losses=losses,
+        entropy=entropy,
         tokens=tokens,
         used_N=used_N,
     )
+
+
+class _Top1Router(torch.autograd.Function):
+    """The top-1 router (Switch) in one autograd function: logits = x W^T in fp32, softmax, the
+    argmax and its probability (the combine weight), the Switch balancing loss E * sum_e f_e P_e
+    and the z-loss mean(lse^2) over real tokens, their weighted sum, and the router entropy. The
+    backward is written out (d logits = p * (d p - <d p, p> + 2 c lse), c the z-loss factor): ~10
+    tensor ops where autograd over the same forward runs ~40 nodes (per-op overhead is most of a
+    router's cost: its GEMM is [N, D] x [D, E]). Same values and gradients as the composed path
+    (`softmax_and_lse` + `switch_balance_loss` + `z_loss`; tests/unit/test_moe_gates.py)."""
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, weight_ED: Tensor, w_N: Tensor, aux_weight: float,  # type: ignore[override]
+                z_weight: float) -> tuple[Tensor, ...]:
+        x32, w32 = x_ND.float(), weight_ED.float()
+        logits_NE = torch.nn.functional.linear(x32, w32)
+        probs_NE, lse_N, arg_N = softmax_and_lse(logits_NE)  # no autograd inside forward
+        gate_N = probs_NE.gather(1, arg_N[:, None]).squeeze(1)
+        E = probs_NE.shape[1]
+        n = w_N.sum().clamp(min=1)
+        f_E = torch.zeros(E, dtype=probs_NE.dtype, device=probs_NE.device).index_add_(0, arg_N, w_N).div_(n)
+        balance = E * torch.dot(f_E, (w_N @ probs_NE).div_(n))
+        lw_N = lse_N * w_N
+        z = torch.dot(lw_N, lse_N) / n
+        entropy = (torch.dot(lse_N, w_N) - torch.dot((probs_NE * logits_NE).sum(-1), w_N)) / n  # router_entropy
+        ctx.save_for_backward(x32, w32, probs_NE, arg_N, lw_N, w_N, f_E, n)
+        ctx.factors = (aux_weight * E, 2.0 * z_weight)
+        ctx.dtypes = (x_ND.dtype, weight_ED.dtype)
+        ctx.mark_non_differentiable(arg_N, balance, z, entropy)
+        return gate_N, aux_weight * balance + z_weight * z, arg_N, balance, z, entropy
+
+    @staticmethod
+    def backward(ctx, g_gate_N: Tensor, g_aux: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x32, w32, probs_NE, arg_N, lw_N, w_N, f_E, n = ctx.saved_tensors
+        balance_factor, z_factor = ctx.factors
+        # d loss / d probs: the gate's probability, and P_e = sum_n w_n p_ne / n in the balancing loss
+        d_NE = torch.outer(w_N, f_E * (g_aux * balance_factor / n))
+        d_NE.scatter_add_(1, arg_N[:, None], g_gate_N[:, None].float())
+        # softmax backward, plus the z-loss's d lse_n / d logits = p_n (times 2 lse_n w_n / n)
+        shift_N = lw_N * (g_aux * z_factor / n) - (d_NE * probs_NE).sum(-1)
+        d_NE.add_(shift_N[:, None]).mul_(probs_NE)
+        x_dtype, w_dtype = ctx.dtypes
+        g_x = torch.mm(d_NE, w32).to(x_dtype) if ctx.needs_input_grad[0] else None
+        g_w = torch.mm(d_NE.t(), x32).to(w_dtype) if ctx.needs_input_grad[1] else None
+        return g_x, g_w, None, None, None
+
+
+def top1_router(x_ND: Tensor, weight_ED: Tensor, used_N: Tensor, aux_loss_weight: float, z_loss_weight: float
+                ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor], Tensor]:
+    """-> (gate_N, argmax expert_N, weighted aux loss, {"aux": balancing loss, "z_loss": z}, entropy)
+    of the Switch router (`_Top1Router`); `used_N` bool [N] marks the real tokens."""
+    gate_N, aux, arg_N, balance, z, entropy = _Top1Router.apply(
+        x_ND, weight_ED, used_N.to(torch.float32), aux_loss_weight, z_loss_weight)
+    return gate_N, arg_N, aux, {"aux": balance, "z_loss": z}, entropy
 
 
 def _bincount(bins: Tensor, size: int) -> Tensor:

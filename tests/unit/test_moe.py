@@ -295,6 +295,47 @@ def test_host_path_with_many_experts_equals_each_expert_alone(width: int) -> Non
     assert torch.equal(grads[1][1], torch.zeros(width, D))  # expert 1: no rows, zero gradient
 
 
+def test_host_path_reuses_its_weight_gradient_buffer_only_once_nothing_holds_it(monkeypatch: pytest.MonkeyPatch
+                                                                               ) -> None:
+    """GradBuffers (every size, here): after the gradients are set to None the next backward writes the
+    same memory, with the right values; while .grad still holds it (gradient accumulation) a fresh
+    buffer is used and the gradients add up; a deep copy of the experts shares no buffer."""
+    import copy
+
+    from models.moe.experts import StackedExperts
+    from models.moe.host_experts import GradBuffers
+
+    monkeypatch.setattr(GradBuffers, "MIN_BYTES", 0)
+    torch.manual_seed(0)
+    ex = StackedExperts(4, D, 24)
+    counts = torch.tensor([3, 0, 5, 2])
+    offsets, row_expert = torch.cumsum(counts, 0), torch.repeat_interleave(torch.arange(4), counts)
+
+    def backward(x: torch.Tensor) -> None:
+        ex.grouped(x, offsets, row_expert).square().sum().backward()
+
+    x1, x2 = torch.randn(10, D), torch.randn(10, D)
+    backward(x1)
+    first = {n: (p.grad.data_ptr(), p.grad.clone()) for n, p in ex.named_parameters()}
+    ex.zero_grad(set_to_none=True)
+    backward(x2)
+    assert ex.fc1_weight.grad.data_ptr() == first["fc1_weight"][0]  # the released buffer, written again
+    assert ex.fc2_weight.grad.data_ptr() == first["fc2_weight"][0]
+    alone = copy.deepcopy(ex)
+    assert alone._grad_buffers._held == {}
+    alone.zero_grad(set_to_none=True)
+    x2_ref = x2.clone()
+    torch.stack([alone.expert(int(e))(x2_ref[i]) for i, e in enumerate(row_expert.tolist())]).square().sum().backward()
+    for n, p in ex.named_parameters():
+        torch.testing.assert_close(p.grad, dict(alone.named_parameters())[n].grad, rtol=1e-4, atol=1e-5)
+    second = {n: p.grad.clone() for n, p in ex.named_parameters()}
+    held = ex.fc1_weight.grad.data_ptr()
+    backward(x1)  # accumulate: .grad still holds the buffer, so this backward must not write into it
+    assert ex.fc1_weight.grad.data_ptr() == held  # accumulated in place into the held .grad
+    for n, p in ex.named_parameters():
+        torch.testing.assert_close(p.grad, first[n][1] + second[n], rtol=1e-5, atol=1e-6)
+
+
 def test_host_path_loops_over_experts_when_they_are_few_or_their_rows_many() -> None:
     from models.moe.host_experts import LOOP_MAX, LOOP_ROWS, _looped
 

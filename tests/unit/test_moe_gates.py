@@ -335,21 +335,96 @@ def test_noisy_topk_noise_only_in_training() -> None:
     assert _choices(g.eval(), x) == {(1,) * 16}
 
 
-def test_softmax_and_lse_equal_torch_and_their_gradients() -> None:
+@pytest.mark.parametrize("E", [4, 16])  # 4: below SMALL_SOFTMAX, the softmax written out on CPU
+def test_softmax_and_lse_equal_torch_and_their_gradients(E: int) -> None:
     """lse = max - log p_max (O(N) after the softmax) and the router entropy lse - sum p * logits equal
     torch.logsumexp and -sum p log p, gradients included; the argmax is the logits' argmax."""
-    from models.moe.routing import router_entropy, softmax_and_lse
+    from models.moe.routing import SMALL_SOFTMAX, router_entropy, softmax_and_lse
 
-    logits = (5 * torch.randn(64, 16, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    assert (E < SMALL_SOFTMAX) == (E == 4)
+    logits = (5 * torch.randn(64, E, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
     probs, lse, arg = softmax_and_lse(logits)
     ref = logits.detach().clone().requires_grad_(True)
     torch.testing.assert_close(probs, torch.softmax(ref, -1))
     torch.testing.assert_close(lse, torch.logsumexp(ref, -1))
     assert torch.equal(arg, ref.argmax(-1))
-    w = torch.randn(64, 16)
+    w = torch.randn(64, E)
     ((probs * w).sum() + lse.square().sum()).backward()
     ((torch.softmax(ref, -1) * w).sum() + torch.logsumexp(ref, -1).square().sum()).backward()
     torch.testing.assert_close(logits.grad, ref.grad)
     used = torch.ones(64, dtype=torch.bool)
     p = torch.softmax(ref.detach(), -1)
     torch.testing.assert_close(router_entropy(probs, logits, lse, used), -(p * p.log()).sum(-1).mean())
+
+
+def _composed_switch(x: Tensor, weight: Tensor, used: Tensor, aux_w: float, z_w: float) -> dict[str, Tensor]:
+    """The Switch router from torch's own ops: what routing._Top1Router fuses."""
+    logits = torch.nn.functional.linear(x.float(), weight.float())
+    probs = torch.softmax(logits, -1)
+    gate_N, arg = probs.max(-1)
+    w, E = used.float(), weight.shape[0]
+    n = w.sum()
+    f = torch.zeros(E).index_add_(0, arg, w) / n
+    balance = E * (f * ((w[:, None] * probs).sum(0) / n)).sum()
+    z = (torch.logsumexp(logits, -1).square() * w).sum() / n
+    entropy = (-(probs * probs.log()).sum(-1) * w).sum() / n
+    return {"gate": gate_N, "arg": arg, "aux": aux_w * balance + z_w * z, "balance": balance, "z": z,
+            "entropy": entropy}
+
+
+@pytest.mark.parametrize("E", [4, 32])  # the written-out softmax, and torch's
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_top1_router_equals_torchs_ops_values_and_gradients(E: int, dtype: torch.dtype) -> None:
+    """Gate, argmax, balancing loss, z-loss, entropy and the weighted aux loss of the one-function
+    Switch router, and its hand-written gradients w.r.t. the input and the router weight, equal the
+    same router composed from torch's ops under autograd (padding excluded from every mean)."""
+    from models.moe.routing import top1_router
+
+    g = torch.Generator().manual_seed(E)
+    x = (torch.randn(96, 24, generator=g) * 2).to(dtype).requires_grad_(True)
+    weight = torch.randn(E, 24, generator=g).to(dtype).requires_grad_(True)
+    used = torch.rand(96, generator=g) > 0.25
+    coef = torch.randn(96, generator=g)  # a downstream use of the gates (the combine)
+    gate_N, arg, aux, losses, entropy = top1_router(x, weight, used, 0.5, 0.1)
+    ((gate_N * coef).sum() + aux).backward()
+    x2, w2 = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    ref = _composed_switch(x2, w2, used, 0.5, 0.1)
+    ((ref["gate"] * coef).sum() + ref["aux"]).backward()
+    assert torch.equal(arg, ref["arg"])
+    for got, want in [(gate_N, ref["gate"]), (aux, ref["aux"]), (losses["aux"], ref["balance"]),
+                      (losses["z_loss"], ref["z"]), (entropy, ref["entropy"])]:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert gate_N.dtype == torch.float32 and x.grad.dtype == dtype and weight.grad.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(x.grad, x2.grad, **tol)
+    torch.testing.assert_close(weight.grad, w2.grad, **tol)
+    assert x.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dropless,policy", [(True, "position"), (False, "position"), (False, "priority"),
+                                             (False, "random")])
+def test_switch_route_equals_the_generic_gate_path(dropless: bool, policy: str) -> None:
+    """SwitchGate.route (the fused router + the capacity cut) gives the same routing as the generic
+    Gate.route (softmax_and_lse + _choose + finish): experts, slots, counts, gates, losses, and the
+    same router gradient."""
+    torch.manual_seed(0)
+    moe = MoEConfig(num_experts=8, min_capacity=0, capacity_factor=0.75, dropless=dropless, drop_policy=policy,
+                    z_loss_weight=0.01)
+    sw = MOE_GATES["switch"](16, moe).train()
+    x = torch.randn(128, 16)
+    used = torch.rand(128) > 0.2
+    routes = []
+    for route in (sw.route, lambda xi, u: Gate.route(sw, xi, u)):
+        sw.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the random drop order draws the same permutation
+        r = route(x, used)
+        (r.gate_KN.square().sum() + r.aux).backward()
+        routes.append((r, sw.wg.weight.grad.clone()))
+    (fused, g_fused), (generic, g_generic) = routes
+    for field in ("expert_KN", "slot_KN", "counts_E", "wanted_E", "capacity", "tokens"):
+        assert torch.equal(getattr(fused, field), getattr(generic, field)), field
+    assert (fused.expert_KN == NO_EXPERT).sum() > (0 if dropless else 20)  # padding (and drops) left out
+    for a, b in [(fused.gate_KN, generic.gate_KN), (fused.aux, generic.aux), (fused.entropy, generic.entropy),
+                 (fused.losses["aux"], generic.losses["aux"]), (fused.losses["z_loss"], generic.losses["z_loss"])]:
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(g_fused, g_generic)
