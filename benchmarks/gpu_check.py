@@ -311,8 +311,10 @@ def _quiet_deepspeed() -> None:
     import io
     import logging
 
+    from models.deepspeed_import import import_deepspeed
+
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import deepspeed  # noqa: F401 - creates its logger, says which accelerator it found
+        import_deepspeed()  # creates its logger, says which accelerator it found (MLflow hidden: 2-3 s less)
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-if ! "$PY" -c "import deepspeed, pydantic, yaml, tokenizers, PIL, pyarrow" >/dev/null 2>&1; then
+# DeepSpeed imported as mmpt imports it (models/deepspeed_import.py: without MLflow, seconds less)
+if ! "$PY" -c "from models.deepspeed_import import import_deepspeed; import_deepspeed(); import pydantic, yaml, tokenizers, PIL, pyarrow" >/dev/null 2>&1; then
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     site=${TMPDIR:-/tmp}/mmpt-gpu-check-site
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
