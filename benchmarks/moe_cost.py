@@ -22,6 +22,9 @@ and the two floors:
     GEMM shape     with N/E rows per expert the weight-gradient GEMMs ([F, N/E] x [N/E, D]) get thin:
                    their speed relative to the dense FFN's one [F, N] x [N, D] at the same FLOPs.
 
+and two old-vs-new micro figures: the router's softmax (torch.softmax vs written out) and one
+projection's weight gradient (grouped_mm into fresh memory vs per-expert GEMMs into a reused buffer).
+
     .venv/bin/python -m benchmarks.moe_cost [--experts 4 16 64 256] [--rounds 10]
 """
 
@@ -77,6 +80,46 @@ def _gemm_efficiency(E: int, D: int, F: int, N: int, rounds: int = 5) -> float:
     return statistics.median(one() for _ in range(rounds)) / statistics.median(many() for _ in range(rounds))
 
 
+def _best_us(fn: Callable[[], object], rounds: int = 50) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.thread_time()
+        fn()
+        times.append(time.thread_time() - t0)
+    return 1e6 * min(times)
+
+
+def _softmax_us(E: int, N: int) -> tuple[float, float]:
+    """Microseconds of torch.softmax over [N, E] and of the written-out one routing.softmax_and_lse
+    uses below SMALL_SOFTMAX experts (exp / sum / divide), min of rounds, run alternately."""
+    logits = torch.randn(N, E)
+
+    def written() -> object:
+        exp = (logits - logits.amax(-1, keepdim=True)).exp()
+        return exp / exp.sum(-1, keepdim=True)
+
+    return _best_us(lambda: torch.softmax(logits, -1)), _best_us(written)
+
+
+def _wgrad_ms(E: int, D: int, F: int, N: int) -> tuple[float, float]:
+    """Milliseconds of one projection's weight gradient over N rows split evenly across E experts:
+    grouped_mm (which allocates its [E, F, D] output each call, as the host path did before
+    GradBuffers) and one GEMM per expert into a reused buffer (the host path now)."""
+    import torch.nn.functional as Fn
+
+    g, x = torch.randn(N, F), torch.randn(N, D)
+    ends = [(e + 1) * N // E for e in range(E)]
+    offs, starts = torch.tensor(ends, dtype=torch.int32), [0, *ends[:-1]]
+    buf, g_t = torch.empty(E, F, D), g.t()
+
+    def loop() -> None:
+        for e, (a, b) in enumerate(zip(starts, ends, strict=True)):
+            torch.mm(g_t[:, a:b], x[a:b], out=buf[e])
+
+    return (_best_us(lambda: Fn.grouped_mm(g_t, x, offs=offs), 10) / 1e3, _best_us(loop, 10) / 1e3)
+
+
 def _parts(E: int, D: int, F: int, tokens: int) -> dict[str, Callable[[], None]]:
     layers = build(ROWS[1], D, F, E, ep_size=1, with_old=False)  # dropless top-1
     layer = layers["new"]
@@ -112,7 +155,8 @@ def main() -> None:
     print(f"MoE layer cost by part, dropless top-1, D={D} F={F} {N} tokens, 1 thread, CPU time (ms, median), "
           f"host_memory: {args.host_memory}")
     print(f"  {'E':>4s} {'dense':>7s} {'layer':>7s} {'router':>7s} {'experts':>8s} {'rest':>6s} | {'ratio':>5s}"
-          f" {'router floor':>12s} | {'weight MB':>9s} {'floor reused':>12s} {'floor fresh':>11s} {'wgrad GEMM':>10s}")
+          f" {'router floor':>12s} | {'weight MB':>9s} {'floor reused':>12s} {'floor fresh':>11s} {'wgrad GEMM':>10s}"
+          f" | {'softmax us torch/written':>24s} | {'wgrad ms fresh/reused':>21s}")
     for E in args.experts:
         times = measure(_parts(E, D, F, N), args.rounds, time.thread_time)
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
@@ -123,13 +167,18 @@ def main() -> None:
         # reads (one copy's worth) + the fresh copy less its read half
         copy, fresh = _copy_ms(weight_numel, False), _copy_ms(weight_numel, True)
         floor_reused, floor_fresh = 1.5 * copy, fresh + 0.5 * copy
+        (sm_torch, sm_written), (wg_fresh, wg_reused) = _softmax_us(E, N), _wgrad_ms(E, D, F, N)
         print(f"  {E:4d} {ms['dense']:7.2f} {ms['layer']:7.2f} {ms['router']:7.2f} {ms['experts']:8.2f} {rest:6.2f} |"
               f" {ms['dense'] / ms['layer']:5.2f} {1 / (1 + E / (2 * F)):12.2f} | {traffic / 2**20:9.1f}"
               f" {min(1.0, ms['dense'] / floor_reused):12.2f} {min(1.0, ms['dense'] / floor_fresh):11.2f}"
-              f" {_gemm_efficiency(E, D, F, N):10.2f}")
+              f" {_gemm_efficiency(E, D, F, N):10.2f} | {sm_torch:14.0f} / {sm_written:7.0f} |"
+              f" {wg_fresh:11.2f} / {wg_reused:6.2f}")
     print("  ratio = dense / layer (time); router floor = 1 / (1 + E / 2F); floor reused / fresh = dense time / "
           "the time to move the experts' weights 3x, timed as copies (gradients into reused / fresh memory); "
-          "wgrad GEMM = speed of E weight-gradient GEMMs of N/E rows each relative to one of N rows (same FLOPs)")
+          "wgrad GEMM = speed of E weight-gradient GEMMs of N/E rows each relative to one of N rows (same FLOPs); "
+          "softmax = torch.softmax over [N, E] vs written out (used below routing.SMALL_SOFTMAX experts), min us; "
+          "wgrad fresh/reused = one projection's weight gradient by grouped_mm into a new output vs one GEMM per "
+          "expert into a reused buffer (host_experts.GradBuffers), min ms")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ at the top of its heap back to the kernel as soon as more than its trim threshol
 (128 KiB at start, at most 64 MiB as its dynamic thresholds rise), so the next step grows the heap
 again and every 4 KiB page it touches faults and is zeroed by the kernel: ~2.3 us a page on this
 VM, about 1.2 ms for each fresh 2 MiB activation. Counted with getrusage on one MoE layer step of the
-quickstart's shape (D 128, F 256, 2048 tokens): 700-6400 page faults per step with glibc's defaults,
-0-500 with `retain` (benchmarks/moe.py's `faults` column).
+quickstart's shape (D 128, F 256, 2048 tokens): a median of 994 page faults per step at 4 experts and
+512 at 64 with glibc's defaults, 0 with `retain` (benchmarks/host_memory.py).
 
 `host_memory: retain` (the default) fixes both thresholds: blocks below 32 MiB (the ceiling of
 glibc's own dynamic mmap threshold) come from the heap, and freed heap memory stays mapped up to

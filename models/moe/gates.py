@@ -95,22 +95,32 @@ class Gate(nn.Module):
         """-> (expert_KN with NO_EXPERT for routes not dispatched, gate_KN fp32, unweighted balancing loss)."""
         raise NotImplementedError
 
+    @staticmethod
+    def _real(x_ND: Tensor, used_N: Tensor | None) -> Tensor:
+        """bool [N]: the real (unpadded) tokens; all of them when no mask is given."""
+        if used_N is None:
+            return torch.ones(x_ND.shape[0], dtype=torch.bool, device=x_ND.device)
+        return used_N.reshape(-1).bool()
+
+    def _factor(self) -> float | None:
+        """The capacity factor in force (None: dropless)."""
+        if self.dropless:
+            return None
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
     def buffer_rows(self, num_tokens: int) -> int:
         """A static bound on the routes dispatched for `num_tokens` tokens (the dispatch buffer's rows)."""
         return self.k * num_tokens
 
     def route(self, x_ND: Tensor, used_N: Tensor | None = None) -> Routing:
-        if used_N is None:
-            used_N = torch.ones(x_ND.shape[0], dtype=torch.bool, device=x_ND.device)
-        used_N = used_N.reshape(-1).bool()
+        used_N = self._real(x_ND, used_N)
         logits_NE = router_logits(self._router_input(x_ND), self.wg.weight)
         probs_NE, lse_N, self._argmax_N = softmax_and_lse(logits_NE)
         expert_KN, gate_KN, balance = self._choose(x_ND, logits_NE, probs_NE, used_N)
         self._argmax_N = None
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
         routing = finish(
             expert_KN=expert_KN, gate_KN=gate_KN, logits_NE=logits_NE, probs_NE=probs_NE, lse_N=lse_N, used_N=used_N,
-            balance=balance, capacity_factor=None if self.dropless else factor,
+            balance=balance, capacity_factor=self._factor(),
             min_capacity=self.min_capacity, policy=self.drop_policy,
             aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
         )
@@ -140,14 +150,11 @@ class SwitchGate(Gate):
         if self.training and self.noisy_gate_policy == "rsample":
             return super().route(x_ND, used_N)
         # The router in one autograd function (routing._Top1Router): same values and gradients.
-        if used_N is None:
-            used_N = torch.ones(x_ND.shape[0], dtype=torch.bool, device=x_ND.device)
-        used_N = used_N.reshape(-1).bool()
+        used_N = self._real(x_ND, used_N)
         gate_N, expert_N, aux, losses, entropy = top1_router(
             self._router_input(x_ND), self.wg.weight, used_N, self.aux_loss_weight, self.z_loss_weight)
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
         routing = cut(expert_KN=expert_N[None], gate_KN=gate_N[None], used_N=used_N, num_experts=self.num_experts,
-                      capacity_factor=None if self.dropless else factor, min_capacity=self.min_capacity,
+                      capacity_factor=self._factor(), min_capacity=self.min_capacity,
                       policy=self.drop_policy, aux=aux, losses=losses, entropy=entropy)
         self.last_routing = routing
         return routing
@@ -241,7 +248,7 @@ class ExpertChoiceGate(Gate):
 
     def route(self, x_ND: Tensor, used_N: Tensor | None = None) -> Routing:
         N, E = x_ND.shape[0], self.num_experts
-        used_N = torch.ones(N, dtype=torch.bool, device=x_ND.device) if used_N is None else used_N.reshape(-1).bool()
+        used_N = self._real(x_ND, used_N)
         logits_NE = router_logits(self._router_input(x_ND), self.wg.weight)
         probs_NE, lse_N, _ = softmax_and_lse(logits_NE)
         C = self.capacity_for(N)

@@ -22,6 +22,7 @@ Costs at the quickstart's shapes (D 128, F 256, 2048 tokens, one thread), in ben
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -115,10 +116,7 @@ class GradBuffers:
         self._held: dict[str, tuple[Tensor, int]] = {}
 
     def empty(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        numel = 1
-        for n in shape:
-            numel *= n
-        if numel * like.element_size() < self.MIN_BYTES:
+        if math.prod(shape) * like.element_size() < self.MIN_BYTES:
             return like.new_empty(shape)
         held = self._held.get(name)
         if held is not None and held[0].shape == shape and held[0].dtype == like.dtype and _users(held[0]) == held[1]:

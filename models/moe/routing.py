@@ -93,7 +93,7 @@ def switch_balance_loss(probs_NE: Tensor, first_N: Tensor, used_N: Tensor) -> Te
 
 # Below this many experts, ATen's CPU softmax over the last dim runs a scalar loop (it vectorises
 # along the softmax dim, 16 fp32 lanes on AVX-512): at E = 4, [2048, 4] takes ~160 us, where exp / sum
-# / divide written out take ~40 (benchmarks/moe_cost.py's router column).
+# / divide written out take ~40 (benchmarks/moe_cost.py prints both).
 SMALL_SOFTMAX = 16
 
 
@@ -272,8 +272,8 @@ class _Top1Router(torch.autograd.Function):
         f_E = torch.zeros(E, dtype=probs_NE.dtype, device=probs_NE.device).index_add_(0, arg_N, w_N).div_(n)
         balance = E * torch.dot(f_E, (w_N @ probs_NE).div_(n))
         lw_N = lse_N * w_N
-        z = torch.dot(lw_N, lse_N) / n
-        entropy = (torch.dot(lse_N, w_N) - torch.dot((probs_NE * logits_NE).sum(-1), w_N)) / n  # router_entropy
+        used_N = w_N.bool()
+        z, entropy = z_loss(lse_N, used_N), router_entropy(probs_NE, logits_NE, lse_N, used_N)
         ctx.save_for_backward(x32, w32, probs_NE, arg_N, lw_N, w_N, f_E, n)
         ctx.factors = (aux_weight * E, 2.0 * z_weight)
         ctx.dtypes = (x_ND.dtype, weight_ED.dtype)
